@@ -1,0 +1,160 @@
+"""The Starlette application: factory, lifespan, routes, error rendering.
+
+``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
+(the chat backend, the Docker sandbox) and closes them; routes find them on
+``app.state``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
+status; anything else is a 500 ``internal_error`` with no stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .chat import chat_endpoint
+from .errors import ErrorEnvelope, ServiceError, Unauthorized
+from .settings import Settings
+from .sse import StreamRegistry
+
+log = logging.getLogger("streamsvc")
+
+_encoder = msgspec.json.Encoder()
+
+
+def error_response(exc: ServiceError) -> Response:
+    return Response(
+        _encoder.encode(ErrorEnvelope(exc.body())),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers(),
+    )
+
+
+def json_response(payload: Any, status_code: int = 200) -> Response:
+    return Response(
+        _encoder.encode(payload), status_code=status_code, media_type="application/json"
+    )
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(ServiceError(str(exc.detail), code=code, status=exc.status_code))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ServiceError("internal error"))
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    chat = {
+        "state": "configured" if state.chat_backend is not None else "not_configured",
+        "deployment": settings.azure_openai_deployment,
+    }
+    components: dict[str, Any] = {"chat": chat}
+    sandbox = getattr(state, "sandbox", None)
+    if sandbox is not None:
+        components["sandbox"] = await sandbox.health()
+    healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
+    return json_response({"status": "ok" if healthy else "degraded", "components": components})
+
+
+class ApiKeyMiddleware:
+    """Require one of the configured API keys on the protected paths.
+
+    Keys are accepted as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` and
+    compared in constant time. Pure ASGI: streaming responses pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], protected: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.keys
+            and scope["path"].startswith(self.protected)
+            and not self._authorized(scope)
+        ):
+            response = error_response(Unauthorized("a valid API key is required"))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        offered = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                offered = value[7:].strip()
+            elif name == b"x-api-key":
+                offered = value.strip()
+        found = False
+        for key in self.keys:
+            found |= hmac.compare_digest(offered, key)
+        return found
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            app.state.chat_backend = None
+            if settings.chat_configured:
+                from .azure import AzureChatBackend, create_client
+
+                backend = AzureChatBackend(create_client(settings), settings)
+                stack.push_async_callback(backend.aclose)
+                app.state.chat_backend = backend
+            await _start_sandbox(app, settings, stack)
+            yield
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/chat", chat_endpoint, methods=["POST"]),
+        ],
+        exception_handlers={
+            ServiceError: _service_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.streams = StreamRegistry()
+    app.state.chat_backend = None
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=settings.streamsvc_api_keys,
+        protected=("/chat", "/execute-connector", "/v1/"),
+    )
+    return app
+
+
+async def _start_sandbox(
+    app: Starlette, settings: Settings, stack: contextlib.AsyncExitStack
+) -> None:
+    """Hook for the connector sandbox; replaced when execution lands."""
+    app.state.sandbox = None

@@ -1,0 +1,72 @@
+"""Reading request bodies: size cap, msgspec decoding, errors with a path.
+
+Malformed JSON is a 400 ``malformed_json`` carrying the byte position; JSON of
+the wrong shape is a 422 ``validation_error`` carrying the JSON path, e.g.
+``$.messages[0].role``. A body over the cap is a 413 before it is all read.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from starlette.requests import Request
+
+from .errors import PayloadTooLarge, RequestError, ValidationFailed
+
+T = TypeVar("T")
+
+_POSITION = re.compile(r"\(byte (\d+)\)")
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+
+
+class JsonDecoder(Generic[T]):
+    """A decoder built once per body type, translating errors to ours."""
+
+    def __init__(self, type: type[T]) -> None:
+        self._decoder = msgspec.json.Decoder(type)
+
+    def decode_body(self, body: bytes) -> T:
+        try:
+            return self._decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise _validation_failed(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise _malformed(str(exc)) from None
+
+
+def _validation_failed(message: str) -> ValidationFailed:
+    match = _PATH.search(message)
+    path = match.group(1) if match else "$"
+    text = message[: match.start()] if match else message
+    return ValidationFailed(text, path=path)
+
+
+def _malformed(message: str) -> RequestError:
+    match = _POSITION.search(message)
+    details: dict[str, Any] | None = {"position": int(match.group(1))} if match else None
+    return RequestError(message, code="malformed_json", path="$", details=details)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the whole body, refusing more than ``limit`` bytes with a 413."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def wants_stream(request: Request, stream: bool | None) -> bool:
+    """Stream when the body says so, or when the client accepts only SSE."""
+    if stream is not None:
+        return stream
+    accept = request.headers.get("accept", "")
+    return "text/event-stream" in accept

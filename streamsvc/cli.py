@@ -1,0 +1,56 @@
+"""The ``streamsvc`` command (also ``python -m streamsvc``).
+
+``streamsvc serve [--host H] [--port P]`` starts the server (the default when
+no sub-command is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from .settings import Settings, SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamsvc", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    for target in (parser, serve):
+        target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
+        target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
+    return parser
+
+
+def _with_overrides(settings: Settings, host: str | None, port: int | None) -> Settings:
+    import msgspec
+
+    changes: dict[str, object] = {}
+    if host:
+        changes["streamsvc_host"] = host
+    if port is not None:
+        changes["streamsvc_port"] = port
+    return msgspec.structs.replace(settings, **changes) if changes else settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _with_overrides(load_settings(), args.host, args.port)
+        logging.basicConfig(
+            level=settings.streamsvc_log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        from .server import serve
+
+        anyio.run(serve, settings)
+    except SettingsError as exc:
+        print(f"streamsvc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

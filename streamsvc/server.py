@@ -1,0 +1,74 @@
+"""Serving the app with hypercorn, with graceful shutdown on SIGTERM/SIGINT.
+
+On a signal the server stops accepting connections and lets open streams run
+for half the grace period; then every stream still open is interrupted and
+ends with a final ``error`` event (code ``shutting_down``) well within the
+grace period, and the lifespan closes the clients.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+
+import anyio
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+
+from .app import create_app
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("streamsvc")
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse a non-loopback address without API keys, unless explicitly insecure."""
+    host = settings.streamsvc_host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not settings.streamsvc_api_keys and not settings.streamsvc_allow_insecure:
+        raise SettingsError(
+            f"invalid setting STREAMSVC_HOST: refusing to listen on {host} without "
+            "STREAMSVC_API_KEYS (set STREAMSVC_ALLOW_INSECURE=true to override)"
+        )
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.streamsvc_host}:{settings.streamsvc_port}"]
+    config.graceful_timeout = settings.streamsvc_shutdown_grace_seconds
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    return config
+
+
+async def serve(settings: Settings) -> None:
+    check_exposure(settings)
+    app = create_app(settings)
+    config = hypercorn_config(settings)
+    stop = anyio.Event()
+    grace = settings.streamsvc_shutdown_grace_seconds
+
+    async def drain_then_interrupt() -> None:
+        with anyio.move_on_after(grace / 2):
+            await app.state.streams.drained()
+        app.state.streams.close_all()
+
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    stop.set()
+                    tg.start_soon(drain_then_interrupt)
+                    return
+
+        tg.start_soon(watch_signals)
+        log.info("streamsvc listening on http://%s", config.bind[0])
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()

@@ -1,0 +1,184 @@
+"""Settings: one frozen struct, built once from the environment and ``.env``.
+
+Every field is named by the environment variable that sets it. The seed's
+names (``AZURE_OPENAI_*``, ``OPENAI_*``) keep working; the service's own
+settings start with ``STREAMSVC_``. The environment wins over ``.env``.
+A malformed value raises ``SettingsError`` naming the variable, so start-up
+fails with a message instead of a traceback. ``.env.example`` documents each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = ["Settings", "SettingsError", "load_settings", "read_dotenv"]
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65_535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+
+#: Settings that hold comma-separated lists in the environment.
+_LIST_FIELDS = frozenset(
+    {"STREAMSVC_API_KEYS", "OPENAI_REASONING_MODELS", "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS"}
+)
+_DEFAULT_CA_CANDIDATES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename="upper"):
+    # --- Azure OpenAI (names from the original contract) ---------------------
+    azure_openai_api_key: str | None = None
+    azure_openai_endpoint: str | None = None
+    azure_openai_deployment: str | None = None
+    azure_openai_api_version: str = "2024-10-21"
+    openai_max_tokens: Positive = 2000
+    openai_temperature: Temperature = 0.7
+    #: Model-name prefixes that take ``max_completion_tokens`` and no temperature.
+    openai_reasoning_models: tuple[str, ...] = ("gpt-5", "o1", "o3", "o4")
+
+    # --- HTTP server ----------------------------------------------------------
+    streamsvc_host: str = "127.0.0.1"
+    streamsvc_port: Port = 8000
+    streamsvc_api_keys: tuple[str, ...] = ()
+    streamsvc_allow_insecure: bool = False
+    streamsvc_max_body_bytes: Positive = 4 * 1024 * 1024
+    streamsvc_keepalive_seconds: Seconds = 15.0
+    streamsvc_shutdown_grace_seconds: Seconds = 10.0
+    streamsvc_log_level: str = "info"
+
+    # --- chat upstream timeouts -------------------------------------------------
+    streamsvc_connect_timeout_seconds: Seconds = 10.0
+    streamsvc_first_token_timeout_seconds: Seconds = 60.0
+    streamsvc_idle_timeout_seconds: Seconds = 60.0
+    streamsvc_retry_max_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 20.0
+    streamsvc_max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
+
+    # --- sandbox ----------------------------------------------------------------
+    docker_host: str | None = None
+    streamsvc_sandbox_image: str = "streamsvc-sandbox:latest"
+    streamsvc_allow_bridge: bool = True
+    streamsvc_max_timeout_ms: Positive = 300_000
+    streamsvc_min_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 32
+    streamsvc_max_memory_mb: Positive = 2048
+    streamsvc_cpus: Annotated[float, msgspec.Meta(gt=0, le=64)] = 1.0
+    streamsvc_pids_limit: Positive = 128
+    streamsvc_tmpfs_mb: Positive = 64
+    streamsvc_output_cap_bytes: Positive = 1024 * 1024
+    streamsvc_install_timeout_seconds: Seconds = 180.0
+    streamsvc_max_concurrent_runs: Positive = 4
+    streamsvc_queue_size: NonNegative = 16
+    #: CA bundle mounted read-only into the dependency-install step (``""`` = none).
+    streamsvc_sandbox_ca_bundle: str | None = None
+    streamsvc_max_files: Positive = 200
+    streamsvc_max_file_bytes: Positive = 1024 * 1024
+
+    @property
+    def chat_configured(self) -> bool:
+        return bool(
+            self.azure_openai_api_key
+            and self.azure_openai_endpoint
+            and self.azure_openai_deployment
+        )
+
+    @property
+    def ca_bundle(self) -> str | None:
+        return self.streamsvc_sandbox_ca_bundle or None
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier():
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+_FIELDS = frozenset(f.encode_name for f in msgspec.structs.fields(Settings))
+
+
+def _default_ca_bundle(source: Mapping[str, str]) -> str:
+    """The host's pip/SSL CA bundle, so pip in the sandbox trusts what the host trusts."""
+    for name in _DEFAULT_CA_CANDIDATES:
+        candidate = source.get(name)
+        if candidate and Path(candidate).is_file():
+            return candidate
+    for pip_conf in (Path("/etc/pip.conf"), Path.home() / ".config/pip/pip.conf"):
+        if pip_conf.is_file():
+            for line in pip_conf.read_text(encoding="utf-8").splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key.strip() == "cert" and Path(value.strip()).is_file():
+                    return value.strip()
+    return ""
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+) -> Settings:
+    """Build the settings from ``.env`` overlaid by the environment."""
+    env = dict(os.environ if environ is None else environ)
+    merged = read_dotenv(dotenv) if dotenv is not None else {}
+    merged.update(env)
+    raw: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key not in _FIELDS:
+            continue
+        if value == "" and key != "STREAMSVC_SANDBOX_CA_BUNDLE":
+            continue  # an empty assignment means "use the default"
+        if key in _LIST_FIELDS:
+            raw[key] = [item.strip() for item in value.split(",") if item.strip()]
+        else:
+            raw[key] = value
+    if "STREAMSVC_SANDBOX_CA_BUNDLE" not in raw:
+        raw["STREAMSVC_SANDBOX_CA_BUNDLE"] = _default_ca_bundle(merged)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None
+    _check(settings)
+    return settings
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    head, _, where = message.rpartition(" - at `$.")
+    if where:
+        return f"invalid setting {where.rstrip('`')}: {head}"
+    return f"invalid settings: {message}"
+
+
+def _check(settings: Settings) -> None:
+    if settings.streamsvc_min_memory_mb > settings.streamsvc_max_memory_mb:
+        raise SettingsError(
+            "invalid setting STREAMSVC_MIN_MEMORY_MB: larger than STREAMSVC_MAX_MEMORY_MB"
+        )
+    endpoint = settings.azure_openai_endpoint
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")
+    if settings.streamsvc_log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise SettingsError(
+            "invalid setting STREAMSVC_LOG_LEVEL: expected debug, info, warning or error"
+        )

@@ -1,0 +1,155 @@
+"""Server-Sent Events plumbing shared by the streaming routes.
+
+A route produces an async iterator of ``Event`` (our own type: a name and a
+msgspec-encodable payload). ``event_response`` turns it into an SSE response
+with increasing ids, keep-alive comments, anti-buffering headers, a terminal
+``error`` event for failures after the headers, and graceful shutdown: when
+the server stops, every open stream is interrupted and ends with an
+``error`` event whose code is ``shutting_down``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+
+from .errors import ErrorEnvelope, ServiceError
+
+log = logging.getLogger("streamsvc.sse")
+
+_encoder = msgspec.json.Encoder()
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One SSE event: its ``event:`` name and the JSON payload of ``data:``."""
+
+    name: str
+    data: Any
+
+
+class StreamRegistry:
+    """The open streams, so a shutting-down server can end each one cleanly."""
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self._drained = anyio.Event()
+        self.active = 0
+        self.closing = False
+
+    def opened(self) -> None:
+        self.active += 1
+
+    def closed(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._drained.set()
+            self._drained = anyio.Event()
+
+    async def drained(self) -> None:
+        """Return once no stream is open."""
+        if self.active:
+            await self._drained.wait()
+
+    def close_all(self) -> None:
+        self.closing = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    async def next(self, source: AsyncIterator[Event]) -> Event | None:
+        """The next event, or ``None`` when the source ends or shutdown interrupts it."""
+        if self.closing:
+            return None
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                return await anext(source)
+            except StopAsyncIteration:
+                return None
+            finally:
+                self._scopes.discard(scope)
+        return None  # cancelled by close_all
+
+
+def error_event(exc: ServiceError) -> Event:
+    return Event("error", ErrorEnvelope(exc.body()))
+
+
+async def _pump(
+    first: Event | None, source: AsyncIterator[Event], registry: StreamRegistry
+) -> AsyncIterator[ServerSentEvent]:
+    event_id = 0
+
+    def frame(event: Event) -> ServerSentEvent:
+        nonlocal event_id
+        event_id += 1
+        data = _encoder.encode(event.data).decode()
+        return ServerSentEvent(data=data, event=event.name, id=str(event_id))
+
+    registry.opened()
+    try:
+        if first is not None:
+            yield frame(first)
+        while True:
+            try:
+                event = await registry.next(source)
+            except ServiceError as exc:
+                yield frame(error_event(exc))
+                return
+            except Exception:
+                log.exception("stream failed")
+                yield frame(error_event(ServiceError("internal error")))
+                return
+            if event is None:
+                if registry.closing:
+                    yield frame(
+                        error_event(
+                            ServiceError(
+                                "server is shutting down", code="shutting_down", status=503
+                            )
+                        )
+                    )
+                return
+            yield frame(event)
+    finally:
+        registry.closed()
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def start(source: AsyncIterator[Event]) -> Event | None:
+    """Pull the first event before any header is sent, so early failures are real statuses."""
+    try:
+        return await anext(source)
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+        raise
+
+
+def event_response(
+    first: Event | None,
+    source: AsyncIterator[Event],
+    registry: StreamRegistry,
+    keepalive: float,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    return EventSourceResponse(
+        _pump(first, source, registry),
+        headers={**SSE_HEADERS, **(headers or {})},
+        ping=keepalive,
+        sep="\n",
+    )
