@@ -41,7 +41,7 @@ def create_client(settings: Settings) -> AsyncAzureOpenAI:
     )
     return AsyncAzureOpenAI(
         api_key=settings.azure_openai_api_key,
-        azure_endpoint=settings.azure_openai_endpoint,
+        azure_endpoint=settings.azure_openai_endpoint or "",
         api_version=settings.azure_openai_api_version,
         max_retries=0,
         timeout=openai.Timeout(backstop + 5, connect=settings.streamsvc_connect_timeout_seconds),

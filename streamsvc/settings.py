@@ -79,6 +79,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_queue_size: NonNegative = 16
     #: CA bundle mounted read-only into the dependency-install step (``""`` = none).
     streamsvc_sandbox_ca_bundle: str | None = None
+    streamsvc_deps_cache_mb: Positive = 4096
     streamsvc_max_files: Positive = 200
     streamsvc_max_file_bytes: Positive = 1024 * 1024
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -22,6 +22,8 @@ from sse_starlette.sse import EventSourceResponse
 from .errors import ErrorEnvelope, ServiceError
 
 log = logging.getLogger("streamsvc.sse")
+
+T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 
@@ -126,7 +128,7 @@ async def _pump(
                 await aclose()
 
 
-async def start(source: AsyncIterator[Event]) -> Event | None:
+async def start(source: AsyncIterator[T]) -> T | None:
     """Pull the first event before any header is sent, so early failures are real statuses."""
     try:
         return await anext(source)

@@ -1,0 +1,389 @@
+#!/usr/bin/env bash
+# shellcheck shell=bash
+# Set-up helpers shared by scripts/*. Source this file; don't execute it.
+#
+#   ensure_venv           .venv exists and has the project installed (-e '.[dev]')
+#   ensure_docker         a Docker engine answers `docker info` (starts one if root)
+#   ensure_image [--force]  the sandbox image $SANDBOX_IMAGE matches the repo
+#                         (--force: rebuild from scratch, bypassing all caches)
+#   ensure_all            the three above, in that order, one line per step
+#
+# Environment:
+#   PYTHON                    interpreter for a new .venv (default python3, >= 3.11)
+#   SANDBOX_IMAGE             sandbox image name (default streamsvc-sandbox:latest)
+#   SANDBOX_BUILD             auto (default) | dockerfile | debootstrap
+#   SANDBOX_DEBIAN_MIRROR     mirror for debootstrap (default http://deb.debian.org/debian)
+#   STREAMSVC_SKIP_DOCKER=1   ensure_all skips the engine and the image
+#
+# Everything is idempotent, and the slow paths take a lock, so scripts/run and
+# scripts/test may start at the same time.
+
+set -euo pipefail
+shopt -s inherit_errexit
+
+STREAMSVC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SANDBOX_IMAGE=${SANDBOX_IMAGE:-streamsvc-sandbox:latest}
+SANDBOX_IMAGE_DIR=$STREAMSVC_ROOT/streamsvc/sandbox_image
+SANDBOX_IMAGE_LABEL=streamsvc.image-version
+SANDBOX_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/streamsvc
+SANDBOX_DEBIAN_MIRROR=${SANDBOX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The debootstrap recipe is part of the image definition (see sandbox_image_version).
+SANDBOX_DEBOOTSTRAP_ARGS=(
+    --variant=minbase
+    '--include=python3,python3-venv,python3-pip,ca-certificates'
+    bookworm
+)
+DOCKERD_LOG=/tmp/streamsvc-dockerd.log
+DOCKERD_PIDFILE=/run/streamsvc-dockerd.pid
+STREAMSVC_LOG_DIR=${TMPDIR:-/tmp}
+
+# ---------------------------------------------------------------- helpers
+
+_log() { printf '  .. %s\n' "$*" >&2; }
+_die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# Milliseconds since the epoch (bash 5's EPOCHREALTIME, no subprocess).
+_now_ms() {
+    local us=${EPOCHREALTIME/[.,]/}
+    echo $((us / 1000))
+}
+
+# _step NAME START_MS MESSAGE: the one summary line each ensure_* prints.
+_step() {
+    local ms=$(($(_now_ms) - $2))
+    printf '%-7s %s (%d.%02ds)\n' "$1:" "$3" $((ms / 1000)) $((ms % 1000 / 10))
+}
+
+# _run_logged NAME CMD...: run an external command quietly; on failure show
+# the end of its log and stop.
+_run_logged() {
+    local log=$STREAMSVC_LOG_DIR/streamsvc-$1.log
+    shift
+    if ! "$@" >"$log" 2>&1; then
+        tail -n 25 "$log" >&2
+        _die "failed: $* (full log: $log)"
+    fi
+}
+
+# _lock FILE / _unlock: serialise a slow path between concurrent scripts.
+_lock() {
+    mkdir -p "$(dirname "$1")"
+    exec {_STREAMSVC_LOCK_FD}>"$1"
+    flock "$_STREAMSVC_LOCK_FD"
+}
+_unlock() { exec {_STREAMSVC_LOCK_FD}>&-; }
+
+# _apt_install PKG...: apt-get install, running `apt-get update` only when a
+# package has no candidate or the install fails on stale lists.
+_apt_install() {
+    local pkg candidate
+    local -a apt=(env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0)
+    for pkg in "$@"; do
+        candidate=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [[ -z $candidate || $candidate == "(none)" ]]; then
+            _log "apt-get update"
+            "${apt[@]}" update >"$STREAMSVC_LOG_DIR/streamsvc-apt-update.log" 2>&1 ||
+                _log "apt-get update reported errors; trying the install anyway"
+            break
+        fi
+    done
+    _log "apt-get install $*"
+    if ! "${apt[@]}" install --no-install-recommends "$@" \
+        >"$STREAMSVC_LOG_DIR/streamsvc-apt.log" 2>&1; then
+        "${apt[@]}" update >"$STREAMSVC_LOG_DIR/streamsvc-apt-update.log" 2>&1 || true
+        _run_logged apt "${apt[@]}" install --no-install-recommends "$@"
+    fi
+}
+
+# ---------------------------------------------------------------- venv
+
+_python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+
+ensure_venv() {
+    local t0 venv=$STREAMSVC_ROOT/.venv py=${PYTHON:-python3} what=""
+    t0=$(_now_ms)
+    if [[ ! -x $venv/bin/python ]]; then
+        command -v "$py" >/dev/null ||
+            _die "$py not found: install Python >= 3.11 or set PYTHON=/path/to/python3.11"
+        _python_ok "$py" ||
+            _die "$("$py" -V 2>&1) ($(command -v "$py")) is too old: streamsvc needs" \
+                "Python >= 3.11; set PYTHON=/path/to/python3.11"
+        _log "creating .venv with $("$py" -V 2>&1)"
+        "$py" -m venv "$venv"
+        what="created, "
+    fi
+    _python_ok "$venv/bin/python" ||
+        _die ".venv has $("$venv/bin/python" -V 2>&1), streamsvc needs >= 3.11:" \
+            "remove .venv and rerun (PYTHON=/path/to/python3.11 to pick one)"
+
+    local stamp=$venv/.installed
+    if [[ ! -e $stamp || $STREAMSVC_ROOT/pyproject.toml -nt $stamp ]]; then
+        _lock "$venv/.install.lock"
+        if [[ ! -e $stamp || $STREAMSVC_ROOT/pyproject.toml -nt $stamp ]]; then
+            _log "pip install -e '.[dev]' (log: $STREAMSVC_LOG_DIR/streamsvc-pip.log)"
+            _run_logged pip "$venv/bin/python" -m pip install --disable-pip-version-check \
+                -e "${STREAMSVC_ROOT}[dev]"
+            touch "$stamp"
+            what+="installed -e .[dev]"
+        fi
+        _unlock
+    fi
+    _step venv "$t0" ".venv ${what:-up to date}"
+}
+
+# ---------------------------------------------------------------- docker
+
+# True if dockerd from our pidfile or the default one is alive.
+_dockerd_alive() {
+    local f pid
+    for f in "$DOCKERD_PIDFILE" /var/run/docker.pid; do
+        [[ -s $f ]] || continue
+        pid=$(<"$f")
+        if kill -0 "$pid" 2>/dev/null; then return 0; fi
+    done
+    return 1
+}
+
+_docker_answers() { docker info >/dev/null 2>&1; }
+
+ensure_docker() {
+    local t0 i
+    t0=$(_now_ms)
+    if command -v docker >/dev/null && _docker_answers; then
+        _step docker "$t0" "engine $(docker version -f '{{.Server.Version}}' 2>/dev/null) answers"
+        return 0
+    fi
+
+    # Only ever start the local default engine, and only as root on Debian/Ubuntu.
+    case ${DOCKER_HOST:-} in
+    "" | unix:///var/run/docker.sock | unix:///run/docker.sock) ;;
+    *) _die "DOCKER_HOST=$DOCKER_HOST does not answer: start that engine or unset DOCKER_HOST" ;;
+    esac
+    ((EUID == 0)) || _die "no Docker engine answers 'docker info'. Start Docker (e.g." \
+        "'sudo systemctl start docker'), add yourself to the docker group, or set" \
+        "DOCKER_HOST; run as root to let this script install and start one."
+    [[ -r /etc/debian_version ]] ||
+        _die "no Docker engine answers and this is not Debian/Ubuntu: start Docker yourself"
+
+    _lock /tmp/streamsvc-dockerd.lock
+    if ! command -v dockerd >/dev/null; then
+        _apt_install docker.io
+    fi
+    if _docker_answers || _dockerd_alive; then
+        : # started meanwhile (another script, or the package's own init script)
+    elif [[ -d /run/systemd/system ]] && systemctl cat docker.service >/dev/null 2>&1; then
+        _log "systemctl start docker"
+        systemctl start docker
+    else
+        _log "starting dockerd in the background (log: $DOCKERD_LOG)"
+        # The daemon must not inherit the lock's fd, or it would hold the lock forever.
+        setsid nohup dockerd --pidfile "$DOCKERD_PIDFILE" \
+            >>"$DOCKERD_LOG" 2>&1 </dev/null {_STREAMSVC_LOCK_FD}>&- &
+    fi
+    for ((i = 0; i < 60; i++)); do
+        if _docker_answers; then break; fi
+        if ((i > 2)) && ! _dockerd_alive && [[ ! -d /run/systemd/system ]]; then
+            tail -n 15 "$DOCKERD_LOG" >&2 || true
+            _die "dockerd exited (log: $DOCKERD_LOG)"
+        fi
+        sleep 1
+    done
+    _unlock
+    _docker_answers || _die "Docker engine did not answer within 60 s (log: $DOCKERD_LOG)"
+    _step docker "$t0" "started engine $(docker version -f '{{.Server.Version}}' 2>/dev/null)"
+}
+
+# ---------------------------------------------------------------- image
+
+# Path of the host's uv binary (installed into .venv from PyPI if missing).
+_host_uv() {
+    local venv=$STREAMSVC_ROOT/.venv
+    [[ -x $venv/bin/python ]] || ensure_venv >&2
+    if [[ ! -x $venv/bin/uv ]]; then
+        _log "pip install uv (into .venv, for the sandbox image)"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check uv >&2
+    fi
+    echo "$venv/bin/uv"
+}
+
+# Version of the image definition: a hash of the files in
+# streamsvc/sandbox_image/, the debootstrap recipe and the uv version. The image
+# carries it as the label streamsvc.image-version; a change means a rebuild.
+sandbox_image_version() {
+    local uv
+    uv=$(_host_uv)
+    {
+        (cd "$SANDBOX_IMAGE_DIR" &&
+            find . -type f ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+        printf '%s\n' "${SANDBOX_DEBOOTSTRAP_ARGS[@]}"
+        "$uv" --version
+    } | sha256sum | cut -c1-16
+}
+
+_image_label() {
+    docker image inspect -f "{{ index .Config.Labels \"$SANDBOX_IMAGE_LABEL\" }}" \
+        "$SANDBOX_IMAGE" 2>/dev/null || true
+}
+
+# dockerfile if the Dockerfile's base image can be had, else debootstrap.
+_build_method() {
+    local base
+    case ${SANDBOX_BUILD:-auto} in
+    dockerfile | debootstrap)
+        echo "$SANDBOX_BUILD"
+        return 0
+        ;;
+    auto) ;;
+    *) _die "SANDBOX_BUILD must be auto, dockerfile or debootstrap (got $SANDBOX_BUILD)" ;;
+    esac
+    base=$(awk 'toupper($1) == "FROM" {print $2; exit}' "$SANDBOX_IMAGE_DIR/Dockerfile")
+    _log "checking whether $base can be pulled"
+    if timeout 20 docker pull -q "$base" >/dev/null 2>&1 ||
+        docker image inspect "$base" >/dev/null 2>&1; then
+        echo dockerfile
+    else
+        echo debootstrap
+    fi
+}
+
+_build_image_dockerfile() {
+    local version=$1 force=$2 uv
+    local -a opts=()
+    if ((force)); then opts+=(--no-cache); fi
+    uv=$(_host_uv)
+    (
+        ctx=$(mktemp -d "$STREAMSVC_LOG_DIR/streamsvc-image-ctx.XXXXXX")
+        trap 'rm -rf "$ctx"' EXIT
+        cp -pR "$SANDBOX_IMAGE_DIR/." "$ctx/"
+        cp -p "$uv" "$ctx/uv"
+        _log "docker build (log: $STREAMSVC_LOG_DIR/streamsvc-docker-build.log)"
+        _run_logged docker-build docker build "${opts[@]}" \
+            --label "$SANDBOX_IMAGE_LABEL=$version" -t "$SANDBOX_IMAGE" "$ctx"
+    )
+}
+
+# Tarball of a plain debootstrap of SANDBOX_DEBOOTSTRAP_ARGS, cached under
+# $SANDBOX_CACHE_DIR and keyed by those args. Prints its path.
+# _debootstrap_base 1 ignores (and replaces) the cached tarball.
+_debootstrap_base() {
+    local force=$1 key tarball
+    key=$(printf '%s\n' "${SANDBOX_DEBOOTSTRAP_ARGS[@]}" | sha256sum | cut -c1-16)
+    tarball=$SANDBOX_CACHE_DIR/debootstrap-$key.tar
+    if ((!force)) && [[ -s $tarball ]]; then
+        echo "$tarball"
+        return 0
+    fi
+    command -v debootstrap >/dev/null || _apt_install debootstrap >&2
+    mkdir -p "$SANDBOX_CACHE_DIR"
+    (
+        dir=$(mktemp -d "$STREAMSVC_LOG_DIR/streamsvc-debootstrap.XXXXXX")
+        trap 'rm -rf "$dir"' EXIT
+        _log "debootstrap ${SANDBOX_DEBOOTSTRAP_ARGS[*]} (about a minute;" \
+            "log: $STREAMSVC_LOG_DIR/streamsvc-debootstrap.log)"
+        _run_logged debootstrap debootstrap "${SANDBOX_DEBOOTSTRAP_ARGS[@]}" "$dir" \
+            "$SANDBOX_DEBIAN_MIRROR"
+        tar --numeric-owner -C "$dir" -cf "$tarball.tmp" .
+        mv "$tarball.tmp" "$tarball"
+    ) >&2
+    # Drop tarballs of older recipes.
+    find "$SANDBOX_CACHE_DIR" -maxdepth 1 -name 'debootstrap-*.tar*' ! -name "${tarball##*/}" \
+        -delete
+    echo "$tarball"
+}
+
+_build_image_debootstrap() {
+    local version=$1 force=$2 base uv
+    ((EUID == 0)) || _die "no registry for the Dockerfile build, and the debootstrap" \
+        "build needs root: run scripts/build-image as root, or set SANDBOX_BUILD=dockerfile"
+    uv=$(_host_uv)
+    base=$(_debootstrap_base "$force")
+    (
+        root=$(mktemp -d "$STREAMSVC_LOG_DIR/streamsvc-rootfs.XXXXXX")
+        trap 'rm -rf "$root"' EXIT
+        tar --numeric-owner -C "$root" -xpf "$base"
+        mkdir -p "$root/tmp/streamsvc-build"
+        cp -p "$SANDBOX_IMAGE_DIR/setup.sh" "$root/tmp/streamsvc-build/"
+        cp -p "$uv" "$root/tmp/streamsvc-build/uv"
+        _log "setup.sh in the rootfs"
+        _run_logged image-setup env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+            chroot "$root" /bin/sh /tmp/streamsvc-build/setup.sh
+        rm -rf "$root/tmp/streamsvc-build"
+        _log "docker import"
+        # Keep these in step with the Dockerfile.
+        tar --numeric-owner -C "$root" -c . |
+            docker import \
+                --change "LABEL $SANDBOX_IMAGE_LABEL=$version" \
+                --change 'USER 10001' \
+                --change 'WORKDIR /work' \
+                --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+                --change 'ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 LANG=C.UTF-8' \
+                --change 'CMD ["python3"]' \
+                - "$SANDBOX_IMAGE" >/dev/null
+    )
+}
+
+# Smoke-test a freshly built image; remove it and stop if it is broken.
+_verify_image() {
+    local out
+    _log "verifying $SANDBOX_IMAGE"
+    out=$(docker run --rm --network none "$SANDBOX_IMAGE" \
+        python3 -c 'import json;print(json.dumps({"ok":True}))' 2>&1) || out="failed: $out"
+    if [[ $out == '{"ok": true}' ]]; then
+        out=$(docker run --rm --network none "$SANDBOX_IMAGE" sh -c \
+            'id -u && uv --version >/dev/null && python3 -m venv /tmp/v && /tmp/v/bin/python -V' \
+            2>&1) || out="failed: $out"
+        [[ $out == 10001$'\n'Python* ]] && return 0
+    fi
+    docker rmi -f "$SANDBOX_IMAGE" >/dev/null 2>&1 || true
+    _die "the new sandbox image failed its smoke test: $out"
+}
+
+# shellcheck disable=SC2120 # scripts/build-image passes --force
+ensure_image() {
+    local t0 force=0 version method old_id size
+    t0=$(_now_ms)
+    case ${1:-} in
+    --force) force=1 ;;
+    "") ;;
+    *) _die "ensure_image: unknown argument $1" ;;
+    esac
+    version=$(sandbox_image_version)
+    if ((!force)) && [[ $(_image_label) == "$version" ]]; then
+        _step image "$t0" "$SANDBOX_IMAGE up to date ($version)"
+        return 0
+    fi
+
+    _lock "$SANDBOX_CACHE_DIR/image.lock"
+    if ((!force)) && [[ $(_image_label) == "$version" ]]; then
+        _unlock # built meanwhile by another script
+        _step image "$t0" "$SANDBOX_IMAGE up to date ($version)"
+        return 0
+    fi
+    old_id=$(docker image inspect -f '{{.Id}}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+    method=$(_build_method)
+    _log "building $SANDBOX_IMAGE ($method, version $version)"
+    "_build_image_$method" "$version" "$force"
+    _verify_image
+    if [[ -n $old_id && $old_id != "$(docker image inspect -f '{{.Id}}' "$SANDBOX_IMAGE")" ]]; then
+        docker rmi "$old_id" >/dev/null 2>&1 || true # still used by a container: keep it
+    fi
+    _unlock
+    size=$(docker image inspect -f '{{.Size}}' "$SANDBOX_IMAGE" | numfmt --to=iec-i --suffix=B)
+    _step image "$t0" "built $SANDBOX_IMAGE ($method, $size, version $version)"
+}
+
+# ---------------------------------------------------------------- all
+
+ensure_all() {
+    ensure_venv
+    if [[ -n ${STREAMSVC_SKIP_DOCKER:-} ]]; then
+        echo "docker: skipped (STREAMSVC_SKIP_DOCKER is set)"
+        return 0
+    fi
+    ensure_docker
+    # shellcheck disable=SC2119 # no --force here
+    ensure_image
+}

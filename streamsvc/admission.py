@@ -1,0 +1,90 @@
+"""Admission control: at most N runs at once, a bounded FIFO queue behind them.
+
+``Admission.enter()`` either admits at once, queues the caller, or raises
+``Busy`` (429 with ``Retry-After``) when the queue is full. A queued ticket
+reports its 1-based position as it moves up, so a stream can tell its client.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+
+import anyio
+
+from .errors import Busy
+
+
+class Ticket:
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._changed = anyio.Event()
+        self.admitted = False
+        self.released = False
+
+    @property
+    def position(self) -> int:
+        """1-based place in the queue; 0 once admitted."""
+        if self.admitted:
+            return 0
+        return self._admission.queue.index(self) + 1
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def positions(self) -> AsyncIterator[int]:
+        """Yield the queue position each time it changes, until admitted."""
+        last = -1
+        while not self.admitted:
+            position = self.position
+            if position != last:
+                last = position
+                yield position
+            changed = self._changed
+            if not self.admitted:
+                await changed.wait()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self._admission._release(self)
+
+
+class Admission:
+    def __init__(self, max_running: int, max_queued: int, retry_after: float = 5.0) -> None:
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.retry_after = retry_after
+        self.running = 0
+        self.queue: deque[Ticket] = deque()
+
+    def enter(self) -> Ticket:
+        ticket = Ticket(self)
+        if self.running < self.max_running and not self.queue:
+            self.running += 1
+            ticket.admitted = True
+        elif len(self.queue) < self.max_queued:
+            self.queue.append(ticket)
+        else:
+            raise Busy(
+                f"{self.running} runs are running and {len(self.queue)} are queued; "
+                "try again later",
+                retry_after=self.retry_after,
+            )
+        return ticket
+
+    def _release(self, ticket: Ticket) -> None:
+        if ticket.admitted:
+            self.running -= 1
+        else:
+            self.queue.remove(ticket)
+        moved: list[Ticket] = []
+        while self.queue and self.running < self.max_running:
+            admitted = self.queue.popleft()
+            admitted.admitted = True
+            self.running += 1
+            moved.append(admitted)
+        for waiting in (*moved, *self.queue):
+            waiting._notify()

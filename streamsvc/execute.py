@@ -1,0 +1,83 @@
+"""POST /execute-connector: validate, run in the sandbox, stream or answer.
+
+Streamed, the events are: ``status`` (one per phase: validated, queued,
+installing_dependencies, starting, running), ``stdout`` and ``stderr`` chunks
+in the order written, then ``done`` whose data is exactly the JSON answer
+(an ``ExecutionResult``), or a single ``error`` event if the run could not
+finish. Unstreamed, the answer is that ``ExecutionResult``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import sse
+from .bodies import read_body, wants_stream
+from .connector import plan, request_decoder
+from .errors import SandboxError
+from .redact import MIN_SECRET_LENGTH
+from .sandbox import Exited, Output, Sandbox, SandboxEvent, Status
+from .settings import Settings
+from .transcript import ExecutionResult, Transcript
+
+_encoder = msgspec.json.Encoder()
+
+
+async def _events(
+    first: SandboxEvent, runs: AsyncIterator[SandboxEvent], transcript: Transcript
+) -> AsyncIterator[sse.Event]:
+    """Sandbox events as SSE events, ending with ``done``."""
+    try:
+        yield sse.Event("status", Status("validated", "the connector is valid"))
+        pending: SandboxEvent | None = first
+        while True:
+            event = pending if pending is not None else await anext(runs, None)
+            pending = None
+            if event is None:
+                raise SandboxError(
+                    "the sandbox ended without an exit status", code="sandbox_failed"
+                )
+            if isinstance(event, Output):
+                forwarded = transcript.output(event)
+                if forwarded is not None:
+                    yield sse.Event(forwarded.stream, {"text": forwarded.text})
+            elif isinstance(event, Status):
+                yield sse.Event("status", event)
+            elif isinstance(event, Exited):
+                for tail in transcript.flush():
+                    yield sse.Event(tail.stream, {"text": tail.text})
+                yield sse.Event("done", transcript.result(event))
+                return
+    finally:
+        await runs.aclose()  # type: ignore[attr-defined]
+
+
+async def execute_endpoint(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    body = request_decoder.decode_body(await read_body(request, settings.streamsvc_max_body_bytes))
+    spec = plan(body, settings)
+    sandbox: Sandbox | None = state.sandbox
+    if sandbox is None:
+        raise SandboxError("connector execution is not available on this server")
+    secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
+    transcript = Transcript(secrets, settings.streamsvc_output_cap_bytes)
+    runs = sandbox.run(spec)
+    first = await sse.start(runs)  # engine down, busy: a real status, before any header
+    if first is None:
+        raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
+    events = _events(first, runs, transcript)
+    if wants_stream(request, body.stream):
+        return sse.event_response(
+            None, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
+        )
+    result: ExecutionResult | None = None
+    async for event in events:
+        if event.name == "done":
+            result = event.data
+    assert result is not None
+    return Response(_encoder.encode(result), media_type="application/json")

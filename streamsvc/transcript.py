@@ -1,0 +1,178 @@
+"""From sandbox events to the final answer of a run.
+
+``Transcript`` keeps what the program wrote (each stream capped at the output
+cap, with a flag when cut; secrets redacted) and turns the ``Exited`` event
+into the ``ExecutionResult`` the JSON answer and the stream's ``done`` event
+both carry.
+
+Result rule: the whole stdout when it is one JSON document, otherwise the
+last stdout line that is a JSON object. When that value is an object with an
+``ok`` key (the original contract's ``{"ok": ..., "result": ...}``), ``ok``,
+``result`` and ``error`` come from it; any other value is the result itself.
+``ok`` is true only when the program exited 0 within its limits. No JSON at
+all gives ``ok: false`` with error code ``no_result``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .redact import Redactor
+from .sandbox import Exited, Output
+
+_json = msgspec.json.Decoder()
+
+
+class ExecutionError(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ExecutionResult(msgspec.Struct):
+    ok: bool
+    result: Any
+    error: ExecutionError | None
+    exit_code: int | None
+    timed_out: bool
+    oom_killed: bool
+    duration_ms: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    output_limit_exceeded: bool = False
+
+
+_NOTHING = object()
+
+
+def find_result(stdout: str) -> Any:
+    """The program's result per the module's rule, or ``_NOTHING``."""
+    text = stdout.strip()
+    if not text:
+        return _NOTHING
+    try:
+        return _json.decode(text)
+    except msgspec.DecodeError:
+        pass
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = _json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return _NOTHING
+
+
+class _Capped:
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.parts: list[str] = []
+        self.size = 0
+        self.truncated = False
+
+    def add(self, text: str) -> None:
+        room = self.cap - self.size
+        if room <= 0:
+            self.truncated = self.truncated or bool(text)
+            return
+        data = text.encode()
+        if len(data) > room:
+            text = data[:room].decode(errors="ignore")
+            self.truncated = True
+        self.parts.append(text)
+        self.size += len(text.encode())
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class Transcript:
+    def __init__(self, secrets: list[str], cap: int) -> None:
+        self._streams = {"stdout": _Capped(cap), "stderr": _Capped(cap)}
+        self._redactors = {"stdout": Redactor(secrets), "stderr": Redactor(secrets)}
+
+    def output(self, event: Output) -> Output | None:
+        """Record one chunk; the redacted chunk to forward, if any text is left."""
+        text = self._redactors[event.stream](event.text)
+        if not text:
+            return None
+        self._streams[event.stream].add(text)
+        return Output(event.stream, text)
+
+    def flush(self) -> list[Output]:
+        """Whatever redaction held back, at the end of the run."""
+        flushed = []
+        for name, redactor in self._redactors.items():
+            text = redactor.flush()
+            if text:
+                self._streams[name].add(text)
+                flushed.append(Output(name, text))  # type: ignore[arg-type]
+        return flushed
+
+    def result(self, exited: Exited) -> ExecutionResult:
+        stdout, stderr = self._streams["stdout"], self._streams["stderr"]
+        found = find_result(stdout.text())
+        ok, value, error = _outcome(found, exited)
+        return ExecutionResult(
+            ok=ok,
+            result=value,
+            error=error,
+            exit_code=exited.exit_code,
+            timed_out=exited.timed_out,
+            oom_killed=exited.oom_killed,
+            duration_ms=exited.duration_ms,
+            stdout=stdout.text(),
+            stderr=stderr.text(),
+            stdout_truncated=stdout.truncated or exited.output_capped,
+            stderr_truncated=stderr.truncated,
+            output_limit_exceeded=exited.output_capped,
+        )
+
+
+def _outcome(found: Any, exited: Exited) -> tuple[bool, Any, ExecutionError | None]:
+    value: Any = None
+    reported_ok = True
+    program_error: Any = None
+    if found is not _NOTHING:
+        if isinstance(found, dict) and "ok" in found:
+            reported_ok = found.get("ok") is True
+            value = found.get("result")
+            program_error = found.get("error")
+        else:
+            value = found
+    limit = _limit_error(exited)
+    if limit is not None:
+        return False, value, limit
+    if exited.exit_code != 0:
+        return (
+            False,
+            value,
+            ExecutionError("nonzero_exit", f"the program exited with code {exited.exit_code}"),
+        )
+    if found is _NOTHING:
+        return False, None, ExecutionError("no_result", "the program printed no JSON result")
+    if not reported_ok:
+        message = (
+            program_error if isinstance(program_error, str) else "the connector reported failure"
+        )
+        return False, value, ExecutionError("connector_failed", message, details=program_error)
+    return True, value, None
+
+
+def _limit_error(exited: Exited) -> ExecutionError | None:
+    if exited.timed_out:
+        return ExecutionError("timeout", f"the run was killed after {exited.duration_ms} ms")
+    if exited.oom_killed:
+        return ExecutionError("out_of_memory", "the run was killed for exceeding memoryMb")
+    if exited.output_capped:
+        return ExecutionError("output_limit", "the run was killed for writing too much output")
+    if exited.pids_limited:
+        return ExecutionError("process_limit", "the run hit the process limit")
+    return None
