@@ -22,7 +22,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 
 STREAMSVC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SANDBOX_IMAGE=${SANDBOX_IMAGE:-streamsvc-sandbox:latest}
+SANDBOX_IMAGE=${STREAMSVC_SANDBOX_IMAGE:-${SANDBOX_IMAGE:-streamsvc-sandbox:latest}}
 SANDBOX_IMAGE_DIR=$STREAMSVC_ROOT/streamsvc/sandbox_image
 SANDBOX_IMAGE_LABEL=streamsvc.image-version
 SANDBOX_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/streamsvc

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .chat import chat_endpoint
 from .errors import ErrorEnvelope, ServiceError, Unauthorized
+from .execute import execute_endpoint
 from .settings import Settings
 from .sse import StreamRegistry
 
@@ -134,6 +135,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
+            Route("/execute-connector", execute_endpoint, methods=["POST"]),
         ],
         exception_handlers={
             ServiceError: _service_error,
@@ -145,6 +147,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.streams = StreamRegistry()
     app.state.chat_backend = None
+    app.state.sandbox = None
     app.add_middleware(
         ApiKeyMiddleware,
         keys=settings.streamsvc_api_keys,
@@ -156,5 +159,12 @@ def create_app(settings: Settings) -> Starlette:
 async def _start_sandbox(
     app: Starlette, settings: Settings, stack: contextlib.AsyncExitStack
 ) -> None:
-    """Hook for the connector sandbox; replaced when execution lands."""
-    app.state.sandbox = None
+    """The Docker sandbox; an engine that is down now is reported by /health."""
+    import aiodocker
+
+    from .docker_sandbox import DockerSandbox
+
+    sandbox = DockerSandbox(aiodocker.Docker(url=settings.docker_host), settings)
+    stack.push_async_callback(sandbox.aclose)
+    await sandbox.start()
+    app.state.sandbox = sandbox

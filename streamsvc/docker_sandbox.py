@@ -199,27 +199,29 @@ class DockerSandbox:
     ) -> AsyncIterator[Output]:
         decoders = {1: _decoder(), 2: _decoder()}
         names = {1: "stdout", 2: "stderr"}
-        with anyio.move_on_after(spec.timeout_ms / 1000) as scope:
-            while True:
+        deadline = anyio.current_time() + spec.timeout_ms / 1000
+        while True:
+            # The scope covers the read only: a cancel scope must never span a yield.
+            with anyio.CancelScope(deadline=deadline) as scope:
                 try:
                     message = await stream.read_out()
                 except (aiohttp.ClientError, OSError) as exc:
                     raise SandboxError("lost the connection to the Docker engine") from exc
-                if message is None:
-                    break
-                if message.stream not in decoders:
-                    continue
-                text = decoders[message.stream].decode(message.data)
-                if watch.add(message.stream, len(message.data)):
-                    if text:
-                        yield Output(names[message.stream], text)  # type: ignore[arg-type]
-                    await self._kill(container)
-                    break
-                if text:
-                    yield Output(names[message.stream], text)  # type: ignore[arg-type]
-        if scope.cancelled_caught:
-            watch.timed_out = True
-            await self._kill(container)
+            if scope.cancelled_caught:
+                watch.timed_out = True
+                await self._kill(container)
+                break
+            if message is None:
+                break
+            if message.stream not in decoders:
+                continue
+            text = decoders[message.stream].decode(message.data)
+            capped = watch.add(message.stream, len(message.data))
+            if text:
+                yield Output(names[message.stream], text)  # type: ignore[arg-type]
+            if capped:
+                await self._kill(container)
+                break
         for number, decoder in decoders.items():
             tail = decoder.decode(b"", final=True)
             if tail:
