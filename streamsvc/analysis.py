@@ -1,0 +1,412 @@
+"""Static analysis of connector code, and the JSON helpers that go with it.
+
+The engine reads a connector's ``files`` to find out what the code needs from
+the request before running it, so a missing value becomes a 400 instead of a
+crash inside the sandbox. Nothing here executes or imports user code.
+
+Connector paths (``connector_paths``)
+    A path is the tuple of keys below the connector root, e.g.
+    ``("configuration", "sheetName")``. Each reference yields its longest
+    constant path; the bare root yields nothing.
+
+    Python files (``*.py``) are parsed with ``ast``, so strings and comments
+    never count. A chain starts at one of these roots::
+
+        connector   context.connector   context["connector"]   context.get("connector", ...)
+
+    and goes on through any mix of these steps::
+
+        .name   ["key"]   [0]   .get("key")   .get("key", default)
+
+    The chain stops at the first other step: a dynamic or negative index
+    (``connector[key]``, ``connector[-1]``), a ``get`` without a constant
+    string key, any other call (a called attribute is a method, not a key:
+    ``connector.auth.strip()`` references ``auth``), or an attribute named
+    like a dict method (``get``, ``items``, ``keys``, ``values``, ``copy``,
+    ``pop``, ``popitem``, ``setdefault``, ``update``, ``clear``,
+    ``fromkeys``). An assigned or deleted last step (``connector["x"] = 1``,
+    ``del connector["x"]``) is not required; the rest of its chain is. Only
+    the names ``connector`` and ``context`` are roots: ``x.connector.a``
+    does not count, and aliases (``cfg = connector.auth``) are not followed.
+    A Python file that does not parse is scanned as text instead.
+
+    Every other file (JS, TS, JSON, anything) is scanned as text, comments and
+    strings included. A chain starts at ``connector``, ``context.connector``,
+    ``context?.connector``, ``context["connector"]`` or
+    ``context['connector']`` when not preceded by a word character, ``$`` or
+    ``.`` and not followed by a word character or ``$``. It goes on, with no
+    whitespace between steps, through any mix of ``.name`` and ``?.name``
+    (``name`` is ``[A-Za-z_$][\\w$]*``), ``["key"]``, ``['key']`` and ``[0]``
+    (each optionally ``?.[...]``; the key holds no quote, backslash or line
+    break). It stops before a step followed by ``(`` (a method call) and
+    before a dotted dict-method name (``connector.get("auth")`` yields
+    nothing in the text scan).
+
+Missing paths (``missing_connector_paths``)
+    A path is present when every key exists in the connector JSON (a ``null``
+    value counts as present); in a list, a decimal index within range counts.
+    A path that goes on below a scalar (string, number, ``null``) is missing.
+    Paths starting with a metadata key (``METADATA_KEYS``) are ignored. Each
+    missing path is reported in full, dotted, sorted, once; a missing path
+    that is a prefix of another reported one is left out (if code reads both
+    ``connector.auth`` and ``connector.auth.clientId`` and ``auth`` is absent,
+    only ``auth.clientId`` is reported, since adding it satisfies both).
+
+Required environment variables (``required_env``)
+    ``KEY`` is ``[A-Za-z_][A-Za-z0-9_]*``. Required are:
+
+    * ``{{env:KEY}}`` placeholders (whitespace allowed inside the braces and
+      around the colon) in any file and in any string value of the connector
+      JSON (dict keys are not scanned);
+    * ``process.env.KEY``, ``process.env?.KEY``, ``process.env["KEY"]`` and
+      ``process.env['KEY']`` anywhere in any file (text scan);
+    * in Python files (``ast``): reading ``os.environ["KEY"]`` or
+      ``environ["KEY"]``; for a Python file that does not parse, the same two
+      forms found by a text scan.
+
+    Optional reads are not required: ``os.environ.get("KEY")``,
+    ``os.getenv("KEY")``, ``"KEY" in os.environ``. Destructuring
+    (``const { KEY } = process.env``) and dynamic keys are not detected.
+
+Substitution (``substitute_env``, ``substitute_env_text``)
+    Every ``{{env:KEY}}`` whose key is in the given env map is replaced by its
+    value in one pass (replacements are not rescanned); unknown keys are left
+    as they are.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final, TypeAlias
+
+__all__ = [
+    "ENV_PLACEHOLDER",
+    "METADATA_KEYS",
+    "ConnectorPath",
+    "connector_paths",
+    "deep_merge",
+    "missing_connector_paths",
+    "required_env",
+    "substitute_env",
+    "substitute_env_text",
+]
+
+ConnectorPath: TypeAlias = tuple[str, ...]
+"""Keys below the connector root, e.g. ``("configuration", "sheetName")``."""
+
+METADATA_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "schemaVersion",
+        "connectorType",
+        "displayName",
+        "description",
+        "version",
+        "notes",
+        "files",
+    }
+)
+
+_DICT_METHODS: Final = frozenset(
+    {
+        "clear",
+        "copy",
+        "fromkeys",
+        "get",
+        "items",
+        "keys",
+        "pop",
+        "popitem",
+        "setdefault",
+        "update",
+        "values",
+    }
+)
+
+_KEY = r"[A-Za-z_][A-Za-z0-9_]*"
+
+ENV_PLACEHOLDER: Final[re.Pattern[str]] = re.compile(
+    rf"\{{\{{\s*env\s*:\s*(?P<key>{_KEY})\s*\}}\}}"
+)
+_PROCESS_ENV: Final = re.compile(
+    rf"""(?<![\w$.])process\.env
+        (?: \??\.(?P<name>{_KEY})(?![\w$])
+          | \[\s*(?P<q>["'])(?P<quoted>{_KEY})(?P=q)\s*\] )""",
+    re.VERBOSE,
+)
+_PY_ENVIRON: Final = re.compile(
+    rf"""(?<![\w.])(?:os\.)?environ\[\s*(?P<q>["'])(?P<quoted>{_KEY})(?P=q)\s*\]"""
+)
+_SCAN_ROOT: Final = re.compile(
+    r"""(?<![\w$.])
+        (?: context (?: \??\.connector | \[\s*(?P<q>["'])connector(?P=q)\s*\] )
+          | connector )
+        (?![\w$])""",
+    re.VERBOSE,
+)
+_SCAN_STEP: Final = re.compile(
+    r"""\??\.(?P<name>[A-Za-z_$][\w$]*)
+      | (?:\?\.)?\[\s*(?: (?P<q>["'])(?P<quoted>[^"'\\\r\n]*)(?P=q) | (?P<index>[0-9]+) )\s*\]""",
+    re.VERBOSE,
+)
+_SCAN_CALL: Final = re.compile(r"\s*\(")
+_DECIMAL: Final = re.compile(r"[0-9]+")
+_ENV_KEY: Final = re.compile(_KEY)
+
+
+# ---------------------------------------------------------------- connector paths
+
+
+def connector_paths(files: Mapping[str, str]) -> set[ConnectorPath]:
+    """The connector paths the files reference (see the module docstring)."""
+    found: set[ConnectorPath] = set()
+    for name, text in files.items():
+        found |= _python_paths(text) if _is_python(name) else _scanned_paths(text)
+    found.discard(())
+    return found
+
+
+def _is_python(filename: str) -> bool:
+    return filename.lower().endswith(".py")
+
+
+def _parse_python(source: str) -> ast.Module | None:
+    """The module's syntax tree, or None when it does not parse."""
+    try:
+        with warnings.catch_warnings():
+            # e.g. DeprecationWarning for invalid escape sequences in user code
+            warnings.simplefilter("ignore")
+            return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+
+
+def _python_paths(source: str) -> set[ConnectorPath]:
+    tree = _parse_python(source)
+    return _scanned_paths(source) if tree is None else _tree_paths(tree)
+
+
+def _tree_paths(tree: ast.AST) -> set[ConnectorPath]:
+    """Longest path of every chain. ``ast.walk`` visits outer nodes first, so
+    the inner links of a chain are known before they are visited and skipped."""
+    found: set[ConnectorPath] = set()
+    skipped: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            skipped.add(node.func)  # a called attribute is a method, not a key
+        if node in skipped:
+            continue
+        path, links = _unwind(node)
+        skipped.update(links)
+        if path is not None:
+            found.add(path)
+    return found
+
+
+def _unwind(node: ast.AST) -> tuple[ConnectorPath | None, list[ast.AST]]:
+    """Follow ``node`` inwards to a connector root.
+
+    Returns the path (None if the chain reaches no root) and the nodes passed
+    on the way: their own chains are prefixes of this one, or fail the same way.
+    """
+    segments: list[str] = []
+    links: list[ast.AST] = []
+    current = node
+    while not _is_root(current):
+        step = _step(current)
+        if step is None:
+            return None, links
+        links.append(current)
+        segment, current = step
+        segments.append(segment)
+    return tuple(reversed(segments)), links
+
+
+def _is_root(node: ast.AST) -> bool:
+    match node:
+        case ast.Name(id="connector"):
+            return True
+        case ast.Attribute(value=ast.Name(id="context"), attr="connector"):
+            return True
+        case ast.Subscript(value=ast.Name(id="context"), slice=ast.Constant(value="connector")):
+            return True
+        case ast.Call(
+            func=ast.Attribute(value=ast.Name(id="context"), attr="get"),
+            args=[ast.Constant(value="connector"), *rest],
+            keywords=[],
+        ):
+            return len(rest) <= 1
+    return False
+
+
+def _step(node: ast.AST) -> tuple[str, ast.expr] | None:
+    """The key a node reads from the expression inside it, and that expression."""
+    match node:
+        case ast.Attribute(value=inner, attr=attr, ctx=ast.Load()):
+            return None if attr in _DICT_METHODS else (attr, inner)
+        case ast.Subscript(value=inner, slice=ast.Constant(value=key), ctx=ast.Load()):
+            segment = _constant_segment(key)
+            return None if segment is None else (segment, inner)
+        case ast.Call(
+            func=ast.Attribute(value=inner, attr="get"),
+            args=[ast.Constant(value=str() as key), *rest],
+            keywords=[],
+        ):
+            return None if len(rest) > 1 else (key, inner)
+    return None
+
+
+def _constant_segment(value: object) -> str | None:
+    """A subscript constant as a path segment: a string, or a list index."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    return None
+
+
+def _scanned_paths(text: str) -> set[ConnectorPath]:
+    return {_scan_chain(text, root.end()) for root in _SCAN_ROOT.finditer(text)}
+
+
+def _scan_chain(text: str, position: int) -> ConnectorPath:
+    segments: list[str] = []
+    while (step := _SCAN_STEP.match(text, position)) is not None:
+        segment = _scan_segment(step)
+        if segment is None or _SCAN_CALL.match(text, step.end()):
+            break
+        segments.append(segment)
+        position = step.end()
+    return tuple(segments)
+
+
+def _scan_segment(step: re.Match[str]) -> str | None:
+    name = step["name"]
+    if name is not None:
+        return None if name in _DICT_METHODS else name
+    quoted: str | None = step["quoted"]
+    return quoted if quoted is not None else step["index"]
+
+
+# ---------------------------------------------------------------- missing paths
+
+
+def missing_connector_paths(
+    connector: Mapping[str, Any], paths: Iterable[ConnectorPath]
+) -> list[str]:
+    """Dotted paths the connector JSON lacks (see the module docstring)."""
+    missing = {
+        path
+        for path in paths
+        if path and path[0] not in METADATA_KEYS and not _resolves(connector, path)
+    }
+    reported = {path for path in missing if not _extended_by_any(path, missing)}
+    return sorted(".".join(path) for path in reported)
+
+
+def _resolves(value: Any, path: ConnectorPath) -> bool:
+    for segment in path:
+        if isinstance(value, Mapping):
+            if segment not in value:
+                return False
+            value = value[segment]
+        elif isinstance(value, list | tuple):
+            if not _DECIMAL.fullmatch(segment) or int(segment) >= len(value):
+                return False
+            value = value[int(segment)]
+        else:
+            return False
+    return True
+
+
+def _extended_by_any(path: ConnectorPath, others: Iterable[ConnectorPath]) -> bool:
+    return any(len(other) > len(path) and other[: len(path)] == path for other in others)
+
+
+# ---------------------------------------------------------------- environment
+
+
+def required_env(files: Mapping[str, str], values: Any) -> set[str]:
+    """Environment variables the connector needs (see the module docstring)."""
+    keys = {match["key"] for text in _strings(values) for match in ENV_PLACEHOLDER.finditer(text)}
+    for name, text in files.items():
+        keys.update(match["key"] for match in ENV_PLACEHOLDER.finditer(text))
+        keys.update(match["name"] or match["quoted"] for match in _PROCESS_ENV.finditer(text))
+        if _is_python(name):
+            keys |= _python_environ(text)
+    return keys
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value (not dict keys), without recursion."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+
+
+def _python_environ(source: str) -> set[str]:
+    tree = _parse_python(source)
+    if tree is None:
+        return {match["quoted"] for match in _PY_ENVIRON.finditer(source)}
+    return {key for node in ast.walk(tree) if (key := _environ_key(node)) is not None}
+
+
+def _environ_key(node: ast.AST) -> str | None:
+    """KEY when the node reads ``os.environ["KEY"]`` or ``environ["KEY"]``."""
+    match node:
+        case ast.Subscript(
+            value=ast.Attribute(value=ast.Name(id="os"), attr="environ") | ast.Name(id="environ"),
+            slice=ast.Constant(value=str() as key),
+            ctx=ast.Load(),
+        ) if _ENV_KEY.fullmatch(key):
+            return key
+    return None
+
+
+def substitute_env(value: Any, env: Mapping[str, str]) -> Any:
+    """A copy of a JSON value with ``{{env:KEY}}`` replaced in every string."""
+    if isinstance(value, str):
+        return substitute_env_text(value, env)
+    if isinstance(value, Mapping):
+        return {key: substitute_env(item, env) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [substitute_env(item, env) for item in value]
+    return value
+
+
+def substitute_env_text(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with every known ``{{env:KEY}}`` replaced; unknown keys stay."""
+    return ENV_PLACEHOLDER.sub(lambda match: env.get(match["key"], match[0]), text)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict: ``overrides`` laid over ``base``.
+
+    Where both sides hold a dict the two merge recursively; any other override
+    value (lists and ``null`` included) replaces. The inputs are not modified
+    and share nothing with the result.
+    """
+    return copy.deepcopy(_merge(base, overrides))
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            merged[key] = _merge(current, value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,101 @@
+"""Shared fixtures: the fake Azure upstream, real server processes, Docker checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.fake_azure import FakeAzure
+from tests.harness import ServerProcess
+
+AZURE_KEY = "azure-test-key-0123456789"
+
+
+def docker_available() -> bool:
+    import subprocess
+
+    try:
+        result = subprocess.run(
+            [
+                "docker",
+                "image",
+                "inspect",
+                os.environ.get("STREAMSVC_SANDBOX_IMAGE", "streamsvc-sandbox:latest"),
+            ],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Docker tests skip on a machine without an engine, except in CI where that fails."""
+    if not any(item.get_closest_marker("docker") for item in items) or docker_available():
+        return
+    if os.environ.get("STREAMSVC_REQUIRE_DOCKER") == "1":
+        raise pytest.UsageError("a Docker engine and the sandbox image are required (CI)")
+    skip = pytest.mark.skip(reason="no Docker engine or sandbox image (run scripts/test)")
+    for item in items:
+        if item.get_closest_marker("docker"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fake_azure() -> Iterator[FakeAzure]:
+    with FakeAzure(api_key=AZURE_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def azure(fake_azure: FakeAzure) -> FakeAzure:
+    """The session's fake upstream, emptied for this test."""
+    fake_azure.reset()
+    return fake_azure
+
+
+def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
+    return {
+        "AZURE_OPENAI_API_KEY": AZURE_KEY,
+        "AZURE_OPENAI_ENDPOINT": fake.url,
+        "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
+        "STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS": "3",
+        "STREAMSVC_IDLE_TIMEOUT_SECONDS": "2",
+        "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
+        "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
+        "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def server(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
+    """One real server for the session, pointed at the fake upstream."""
+    process = ServerProcess(server_env(fake_azure))
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def start_server(fake_azure: FakeAzure) -> Iterator[Callable[..., ServerProcess]]:
+    """Start a dedicated server with extra settings; stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        process = ServerProcess(server_env(fake_azure, **env))
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=60) as http:
+        yield http
