@@ -1,0 +1,31 @@
+""".env.example documents every setting, each with a comment, and loads cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from streamsvc.settings import Settings, load_settings, read_dotenv
+
+EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
+
+
+def test_every_setting_is_listed_with_a_comment() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    listed = {}
+    for number, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            listed[line.partition("=")[0]] = number
+    names = {field.encode_name for field in msgspec.structs.fields(Settings)}
+    assert names == set(listed)
+    for name, number in listed.items():
+        above = lines[number - 1]
+        assert above.startswith("#") or lines[number - 1].partition("=")[0] in listed, name
+
+
+def test_the_example_is_a_valid_configuration() -> None:
+    assert read_dotenv(EXAMPLE)
+    settings = load_settings({}, EXAMPLE)
+    assert settings.streamsvc_port == 8000
+    assert not settings.chat_configured
