@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .chat import chat_endpoint
 from .errors import ErrorEnvelope, ServiceError, Unauthorized
 from .execute import execute_endpoint
+from .observability import Metrics, ObservabilityMiddleware, metrics_endpoint
 from .settings import Settings
 from .sse import StreamRegistry
 
@@ -134,6 +135,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
         ],
@@ -152,6 +154,13 @@ def create_app(settings: Settings) -> Starlette:
         ApiKeyMiddleware,
         keys=settings.streamsvc_api_keys,
         protected=("/chat", "/execute-connector", "/v1/"),
+    )
+    # Outermost of ours: 401s get a request id and an access-log line too.
+    app.state.metrics = Metrics(app.state)
+    app.add_middleware(
+        ObservabilityMiddleware,
+        metrics=app.state.metrics,
+        log_content=settings.streamsvc_log_content,
     )
     return app
 

@@ -7,12 +7,12 @@ no sub-command is given).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 import anyio
 
+from .observability import configure_logging
 from .settings import Settings, SettingsError, load_settings
 
 
@@ -41,10 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _with_overrides(load_settings(), args.host, args.port)
-        logging.basicConfig(
-            level=settings.streamsvc_log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(settings)
         from .server import serve
 
         anyio.run(serve, settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -55,6 +55,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_keepalive_seconds: Seconds = 15.0
     streamsvc_shutdown_grace_seconds: Seconds = 10.0
     streamsvc_log_level: str = "info"
+    #: ``text`` (readable; the default) or ``json`` (one object per line, for collectors).
+    streamsvc_log_format: Literal["text", "json"] = "text"
+    #: Log chat content at debug level; never by default.
+    streamsvc_log_content: bool = False
 
     # --- chat upstream timeouts -------------------------------------------------
     streamsvc_connect_timeout_seconds: Seconds = 10.0

@@ -1,0 +1,382 @@
+"""Observability: request ids, the access log, Prometheus metrics, log format.
+
+``ObservabilityMiddleware`` (pure ASGI: it only watches ``send``, so streams
+pass through unbuffered) gives every HTTP request an id -- the caller's
+``X-Request-ID`` when it is 1-128 characters of ``[A-Za-z0-9._-]``, else a
+new one -- and returns it as ``X-Request-ID``. When the response is over it
+writes one access-log record to the ``streamsvc.access`` logger (method,
+path, route, status, duration_ms, request_id, bytes_sent, streamed, and the
+facts below when known) and updates the metrics served at ``GET /metrics``.
+Message content and secrets are never in it; with ``STREAMSVC_LOG_CONTENT``
+the chat answer is logged separately, at debug level.
+
+Endpoints record what only they know on this request's ``RequestFacts``
+(also at ``request.state.facts``), without knowing who reads it::
+
+    source = observe_chat(backend.stream(params))  # time to first token + usage
+    current().execution(result.exit_code, result.ok)
+
+``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
+(the default, for people) or ``json`` (one object per line, for collectors);
+a record's ``fields`` extra is merged into the object (or appended as JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import msgspec
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .settings import Settings
+
+access_log = logging.getLogger("streamsvc.access")
+content_log = logging.getLogger("streamsvc.content")
+
+T = TypeVar("T")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ERROR_PEEK_BYTES = 8192
+
+
+class RequestFacts(msgspec.Struct):
+    """What one request's endpoint learned, for the access log and the metrics."""
+
+    request_id: str = ""
+    started: float = 0.0  # time.perf_counter() when the request arrived
+    log_content: bool = False
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    exit_code: int | None = None
+    ok: bool | None = None
+
+    def first_token(self) -> None:
+        """Mark the first token's arrival (only the first call counts)."""
+        if self.ttft_ms is None:
+            self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
+
+    def tokens(self, usage: Any) -> None:
+        """Record token counts from anything with ``prompt_tokens`` etc. attributes."""
+        self.prompt_tokens = getattr(usage, "prompt_tokens", None)
+        self.completion_tokens = getattr(usage, "completion_tokens", None)
+        self.total_tokens = getattr(usage, "total_tokens", None)
+
+    def execution(self, exit_code: int | None, ok: bool) -> None:
+        self.exit_code = exit_code
+        self.ok = ok
+
+
+_current: ContextVar[RequestFacts | None] = ContextVar("streamsvc_request_facts", default=None)
+
+
+def current() -> RequestFacts:
+    """This request's facts; a detached throwaway outside a request."""
+    facts = _current.get()
+    return facts if facts is not None else RequestFacts(started=time.perf_counter())
+
+
+async def observe_chat(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Pass a ``ChatBackend`` stream through, recording first token and usage.
+
+    A backend's first item arrives with the upstream's first token (see
+    ``ChatBackend``); an item with a non-None ``usage`` carries the counts.
+    """
+    facts = current()
+    try:
+        async for item in source:
+            facts.first_token()
+            usage = getattr(item, "usage", None)
+            if usage is not None:
+                facts.tokens(usage)
+            if facts.log_content and hasattr(item, "usage"):
+                content_log.debug(
+                    "chat answer",
+                    extra={"fields": {"request_id": facts.request_id, "content": item}},
+                )
+            yield item
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The app's Prometheus registry (one per app, no process-wide state)."""
+
+    def __init__(self, state: Any) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "streamsvc_requests",
+            "HTTP requests by route and status code",
+            ["route", "code"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "streamsvc_errors",
+            "Failed requests by route, status code and error code (streams that ended "
+            "with an error event count with their 200)",
+            ["route", "code", "error"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "streamsvc_request_duration_seconds",
+            "Time from request to the end of the response (whole stream)",
+            ["route"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "streamsvc_time_to_first_token_seconds",
+            "Time from request to the upstream's first token",
+            ["route"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "streamsvc_chat_tokens",
+            "Chat tokens reported by the upstream",
+            ["kind"],
+            registry=registry,
+        )
+
+        def gauge(name: str, documentation: str, read: Callable[[], float]) -> None:
+            Gauge(name, documentation, registry=registry).set_function(read)
+
+        def admission(attribute: str) -> Callable[[], float]:
+            def read() -> float:
+                control = getattr(getattr(state, "sandbox", None), "admission", None)
+                if control is None:
+                    return 0.0
+                value = getattr(control, attribute)
+                return float(len(value) if attribute == "queue" else value)
+
+            return read
+
+        gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(state.streams.active))
+        gauge("streamsvc_active_runs", "Connector runs executing", admission("running"))
+        gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admission("queue"))
+
+    def observe(
+        self, route: str, status: int, error: str | None, duration: float, facts: RequestFacts
+    ) -> None:
+        code = str(status)
+        self.requests.labels(route, code).inc()
+        if error is not None or status >= 400:
+            self.errors.labels(route, code, error or f"http_{status}").inc()
+        self.duration.labels(route).observe(duration)
+        if facts.ttft_ms is not None:
+            self.ttft.labels(route).observe(facts.ttft_ms / 1000)
+        if facts.prompt_tokens:
+            self.tokens.labels("prompt").inc(facts.prompt_tokens)
+        if facts.completion_tokens:
+            self.tokens.labels("completion").inc(facts.completion_tokens)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---- the middleware ---------------------------------------------------------------------------
+
+
+class _ErrorBody(msgspec.Struct):
+    code: str
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ErrorBody
+
+
+_error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+def error_code(body: bytes, streamed: bool) -> str | None:
+    """The ``error.code`` of a JSON error body, or of a stream's final ``error`` event."""
+    if streamed:
+        if b"event: error" not in body:
+            return None
+        body = body.rpartition(b"data: ")[2].split(b"\n", 1)[0]
+    try:
+        return _error_decoder.decode(body).error.code
+    except msgspec.DecodeError:
+        return None
+
+
+def request_id_from(scope: Scope) -> str:
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            offered = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(offered):
+                return offered
+            break
+    return uuid.uuid4().hex
+
+
+class ObservabilityMiddleware:
+    """Request id in and out, one access-log record and the metrics per HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_content: bool = False) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_content = log_content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = request_id_from(scope)
+        facts = RequestFacts(request_id=request_id, started=started, log_content=self.log_content)
+        scope.setdefault("state", {})["facts"] = facts
+        token = _current.set(facts)
+        status = 0
+        streamed = False
+        sent = 0
+        tail = b""  # an error body, or a stream's last chunk (its error event, if any)
+        header = (b"x-request-id", request_id.encode())
+
+        async def watch(message: Message) -> None:
+            nonlocal status, streamed, sent, tail
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                sent += len(body)
+                if streamed:
+                    if body:
+                        tail = body
+                elif status >= 400 and len(tail) < _ERROR_PEEK_BYTES:
+                    tail += body
+            elif message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
+                headers.append(header)
+                message["headers"] = headers
+                streamed = any(
+                    name == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in headers
+                )
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            _current.reset(token)
+            duration = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            final = status or 500  # no response: the app raised; Starlette answers 500
+            error = error_code(tail, streamed) if tail else None
+            self.metrics.observe(route, final, error, duration, facts)
+            access_log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                final,
+                extra={
+                    "fields": _access_fields(
+                        scope, route, final, duration, facts, sent, streamed, error
+                    )
+                },
+            )
+
+
+def _access_fields(
+    scope: Scope,
+    route: str,
+    status: int,
+    duration: float,
+    facts: RequestFacts,
+    sent: int,
+    streamed: bool,
+    error: str | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "route": route,
+        "status": status,
+        "duration_ms": round(duration * 1000, 3),
+        "request_id": facts.request_id,
+        "bytes_sent": sent,
+        "streamed": streamed,
+    }
+    if error is not None:
+        fields["error"] = error
+    for name in ("ttft_ms", "prompt_tokens", "completion_tokens", "total_tokens", "exit_code"):
+        value = getattr(facts, name)
+        if value is not None:
+            fields[name] = value
+    if facts.ok is not None:
+        fields["ok"] = facts.ok
+    return fields
+
+
+# ---- log formatting ---------------------------------------------------------------------------
+
+_json = msgspec.json.Encoder()
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, the ``fields`` extra, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        payload: dict[str, Any] = {
+            "ts": stamp.replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            payload.update(fields)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return _json.encode(payload).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, with a record's ``fields`` appended as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line += " " + _json.encode(fields).decode()
+        return line
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logger: level and format from the settings, one stream handler."""
+    handler = logging.StreamHandler()
+    json_format = settings.streamsvc_log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
+    logging.basicConfig(level=settings.streamsvc_log_level.upper(), handlers=[handler], force=True)
