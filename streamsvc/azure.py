@@ -63,7 +63,7 @@ def retry_after(headers: Any) -> float | None:
     return None
 
 
-def translate(exc: Exception) -> ServiceError:
+def translate(exc: Exception, *, streaming: bool = False) -> ServiceError:
     """Map an SDK error to ours; never copies request headers (the key) anywhere."""
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -89,6 +89,8 @@ def translate(exc: Exception) -> ServiceError:
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamTimeout("the chat upstream did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
+        if streaming:  # the SDK wraps a connection lost mid-body the same way
+            return UpstreamError("the chat upstream broke off the stream")
         return UpstreamError("the chat upstream is unreachable", code="upstream_unreachable")
     return UpstreamError("the chat upstream failed")
 
@@ -140,10 +142,11 @@ class AzureChatBackend:
             arguments["temperature"] = params.temperature
         return arguments
 
-    async def _open(self, arguments: dict[str, Any]) -> AsyncStream[ChatCompletionChunk]:
-        budget = self._settings.streamsvc_retry_max_wait_seconds
-        waited = 0.0
-        attempt = 0
+    async def _open(
+        self, arguments: dict[str, Any], deadline: float
+    ) -> AsyncStream[ChatCompletionChunk]:
+        """Open the upstream stream, retrying 429/5xx/connection errors within the budget."""
+        waited, attempt = 0.0, 0
         while True:
             try:
                 stream: AsyncStream[
@@ -152,58 +155,77 @@ class AzureChatBackend:
                 return stream
             except openai.APIError as exc:
                 error = translate(exc)
-                if not _retryable(exc) or attempt >= self._settings.streamsvc_max_retries:
-                    raise error from exc
-                wait = error.retry_after
+                wait = self._retry_wait(exc, error, attempt, waited, deadline)
                 if wait is None:
-                    wait = _BACKOFF_BASE * 2**attempt
-                if waited + wait > budget:
                     raise error from exc
                 log.info("upstream %s; retrying in %.2fs", error.code, wait)
                 await anyio.sleep(wait)
-                waited += wait
-                attempt += 1
+                waited, attempt = waited + wait, attempt + 1
+
+    def _retry_wait(
+        self, exc: Exception, error: ServiceError, attempt: int, waited: float, deadline: float
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or ``None`` to give up with ``error``."""
+        if not _retryable(exc) or attempt >= self._settings.streamsvc_max_retries:
+            return None
+        wait = error.retry_after
+        if wait is None:
+            wait = _BACKOFF_BASE * 2**attempt
+        over_budget = waited + wait > self._settings.streamsvc_retry_max_wait_seconds
+        if over_budget or anyio.current_time() + wait >= deadline:
+            if isinstance(error, UpstreamRateLimited) and error.retry_after is None:
+                error.retry_after = wait  # tell the client what we would have waited
+            return None
+        return wait
 
     async def stream(self, params: ChatParams) -> AsyncIterator[ChatDelta | ChatResult]:
         settings = self._settings
-        arguments = self._arguments(params)
         deadline = anyio.current_time() + settings.streamsvc_first_token_timeout_seconds
         with anyio.CancelScope(deadline=deadline) as scope:
-            upstream = await self._open(arguments)
+            upstream = await self._open(self._arguments(params), deadline)
         if scope.cancelled_caught:
-            raise UpstreamTimeout("no first token from the chat upstream in time")
+            raise UpstreamTimeout(_LATE)
         result = ChatResult(
             id="", model=params.deployment, content="", finish_reason=None, usage=None
         )
         parts: list[str] = []
-        got_token = False
         chunks = upstream.__aiter__()
         try:
             while True:
-                if got_token:
+                if parts or result.finish_reason:  # past the first token: idle timeout
                     deadline = anyio.current_time() + settings.streamsvc_idle_timeout_seconds
-                with anyio.CancelScope(deadline=deadline) as scope:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    except openai.APIError as exc:
-                        raise translate(exc) from exc
-                if scope.cancelled_caught:
-                    if got_token:
-                        raise UpstreamTimeout("the chat upstream went silent mid-stream")
-                    raise UpstreamTimeout("no first token from the chat upstream in time")
+                    silent = _SILENT
+                else:
+                    silent = _LATE
+                chunk = await _next_chunk(chunks, deadline, silent)
+                if chunk is None:
+                    break
                 for content in _absorb(chunk, result):
-                    got_token = True
                     parts.append(content)
                     yield ChatDelta(content)
-                if result.finish_reason is not None and not got_token:
-                    got_token = True
         finally:
             with anyio.CancelScope(shield=True):
                 await upstream.close()
         result.content = "".join(parts)
         yield result
+
+
+_LATE = "no first token from the chat upstream in time"
+_SILENT = "the chat upstream went silent mid-stream"
+
+
+async def _next_chunk(
+    chunks: AsyncIterator[ChatCompletionChunk], deadline: float, timeout_message: str
+) -> ChatCompletionChunk | None:
+    """The next upstream chunk, ``None`` at the end; errors and the deadline become ours."""
+    with anyio.CancelScope(deadline=deadline):
+        try:
+            return await anext(chunks)
+        except StopAsyncIteration:
+            return None
+        except openai.APIError as exc:
+            raise translate(exc, streaming=True) from exc
+    raise UpstreamTimeout(timeout_message)
 
 
 def _absorb(chunk: ChatCompletionChunk, result: ChatResult) -> list[str]:

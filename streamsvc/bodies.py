@@ -8,7 +8,7 @@ the wrong shape is a 422 ``validation_error`` carrying the JSON path, e.g.
 from __future__ import annotations
 
 import re
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 _POSITION = re.compile(r"\(byte (\d+)\)")
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`")
 
 
 class JsonDecoder(Generic[T]):
@@ -33,20 +34,28 @@ class JsonDecoder(Generic[T]):
         except msgspec.ValidationError as exc:
             raise _validation_failed(str(exc)) from None
         except msgspec.DecodeError as exc:
-            raise _malformed(str(exc)) from None
+            raise _malformed(str(exc), len(body)) from None
+        except RecursionError:  # nesting deeper than the decoder follows
+            raise RequestError(
+                "the JSON body is nested too deeply", code="too_deeply_nested", path="$"
+            ) from None
 
 
 def _validation_failed(message: str) -> ValidationFailed:
     match = _PATH.search(message)
     path = match.group(1) if match else "$"
     text = message[: match.start()] if match else message
+    unknown = _UNKNOWN.match(text)
+    if unknown:  # point at the field itself, not at the object holding it
+        path = f"{path}.{unknown.group(1)}"
     return ValidationFailed(text, path=path)
 
 
-def _malformed(message: str) -> RequestError:
+def _malformed(message: str, size: int) -> RequestError:
+    """400 with the byte position; truncated input is wrong at its end."""
     match = _POSITION.search(message)
-    details: dict[str, Any] | None = {"position": int(match.group(1))} if match else None
-    return RequestError(message, code="malformed_json", path="$", details=details)
+    position = int(match.group(1)) if match else size
+    return RequestError(message, code="malformed_json", path="$", details={"position": position})
 
 
 async def read_body(request: Request, limit: int) -> bytes:

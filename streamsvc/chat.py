@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal, Protocol
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import sse
@@ -156,11 +156,14 @@ async def chat_endpoint(request: Request) -> Response:
             code="chat_not_configured",
         )
     params = params_for(body, settings)
-    if not wants_stream(request, body.stream):
-        result = await collect(backend.stream(params))
-        return Response(_result_encoder.encode(result), media_type="application/json")
-    events = _events(backend.stream(params))
-    first = await sse.start(events)
+    try:
+        if not wants_stream(request, body.stream):
+            result = await sse.unless_disconnected(request, collect(backend.stream(params)))
+            return Response(_result_encoder.encode(result), media_type="application/json")
+        events = _events(backend.stream(params))
+        first = await sse.unless_disconnected(request, sse.start(events))
+    except ClientDisconnect:
+        return Response(status_code=499)  # nobody is listening any more
     return sse.event_response(
         first, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
     )

@@ -11,13 +11,14 @@ the server stops, every open stream is interrupted and ends with an
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ErrorEnvelope, ServiceError
 
@@ -28,6 +29,7 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SEP = "\n"
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -93,7 +95,7 @@ async def _pump(
         nonlocal event_id
         event_id += 1
         data = _encoder.encode(event.data).decode()
-        return ServerSentEvent(data=data, event=event.name, id=str(event_id))
+        return ServerSentEvent(data=data, event=event.name, id=str(event_id), sep=_SEP)
 
     registry.opened()
     try:
@@ -142,6 +144,36 @@ async def start(source: AsyncIterator[T]) -> T | None:
         raise
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client hangs up first (``ClientDisconnect``).
+
+    For the time before a response starts (the first event, or a whole JSON
+    answer), when nothing else listens for the client: its upstream call or
+    container is then released at once instead of at its own timeout. The
+    request body must have been read already.
+    """
+    done: list[T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            done.append(await work)
+        except Exception as exc:  # re-raised below as itself, not in an ExceptionGroup
+            failure = exc
+        tasks.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not done:
+        raise ClientDisconnect()
+    return done[0]
+
+
 def event_response(
     first: Event | None,
     source: AsyncIterator[Event],
@@ -153,5 +185,5 @@ def event_response(
         _pump(first, source, registry),
         headers={**SSE_HEADERS, **(headers or {})},
         ping=keepalive,
-        sep="\n",
+        sep=_SEP,
     )

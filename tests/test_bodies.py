@@ -1,0 +1,114 @@
+"""Request bodies: malformed JSON (400 with a position) and the size cap (413).
+
+Through the real server, except the decoder's error translation, which is
+checked directly on the cases that are awkward to send over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import msgspec
+import pytest
+
+from streamsvc.bodies import JsonDecoder
+from streamsvc.errors import RequestError, ValidationFailed
+from tests.fake_azure import FakeAzure
+from tests.harness import ServerProcess
+
+HEADERS = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "position"),
+    [
+        (b'{"messages": [}', 14),
+        (b'{"messages": [', 14),  # truncated: wrong at its end
+        (b"", 0),
+        (b'{"messages": [{"role": "user", "content": "x"}]} and more', 50),
+        (b"\xff", 0),
+    ],
+    ids=["bad-character", "truncated", "empty", "trailing", "not-utf8"],
+)
+async def test_malformed_json_is_400_with_the_byte_position(
+    server: ServerProcess,
+    azure: FakeAzure,
+    client: httpx.AsyncClient,
+    raw: bytes,
+    position: int,
+) -> None:
+    response = await client.post(server.url + "/chat", content=raw, headers=HEADERS)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == "malformed_json"
+    assert error["path"] == "$"
+    assert error["details"] == {"position": position}
+    assert azure.requests == []
+
+
+async def test_a_declared_length_over_the_cap_is_413_before_the_body_is_sent(
+    server: ServerProcess, azure: FakeAzure
+) -> None:
+    # A raw socket: announce 5 MB (the default cap is 4 MiB), send a few bytes, read.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            b"POST /chat HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+            b"content-length: 5000000\r\n\r\n" + b'{"messages": [{"role": "user", "content": "'
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        length = re.search(rb"content-length: (\d+)", head.lower())
+        assert length is not None
+        body = json.loads(await asyncio.wait_for(reader.readexactly(int(length[1])), 10))
+    finally:
+        writer.close()
+    assert body["error"]["code"] == "payload_too_large"
+    assert azure.requests == []
+
+
+async def test_a_chunked_body_over_the_cap_is_413_before_it_is_all_read(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_MAX_BODY_BYTES="1000")
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
+        nonlocal sent
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(3):
+            sent += 600
+            yield b"y" * 600
+        yield b'"}]}'
+
+    response = await client.post(server.url + "/chat", content=chunks(), headers=HEADERS)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    small = {"messages": [{"role": "user", "content": "y" * 900}]}
+    assert (await client.post(server.url + "/chat", json=small)).status_code == 200
+    assert len(azure.requests) == 1
+
+
+def test_decoder_translates_errors_into_ours() -> None:
+    class Body(msgspec.Struct, forbid_unknown_fields=True):
+        items: list[int]
+
+    decoder = JsonDecoder(Body)
+    assert decoder.decode_body(b'{"items": [1, 2]}') == Body([1, 2])
+    with pytest.raises(ValidationFailed) as wrong:
+        decoder.decode_body(b'{"items": [1, "2"]}')
+    assert (wrong.value.status, wrong.value.path) == (422, "$.items[1]")
+    with pytest.raises(ValidationFailed) as unknown:
+        decoder.decode_body(b'{"items": [], "other": 1}')
+    assert unknown.value.path == "$.other"
+    with pytest.raises(RequestError) as malformed:
+        decoder.decode_body(b'{"items": [1,,]}')
+    assert not isinstance(malformed.value, ValidationFailed)
+    assert (malformed.value.status, malformed.value.code) == (400, "malformed_json")
+    assert malformed.value.details == {"position": 13}

@@ -1,0 +1,78 @@
+"""SSE plumbing on the real socket: wire format, headers, keep-alives, disconnects."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.fake_azure import FakeAzure, Reply
+from tests.harness import ServerProcess, read_sse
+
+STREAM = {"messages": [{"role": "user", "content": "Hello"}], "stream": True}
+
+
+async def test_events_are_framed_with_increasing_ids_and_one_json_data_line(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    azure.push(Reply(text_chunks=["a\nb", "c"]))
+    async with client.stream("POST", server.url + "/chat", json=STREAM) as response:
+        raw = (await response.aread()).decode()
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    blocks = [b for b in raw.split("\n\n") if b and not b.startswith(":")]
+    assert blocks[0] == 'id: 1\nevent: delta\ndata: {"content":"a\\nb"}'
+    assert blocks[1] == 'id: 2\nevent: delta\ndata: {"content":"c"}'
+    assert blocks[2].startswith('id: 3\nevent: done\ndata: {"id":"chatcmpl-')
+    assert len(blocks) == 3
+
+
+async def test_keepalive_comments_flow_while_the_upstream_is_silent(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    # Keep-alive every 0.5 s; 1.5 s of upstream silence between the two chunks.
+    azure.push(Reply(text_chunks=["slow", " reply"], chunk_delay=1.5))
+    response = await read_sse(client, server.url + "/chat", STREAM)
+    assert [e.event for e in response.events] == ["delta", "delta", "done"]
+    assert response.events[1].at - response.events[0].at > 1.2
+    assert len(response.comments) >= 2
+    assert all(c.startswith("ping") for c in response.comments)
+
+
+async def test_no_keepalive_noise_on_a_fast_stream(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    azure.push(Reply(text_chunks=["quick"]))
+    response = await read_sse(client, server.url + "/chat", STREAM)
+    assert response.last.event == "done"
+    assert response.comments == []
+
+
+async def test_a_client_leaving_mid_stream_closes_the_upstream_request_promptly(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    # 20 chunks 0.3 s apart: the upstream never goes idle, so only the hang-up ends it.
+    azure.push(Reply(text_chunks=["tick "] * 20, chunk_delay=0.3))
+    response = await read_sse(client, server.url + "/chat", STREAM, stop_after=2)
+    left = time.monotonic()
+    assert [e.event for e in response.events] == ["delta", "delta"]
+    assert await azure.await_disconnect(within=2)
+    assert time.monotonic() - left < 2
+    assert azure.open_streams == 0
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_a_client_leaving_before_the_first_token_closes_the_upstream_request(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient, stream: bool
+) -> None:
+    azure.push(Reply(text_chunks=["late"] * 5, chunk_delay=2.5))
+    body = {**STREAM, "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(server.url + "/chat", json=body, timeout=0.5)
+    left = time.monotonic()
+    # Well before the server's own 3 s first-token timeout would have closed it.
+    assert await azure.await_disconnect(within=2)
+    assert time.monotonic() - left < 2
