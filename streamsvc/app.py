@@ -19,13 +19,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .chat import chat_endpoint
 from .errors import ErrorEnvelope, ServiceError, Unauthorized
 from .execute import execute_endpoint
 from .observability import Metrics, ObservabilityMiddleware, metrics_endpoint
+from .openapi import openapi_endpoint
+from .pages import docs, playground, static_files
 from .settings import Settings
 from .sse import StreamRegistry
 
@@ -138,6 +140,10 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
+            Route("/", playground, methods=["GET"]),
+            Route("/docs", docs, methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+            Mount("/static", app=static_files(), name="static"),
         ],
         exception_handlers={
             ServiceError: _service_error,

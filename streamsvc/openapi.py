@@ -1,0 +1,283 @@
+"""The OpenAPI 3.1 document, generated from the msgspec types.
+
+Request bodies, answers and error bodies are the structs the routes decode and
+encode (``msgspec.json.schema_components``), so the document cannot drift from
+the code. Streams have no native OpenAPI form: a streamed answer is described
+as ``text/event-stream`` whose schema is one SSE frame (``{event, id, data}``
+with ``data`` decoded from JSON, one ``oneOf`` branch per event name), and the
+extension ``x-sse-events`` maps each event name to the schema of its data.
+Errors are ``{"error": {code, message, path, details}}`` under every status a
+route can answer with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .chat import ChatDelta, ChatRequest, ChatResult
+from .connector import ConnectorCore, ExecuteRequest
+from .errors import ErrorEnvelope
+from .sandbox import Status
+from .transcript import ExecutionResult
+
+REF = "#/components/schemas/{name}"
+
+
+class OutputText(msgspec.Struct):
+    """The data of a ``stdout`` or ``stderr`` event: a chunk as the program wrote it."""
+
+    text: str
+
+
+class HealthReport(msgspec.Struct):
+    """GET /health: ``ok`` when every component is ready, else ``degraded``."""
+
+    status: Literal["ok", "degraded"]
+    #: ``chat`` ({state, deployment}) and ``sandbox`` ({state, image, running, queued}).
+    components: dict[str, dict[str, Any]]
+
+
+_TYPES = (
+    ChatRequest,
+    ChatResult,
+    ChatDelta,
+    ExecuteRequest,
+    ConnectorCore,
+    ExecutionResult,
+    Status,
+    OutputText,
+    ErrorEnvelope,
+    HealthReport,
+)
+
+CHAT_EVENTS = {
+    "delta": ("ChatDelta", "One content delta, in order."),
+    "done": ("ChatResult", "The last event: exactly the JSON answer."),
+    "error": ("ErrorEnvelope", "The last event when the stream failed after the headers."),
+}
+EXECUTE_EVENTS = {
+    "status": ("Status", "One per phase: validated, queued, installing_dependencies, ..."),
+    "stdout": ("OutputText", "A chunk of the program's standard output, live."),
+    "stderr": ("OutputText", "A chunk of the program's standard error, live."),
+    "done": ("ExecutionResult", "The last event: exactly the JSON answer."),
+    "error": ("ErrorEnvelope", "The last event when the run could not finish."),
+}
+
+#: Every error a route can answer with, by status.
+ERRORS = {
+    "400": "Malformed JSON (`malformed_json`) or a request that cannot be served as asked.",
+    "401": "A valid API key is required (`unauthorized`), when the server has keys.",
+    "413": "The body is larger than STREAMSVC_MAX_BODY_BYTES (`payload_too_large`).",
+    "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
+    "429": "Too many requests (`busy`, `upstream_rate_limited`); see Retry-After.",
+    "500": "An unexpected failure (`internal_error`, `sandbox_failed`).",
+    "502": "The chat upstream failed (`upstream_error`, `upstream_auth`).",
+    "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
+    "504": "The chat upstream did not answer in time (`upstream_timeout`).",
+}
+CHAT_ERRORS = ("400", "401", "413", "422", "429", "500", "502", "503", "504")
+EXECUTE_ERRORS = ("400", "401", "413", "422", "429", "500", "503")
+
+_CONNECTOR_NOTE = (
+    "The connector definition. `runtime`, `files` and `configuration` are read "
+    "by the engine (see the Connector schema); any other top-level key (`auth`, "
+    "`schemaVersion`, `displayName`, ...) is kept and visible to the program. "
+    "`runtime.dependencies` is an array of `{name, version}`, an array of strings "
+    "or an object map of name to version. Validation problems are a 400 whose "
+    "`details.problems` lists every one."
+)
+
+_VERSION = {"type": "string", "description": "A PEP 440 version or specifier."}
+_DEPENDENCIES = {
+    "description": (
+        "Packages installed before the entry point runs (PEP 508 names; no pip "
+        "options, URLs or paths). Three forms, as in the original contract."
+    ),
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "version": _VERSION},
+                "required": ["name"],
+            },
+        },
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": _VERSION},
+        {"type": "null"},
+    ],
+    "default": None,
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def _frame(events: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The schema of one SSE frame, one branch per event name."""
+    return {
+        "description": (
+            "One Server-Sent Event: `event:` is its name, `id:` increases by one per "
+            "event, `data:` is one JSON document (shown decoded). Comment lines are "
+            "keep-alives."
+        ),
+        "oneOf": [
+            {
+                "type": "object",
+                "description": description,
+                "properties": {
+                    "event": {"const": name},
+                    "id": {"type": "string", "pattern": "^[0-9]+$"},
+                    "data": _ref(schema),
+                },
+                "required": ["event", "data"],
+            }
+            for name, (schema, description) in events.items()
+        ],
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
+    return {status: _json(_ref("ErrorEnvelope"), ERRORS[status]) for status in statuses}
+
+
+def _streaming_post(
+    summary: str,
+    description: str,
+    body: str,
+    answer: str,
+    frame: str,
+    events: dict[str, tuple[str, str]],
+    errors: tuple[str, ...],
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(body)}},
+            },
+            "responses": {
+                "200": {
+                    "description": (
+                        "JSON, or a stream when `stream` is true (or, with `stream` "
+                        "absent, when Accept asks for text/event-stream)."
+                    ),
+                    "content": {
+                        "application/json": {"schema": _ref(answer)},
+                        "text/event-stream": {
+                            "schema": _ref(frame),
+                            "x-sse-events": {
+                                name: {"description": text, "schema": _ref(schema)}
+                                for name, (schema, text) in events.items()
+                            },
+                        },
+                    },
+                },
+                **_errors(errors),
+            },
+        }
+    }
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The whole document; built once per process."""
+    _, components = msgspec.json.schema_components(_TYPES, ref_template=REF)
+    components["Connector"] = components.pop("ConnectorCore")
+    components["Connector"].update(title="Connector", additionalProperties=True)
+    components["ExecuteRequest"]["properties"]["connector"] = {
+        **_ref("Connector"),
+        "description": _CONNECTOR_NOTE,
+    }
+    components["Runtime"]["properties"]["dependencies"] = _DEPENDENCIES
+    components["ChatStreamEvent"] = _frame(CHAT_EVENTS)
+    components["ExecuteStreamEvent"] = _frame(EXECUTE_EVENTS)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "streamsvc",
+            "version": _version(),
+            "description": (
+                "Streaming chat completions (Azure OpenAI) and connectors run in "
+                "locked-down Docker containers. Both stream Server-Sent Events when "
+                "asked and answer plain JSON otherwise. The playground is at `/`."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/health": {
+                "get": {
+                    "summary": "Health of the service and its components",
+                    "responses": {"200": _json(_ref("HealthReport"), "The health report.")},
+                }
+            },
+            "/chat": _streaming_post(
+                "Chat completion, streamed token by token",
+                "Forwards the messages to the configured Azure OpenAI deployment "
+                "(`model` picks another deployment).",
+                "ChatRequest",
+                "ChatResult",
+                "ChatStreamEvent",
+                CHAT_EVENTS,
+                CHAT_ERRORS,
+            ),
+            "/execute-connector": _streaming_post(
+                "Run a connector in a fresh sandbox, streaming its output",
+                "Validates the connector completely before any container exists, "
+                "then runs its entry point with the dependencies installed. The "
+                "answer's `result` is the last JSON object line of stdout.",
+                "ExecuteRequest",
+                "ExecutionResult",
+                "ExecuteStreamEvent",
+                EXECUTE_EVENTS,
+                EXECUTE_ERRORS,
+            ),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI 3.1 document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamsvc")
+    except PackageNotFoundError:
+        return "0"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    return Response(_encoder.encode(openapi_document()), media_type="application/json")

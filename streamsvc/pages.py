@@ -1,0 +1,43 @@
+"""The browser-facing routes: the playground at ``/`` and the API docs at ``/docs``.
+
+Both are static files shipped in the package (``streamsvc/static``; plain
+JavaScript, no build step, no CDN) and served with a Content-Security-Policy
+that allows this origin only, so a page can neither load nor send anything
+elsewhere. ``/static`` serves the rest of the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=STATIC_DIR)
+
+
+def _page(name: str) -> Response:
+    return FileResponse(STATIC_DIR / name, media_type="text/html", headers=_HEADERS)
+
+
+async def playground(request: Request) -> Response:
+    return _page("index.html")
+
+
+async def docs(request: Request) -> Response:
+    return _page("docs.html")
