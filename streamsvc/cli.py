@@ -1,7 +1,8 @@
 """The ``streamsvc`` command (also ``python -m streamsvc``).
 
 ``streamsvc serve [--host H] [--port P]`` starts the server (the default when
-no sub-command is given).
+no sub-command is given). ``streamsvc run CONNECTOR.json`` and ``streamsvc chat
+"prompt"`` are the client of a running server (``streamsvc.client``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from . import client
 from .observability import configure_logging
 from .settings import Settings, SettingsError, load_settings
 
@@ -23,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     for target in (parser, serve):
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
+    client.add_commands(commands)
     return parser
 
 
@@ -39,6 +42,11 @@ def _with_overrides(settings: Settings, host: str | None, port: int | None) -> S
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in client.COMMANDS:
+        try:
+            return client.main(args)
+        except KeyboardInterrupt:
+            return 130
     try:
         settings = _with_overrides(load_settings(), args.host, args.port)
         configure_logging(settings)

@@ -16,7 +16,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-__all__ = ["Settings", "SettingsError", "load_settings", "read_dotenv"]
+__all__ = [
+    "ClientSettings",
+    "Settings",
+    "SettingsError",
+    "load_client_settings",
+    "load_settings",
+    "read_dotenv",
+]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65_535)]
@@ -98,6 +105,27 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     @property
     def ca_bundle(self) -> str | None:
         return self.streamsvc_sandbox_ca_bundle or None
+
+
+class ClientSettings(msgspec.Struct, frozen=True, rename="upper"):
+    """The command-line client's defaults (``streamsvc run`` and ``streamsvc chat``)."""
+
+    streamsvc_url: str = "http://127.0.0.1:8000"
+    streamsvc_api_key: str | None = None
+
+
+def load_client_settings(
+    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+) -> ClientSettings:
+    """The client's settings from ``.env`` overlaid by the environment."""
+    merged = read_dotenv(dotenv) if dotenv is not None else {}
+    merged.update(os.environ if environ is None else environ)
+    names = {f.encode_name for f in msgspec.structs.fields(ClientSettings)}
+    raw = {key: value for key, value in merged.items() if key in names and value}
+    settings = msgspec.convert(raw, ClientSettings)
+    if not settings.streamsvc_url.startswith(("http://", "https://")):
+        raise SettingsError("invalid setting STREAMSVC_URL: expected an http(s) URL")
+    return settings
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
