@@ -7,6 +7,8 @@
 #   ensure_image [--force]  the sandbox image $SANDBOX_IMAGE matches the repo
 #                         (--force: rebuild from scratch, bypassing all caches)
 #   ensure_all            the three above, in that order, one line per step
+#   ensure_browser        Debian's chromium and playwright-core in tests/browser
+#                         (scripts/test only; never downloads a browser)
 #
 # Environment:
 #   PYTHON                    interpreter for a new .venv (default python3, >= 3.11)
@@ -14,6 +16,8 @@
 #   SANDBOX_BUILD             auto (default) | dockerfile | debootstrap
 #   SANDBOX_DEBIAN_MIRROR     mirror for debootstrap (default http://deb.debian.org/debian)
 #   STREAMSVC_SKIP_DOCKER=1   ensure_all skips the engine and the image
+#   STREAMSVC_SKIP_BROWSER=1  ensure_browser does nothing (the browser tests skip)
+#   CHROMIUM                  browser binary (default /usr/bin/chromium)
 #
 # Everything is idempotent, and the slow paths take a lock, so scripts/run and
 # scripts/test may start at the same time.
@@ -373,6 +377,50 @@ ensure_image() {
     _unlock
     size=$(docker image inspect -f '{{.Size}}' "$SANDBOX_IMAGE" | numfmt --to=iec-i --suffix=B)
     _step image "$t0" "built $SANDBOX_IMAGE ($method, $size, version $version)"
+}
+
+# ---------------------------------------------------------------- browser
+
+BROWSER_DIR=$STREAMSVC_ROOT/tests/browser
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+
+_node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+
+ensure_browser() {
+    local t0 what="" stamp=$BROWSER_DIR/node_modules/.streamsvc-installed
+    local -a pkgs=()
+    t0=$(_now_ms)
+    if [[ -n ${STREAMSVC_SKIP_BROWSER:-} ]]; then
+        echo "browser: skipped (STREAMSVC_SKIP_BROWSER is set)"
+        return 0
+    fi
+    [[ -x $CHROMIUM ]] || pkgs+=(chromium)
+    command -v npm >/dev/null || pkgs+=(nodejs npm)
+    if ((${#pkgs[@]})); then
+        if ((EUID != 0)) || [[ ! -r /etc/debian_version ]]; then
+            _die "the browser tests need ${pkgs[*]}: install them (Debian: apt-get install" \
+                "${pkgs[*]}) or set STREAMSVC_SKIP_BROWSER=1"
+        fi
+        _lock /tmp/streamsvc-browser.lock
+        _apt_install "${pkgs[@]}"
+        _unlock
+        what+="installed ${pkgs[*]}, "
+    fi
+    (($(_node_major) >= 20)) ||
+        _die "playwright-core needs node >= 20 (found $(node --version 2>/dev/null || echo none))"
+    if [[ ! -e $stamp || $BROWSER_DIR/package-lock.json -nt $stamp ]]; then
+        _lock /tmp/streamsvc-browser.lock
+        if [[ ! -e $stamp || $BROWSER_DIR/package-lock.json -nt $stamp ]]; then
+            _log "npm ci in tests/browser (log: $STREAMSVC_LOG_DIR/streamsvc-npm.log)"
+            _run_logged npm env PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
+                npm ci --prefix "$BROWSER_DIR" --no-audit --no-fund
+            touch "$stamp"
+            what+="npm ci, "
+        fi
+        _unlock
+    fi
+    what=${what%, }
+    _step browser "$t0" "$("$CHROMIUM" --version 2>/dev/null), playwright-core${what:+ ($what)}"
 }
 
 # ---------------------------------------------------------------- all

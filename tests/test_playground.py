@@ -1,0 +1,361 @@
+"""The playground and the docs page in a real browser against a real server.
+
+Debian's chromium, driven by tests/browser/driver.mjs (playwright-core; no
+browser download), loads the pages from a real server: the chat panel shows
+tokens from the fake upstream as they arrive, the connector panel shows the
+seed example's live status and output and its final ``{"hello": "world"}``,
+and Stop aborts a long run, whose container then disappears. Screenshots of
+each panel are kept in artifacts/. ``scripts/test`` installs chromium and
+playwright-core; in CI (STREAMSVC_REQUIRE_DOCKER=1) their absence fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.fake_azure import FakeAzure, Reply, unauthorized
+from tests.harness import ROOT, ServerProcess
+
+pytestmark = pytest.mark.browser
+
+BROWSER_DIR = ROOT / "tests" / "browser"
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+class Browser:
+    """The node driver: one JSON command per line in, one JSON reply per line out."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            ["node", str(BROWSER_DIR / "driver.mjs")],
+            cwd=BROWSER_DIR,
+            env={**os.environ, "CHROMIUM": CHROMIUM},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._replies: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._next = 0
+        self.version = self._reply(0, 60)["value"]["version"]
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._replies.put(line)
+        self._replies.put("")
+
+    def _reply(self, expected: int, timeout: float) -> dict[str, Any]:
+        try:
+            line = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the browser driver did not answer within {timeout} s") from None
+        if not line:
+            assert self.process.stderr is not None
+            raise AssertionError(f"the browser driver died:\n{self.process.stderr.read()}")
+        reply: dict[str, Any] = json.loads(line)
+        assert reply["id"] == expected, reply
+        return reply
+
+    def call(self, op: str, reply_within: float = 60, **args: Any) -> Any:
+        self._next += 1
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"id": self._next, "op": op, **args}) + "\n")
+        self.process.stdin.flush()
+        reply = self._reply(self._next, reply_within)
+        if not reply["ok"]:
+            raise AssertionError(f"browser {op} {args}: {reply['error']}")
+        return reply["value"]
+
+    def wait(self, expression: str, timeout: float = 30) -> Any:
+        return self.call(
+            "wait_function", timeout + 10, expression=expression, timeout=timeout * 1000
+        )
+
+    def state(self, panel: str) -> str:
+        return str(
+            self.call("eval", expression=f"document.getElementById('{panel}').dataset.state")
+        )
+
+    def wait_state(self, panel: str, states: tuple[str, ...], timeout: float = 30) -> str:
+        wanted = json.dumps(list(states))
+        self.wait(f"{wanted}.includes(document.getElementById('{panel}').dataset.state)", timeout)
+        return self.state(panel)
+
+    def open(self, url: str) -> None:
+        self.call("goto", url=url)
+        self.call("wait_for", selector="body[data-ready=true]", state="attached")
+
+    def screenshot(self, name: str, selector: str | None = None) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        self.call("screenshot", path=str(path), **({"selector": selector} if selector else {}))
+        assert path.stat().st_size > 1000
+
+    def close(self) -> None:
+        assert self.process.stdin and self.process.stdout and self.process.stderr
+        try:
+            self.process.stdin.write(json.dumps({"id": -1, "op": "close"}) + "\n")
+            self.process.stdin.close()
+            self.process.wait(20)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def _missing() -> str | None:
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing (scripts/test installs Debian's chromium)"
+    if shutil.which("node") is None:
+        return "node is missing"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is missing in tests/browser (scripts/test runs npm ci)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    missing = _missing()
+    if missing:
+        if os.environ.get("STREAMSVC_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"the browser tests need chromium and playwright-core (CI): {missing}")
+        pytest.skip(missing)
+    driver = Browser()
+    yield driver
+    driver.close()
+
+
+#: Chrome logs every error status as a console error; the tests provoke some on purpose.
+_ANSWERED = re.compile(
+    r"Failed to load resource: the server responded with a status of (4(?!04)|5)"
+)
+
+
+def page_errors(browser: Browser) -> list[str]:
+    """What the page logged as errors, beyond the error statuses the server answered."""
+    return [e for e in browser.call("errors") if not _ANSWERED.search(e)]
+
+
+@pytest.fixture
+def page(browser: Browser, server: ServerProcess) -> Iterator[Browser]:
+    """The playground, freshly loaded; the page must not log errors."""
+    browser.open(server.url + "/")
+    yield browser
+    assert page_errors(browser) == []
+
+
+def _set_connector(page: Browser, connector: dict[str, Any], network: str = "none") -> None:
+    page.call("fill", selector="#run-connector", value=json.dumps(connector, indent=2))
+    page.call("fill", selector="#run-env", value="{}")
+    page.call("fill", selector="#run-overrides", value="{}")
+    page.call("select", selector="#run-network", value=network)
+
+
+def _python_connector(source: str, timeout_ms: int = 60_000) -> dict[str, Any]:
+    return {
+        "runtime": {"language": "python", "entryPoint": "main.py", "timeoutMs": timeout_ms},
+        "files": {"main.py": source},
+    }
+
+
+def _containers(server: ServerProcess) -> list[str]:
+    owner = f"{socket.gethostname()}:{server.process.pid}"
+    result = subprocess.run(
+        [
+            "docker", "ps", "-a", "-q",
+            "--filter", "label=streamsvc.managed=true",
+            "--filter", f"label=streamsvc.owner={owner}",
+        ],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return result.stdout.split()
+
+
+# ---------------------------------------------------------------- chat
+
+
+CHUNKS = ["Streams ", "arrive ", "token ", "by ", "token, ", "as ", "they ", "are ", "made."]
+
+#: Records every text the last assistant bubble shows, with the panel's state.
+RECORD_CHAT = """(() => {
+  window.__seen = [];
+  const log = document.getElementById('chat-log');
+  new MutationObserver(() => {
+    const bubbles = log.querySelectorAll('.message.assistant .text');
+    const last = bubbles[bubbles.length - 1];
+    if (last) window.__seen.push({text: last.textContent, at: performance.now(),
+      state: document.getElementById('chat-panel').dataset.state});
+  }).observe(log, {childList: true, subtree: true, characterData: true});
+})()"""
+
+
+def test_chat_panel_shows_tokens_as_they_arrive(page: Browser, azure: FakeAzure) -> None:
+    azure.push(Reply(text_chunks=CHUNKS, chunk_delay=0.3))
+    page.call("eval", expression=RECORD_CHAT)
+    page.call("fill", selector="#chat-prompt", value="How do streams arrive?")
+    page.call("click", selector="#chat-send")
+    assert page.wait_state("chat-panel", ("done", "error", "stopped")) == "done"
+
+    final = "".join(CHUNKS)
+    bubble = page.call("text", selector="#chat-log .message.assistant:last-child .text")
+    assert bubble == final
+    seen = page.call("eval", expression="window.__seen")
+    partial = [s for s in seen if s["text"] and s["text"] != final]
+    # Text grew piece by piece while the panel was still streaming ...
+    assert all(final.startswith(s["text"]) and s["state"] == "streaming" for s in partial)
+    assert len({s["text"] for s in partial}) >= 4, seen
+    # ... over the time the upstream took, not all at once at the end.
+    first_partial = min(s["at"] for s in partial)
+    first_final = min(s["at"] for s in seen if s["text"] == final)
+    assert first_final - first_partial > 1000, seen
+    meta = page.call("text", selector="#chat-meta")
+    assert "finish: stop" in meta
+
+    sent = azure.requests[-1].body
+    assert sent["stream"] is True
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
+    page.screenshot("playground-chat.png", "#chat-panel")
+
+
+def test_chat_stop_cancels_the_upstream_call(page: Browser, azure: FakeAzure) -> None:
+    azure.push(Reply(text_chunks=["partial ", "answer ", *["more "] * 200], chunk_delay=0.5))
+    page.call("fill", selector="#chat-prompt", value="Say something slowly")
+    page.call("click", selector="#chat-send")
+    page.wait("(document.getElementById('chat-output')?.textContent || '').includes('answer')")
+    page.call("click", selector="#chat-stop")
+    assert page.wait_state("chat-panel", ("stopped", "done", "error")) == "stopped"
+    assert azure.wait_disconnect(timeout=15), "the server kept the upstream call open"
+    bubble = "#chat-log .message.assistant:last-child .text"
+    shown = page.call("text", selector=bubble)
+    assert shown.startswith("partial answer ")
+    assert len(shown) < 100
+    time.sleep(1)
+    assert page.call("text", selector=bubble) == shown
+
+
+def test_chat_panel_shows_errors(page: Browser, azure: FakeAzure) -> None:
+    azure.push(unauthorized())
+    page.call("fill", selector="#chat-prompt", value="Hello?")
+    page.call("click", selector="#chat-send")
+    assert page.wait_state("chat-panel", ("error", "done")) == "error"
+    error = page.call("text", selector="#chat-error")
+    assert "upstream_auth" in error
+    assert page.call("eval", expression="document.getElementById('chat-error').hidden") is False
+
+
+# ---------------------------------------------------------------- connector
+
+
+@pytest.mark.docker
+def test_connector_panel_runs_the_seed_example(page: Browser) -> None:
+    connector = json.loads(page.call("value", selector="#run-connector"))
+    assert connector["files"]["runner_entrypoint.py"].startswith("import json")
+    assert page.call("value", selector="#run-network") == "bridge"
+    page.call("click", selector="#run-start")
+    assert page.wait_state("run-panel", ("done", "failed", "error"), timeout=240) == "done"
+
+    statuses = page.call("text", selector="#run-status")
+    for phase in (
+        "validated",
+        "installing dependencies",
+        "requests==2.32.3",
+        "starting",
+        "running",
+    ):
+        assert phase in statuses
+    stdout = page.call("text", selector="#run-stdout")
+    assert json.loads(stdout) == {"ok": True, "result": {"hello": "world"}}
+    assert json.loads(page.call("text", selector="#run-result")) == {"hello": "world"}
+    assert "ok · exit code 0" in page.call("text", selector="#run-summary")
+    page.screenshot("playground-connector.png", "#run-panel")
+
+
+LIVE = """import sys, time
+print("first line", flush=True)
+print("a warning", file=sys.stderr, flush=True)
+time.sleep(2)
+print("second line", flush=True)
+print('{"ok": true, "result": {"lines": 2}}')
+"""
+
+
+@pytest.mark.docker
+def test_connector_panel_shows_output_live(page: Browser) -> None:
+    _set_connector(page, _python_connector(LIVE))
+    page.call("click", selector="#run-start")
+    page.wait("document.getElementById('run-stdout').textContent.includes('first line')", 120)
+    # The first line is on screen while the program still sleeps before the second.
+    assert "second line" not in page.call("text", selector="#run-stdout")
+    assert page.state("run-panel") == "running"
+    page.wait("document.getElementById('run-stderr').textContent.includes('a warning')", 30)
+    assert page.wait_state("run-panel", ("done", "failed", "error"), timeout=60) == "done"
+    assert page.call("text", selector="#run-stdout").startswith("first line\nsecond line\n")
+    assert page.call("text", selector="#run-stderr") == "a warning\n"
+    assert json.loads(page.call("text", selector="#run-result")) == {"lines": 2}
+    page.screenshot("playground-connector-live.png", "#run-panel")
+
+
+def test_connector_panel_lists_validation_problems(page: Browser) -> None:
+    connector = _python_connector("import os\nprint(os.environ['API_TOKEN'], connector.auth.key)")
+    _set_connector(page, connector)
+    page.call("click", selector="#run-start")
+    assert page.wait_state("run-panel", ("error", "done", "failed")) == "error"
+    error = page.call("text", selector="#run-error")
+    assert "400" in error
+    assert "env.API_TOKEN" in error
+    assert "missing_env" in error
+
+
+TICKING = """import time
+for i in range(600):
+    print(f"tick {i}", flush=True)
+    time.sleep(0.25)
+"""
+
+
+@pytest.mark.docker
+def test_stop_ends_a_long_run_and_removes_its_container(
+    page: Browser, server: ServerProcess
+) -> None:
+    _set_connector(page, _python_connector(TICKING, timeout_ms=180_000))
+    page.call("click", selector="#run-start")
+    page.wait("document.getElementById('run-stdout').textContent.includes('tick 2')", 120)
+    assert _containers(server), "no container is running for this server"
+    page.call("click", selector="#run-stop")
+    assert page.wait_state("run-panel", ("stopped", "done", "failed", "error")) == "stopped"
+    deadline = time.monotonic() + 20
+    while _containers(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _containers(server) == [], "the container outlived the stopped request"
+    assert "stopped" in page.call("text", selector="#run-status")
+    page.screenshot("playground-connector-stopped.png", "#run-panel")
+
+
+# ---------------------------------------------------------------- docs
+
+
+def test_docs_page_renders_the_openapi_document(browser: Browser, server: ServerProcess) -> None:
+    browser.open(server.url + "/docs")
+    text = browser.call("text", selector="#docs")
+    for expected in ("/chat", "/execute-connector", "ExecutionResult", "ChatDelta", "stderr"):
+        assert expected in text
+    browser.screenshot("docs.png")
+    assert page_errors(browser) == []
