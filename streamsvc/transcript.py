@@ -1,16 +1,27 @@
 """From sandbox events to the final answer of a run.
 
-``Transcript`` keeps what the program wrote (each stream capped at the output
-cap, with a flag when cut; secrets redacted) and turns the ``Exited`` event
-into the ``ExecutionResult`` the JSON answer and the stream's ``done`` event
-both carry.
+``Transcript`` keeps what the program wrote (secrets redacted; each stream
+capped at ``STREAMSVC_OUTPUT_CAP_BYTES``, with ``stdout_truncated`` /
+``stderr_truncated`` set when cut, and ``output_limit_exceeded`` when the
+sandbox killed the run for it) and turns the ``Exited`` event into the
+``ExecutionResult`` the JSON answer and the stream's ``done`` event both carry.
 
-Result rule: the whole stdout when it is one JSON document, otherwise the
-last stdout line that is a JSON object. When that value is an object with an
-``ok`` key (the original contract's ``{"ok": ..., "result": ...}``), ``ok``,
-``result`` and ``error`` come from it; any other value is the result itself.
-``ok`` is true only when the program exited 0 within its limits. No JSON at
-all gives ``ok: false`` with error code ``no_result``.
+Result rule (applied to the redacted, capped stdout):
+
+1. the whole stdout, stripped, when it is one JSON document (any JSON value,
+   pretty-printed over several lines or not);
+2. otherwise the last stdout line that, stripped, is a JSON object;
+3. otherwise there is no result: ``ok: false``, error code ``no_result``.
+
+A value nested deeper than ``MAX_RESULT_DEPTH`` levels does not count. When
+the value is an object whose ``ok`` is a boolean (the original contract's
+``{"ok": ..., "result": ..., "error": ...}``), ``ok``, ``result`` and
+``error`` come from it; any other value is the result itself. ``ok`` is true
+only when the program exited 0 within its limits and did not report
+``ok: false`` (error code ``connector_failed``, with the program's ``error``).
+The error codes, first match wins: ``timeout``, ``out_of_memory``,
+``output_limit``, ``process_limit``, ``nonzero_exit``, ``no_result``,
+``connector_failed``; the result is kept whenever one was found.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from .redact import Redactor
 from .sandbox import Exited, Output
 
 _json = msgspec.json.Decoder()
+
+MAX_RESULT_DEPTH = 64
 
 
 class ExecutionError(msgspec.Struct, omit_defaults=True):
@@ -49,22 +62,40 @@ class ExecutionResult(msgspec.Struct):
 _NOTHING = object()
 
 
+def _decode(text: str) -> Any:
+    try:
+        value = _json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return _NOTHING
+    return value if _depth(value) <= MAX_RESULT_DEPTH else _NOTHING
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def find_result(stdout: str) -> Any:
     """The program's result per the module's rule, or ``_NOTHING``."""
     text = stdout.strip()
     if not text:
         return _NOTHING
-    try:
-        return _json.decode(text)
-    except msgspec.DecodeError:
-        pass
+    whole = _decode(text)
+    if whole is not _NOTHING:
+        return whole
     for line in reversed(text.splitlines()):
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
-            try:
-                value = _json.decode(line)
-            except msgspec.DecodeError:
-                continue
+            value = _decode(line)
             if isinstance(value, dict):
                 return value
     return _NOTHING
@@ -130,7 +161,7 @@ class Transcript:
             duration_ms=exited.duration_ms,
             stdout=stdout.text(),
             stderr=stderr.text(),
-            stdout_truncated=stdout.truncated or exited.output_capped,
+            stdout_truncated=stdout.truncated,
             stderr_truncated=stderr.truncated,
             output_limit_exceeded=exited.output_capped,
         )
@@ -141,8 +172,8 @@ def _outcome(found: Any, exited: Exited) -> tuple[bool, Any, ExecutionError | No
     reported_ok = True
     program_error: Any = None
     if found is not _NOTHING:
-        if isinstance(found, dict) and "ok" in found:
-            reported_ok = found.get("ok") is True
+        if isinstance(found, dict) and isinstance(found.get("ok"), bool):
+            reported_ok = found["ok"]
             value = found.get("result")
             program_error = found.get("error")
         else:
@@ -159,11 +190,21 @@ def _outcome(found: Any, exited: Exited) -> tuple[bool, Any, ExecutionError | No
     if found is _NOTHING:
         return False, None, ExecutionError("no_result", "the program printed no JSON result")
     if not reported_ok:
-        message = (
-            program_error if isinstance(program_error, str) else "the connector reported failure"
+        return (
+            False,
+            value,
+            ExecutionError("connector_failed", _message(program_error), details=program_error),
         )
-        return False, value, ExecutionError("connector_failed", message, details=program_error)
     return True, value, None
+
+
+def _message(program_error: Any) -> str:
+    """The program's own error message when it gave one, as a string or ``{"message"}``."""
+    if isinstance(program_error, dict):
+        program_error = program_error.get("message")
+    if isinstance(program_error, str) and program_error:
+        return program_error
+    return "the connector reported failure"
 
 
 def _limit_error(exited: Exited) -> ExecutionError | None:
