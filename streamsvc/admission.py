@@ -37,11 +37,13 @@ class Ticket:
         """Yield the queue position each time it changes, until admitted."""
         last = -1
         while not self.admitted:
+            # Taken before reading the position: a move while the caller holds
+            # the yielded value sets this event, so it is never missed.
+            changed = self._changed
             position = self.position
             if position != last:
                 last = position
                 yield position
-            changed = self._changed
             if not self.admitted:
                 await changed.wait()
 
