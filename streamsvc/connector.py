@@ -4,17 +4,25 @@
 ``RunSpec`` or raises one 400 that lists every problem found (each with a
 stable ``code`` and its ``path``), not just the first:
 
-``unsupported_language``, ``unsafe_file_name``, ``too_many_files``,
+``unsupported_language``, ``unsafe_file_name``, ``file_name_conflict``
+(a file that is also a directory, ``a`` and ``a/b.py``), ``too_many_files``,
 ``file_too_large``, ``entry_point_not_found``, ``out_of_range``,
 ``invalid_dependency`` (and ``too_many_dependencies``,
 ``duplicate_dependency``), ``invalid_env_name``, ``reserved_env_name``,
-``network_not_allowed``, ``missing_connector_paths`` and ``missing_env``.
-When every problem has one code, that is the error's code; otherwise it is
-``invalid_connector``. Wrong JSON types are a 422 with the JSON path.
+``invalid_env_value`` (a NUL character), ``env_too_large`` (keys and values
+over ``MAX_ENV_BYTES`` in all), ``too_deeply_nested`` (``connector`` or
+``configuration_overrides`` nested deeper than ``MAX_JSON_DEPTH``),
+``network_not_allowed``, ``missing_connector_paths`` and ``missing_env``
+(variables the sandbox sets itself, ``SANDBOX_ENV`` and ``STREAMSVC_*``, are
+never missing). When every problem has one code, that is the error's code; otherwise it is
+``invalid_connector``; ``details.problems`` lists them all and
+``details.missing_connector_paths`` / ``details.missing_env`` the bare
+names. Wrong JSON types are a 422 with the JSON path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Annotated, Any, Literal
 
@@ -38,11 +46,17 @@ SUPPORTED_LANGUAGES = ("python",)
 DEFAULT_TIMEOUT_MS = 30_000
 DEFAULT_MEMORY_MB = 256
 MAX_ENV = 200
+MAX_ENV_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 64
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RESERVED_ENV = ("STREAMSVC_", "PYTHONPATH", "PYTHONHOME", "LD_")
+#: Set in every sandbox, so code reading them needs nothing from ``env``
+#: (``os.environ["STREAMSVC_CONTEXT_FILE"]`` is how a program finds its context).
+SANDBOX_ENV = frozenset({"HOME", "PATH", "HOSTNAME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"})
+_AT = re.compile(r" - at `\$([^`]*)`$")
 _FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]*\Z")
 
-EnvValue = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_ENV_BYTES)]
 
 
 class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -72,14 +86,40 @@ class ConnectorCore(msgspec.Struct):
 request_decoder = JsonDecoder(ExecuteRequest)
 
 
+def decode_request(body: bytes) -> ExecuteRequest:
+    """The request, or a 400/422 naming the offending ``env`` key when there is one."""
+    try:
+        return request_decoder.decode_body(body)
+    except ValidationFailed as exc:
+        if exc.path == "$.env[...]":  # msgspec does not name dict keys
+            with contextlib.suppress(msgspec.DecodeError, RecursionError):
+                raw = msgspec.json.decode(body)
+                exc.path = _offending_key("$.env", raw.get("env"), EnvValue) or exc.path
+        raise
+
+
+def _offending_key(prefix: str, mapping: Any, value_type: Any) -> str | None:
+    """The path of the first value of ``mapping`` that is not a ``value_type``."""
+    if isinstance(mapping, dict):
+        for key, value in mapping.items():
+            try:
+                msgspec.convert(value, value_type)
+            except msgspec.ValidationError:
+                return f"{prefix}.{key}"
+    return None
+
+
 def _core(connector: dict[str, Any]) -> ConnectorCore:
     try:
         return msgspec.convert(connector, ConnectorCore)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).rpartition(" - at `$")
-        if not where:
-            message, where = str(exc), "`"
-        raise ValidationFailed(message, path="$.connector" + where.rstrip("`")) from None
+        text = str(exc)
+        match = _AT.search(text)
+        where = match.group(1) if match else ""
+        path = "$.connector" + where
+        if where == ".files[...]":
+            path = _offending_key("$.connector.files", connector.get("files"), str) or path
+        raise ValidationFailed(text[: match.start()] if match else text, path=path) from None
 
 
 def file_name_problem(name: str) -> str | None:
@@ -117,6 +157,14 @@ def _file_problems(core: ConnectorCore, settings: Settings) -> list[Problem]:
                     "file_too_large", path, f"larger than {settings.streamsvc_max_file_bytes} bytes"
                 )
             )
+    for name in sorted(_directories(core.files) & core.files.keys()):
+        problems.append(
+            Problem(
+                "file_name_conflict",
+                f"connector.files.{name}",
+                f"{name!r} is both a file and the directory of another file",
+            )
+        )
     if core.runtime.entry_point not in core.files:
         problems.append(
             Problem(
@@ -126,6 +174,29 @@ def _file_problems(core: ConnectorCore, settings: Settings) -> list[Problem]:
             )
         )
     return problems
+
+
+def _directories(files: dict[str, str]) -> set[str]:
+    """Every directory the file names imply: ``a/b/c.py`` gives ``a`` and ``a/b``."""
+    found: set[str] = set()
+    for name in files:
+        parts = name.split("/")[:-1]
+        found.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return found
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _runtime_problems(
@@ -162,12 +233,37 @@ def _runtime_problems(
                 "network_mode 'bridge' is disabled on this server (STREAMSVC_ALLOW_BRIDGE)",
             )
         )
-    for key in request.env:
+    return problems
+
+
+def _env_problems(env: dict[str, str]) -> list[Problem]:
+    problems: list[Problem] = []
+    for key, value in env.items():
         if not _ENV_NAME.match(key):
             problems.append(Problem("invalid_env_name", f"env.{key}", "not a valid variable name"))
         elif key.upper().startswith(_RESERVED_ENV):
             problems.append(Problem("reserved_env_name", f"env.{key}", "reserved by the runner"))
+        if "\x00" in value:
+            problems.append(Problem("invalid_env_value", f"env.{key}", "contains a NUL character"))
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in env.items())
+    if size > MAX_ENV_BYTES:
+        problems.append(
+            Problem(
+                "env_too_large", "env", f"{size} bytes of keys and values; at most {MAX_ENV_BYTES}"
+            )
+        )
     return problems
+
+
+def _depth_problems(request: ExecuteRequest) -> list[Problem]:
+    return [
+        Problem("too_deeply_nested", path, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        for path, value in (
+            ("connector", request.connector),
+            ("configuration_overrides", request.configuration_overrides),
+        )
+        if json_depth(value) > MAX_JSON_DEPTH
+    ]
 
 
 def plan(request: ExecuteRequest, settings: Settings) -> RunSpec:
@@ -175,8 +271,12 @@ def plan(request: ExecuteRequest, settings: Settings) -> RunSpec:
     core = _core(request.connector)
     problems = _file_problems(core, settings)
     problems += _runtime_problems(core.runtime, request, settings)
+    problems += _env_problems(request.env)
     dependencies, dependency_problems = parse_dependencies(core.runtime.dependencies)
     problems += dependency_problems
+    too_deep = _depth_problems(request)
+    if too_deep:  # merging and scanning recurse: report what is known and stop
+        raise _rejection(problems + too_deep, [], [])
 
     connector = dict(request.connector)
     connector["configuration"] = deep_merge(core.configuration, request.configuration_overrides)
@@ -186,7 +286,10 @@ def plan(request: ExecuteRequest, settings: Settings) -> RunSpec:
             Problem("missing_connector_paths", f"connector.{path}", "referenced by the code")
         )
     without_files = {key: value for key, value in connector.items() if key != "files"}
-    missing_env = sorted(required_env(core.files, without_files) - request.env.keys())
+    required = required_env(core.files, without_files) - SANDBOX_ENV
+    missing_env = sorted(
+        key for key in required - request.env.keys() if not key.startswith("STREAMSVC_")
+    )
     for key in missing_env:
         problems.append(Problem("missing_env", f"env.{key}", "required by the connector"))
     if problems:

@@ -4,25 +4,31 @@ Streamed, the events are: ``status`` (one per phase: validated, queued,
 installing_dependencies, starting, running), ``stdout`` and ``stderr`` chunks
 in the order written, then ``done`` whose data is exactly the JSON answer
 (an ``ExecutionResult``), or a single ``error`` event if the run could not
-finish. Unstreamed, the answer is that ``ExecutionResult``.
+finish. Unstreamed, the answer is that ``ExecutionResult``; a client that
+disconnects before it is ready stops the run (its container is removed) just
+as a streaming client does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import sse
 from .bodies import read_body, wants_stream
-from .connector import plan, request_decoder
+from .connector import decode_request, plan
 from .errors import SandboxError
 from .redact import MIN_SECRET_LENGTH
 from .sandbox import Exited, Output, Sandbox, SandboxEvent, Status
 from .settings import Settings
 from .transcript import ExecutionResult, Transcript
+
+log = logging.getLogger("streamsvc.execute")
 
 _encoder = msgspec.json.Encoder()
 
@@ -53,13 +59,42 @@ async def _events(
                 yield sse.Event("done", transcript.result(event))
                 return
     finally:
-        await runs.aclose()  # type: ignore[attr-defined]
+        with anyio.CancelScope(shield=True):
+            await runs.aclose()  # type: ignore[attr-defined]
+
+
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` when the client goes away (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _answer(request: Request, events: AsyncIterator[sse.Event]) -> ExecutionResult | None:
+    """Run to the end for a JSON answer; ``None`` when the client left first."""
+    result: ExecutionResult | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_cancel_on_disconnect, request, tg.cancel_scope)
+        try:
+            async for event in events:
+                if event.name == "done":
+                    result = event.data
+        except Exception as exc:  # re-raised below, outside the task group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
+    if failure is not None:
+        raise failure
+    return result
 
 
 async def execute_endpoint(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    body = request_decoder.decode_body(await read_body(request, settings.streamsvc_max_body_bytes))
+    body = decode_request(await read_body(request, settings.streamsvc_max_body_bytes))
     spec = plan(body, settings)
     sandbox: Sandbox | None = state.sandbox
     if sandbox is None:
@@ -75,9 +110,8 @@ async def execute_endpoint(request: Request) -> Response:
         return sse.event_response(
             None, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
         )
-    result: ExecutionResult | None = None
-    async for event in events:
-        if event.name == "done":
-            result = event.data
-    assert result is not None
+    result = await _answer(request, events)
+    if result is None:
+        log.info("client disconnected before the answer; the run was stopped")
+        return Response(status_code=499)  # nobody is listening; for the access log
     return Response(_encoder.encode(result), media_type="application/json")
