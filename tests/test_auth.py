@@ -1,0 +1,163 @@
+"""Access control: API keys on a real server, and the refusal to listen exposed without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import server_env
+from tests.fake_azure import FakeAzure
+from tests.harness import ServerProcess, free_port, read_sse
+
+KEYS = ("key-one-0123456789", "key-two-abcdefghij")
+CHAT = {"messages": [{"role": "user", "content": "Hello"}]}
+INVALID_CONNECTOR = {
+    "connector": {"runtime": {"language": "cobol", "entryPoint": "x"}, "files": {}}
+}
+
+
+@pytest.fixture(scope="module")
+def keyed(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
+    process = ServerProcess(server_env(fake_azure, STREAMSVC_API_KEYS=" , ".join(KEYS)))
+    yield process
+    process.close()
+
+
+def assert_unauthorized(response: httpx.Response) -> None:
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json() == {
+        "error": {"code": "unauthorized", "message": "a valid API key is required"}
+    }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer wrong"},
+        {"authorization": f"Bearer {KEYS[0][:-1]}"},
+        {"authorization": f"Bearer {KEYS[0]}x"},
+        {"authorization": f"Bearer {KEYS[0].upper()}"},
+        {"authorization": f"Basic {KEYS[0]}"},
+        {"authorization": KEYS[0]},
+        {"x-api-key": ""},
+        {"x-api-key": "nope"},
+        {"x-api-key": f"{KEYS[0]},{KEYS[1]}"},
+    ],
+)
+async def test_protected_routes_refuse_a_missing_or_wrong_key(
+    keyed: ServerProcess, client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    for path, body in (("/chat", CHAT), ("/execute-connector", INVALID_CONNECTOR)):
+        assert_unauthorized(await client.post(keyed.url + path, json=body, headers=headers))
+
+
+async def test_refusal_comes_before_reading_or_validating_the_body(
+    keyed: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    for path in ("/chat", "/execute-connector", "/chat/", "/%63hat", "/execute-connector?x=1"):
+        assert_unauthorized(await client.post(keyed.url + path, content=b"{not json"))
+    # A method other than POST on a protected path is refused too, not described.
+    assert_unauthorized(await client.get(keyed.url + "/chat"))
+    sneaky = await client.post(keyed.url + "//chat", json=CHAT)
+    assert sneaky.status_code in {401, 404}
+
+
+async def test_each_configured_key_is_accepted_either_way(
+    keyed: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    for headers in (
+        {"authorization": f"Bearer {KEYS[0]}"},
+        {"authorization": f"bearer {KEYS[1]}"},
+        {"x-api-key": KEYS[1]},
+        {"x-api-key": KEYS[0]},
+    ):
+        response = await client.post(keyed.url + "/chat", json=CHAT, headers=headers)
+        assert response.status_code == 200, headers
+        assert response.json()["content"] == "echo: Hello"
+        checked = await client.post(
+            keyed.url + "/execute-connector", json=INVALID_CONNECTOR, headers=headers
+        )
+        assert checked.status_code == 400  # past the gate, into validation
+        assert checked.json()["error"]["code"] == "invalid_connector"
+
+
+async def test_streams_pass_the_gate_untouched(
+    keyed: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    response = await read_sse(
+        client,
+        keyed.url + "/chat",
+        {**CHAT, "stream": True},
+        headers={"authorization": f"Bearer {KEYS[0]}"},
+    )
+    assert response.status == 200
+    assert response.last.event == "done"
+    assert response.last.data["content"] == "echo: Hello"
+
+
+async def test_health_stays_open(keyed: ServerProcess, client: httpx.AsyncClient) -> None:
+    response = await client.get(keyed.url + "/health")
+    assert response.status_code == 200
+    assert response.json()["components"]["chat"]["state"] == "configured"
+
+
+async def test_without_keys_nothing_is_asked(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    response = await client.post(server.url + "/chat", json=CHAT)
+    assert response.status_code == 200
+
+
+# -- exposure -------------------------------------------------------------------------------
+
+
+def start_up(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the server expecting it to refuse to start; it must exit on its own."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
+    return subprocess.run(
+        [sys.executable, "-m", "streamsvc"],
+        env={**base, "STREAMSVC_PORT": str(free_port()), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.internal"])
+def test_refuses_a_non_loopback_address_without_keys(host: str) -> None:
+    done = start_up({"STREAMSVC_HOST": host})
+    assert done.returncode == 2
+    assert "STREAMSVC_ALLOW_INSECURE" in done.stderr
+    assert "STREAMSVC_API_KEYS" in done.stderr
+    assert host in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_explicit_false_is_still_a_refusal() -> None:
+    done = start_up({"STREAMSVC_HOST": "0.0.0.0", "STREAMSVC_ALLOW_INSECURE": "false"})
+    assert done.returncode == 2
+    assert "STREAMSVC_ALLOW_INSECURE" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"STREAMSVC_API_KEYS": KEYS[0]}, {"STREAMSVC_ALLOW_INSECURE": "true"}],
+    ids=["with-keys", "insecure"],
+)
+def test_listens_exposed_with_keys_or_when_told_to(
+    start_server: Callable[..., ServerProcess], extra: dict[str, str]
+) -> None:
+    server = start_server(STREAMSVC_HOST="0.0.0.0", **extra)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    server.stop()
+    assert "0.0.0.0" in server.log()
