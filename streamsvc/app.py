@@ -9,6 +9,7 @@ status; anything else is a 500 ``internal_error`` with no stack trace.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -91,7 +92,8 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], protected: tuple[str, ...]) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        # Digests, so every comparison is between equal lengths: no length leaks either.
+        self.keys = [hashlib.sha256(key.encode()).digest() for key in keys]
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,10 +116,11 @@ class ApiKeyMiddleware:
                 offered = value[7:].strip()
             elif name == b"x-api-key":
                 offered = value.strip()
+        digest = hashlib.sha256(offered).digest()
         found = False
-        for key in self.keys:
-            found |= hmac.compare_digest(offered, key)
-        return found
+        for key in self.keys:  # no early exit: the time does not depend on which key
+            found |= hmac.compare_digest(digest, key)
+        return found and bool(offered)
 
 
 def create_app(settings: Settings) -> Starlette:
