@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -36,6 +37,20 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
+def check_bindable(settings: Settings) -> None:
+    """Fail start-up with a message, not a traceback, when the address is taken."""
+    address = (settings.streamsvc_host, settings.streamsvc_port)
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    try:
+        with socket.create_server(address, family=family):
+            pass
+    except OSError as exc:
+        raise SettingsError(
+            f"cannot listen on {address[0]}:{address[1]} (STREAMSVC_HOST, STREAMSVC_PORT): "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [f"{settings.streamsvc_host}:{settings.streamsvc_port}"]
@@ -48,6 +63,7 @@ def hypercorn_config(settings: Settings) -> Config:
 
 async def serve(settings: Settings) -> None:
     check_exposure(settings)
+    check_bindable(settings)
     app = create_app(settings)
     config = hypercorn_config(settings)
     stop = anyio.Event()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
+import psutil
 import pytest
 
 from tests.fake_azure import FakeAzure
@@ -43,6 +45,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("docker"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the run when a test left a child process running (after ending it)."""
+    yield
+    left, described = [], []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                described.append(f"{child.pid}: {' '.join(child.cmdline())}")
+                child.kill()
+                left.append(child)
+    psutil.wait_procs(left, timeout=5)
+    assert not described, f"processes left behind: {described}"
 
 
 @pytest.fixture(scope="session")

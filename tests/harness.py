@@ -34,8 +34,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        port: int | None = None,  # where to wait for it, when ``args`` pick the port
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._workdir = tempfile.TemporaryDirectory(prefix="streamsvc-test-")
         self.log_path = Path(self._workdir.name) / "server.log"
@@ -60,15 +66,18 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log()}")
+                log = self.log()
+                self.close()
+                raise RuntimeError(f"server exited {self.process.returncode}:\n{log}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{self.log()}")
+        log = self.log()
+        self.close()
+        raise RuntimeError(f"server did not start:\n{log}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,0 +1,132 @@
+"""The server process: /health, --host/--port, missing Azure settings, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import server_env
+from tests.fake_azure import FakeAzure, Reply
+from tests.harness import ServerProcess, SSEResponse, free_port, read_sse
+
+STREAM = {"messages": [{"role": "user", "content": "Hello"}], "stream": True}
+
+
+async def test_health_names_each_component_and_its_state(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    response = await client.get(server.url + "/health")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    health = response.json()
+    assert health["components"]["chat"] == {"state": "configured", "deployment": "gpt-4o"}
+    assert health["status"] in {"ok", "degraded"}  # "degraded" only by the sandbox here
+    assert set(health["components"]) >= {"chat"}
+
+
+async def test_missing_azure_settings_leave_the_server_up_but_chat_unconfigured(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(AZURE_OPENAI_API_KEY="", AZURE_OPENAI_ENDPOINT="")
+    health = (await client.get(server.url + "/health")).json()
+    assert health["status"] == "degraded"
+    assert health["components"]["chat"]["state"] == "not_configured"
+    for body in ({"messages": STREAM["messages"]}, STREAM):
+        response = await client.post(server.url + "/chat", json=body)
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["code"] == "chat_not_configured"
+    assert azure.requests == []
+
+
+def test_host_and_port_options_override_the_settings(fake_azure: FakeAzure) -> None:
+    port = free_port()
+    env = server_env(fake_azure, STREAMSVC_HOST="192.0.2.1", STREAMSVC_PORT=str(free_port()))
+    # 192.0.2.1 (TEST-NET) is not ours: serving at all proves --host won.
+    process = ServerProcess(env, ["serve", "--host", "127.0.0.1", "--port", str(port)], port=port)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        assert f"127.0.0.1:{port}" in process.log()
+    finally:
+        process.close()
+
+
+def test_a_taken_port_stops_start_up_with_a_message(fake_azure: FakeAzure) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="server exited 2") as failed:
+            ServerProcess(server_env(fake_azure), ["--port", str(port)], port=port)
+    assert f"streamsvc: cannot listen on 127.0.0.1:{port}" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
+
+
+async def _stream_then_signal(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient, signum: int
+) -> tuple[list[str], float, SSEResponse]:
+    """Open a stream, signal the server once the upstream sent its first chunk."""
+    reading = asyncio.create_task(read_sse(client, server.url + "/chat", STREAM))
+    for _ in range(500):
+        if azure.requests:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)  # the first delta is on its way
+    server.signal(signum)
+    signalled = time.monotonic()
+    response = await reading
+    assert response.status == 200
+    return [e.event for e in response.events], signalled, response
+
+
+async def _exit_code(server: ServerProcess, within: float = 10) -> int:
+    code: int = await asyncio.to_thread(server.process.wait, within)
+    print(f"exited {code} after the signal:\n{server.log()}")  # shown on failure
+    return code
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+async def test_shutdown_lets_a_stream_finish_within_the_drain_window(
+    start_server: Callable[..., ServerProcess],
+    azure: FakeAzure,
+    client: httpx.AsyncClient,
+    signum: int,
+) -> None:
+    # Grace 6 s: streams get 3 s to finish; this one needs about 1.2 s more.
+    server = start_server(STREAMSVC_SHUTDOWN_GRACE_SECONDS="6")
+    azure.push(Reply(text_chunks=["a", "b", "c", "d"], chunk_delay=0.4))
+    events, signalled, _ = await _stream_then_signal(server, azure, client, signum)
+    assert events == ["delta"] * 4 + ["done"]
+    assert await _exit_code(server) == 0
+    assert time.monotonic() - signalled < 6 + 1
+
+
+async def test_shutdown_ends_a_stream_that_outlives_the_drain_window_with_an_error_event(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    # Grace 4 s; the upstream goes silent after one chunk (and the idle timeout is long).
+    server = start_server(STREAMSVC_IDLE_TIMEOUT_SECONDS="60")
+    azure.push(Reply(text_chunks=["a", "b"], hang_after=1))
+    events, signalled, response = await _stream_then_signal(server, azure, client, signal.SIGTERM)
+    ended = time.monotonic()
+    assert events == ["delta", "error"]
+    assert response.last.data["error"]["code"] == "shutting_down"
+    assert 1.5 <= ended - signalled < 4
+    assert await _exit_code(server) == 0
+    assert time.monotonic() - signalled < 4 + 1
+    assert await azure.await_disconnect(within=2)  # the upstream request was closed too
+
+
+def test_a_stopped_server_leaves_no_process_behind(fake_azure: FakeAzure) -> None:
+    process = ServerProcess(server_env(fake_azure))
+    pid, url = process.process.pid, process.url
+    process.close()
+    assert process.process.returncode == 0, process.log_path.name
+    assert not psutil.pid_exists(pid)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)

@@ -1,0 +1,125 @@
+"""Settings: the environment over ``.env``, defaults, and malformed values.
+
+``load_settings`` is checked directly; start-up failures are checked on the
+real ``python -m streamsvc`` command, which must exit with a message naming
+the variable and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamsvc.settings import SettingsError, load_settings
+from tests.harness import ROOT
+
+AZURE = {
+    "AZURE_OPENAI_API_KEY": "k",
+    "AZURE_OPENAI_ENDPOINT": "https://example.openai.azure.com",
+    "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
+}
+
+
+def test_the_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# a comment\n"
+        "export OPENAI_TEMPERATURE=0.1\n"
+        "OPENAI_MAX_TOKENS='123'\n"
+        'AZURE_OPENAI_DEPLOYMENT="from-dotenv"  \n'
+        "STREAMSVC_PORT=9001 # trailing comment\n"
+        "\n"
+        "UNRELATED=ignored\n"
+    )
+    settings = load_settings({"OPENAI_TEMPERATURE": "1.5", "STREAMSVC_PORT": "9002"}, dotenv)
+    assert settings.openai_temperature == 1.5  # environment
+    assert settings.streamsvc_port == 9002  # environment
+    assert settings.openai_max_tokens == 123  # .env, quotes stripped
+    assert settings.azure_openai_deployment == "from-dotenv"
+    assert not settings.chat_configured
+
+
+def test_defaults_and_empty_values(tmp_path: Path) -> None:
+    settings = load_settings({"OPENAI_MAX_TOKENS": "", "STREAMSVC_HOST": ""}, None)
+    assert settings.openai_max_tokens == 2000
+    assert settings.openai_temperature == 0.7
+    assert settings.streamsvc_host == "127.0.0.1"
+    assert settings.streamsvc_port == 8000
+    assert settings.azure_openai_api_version == "2024-10-21"
+    assert settings.openai_reasoning_models == ("gpt-5", "o1", "o3", "o4")
+    assert not settings.chat_configured
+    # A missing .env file is no error.
+    assert load_settings({}, tmp_path / "absent.env") == load_settings({}, None)
+
+
+def test_lists_and_chat_configuration() -> None:
+    settings = load_settings({**AZURE, "OPENAI_REASONING_MODELS": " r1, ,thinker ,"}, None)
+    assert settings.openai_reasoning_models == ("r1", "thinker")
+    assert settings.chat_configured
+    for name in AZURE:
+        assert not load_settings({**AZURE, name: ""}, None).chat_configured
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OPENAI_TEMPERATURE", "hot"),
+        ("OPENAI_TEMPERATURE", "2.5"),
+        ("OPENAI_MAX_TOKENS", "0"),
+        ("OPENAI_MAX_TOKENS", "many"),
+        ("STREAMSVC_PORT", "70000"),
+        ("STREAMSVC_KEEPALIVE_SECONDS", "0"),
+        ("STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS", "-1"),
+        ("STREAMSVC_MAX_RETRIES", "99"),
+        ("STREAMSVC_ALLOW_INSECURE", "perhaps"),
+        ("STREAMSVC_LOG_LEVEL", "loud"),
+        ("AZURE_OPENAI_ENDPOINT", "example.openai.azure.com"),
+    ],
+)
+def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"invalid setting {name}"):
+        load_settings({name: value}, None)
+
+
+def test_a_malformed_dotenv_line_names_the_file_and_line(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("OPENAI_MAX_TOKENS=5\nthis is not a setting\n")
+    with pytest.raises(SettingsError, match=r"\.env:2: expected KEY=VALUE"):
+        load_settings({}, dotenv)
+
+
+def _start(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m streamsvc`` with only ``env`` set (plus PATH and the import path)."""
+    base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
+    return subprocess.run(
+        [sys.executable, "-m", "streamsvc"],
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "dotenv", "name"),
+    [
+        ({"OPENAI_TEMPERATURE": "hot"}, "", "OPENAI_TEMPERATURE"),
+        ({"STREAMSVC_PORT": "http"}, "", "STREAMSVC_PORT"),
+        ({}, "STREAMSVC_IDLE_TIMEOUT_SECONDS=soon\n", "STREAMSVC_IDLE_TIMEOUT_SECONDS"),
+        ({"STREAMSVC_HOST": "0.0.0.0"}, "", "STREAMSVC_HOST"),  # public without API keys
+    ],
+    ids=["env", "port", "dotenv", "exposed"],
+)
+def test_start_up_stops_with_a_message_naming_the_variable(
+    tmp_path: Path, env: dict[str, str], dotenv: str, name: str
+) -> None:
+    (tmp_path / ".env").write_text(dotenv)
+    done = _start({"STREAMSVC_PORT": "0", **env}, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"streamsvc: invalid setting {name}")
+    assert "Traceback" not in done.stderr + done.stdout
