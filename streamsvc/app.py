@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .chat import chat_endpoint
-from .errors import ErrorEnvelope, ServiceError, Unauthorized
+from .errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
 from .execute import execute_endpoint
 from .observability import Metrics, ObservabilityMiddleware, metrics_endpoint
 from .openapi import openapi_endpoint
@@ -54,7 +54,11 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_response(exc)
+    response = error_response(exc)
+    if isinstance(exc, PayloadTooLarge):
+        # Refused before the body was all read: the connection cannot be reused.
+        response.headers["Connection"] = "close"
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -105,6 +109,9 @@ class ApiKeyMiddleware:
         ):
             response = error_response(Unauthorized("a valid API key is required"))
             response.headers["WWW-Authenticate"] = "Bearer"
+            # The body is left unread, so the connection cannot be reused: say so,
+            # or a keep-alive client may send its next request into a closed socket.
+            response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
