@@ -224,6 +224,17 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("HealthReport"), "The health report.")},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "The Prometheus text exposition format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/chat": _streaming_post(
                 "Chat completion, streamed token by token",
                 "Forwards the messages to the configured Azure OpenAI deployment "
