@@ -158,10 +158,11 @@ async def chat_endpoint(request: Request) -> Response:
     params = params_for(body, settings)
     try:
         if not wants_stream(request, body.stream):
-            result = await sse.unless_disconnected(request, collect(backend.stream(params)))
+            answer = collect(backend.stream(params))
+            result = await sse.before_headers(request, state.streams, answer)
             return Response(_result_encoder.encode(result), media_type="application/json")
         events = _events(backend.stream(params))
-        first = await sse.unless_disconnected(request, sse.start(events))
+        first = await sse.before_headers(request, state.streams, sse.start(events))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
     return sse.event_response(

@@ -48,10 +48,17 @@ class StreamRegistry:
         self.active = 0
         self.closing = False
 
-    def opened(self) -> None:
+    def opened(self, scope: anyio.CancelScope | None = None) -> None:
+        """Count a stream; ``close_all`` cancels ``scope`` (at once when already closing)."""
         self.active += 1
+        if scope is not None:
+            self._scopes.add(scope)
+            if self.closing:
+                scope.cancel()
 
-    def closed(self) -> None:
+    def closed(self, scope: anyio.CancelScope | None = None) -> None:
+        if scope is not None:
+            self._scopes.discard(scope)
         self.active -= 1
         if self.active == 0:
             self._drained.set()
@@ -80,6 +87,10 @@ class StreamRegistry:
             finally:
                 self._scopes.discard(scope)
         return None  # cancelled by close_all
+
+
+def _shutting_down() -> ServiceError:
+    return ServiceError("server is shutting down", code="shutting_down", status=503)
 
 
 def error_event(exc: ServiceError) -> Event:
@@ -113,13 +124,7 @@ async def _pump(
                 return
             if event is None:
                 if registry.closing:
-                    yield frame(
-                        error_event(
-                            ServiceError(
-                                "server is shutting down", code="shutting_down", status=503
-                            )
-                        )
-                    )
+                    yield frame(error_event(_shutting_down()))
                 return
             yield frame(event)
     finally:
@@ -144,34 +149,42 @@ async def start(source: AsyncIterator[T]) -> T | None:
         raise
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client hangs up first (``ClientDisconnect``).
+async def before_headers(request: Request, registry: StreamRegistry, work: Awaitable[T]) -> T:
+    """Await ``work`` (the first event, or a whole JSON answer) before any header is sent.
 
-    For the time before a response starts (the first event, or a whole JSON
-    answer), when nothing else listens for the client: its upstream call or
-    container is then released at once instead of at its own timeout. The
-    request body must have been read already.
+    Nothing else listens to the client then, so this does: a hang-up cancels
+    ``work`` at once (its upstream call or container is released) and raises
+    ``ClientDisconnect``. Shutdown counts it as an open stream: it gets the
+    drain window, then is interrupted with a 503 ``shutting_down``. The request
+    body must have been read already.
     """
     done: list[T] = []
     failure: Exception | None = None
-    async with anyio.create_task_group() as tasks:
-
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tasks.cancel_scope.cancel()
-
-        tasks.start_soon(watch)
+    with anyio.CancelScope() as interruptible:
+        registry.opened(interruptible)
         try:
-            done.append(await work)
-        except Exception as exc:  # re-raised below as itself, not in an ExceptionGroup
-            failure = exc
-        tasks.cancel_scope.cancel()
+            async with anyio.create_task_group() as tasks:
+
+                async def watch() -> None:
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(watch)
+                try:
+                    done.append(await work)
+                except Exception as exc:  # re-raised below as itself, not in an ExceptionGroup
+                    failure = exc
+                tasks.cancel_scope.cancel()
+        finally:
+            registry.closed(interruptible)
     if failure is not None:
         raise failure
-    if not done:
-        raise ClientDisconnect()
-    return done[0]
+    if done:
+        return done[0]
+    if interruptible.cancelled_caught:
+        raise _shutting_down()
+    raise ClientDisconnect()
 
 
 def event_response(

@@ -122,6 +122,32 @@ async def test_shutdown_ends_a_stream_that_outlives_the_drain_window_with_an_err
     assert await azure.await_disconnect(within=2)  # the upstream request was closed too
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_shutdown_answers_a_request_still_waiting_for_its_first_token_with_503(
+    start_server: Callable[..., ServerProcess],
+    azure: FakeAzure,
+    client: httpx.AsyncClient,
+    stream: bool,
+) -> None:
+    # The upstream's first chunk is 30 s away and the first-token timeout is longer still.
+    server = start_server(STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS="60")
+    azure.push(Reply(text_chunks=["late"], chunk_delay=30))
+    body = {**STREAM, "stream": stream}
+    reading = asyncio.create_task(client.post(server.url + "/chat", json=body))
+    for _ in range(500):
+        if azure.requests:
+            break
+        await asyncio.sleep(0.02)
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    response = await reading
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert 1.5 <= time.monotonic() - signalled < 4  # after the drain window, within grace
+    assert await _exit_code(server) == 0
+    assert await azure.await_disconnect(within=2)
+
+
 def test_a_stopped_server_leaves_no_process_behind(fake_azure: FakeAzure) -> None:
     process = ServerProcess(server_env(fake_azure))
     pid, url = process.process.pid, process.url
