@@ -339,6 +339,7 @@ def _access_fields(
 
 _json = msgspec.json.Encoder()
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_CHATTY = ("httpx", "httpx2", "httpcore", "httpcore2")
 
 
 class JsonFormatter(logging.Formatter):
@@ -379,4 +380,10 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     json_format = settings.streamsvc_log_format == "json"
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
-    logging.basicConfig(level=settings.streamsvc_log_level.upper(), handlers=[handler], force=True)
+    level = logging.getLevelName(settings.streamsvc_log_level.upper())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # The HTTP client logs every upstream request at info; the access log says enough.
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if level <= logging.DEBUG else logging.WARNING
+        )
