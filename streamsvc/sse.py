@@ -6,6 +6,10 @@ with increasing ids, keep-alive comments, anti-buffering headers, a terminal
 ``error`` event for failures after the headers, and graceful shutdown: when
 the server stops, every open stream is interrupted and ends with an
 ``error`` event whose code is ``shutting_down``.
+
+Before the headers, ``start`` pulls the first event (so early failures are
+real HTTP statuses) and ``before_headers`` awaits it, or a whole JSON answer,
+while watching for the client hanging up and for shutdown.
 """
 
 from __future__ import annotations
