@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 
 from streamsvc.client import ClientError, Frame, build_request, parse_set, parse_sse
+from tests.conftest import server_env
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ROOT, ServerProcess, free_port
 
@@ -228,6 +231,49 @@ def test_run_env_file_provides_the_env(server: ServerProcess, tmp_path: Path) ->
     assert json.loads(done.stdout)["result"] == expected
 
 
+def _containers(server: ServerProcess) -> list[str]:
+    owner = f"{socket.gethostname()}:{server.process.pid}"
+    labels = [
+        "--filter",
+        "label=streamsvc.managed=true",
+        "--filter",
+        f"label=streamsvc.owner={owner}",
+    ]
+    listed = subprocess.run(
+        ["docker", "ps", "-a", "-q", *labels],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return listed.stdout.split()
+
+
+@pytest.mark.docker
+def test_interrupting_run_stops_the_container(server: ServerProcess, tmp_path: Path) -> None:
+    path = connector_file(
+        tmp_path, "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
+    )
+    process = subprocess.Popen(
+        [*COMMAND, "run", str(path), "--url", server.url],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "tick\n"
+    assert _containers(server)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 130
+    process.stdout.close()
+    deadline = time.monotonic() + 20
+    while _containers(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _containers(server) == []
+
+
 def test_run_reports_refusals_and_unreachable_servers(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -308,3 +354,14 @@ def test_url_and_key_come_from_options_or_the_environment(
     bad = streamsvc("chat", "hi", cwd=tmp_path, env=_env(STREAMSVC_URL="localhost:1"))
     assert bad.returncode == 2
     assert "STREAMSVC_URL" in bad.stderr
+
+
+def test_serve_starts_a_server_the_client_can_use(fake_azure: FakeAzure, tmp_path: Path) -> None:
+    fake_azure.reset()
+    served = ServerProcess(server_env(fake_azure), args=["serve"])
+    try:
+        done = streamsvc("chat", "are you there", "--url", served.url, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "echo: are you there\n"
+    finally:
+        served.close()
