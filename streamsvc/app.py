@@ -189,7 +189,8 @@ async def _start_sandbox(
 
     from .docker_sandbox import DockerSandbox
 
-    sandbox = DockerSandbox(aiodocker.Docker(url=settings.docker_host), settings)
-    stack.push_async_callback(sandbox.aclose)
-    await sandbox.start()
+    # Entered, not just started: it owns the task group that enforces run deadlines.
+    sandbox = await stack.enter_async_context(
+        DockerSandbox(aiodocker.Docker(url=settings.docker_host), settings)
+    )
     app.state.sandbox = sandbox

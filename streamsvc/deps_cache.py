@@ -29,7 +29,9 @@ from .docker_api import (
     LABEL_MANAGED,
     NETWORK_NAME,
     SANDBOX_UID,
+    create_container,
     docker_call,
+    ensure_network,
     labels,
     remove_container,
     tar_bytes,
@@ -121,6 +123,7 @@ class DependencyCache:
 
     async def _install(self, name: str, dependencies: tuple[Dependency, ...]) -> CachedSet:
         requirements = [dep.requirement for dep in dependencies]
+        await ensure_network(self._docker)  # the install step, unlike the run, may need network
         volume_labels = {**labels(self._owner, "deps"), LABEL_DEPS: json.dumps(requirements)}
         await docker_call(
             "create a cache volume",
@@ -191,9 +194,7 @@ class DependencyCache:
                 "Init": True,
             },
         }
-        container = await docker_call(
-            "create an install container", self._docker.containers.create(config)
-        )
+        container = await create_container(self._docker, config)
         try:
             if files is not None:
                 await docker_call("copy files", container.put_archive("/bundle", tar_bytes(files)))

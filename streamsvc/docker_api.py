@@ -2,23 +2,29 @@
 
 Every aiodocker call goes through ``docker_call``, which bounds it in time and
 turns Docker and aiohttp errors into ``SandboxError``: ``sandbox_unavailable``
-(503) when the engine cannot be reached, ``sandbox_failed`` (500) when it
-refuses or breaks. Labels mark every container, network and volume the
-service creates, with the owning process, so leftovers can be found.
+(503) when the engine cannot be reached (including aiodocker's own
+``DockerError(900, "Cannot connect ...")``) or does not answer in time,
+``sandbox_failed`` (500) when it refuses or breaks. Killing and removing are
+best effort, bounded and shielded (they run in ``finally`` blocks of
+cancelled runs). Labels mark every container, network and volume the service
+creates, with the owning process (``host:pid``), so start-up can tell a dead
+process's leftovers from a live peer's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
 import tarfile
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
 import anyio
+from aiodocker.containers import DockerContainer
 
 from .errors import SandboxError
 
@@ -28,11 +34,15 @@ SANDBOX_UID = 10001
 NETWORK_NAME = "streamsvc-sandbox"
 LABEL_MANAGED = "streamsvc.managed"
 LABEL_OWNER = "streamsvc.owner"
+LABEL_ROLE = "streamsvc.role"
 API_TIMEOUT = 30.0
 CLEANUP_TIMEOUT = 15.0
 
-#: What a lost or refused engine raises inside aiodocker and aiohttp.
-ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError)
+#: The status aiodocker gives a ``DockerError`` when it cannot connect at all.
+UNREACHABLE = 900
+#: What a lost or refused engine raises inside aiodocker and aiohttp (a closed
+#: client session raises RuntimeError).
+ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, RuntimeError)
 
 
 def owner_label() -> str:
@@ -54,7 +64,7 @@ def owner_alive(owner: str) -> bool:
 
 
 def labels(owner: str, role: str) -> dict[str, str]:
-    return {LABEL_MANAGED: "true", LABEL_OWNER: owner, "streamsvc.role": role}
+    return {LABEL_MANAGED: "true", LABEL_OWNER: owner, LABEL_ROLE: role}
 
 
 async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT) -> T:
@@ -65,12 +75,83 @@ async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT)
     except TimeoutError as exc:
         raise SandboxError(f"the Docker engine did not answer ({what})") from exc
     except aiodocker.DockerError as exc:
+        if exc.status == UNREACHABLE:
+            raise SandboxError(f"the Docker engine is unreachable ({what})") from exc
         message = exc.message if isinstance(exc.message, str) else str(exc.message)
         raise SandboxError(
             f"the Docker engine refused to {what}: {message}", code="sandbox_failed", status=500
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise SandboxError(f"the Docker engine is unreachable ({what})") from exc
+
+
+async def ensure_network(docker: aiodocker.Docker) -> None:
+    """The service's own bridge network: sandboxes reach out, never each other (no ICC)."""
+    try:
+        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
+        return
+    except SandboxError as exc:
+        if not isinstance(exc.__cause__, aiodocker.DockerError) or exc.__cause__.status != 404:
+            raise
+    config = {
+        "Name": NETWORK_NAME,
+        "Driver": "bridge",
+        "Labels": {LABEL_MANAGED: "true"},
+        "Options": {"com.docker.network.bridge.enable_icc": "false"},
+    }
+    try:
+        await docker_call("create the sandbox network", docker.networks.create(config))
+    except SandboxError:  # a peer may have created it first
+        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
+
+
+async def list_managed(docker: aiodocker.Docker) -> list[DockerContainer]:
+    """Every container (any state) that carries the service's label."""
+    filters = f'{{"label": ["{LABEL_MANAGED}=true"]}}'
+    found: list[DockerContainer] = await docker_call(
+        "list sandboxes", docker.containers.list(all=True, filters=filters)
+    )
+    return found
+
+
+def container_labels(container: DockerContainer) -> dict[str, str]:
+    found: dict[str, Any] = container._container.get("Labels") or {}
+    return {str(key): str(value) for key, value in found.items()}
+
+
+async def create_container(docker: aiodocker.Docker, config: dict[str, Any]) -> DockerContainer:
+    """Create a container; shielded, so a cancelled caller never leaves one it cannot name."""
+    with anyio.CancelScope(shield=True):
+        created: DockerContainer = await docker_call(
+            "create a sandbox", docker.containers.create(config)
+        )
+    return created
+
+
+async def kill_container(container: DockerContainer) -> None:
+    """SIGKILL the container; bounded, shielded, and quiet when it is gone or the engine is."""
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(CLEANUP_TIMEOUT),
+        contextlib.suppress(*ENGINE_ERRORS),
+    ):
+        await container.kill()
+
+
+async def remove_container(container: DockerContainer) -> bool:
+    """Force-remove a container and its anonymous volumes; bounded and shielded.
+
+    True when it is gone (removed now, or already).
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+        try:
+            await container.delete(force=True, v=True)
+            return True
+        except aiodocker.DockerError as exc:
+            return exc.status == 404
+        except ENGINE_ERRORS:
+            return False
+    return False
 
 
 def tar_bytes(files: dict[str, bytes], mode: int = 0o444) -> bytes:
@@ -93,16 +174,3 @@ def tar_bytes(files: dict[str, bytes], mode: int = 0o444) -> bytes:
             info.mode = mode
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
-
-
-async def remove_container(container: aiodocker.containers.DockerContainer) -> bool:
-    """Force-remove a container and its anonymous volumes; bounded and shielded."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
-        try:
-            await container.delete(force=True, v=True)
-            return True
-        except aiodocker.DockerError as exc:
-            return exc.status == 404
-        except (aiohttp.ClientError, OSError):
-            return False
-    return False

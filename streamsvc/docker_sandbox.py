@@ -1,19 +1,37 @@
 """The Docker sandbox: one fresh, locked-down container per run, via aiodocker.
 
-This is the one module that imports ``aiodocker``; Docker and aiohttp errors
-are translated here into ``SandboxError`` (``sandbox_unavailable`` when the
-engine cannot be reached, ``sandbox_failed`` when it refuses or breaks).
+This is the one module that drives containers (``docker_api`` holds the
+bounded, error-translating calls it uses; ``deps_cache`` the dependency
+volumes).
 
-A run container is created from the sandbox image with: a non-root user, all
-capabilities dropped, ``no-new-privileges``, a read-only root filesystem,
-size-capped tmpfs at ``/work`` and ``/tmp``, memory = swap = ``memoryMb``,
-a CPU quota, a pids limit, nofile/fsize ulimits, no log driver (output is
-read through attach), tini as PID 1 (so a daemon dies with the run), and
-either no network or the service's own bridge network with inter-container
-traffic disabled. Files reach it by ``put_archive`` into an anonymous volume
-at ``/bundle`` (root-owned, read-only to the program); the runner copies them
-into ``/work``. Dependencies come from ``DependencyCache`` as a read-only
-volume, so they work under ``network_mode: none``.
+A run container is created from the sandbox image with (``container_config``):
+a non-root user, all capabilities dropped, ``no-new-privileges``, a read-only
+root filesystem, size-capped tmpfs at ``/work``, ``/tmp`` and ``/dev/shm``,
+memory = memory+swap = ``memoryMb``, a CPU quota, a pids limit, nofile and
+fsize ulimits, no host mounts, no log driver (output is read through attach,
+so a flood never reaches the host's disk), tini as PID 1 (so whatever the
+program leaves behind dies with it), and either no network at all or the
+service's own bridge network with inter-container traffic disabled. Files
+reach it by ``put_archive`` into an anonymous volume at ``/bundle``
+(root-owned, read-only to the program; Docker refuses ``put_archive`` on a
+read-only root filesystem, and tmpfs is mounted only at start); the runner
+copies them into ``/work``. Dependencies come from ``DependencyCache`` as a
+read-only volume at ``/opt/deps``, so they work under ``network_mode: none``.
+
+Limits are reported, never silent. The wall clock is enforced by a watchdog
+task in the sandbox's own task group, so it holds even while a slow client
+stalls the stream: at ``timeoutMs`` it closes the output stream (an engine
+with unread output would not let the container die) and kills the
+container: ``timed_out``. Past the output cap on either stream the run is
+killed the same way: ``output_capped``. ``oom_killed`` is Docker's own
+verdict. ``pids_limited`` is set when the runner reports that the cgroup's
+pids limit refused a fork (see ``sandbox_runner``). Every container is
+removed when its run ends, however it ends; one that cannot be removed (the
+engine is down) is retried once the engine answers again, and a server that
+starts removes what dead earlier processes left.
+
+Use it as an async context manager (the app's lifespan does): it owns the
+watchdogs' task group.
 """
 
 from __future__ import annotations
@@ -22,15 +40,16 @@ import codecs
 import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal
 
 import aiodocker
-import aiohttp
 import anyio
 from aiodocker.containers import DockerContainer
+from aiodocker.stream import Message, Stream
+from anyio.abc import TaskGroup
 
 from .admission import Admission
 from .dependencies import Dependency
@@ -38,12 +57,17 @@ from .deps_cache import DependencyCache
 from .docker_api import (
     CLEANUP_TIMEOUT,
     ENGINE_ERRORS,
-    LABEL_MANAGED,
     LABEL_OWNER,
+    LABEL_ROLE,
     NETWORK_NAME,
     SANDBOX_UID,
+    container_labels,
+    create_container,
     docker_call,
+    ensure_network,
+    kill_container,
     labels,
+    list_managed,
     owner_alive,
     owner_label,
     remove_container,
@@ -51,11 +75,15 @@ from .docker_api import (
 )
 from .errors import SandboxError
 from .sandbox import Exited, Output, RunSpec, SandboxEvent, Status
+from .sandbox_runner import PIDS_MARKER
 from .settings import Settings
 
 log = logging.getLogger("streamsvc.sandbox")
 
 RUNNER = resources.files("streamsvc").joinpath("sandbox_runner.py").read_bytes()
+CONTEXT_FILE = "/work/.streamsvc/context.json"
+NOFILE_LIMIT = 256
+STREAMS: dict[int, Literal["stdout", "stderr"]] = {1: "stdout", 2: "stderr"}
 
 
 class DockerSandbox:
@@ -66,6 +94,8 @@ class DockerSandbox:
         self._settings = settings
         self._owner = owner_label()
         self._containers: set[DockerContainer] = set()
+        self._unremoved = False
+        self._tasks: TaskGroup | None = None
         self.admission = Admission(
             settings.streamsvc_max_concurrent_runs, settings.streamsvc_queue_size
         )
@@ -73,6 +103,20 @@ class DockerSandbox:
         self.image_id: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> DockerSandbox:
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     async def start(self) -> None:
         """Best-effort preparation; an engine that is down now may come back later."""
@@ -89,42 +133,22 @@ class DockerSandbox:
         )
         self.image_id = image["Id"]
         self.deps.image_id = image["Id"]
-        await self._ensure_network()
-
-    async def _ensure_network(self) -> None:
-        """The service's own bridge: sandboxes reach out, never each other."""
-        try:
-            await self._docker.networks.get(NETWORK_NAME)
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                raise
-            config = {
-                "Name": NETWORK_NAME,
-                "Driver": "bridge",
-                "Labels": {LABEL_MANAGED: "true"},
-                "Options": {"com.docker.network.bridge.enable_icc": "false"},
-            }
-            try:
-                await docker_call(
-                    "create the sandbox network", self._docker.networks.create(config)
-                )
-            except SandboxError:
-                await self._docker.networks.get(NETWORK_NAME)  # a peer created it first
 
     async def remove_leftovers(self) -> int:
-        """Remove sandboxes that earlier, now dead, processes of the service left behind."""
-        filters = json.dumps({"label": [f"{LABEL_MANAGED}=true"]})
-        found = await docker_call(
-            "list sandboxes", self._docker.containers.list(all=True, filters=filters)
-        )
+        """Remove run containers of dead earlier processes, and ours that a lost engine kept."""
         removed = 0
-        for container in found:
-            owner = container._container.get("Labels", {}).get(LABEL_OWNER, "")
-            if owner != self._owner and not owner_alive(owner):
-                await self._remove(container)
+        for container in await list_managed(self._docker):
+            found = container_labels(container)
+            owner = found.get(LABEL_OWNER, "")
+            if owner == self._owner:
+                stale = found.get(LABEL_ROLE) == "run" and container not in self._containers
+            else:
+                stale = not owner_alive(owner)
+            if stale and await remove_container(container):
                 removed += 1
         if removed:
             log.info("removed %d leftover sandbox(es)", removed)
+        self._unremoved = False
         return removed
 
     async def health(self) -> dict[str, Any]:
@@ -143,11 +167,16 @@ class DockerSandbox:
         }
 
     async def aclose(self) -> None:
-        """Kill and remove every sandbox still running, then close the client."""
+        """Kill and remove every sandbox still running, stop the watchdogs, close the client."""
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for container in list(self._containers):
                     tg.start_soon(self._remove, container)
+        tasks, self._tasks = self._tasks, None
+        if tasks is not None:
+            tasks.cancel_scope.cancel()
+            await tasks.__aexit__(None, None, None)
+        with anyio.CancelScope(shield=True):
             await self._docker.close()
 
     # -- one run -----------------------------------------------------------------
@@ -156,6 +185,8 @@ class DockerSandbox:
         await docker_call("answer a ping", self._docker.version(), limit=5)
         if self.image_id is None:
             await self._prepare()
+        if self._unremoved:
+            await self.remove_leftovers()
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():
@@ -175,88 +206,99 @@ class DockerSandbox:
 
     async def _execute(self, spec: RunSpec, deps_volume: str | None) -> AsyncIterator[SandboxEvent]:
         container = await self._create(spec, deps_volume)
+        run: _Run | None = None
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                attach = container.attach(stdout=True, stderr=True, logs=False)
-                stream: Any = await docker_call(
-                    "attach to the sandbox",
-                    stack.enter_async_context(attach),  # type: ignore[arg-type]
-                )
+            async with _attached(container) as stream:
+                run = _Run(container, stream, self._settings.streamsvc_output_cap_bytes)
                 yield Status("starting", "starting the sandbox")
-                started = time.monotonic()
-                await docker_call("start the sandbox", container.start())
+                await self._start(run, spec.timeout_ms)
                 yield Status("running", f"running {spec.entry_point}")
-                watch = _Watch(self._settings.streamsvc_output_cap_bytes)
-                async for event in self._pump(stream, spec, watch, container):
-                    yield event
-                duration_ms = int((time.monotonic() - started) * 1000)
-                yield await self._exited(container, watch, duration_ms)
+                async for output in self._pump(run):
+                    yield output
+                yield await self._exited(run)
         finally:
+            if run is not None:
+                run.watchdog.cancel()
             await self._remove(container)
 
-    async def _pump(
-        self, stream: Any, spec: RunSpec, watch: _Watch, container: DockerContainer
-    ) -> AsyncIterator[Output]:
-        decoders = {1: _decoder(), 2: _decoder()}
-        names = {1: "stdout", 2: "stderr"}
-        deadline = anyio.current_time() + spec.timeout_ms / 1000
-        while True:
-            # The scope covers the read only: a cancel scope must never span a yield.
-            with anyio.CancelScope(deadline=deadline) as scope:
-                try:
-                    message = await stream.read_out()
-                except (aiohttp.ClientError, OSError) as exc:
-                    raise SandboxError("lost the connection to the Docker engine") from exc
-            if scope.cancelled_caught:
-                watch.timed_out = True
-                await self._kill(container)
-                break
-            if message is None:
-                break
-            if message.stream not in decoders:
-                continue
-            text = decoders[message.stream].decode(message.data)
-            capped = watch.add(message.stream, len(message.data))
-            if text:
-                yield Output(names[message.stream], text)  # type: ignore[arg-type]
-            if capped:
-                await self._kill(container)
-                break
-        for number, decoder in decoders.items():
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield Output(names[number], tail)  # type: ignore[arg-type]
-
-    async def _exited(self, container: DockerContainer, watch: _Watch, duration_ms: int) -> Exited:
-        with anyio.move_on_after(CLEANUP_TIMEOUT):
-            await docker_call("wait for the sandbox", container.wait())
-        info = await docker_call("inspect the sandbox", container.show())
-        state = info.get("State", {})
-        exit_code = state.get("ExitCode")
-        return Exited(
-            exit_code=None if watch.timed_out or watch.capped else exit_code,
-            timed_out=watch.timed_out,
-            oom_killed=bool(state.get("OOMKilled")),
-            duration_ms=duration_ms,
-            output_capped=watch.capped,
-            pids_limited=watch.pids_limited,
-        )
-
     async def _create(self, spec: RunSpec, deps_volume: str | None) -> DockerContainer:
-        config = self.container_config(spec, deps_volume)
-        container = await docker_call("create a sandbox", self._docker.containers.create(config))
+        if spec.network == "bridge":
+            await ensure_network(self._docker)
+        container = await create_container(self._docker, self.container_config(spec, deps_volume))
         self._containers.add(container)
         try:
             await docker_call("copy the files", container.put_archive("/bundle", _bundle(spec)))
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._remove(container)
+            await self._remove(container)
             raise
         return container
 
+    async def _start(self, run: _Run, timeout_ms: int) -> None:
+        assert self._tasks is not None, "use DockerSandbox as an async context manager"
+        await docker_call("start the sandbox", run.container.start())
+        run.started = anyio.current_time()
+        run.deadline = run.started + timeout_ms / 1000
+        self._tasks.start_soon(self._watchdog, run)
+
+    async def _watchdog(self, run: _Run) -> None:
+        """Kill the run at its deadline, whatever its consumer is doing."""
+        with run.watchdog:
+            await anyio.sleep_until(run.deadline)
+            run.timed_out = True
+            await run.stop()
+
+    async def _pump(self, run: _Run) -> AsyncIterator[Output]:
+        """The program's output as it comes, until it ends or is stopped."""
+        decoders = {number: _decoder() for number in STREAMS}
+        while (message := await run.read()) is not None:
+            if message.stream not in STREAMS:
+                continue
+            data, passed_cap = run.count(message.stream, message.data)
+            text = decoders[message.stream].decode(data)
+            if text:
+                yield Output(STREAMS[message.stream], run.note(message.stream, text))
+            if passed_cap:
+                run.capped = True
+                await run.stop()
+                break
+        for number, decoder in decoders.items():
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield Output(STREAMS[number], run.note(number, tail))
+
+    async def _exited(self, run: _Run) -> Exited:
+        """Wait for the container to stop (the watchdog bounds that), then read its state."""
+        limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT
+        await docker_call("wait for the sandbox", run.container.wait(), limit=limit)
+        run.watchdog.cancel()
+        duration_ms = int(((run.stopped_at or anyio.current_time()) - run.started) * 1000)
+        info = await docker_call("inspect the sandbox", run.container.show())
+        state = info.get("State", {})
+        killed = run.timed_out or run.capped
+        return Exited(
+            exit_code=None if killed else state.get("ExitCode"),
+            timed_out=run.timed_out,
+            oom_killed=bool(state.get("OOMKilled")),
+            duration_ms=duration_ms,
+            output_capped=run.capped,
+            pids_limited=run.pids_limited,
+        )
+
+    async def _remove(self, container: DockerContainer) -> None:
+        if await remove_container(container):
+            self._containers.discard(container)
+            return
+        log.warning("could not remove sandbox %s; will retry", container.id[:12])
+        self._containers.discard(container)
+        self._unremoved = True
+
+    # -- the container -------------------------------------------------------------
+
     def container_config(self, spec: RunSpec, deps_volume: str | None) -> dict[str, Any]:
+        """The engine's create request for one run: every hardening setting is here."""
         s = self._settings
         memory = spec.memory_mb * 1024 * 1024
+        tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024
         tmpfs = (
             f"rw,nosuid,nodev,noexec,size={s.streamsvc_tmpfs_mb}m,"
             f"uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"
@@ -264,10 +306,9 @@ class DockerSandbox:
         env = {
             **spec.env,
             "HOME": "/work",
-            "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             "STREAMSVC_ENTRY_POINT": spec.entry_point,
-            "STREAMSVC_CONTEXT_FILE": "/work/.streamsvc/context.json",
+            "STREAMSVC_CONTEXT_FILE": CONTEXT_FILE,
         }
         mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
         if deps_volume is not None:
@@ -275,10 +316,9 @@ class DockerSandbox:
                 {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
             )
             env["PYTHONPATH"] = "/opt/deps"
-        fsize = s.streamsvc_tmpfs_mb * 1024 * 1024
         return {
             "Image": s.streamsvc_sandbox_image,
-            "Cmd": ["python3", "-u", "/bundle/.streamsvc/runner.py"],
+            "Cmd": ["python3", "/bundle/.streamsvc/runner.py"],
             "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
             "WorkingDir": "/work",
             "Env": [f"{key}={value}" for key, value in env.items()],
@@ -289,57 +329,92 @@ class DockerSandbox:
             "HostConfig": {
                 "NetworkMode": "none" if spec.network == "none" else NETWORK_NAME,
                 "Memory": memory,
-                "MemorySwap": memory,
+                "MemorySwap": memory,  # memory + swap: no swap at all
                 "NanoCpus": int(s.streamsvc_cpus * 1e9),
                 "PidsLimit": s.streamsvc_pids_limit,
                 "ReadonlyRootfs": True,
                 "CapDrop": ["ALL"],
                 "SecurityOpt": ["no-new-privileges"],
+                "Privileged": False,
                 "Tmpfs": {"/work": tmpfs, "/tmp": tmpfs},
+                "ShmSize": tmpfs_bytes,
+                "IpcMode": "private",
                 "Mounts": mounts,
+                "Binds": [],
                 "Ulimits": [
-                    {"Name": "nofile", "Soft": 256, "Hard": 256},
-                    {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+                    {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
+                    {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
                 ],
                 "LogConfig": {"Type": "none", "Config": {}},
                 "Init": True,
-                "IpcMode": "private",
                 "AutoRemove": False,
             },
         }
 
-    async def _kill(self, container: DockerContainer) -> None:
-        # Gone already, or the engine is down: removal reports it.
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(CLEANUP_TIMEOUT),
-            contextlib.suppress(*ENGINE_ERRORS),
-        ):
-            await container.kill()
 
-    async def _remove(self, container: DockerContainer) -> None:
-        if not await remove_container(container):
-            log.warning("could not remove sandbox %s", container.id[:12])
-        self._containers.discard(container)
+class _Run:
+    """One started sandbox: its container, its output stream, and why it stopped."""
 
-
-class _Watch:
-    """Counts output per stream against the cap and remembers why a run ended."""
-
-    def __init__(self, cap: int) -> None:
+    def __init__(self, container: DockerContainer, stream: Stream, cap: int) -> None:
+        self.container = container
+        self.stream = stream
         self.cap = cap
-        self.sizes = {1: 0, 2: 0}
-        self.capped = False
+        self.sizes = dict.fromkeys(STREAMS, 0)
+        self.started = 0.0
+        self.deadline = 0.0
+        self.watchdog = anyio.CancelScope()
         self.timed_out = False
+        self.capped = False
         self.pids_limited = False
+        self.stopped_at: float | None = None
+        self._stderr_tail = ""
 
-    def add(self, stream: int, size: int) -> bool:
-        """Count ``size`` bytes; true when the stream just passed the cap."""
-        self.sizes[stream] += size
-        if self.sizes[stream] > self.cap and not self.capped:
-            self.capped = True
-            return True
-        return False
+    async def read(self) -> Message | None:
+        """The next chunk of output, or ``None`` at the end (or once stopped)."""
+        try:
+            message: Message | None = await self.stream.read_out()
+        except ENGINE_ERRORS as exc:
+            if self.stopped_at is not None:
+                return None  # we closed the stream ourselves
+            raise SandboxError("lost the connection to the Docker engine") from exc
+        return message
+
+    def count(self, stream: int, data: bytes) -> tuple[bytes, bool]:
+        """``data`` cut to what fits under the cap, and whether the stream passed it."""
+        room = self.cap - self.sizes[stream]
+        self.sizes[stream] += len(data)
+        if len(data) > room:
+            return data[: max(room, 0)], True
+        return data, False
+
+    def note(self, stream: int, text: str) -> str:
+        """Watch stderr for the runner's process-limit line; ``text`` unchanged."""
+        if stream == 2 and not self.pids_limited:
+            seen = self._stderr_tail + text
+            self.pids_limited = PIDS_MARKER.strip() in seen
+            self._stderr_tail = seen[-len(PIDS_MARKER) :]
+        return text
+
+    async def stop(self) -> None:
+        """Close the output stream first (an engine with unread output hangs a kill), then kill."""
+        if self.stopped_at is not None:
+            return
+        self.stopped_at = anyio.current_time()
+        with contextlib.suppress(*ENGINE_ERRORS):
+            await self.stream.close()
+        await kill_container(self.container)
+
+
+@contextlib.asynccontextmanager
+async def _attached(container: DockerContainer) -> AsyncIterator[Stream]:
+    """The container's stdout and stderr, attached before it starts so nothing is missed."""
+    stream = container.attach(stdout=True, stderr=True, logs=False)
+    await docker_call("attach to the sandbox", stream.__aenter__())
+    try:
+        yield stream
+    finally:
+        with contextlib.suppress(*ENGINE_ERRORS):
+            await stream.close()
 
 
 def _decoder() -> codecs.IncrementalDecoder:
