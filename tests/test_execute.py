@@ -129,6 +129,43 @@ async def test_accept_event_stream_streams_and_the_body_flag_wins(
     assert refused.body["result"] == {"hello": "world"}
 
 
+LIVE_PROGRAM = """\
+import sys, time
+print("one", flush=True)
+print("two", file=sys.stderr, flush=True)
+time.sleep(1)
+print("three", flush=True)
+print('{"ok": true, "result": 3}')
+"""
+
+
+@pytest.mark.docker
+async def test_output_is_streamed_live_in_order_with_stderr_apart(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    body = {
+        "connector": {
+            "runtime": {"language": "python", "entryPoint": "main.py"},
+            "files": {"main.py": LIVE_PROGRAM},
+        },
+        "stream": True,
+    }
+    response = await read_sse(client, server.url + "/execute-connector", body)
+    output = [(e.event, e.data["text"]) for e in response.events if e.event in {"stdout", "stderr"}]
+    assert "".join(text for name, text in output if name == "stdout") == (
+        'one\nthree\n{"ok": true, "result": 3}\n'
+    )
+    assert [text for name, text in output if name == "stderr"] == ["two\n"]
+    order = [text for _, text in output]
+    assert order.index("two\n") < next(i for i, t in enumerate(order) if t.startswith("three"))
+    first = next(e for e in response.events if e.event == "stdout")
+    three = next(e for e in response.events if e.event == "stdout" and "three" in e.data["text"])
+    assert first.data["text"] == "one\n"
+    assert three.at - first.at > 0.8  # "one" reached the client before "three" was printed
+    assert response.last.data["stderr"] == "two\n"
+    assert response.last.data["result"] == 3
+
+
 # -- what the program gets ------------------------------------------------------------------
 
 CONTEXT_PROGRAM = """\

@@ -184,11 +184,6 @@ def test_a_python_file_the_parser_cannot_hold_is_not_a_500(
     assert_error_shape(response)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiodocker reports an unreachable engine as DockerError(900, 'Cannot connect...'); "
-    "docker_api.docker_call maps every DockerError to 500 sandbox_failed",
-)
 def test_a_valid_request_without_an_engine_is_503_sandbox_unavailable(
     fuzzed: ServerProcess, http: httpx.Client
 ) -> None:
