@@ -83,8 +83,8 @@ def test_document_covers_every_route_and_its_refs_resolve() -> None:
 
     refs = re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(DOC))
     assert refs and set(refs) <= set(SCHEMAS)
-    for name, schema in SCHEMAS.items():
-        jsonschema.Draft202012Validator.check_schema(schema), name
+    for schema in SCHEMAS.values():
+        jsonschema.Draft202012Validator.check_schema(schema)
 
 
 def test_document_describes_bodies_streams_and_errors() -> None:
