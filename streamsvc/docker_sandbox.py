@@ -253,8 +253,8 @@ class DockerSandbox:
         while (message := await run.read()) is not None:
             if message.stream not in STREAMS:
                 continue
-            data, passed_cap = run.count(message.stream, message.data)
-            text = decoders[message.stream].decode(data)
+            passed_cap = run.count(message.stream, len(message.data))
+            text = decoders[message.stream].decode(message.data)
             if text:
                 yield Output(STREAMS[message.stream], run.note(message.stream, text))
             if passed_cap:
@@ -379,13 +379,15 @@ class _Run:
             raise SandboxError("lost the connection to the Docker engine") from exc
         return message
 
-    def count(self, stream: int, data: bytes) -> tuple[bytes, bool]:
-        """``data`` cut to what fits under the cap, and whether the stream passed it."""
-        room = self.cap - self.sizes[stream]
-        self.sizes[stream] += len(data)
-        if len(data) > room:
-            return data[: max(room, 0)], True
-        return data, False
+    def count(self, stream: int, size: int) -> bool:
+        """Count ``size`` bytes of ``stream``; true once it is past the cap.
+
+        The chunk that passes the cap is still passed on (the transcript cuts
+        its copy at the cap and flags it), so a stream carries at most one
+        chunk (32 KiB) more than the cap.
+        """
+        self.sizes[stream] += size
+        return self.sizes[stream] > self.cap
 
     def note(self, stream: int, text: str) -> str:
         """Watch stderr for the runner's process-limit line; ``text`` unchanged."""

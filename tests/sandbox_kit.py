@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 
 from tests.harness import ServerProcess, SSEResponse, parse_sse_lines, read_sse
@@ -121,6 +122,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not true after {timeout} s: {predicate}")
         time.sleep(interval)
+    return time.monotonic() - started
+
+
+async def eventually(predicate: Callable[[], bool], limit: float) -> float:
+    """``wait_until`` for async tests: the predicate runs in a thread, the loop keeps going."""
+    started = time.monotonic()
+    while not await anyio.to_thread.run_sync(predicate):
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"not true after {limit} s: {predicate}")
+        await anyio.sleep(0.05)
     return time.monotonic() - started
 
 
