@@ -42,15 +42,6 @@ async def test_keepalive_comments_flow_while_the_upstream_is_silent(
     assert all(c.startswith("ping") for c in response.comments)
 
 
-async def test_no_keepalive_noise_on_a_fast_stream(
-    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
-) -> None:
-    azure.push(Reply(text_chunks=["quick"]))
-    response = await read_sse(client, server.url + "/chat", STREAM)
-    assert response.last.event == "done"
-    assert response.comments == []
-
-
 async def test_a_client_leaving_mid_stream_closes_the_upstream_request_promptly(
     server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
