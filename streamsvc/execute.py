@@ -19,7 +19,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import sse
+from . import observability, sse
 from .bodies import read_body, wants_stream
 from .connector import decode_request, plan
 from .errors import SandboxError
@@ -56,7 +56,9 @@ async def _events(
             elif isinstance(event, Exited):
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
-                yield sse.Event("done", transcript.result(event))
+                result = transcript.result(event)
+                observability.current().execution(result.exit_code, result.ok)
+                yield sse.Event("done", result)
                 return
     finally:
         with anyio.CancelScope(shield=True):
