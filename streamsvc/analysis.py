@@ -180,7 +180,8 @@ def _parse_python(source: str) -> ast.Module | None:
             # e.g. DeprecationWarning for invalid escape sequences in user code
             warnings.simplefilter("ignore")
             return ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        # CPython's parser raises MemoryError for very deep nesting (``x = ----...1``).
         return None
 
 

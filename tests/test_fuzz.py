@@ -164,11 +164,6 @@ def test_json_nested_beyond_the_decoder_is_400(fuzzed: ServerProcess, http: http
     assert assert_error_shape(response)["code"] == "too_deeply_nested"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="analysis._parse_python does not catch the MemoryError CPython's parser raises "
-    "for deeply nested unary operators; the fix is adding MemoryError to its except",
-)
 def test_a_python_file_the_parser_cannot_hold_is_not_a_500(
     start_server: Callable[..., ServerProcess], http: httpx.Client
 ) -> None:
