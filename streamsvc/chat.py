@@ -16,7 +16,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from . import sse
+from . import observability, sse
 from .bodies import JsonDecoder, read_body, wants_stream
 from .errors import NotConfigured, ValidationFailed
 from .settings import Settings
@@ -158,10 +158,10 @@ async def chat_endpoint(request: Request) -> Response:
     params = params_for(body, settings)
     try:
         if not wants_stream(request, body.stream):
-            answer = collect(backend.stream(params))
+            answer = collect(observability.observe_chat(backend.stream(params)))
             result = await sse.before_headers(request, state.streams, answer)
             return Response(_result_encoder.encode(result), media_type="application/json")
-        events = _events(backend.stream(params))
+        events = _events(observability.observe_chat(backend.stream(params)))
         first = await sse.before_headers(request, state.streams, sse.start(events))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more

@@ -1,0 +1,248 @@
+"""Request ids, the JSON access log and /metrics, on a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import AZURE_KEY
+from tests.fake_azure import FakeAzure, Reply, unauthorized
+from tests.harness import ServerProcess, read_sse
+
+API_KEY = "client-api-key-abcdef0123456789"
+SECRET_TEXT = "the-launch-code-is-7f3a9c"  # message content: never in the log
+
+
+def access_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in server.log().splitlines():
+        if '"streamsvc.access"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+async def access_line(server: ServerProcess, request_id: str) -> dict[str, Any]:
+    """The access record of one request (written when its response is over)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [line for line in access_lines(server) if line["request_id"] == request_id]
+        if found:
+            assert len(found) == 1
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no access-log line for {request_id}:\n{server.log()}")
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value in a Prometheus exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+async def test_request_id_is_echoed_when_valid_and_generated_otherwise(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    offered = "req-2024.abc_DEF-" + "x" * 100
+    echoed = await client.get(server.url + "/health", headers={"X-Request-ID": offered})
+    assert echoed.headers["x-request-id"] == offered
+
+    generated = (await client.get(server.url + "/health")).headers["x-request-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    other = (await client.get(server.url + "/health")).headers["x-request-id"]
+    assert other != generated
+
+    for bad in ("has space", "x" * 129, "semi;colon", "ünïcode"):
+        answer = await client.get(server.url + "/health", headers={"X-Request-ID": bad.encode()})
+        replaced = answer.headers["x-request-id"]
+        assert replaced != bad and len(replaced) == 32
+        assert answer.headers.get_list("x-request-id") == [replaced]
+
+    # Errors carry it too (404 from the router, 401 from the API-key check).
+    missing = await client.get(server.url + "/nope", headers={"X-Request-ID": "r404"})
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "r404"
+
+
+async def test_access_log_is_json_with_facts_and_without_content_or_secrets(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_LOG_FORMAT="json", STREAMSVC_API_KEYS=API_KEY)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"messages": [{"role": "user", "content": SECRET_TEXT}], "stream": True}
+
+    azure.push(Reply(text_chunks=["Hel", "lo", SECRET_TEXT], chunk_delay=0.05))
+    streamed = await read_sse(
+        client, server.url + "/chat", body, headers={**auth, "X-Request-ID": "stream-1"}
+    )
+    assert streamed.status == 200 and streamed.headers["x-request-id"] == "stream-1"
+    assert streamed.last.event == "done"
+    usage = streamed.last.data["usage"]
+
+    plain = await client.post(
+        server.url + "/chat",
+        json={**body, "stream": False},
+        headers={**auth, "X-Request-ID": "plain-1"},
+    )
+    assert plain.status_code == 200
+    denied = await client.post(
+        server.url + "/chat", json=body, headers={"X-Request-ID": "denied-1"}
+    )
+    assert denied.status_code == 401 and denied.headers["x-request-id"] == "denied-1"
+
+    line = await access_line(server, "stream-1")
+    assert line["logger"] == "streamsvc.access" and line["level"] == "info"
+    assert line["method"] == "POST" and line["path"] == "/chat" and line["route"] == "/chat"
+    assert line["status"] == 200 and line["streamed"] is True
+    assert line["bytes_sent"] > 100
+    # The first token came after the upstream's first 50 ms pause; the whole stream took longer.
+    assert 40 <= line["ttft_ms"] < line["duration_ms"]
+    assert line["duration_ms"] >= 140
+    assert line["prompt_tokens"] == usage["prompt_tokens"]
+    assert line["completion_tokens"] == usage["completion_tokens"] == 3
+    assert line["total_tokens"] == usage["total_tokens"]
+
+    line = await access_line(server, "plain-1")
+    assert line["streamed"] is False and line["status"] == 200
+    assert line["bytes_sent"] == len(plain.content)
+    assert line["ttft_ms"] > 0 and line["completion_tokens"] > 0
+
+    line = await access_line(server, "denied-1")
+    assert line["status"] == 401 and line["error"] == "unauthorized"
+    assert "ttft_ms" not in line
+
+    log = server.log()
+    for line_text in log.splitlines():
+        json.loads(line_text)  # every line is one JSON object
+    assert SECRET_TEXT not in log
+    assert API_KEY not in log and AZURE_KEY not in log
+
+
+async def test_content_is_logged_at_debug_only_when_enabled(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(
+        STREAMSVC_LOG_FORMAT="json", STREAMSVC_LOG_LEVEL="debug", STREAMSVC_LOG_CONTENT="true"
+    )
+    azure.push(Reply(text_chunks=["sun", "ny"]))
+    answer = await client.post(
+        server.url + "/chat",
+        json={"messages": [{"role": "user", "content": "weather?"}]},
+        headers={"X-Request-ID": "content-1"},
+    )
+    assert answer.status_code == 200
+    await access_line(server, "content-1")
+    records = [json.loads(line) for line in server.log().splitlines()]
+    content = [r for r in records if r["logger"] == "streamsvc.content"]
+    assert [r["level"] for r in content] == ["debug"]
+    assert content[0]["request_id"] == "content-1"
+    assert content[0]["content"]["content"] == "sunny"
+
+
+async def test_text_format_is_the_default_and_still_carries_the_fields(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    request_id = uuid.uuid4().hex
+    await client.get(server.url + "/health", headers={"X-Request-ID": request_id})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [line for line in server.log().splitlines() if request_id in line]
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    (line,) = lines
+    assert " INFO streamsvc.access: GET /health 200 {" in line
+    fields = json.loads(line[line.index("{") :])
+    assert fields["request_id"] == request_id and fields["status"] == 200
+
+
+async def test_metrics_count_requests_errors_and_first_tokens(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    async def scrape() -> str:
+        answer = await client.get(server.url + "/metrics")
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/plain")
+        return answer.text
+
+    before = await scrape()
+    for name in (
+        "streamsvc_active_streams",
+        "streamsvc_active_runs",
+        "streamsvc_queue_length",
+        "streamsvc_time_to_first_token_seconds",
+    ):
+        assert f"# TYPE {name} " in before
+
+    await client.get(server.url + "/health")
+    await client.get(server.url + "/health")
+    await client.get(server.url + "/nope")
+    azure.push(Reply(text_chunks=["a", "b"]))
+    ok = await read_sse(
+        client, server.url + "/chat", {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert ok.last.event == "done"
+    azure.push(unauthorized())
+    refused = await client.post(
+        server.url + "/chat", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert refused.status_code == 502
+    azure.push(Reply(text_chunks=["a", "b", "c"], drop_after=1))
+    dropped = await read_sse(
+        client, server.url + "/chat", {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert dropped.status == 200 and dropped.last.event == "error"
+    dropped_code = dropped.last.data["error"]["code"]
+
+    await asyncio.sleep(0.2)  # the last access record is written just after the response
+    after = await scrape()
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("streamsvc_requests_total", route="/health", code="200") == 2
+    assert moved("streamsvc_requests_total", route="unmatched", code="404") == 1
+    assert moved("streamsvc_errors_total", route="unmatched", code="404", error="not_found") == 1
+    assert moved("streamsvc_requests_total", route="/chat", code="200") == 2
+    assert moved("streamsvc_errors_total", route="/chat", code="502", error="upstream_auth") == 1
+    assert moved("streamsvc_errors_total", route="/chat", code="200", error=dropped_code) == 1
+    assert moved("streamsvc_errors_total", route="/health", code="200", error="http_200") == 0
+    # Two streams reached a first token (the refused one did not).
+    assert moved("streamsvc_time_to_first_token_seconds_count", route="/chat") == 2
+    assert moved("streamsvc_chat_tokens_total", kind="completion") == 2
+    assert sample(after, "streamsvc_active_streams") == 0
+
+
+@pytest.mark.docker
+async def test_executions_log_exit_code_and_ok(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_LOG_FORMAT="json")
+    secret = "connector-secret-value-0123456789"
+    program = 'import sys\nprint(\'{"ok": true, "result": 1}\')\nsys.exit(3)\n'
+    body = {
+        "connector": {
+            "runtime": {"language": "python", "entryPoint": "main.py"},
+            "files": {"main.py": program},
+        },
+        "env": {"TOKEN": secret},
+        "stream": False,
+    }
+    answer = await client.post(
+        server.url + "/execute-connector", json=body, headers={"X-Request-ID": "run-1"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["exit_code"] == 3
+    line = await access_line(server, "run-1")
+    assert line["route"] == "/execute-connector" and line["status"] == 200
+    assert line["exit_code"] == 3 and line["ok"] is False
+    assert secret not in server.log()
