@@ -136,19 +136,22 @@ class DockerSandbox:
 
     async def remove_leftovers(self) -> int:
         """Remove run containers of dead earlier processes, and ours that a lost engine kept."""
-        removed = 0
+        removed, failed = 0, False
+        active = {container.id for container in self._containers}
         for container in await list_managed(self._docker):
             found = container_labels(container)
             owner = found.get(LABEL_OWNER, "")
             if owner == self._owner:
-                stale = found.get(LABEL_ROLE) == "run" and container not in self._containers
+                stale = found.get(LABEL_ROLE) == "run" and container.id not in active
             else:
                 stale = not owner_alive(owner)
-            if stale and await remove_container(container):
-                removed += 1
+            if stale:
+                gone = await remove_container(container)
+                removed += gone
+                failed = failed or not gone
         if removed:
             log.info("removed %d leftover sandbox(es)", removed)
-        self._unremoved = False
+        self._unremoved = failed
         return removed
 
     async def health(self) -> dict[str, Any]:
