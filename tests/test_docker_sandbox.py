@@ -104,6 +104,25 @@ async def test_stdout_and_stderr_are_separate_events_in_order(
     assert done["ok"] is True
 
 
+async def test_output_is_live_one_event_per_line(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    code = """
+        import sys, time
+        print("first")
+        time.sleep(1)
+        sys.stdout.write("partial")
+        sys.stdout.flush()
+        time.sleep(1)
+        print(" line")
+    """
+    answer = await stream(client, server, body(code))
+    stdout = answer.named("stdout")
+    assert [e.data["text"] for e in stdout] == ["first\n", "partial", " line\n"]
+    assert stdout[1].at - stdout[0].at > 0.8  # each arrived when written, not at the end
+    assert stdout[2].at - stdout[1].at > 0.8
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_run_context_contract_and_context_file(
     kind: str, server: ServerProcess, client: httpx.AsyncClient
