@@ -5,7 +5,8 @@ A ``Sandbox`` turns a ``RunSpec`` into an async stream of our own events:
 them, and exactly one final ``Exited``. The first event is produced only once
 the engine has answered, so an unreachable engine is an exception from the
 first ``anext`` (a real 503), not an event. ``streamsvc.docker_sandbox`` is
-the implementation; it is the one module that imports ``aiodocker``.
+the implementation; it, ``docker_api`` and ``deps_cache`` are the only
+modules that import ``aiodocker``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Exited(msgspec.Struct):
     duration_ms: int
     #: The run was killed because a stream passed the output cap.
     output_capped: bool = False
-    #: The run hit the process limit (a fork failed with EAGAIN).
+    #: The pids limit refused a fork or a thread (the cgroup's own counter, via the runner).
     pids_limited: bool = False
 
 
