@@ -57,6 +57,8 @@ class ExecutionResult(msgspec.Struct):
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     output_limit_exceeded: bool = False
+    #: The program tried to start more processes than the pids limit allows.
+    pids_limited: bool = False
 
 
 _NOTHING = object()
@@ -164,6 +166,7 @@ class Transcript:
             stdout_truncated=stdout.truncated,
             stderr_truncated=stderr.truncated,
             output_limit_exceeded=exited.output_capped,
+            pids_limited=exited.pids_limited,
         )
 
 

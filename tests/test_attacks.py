@@ -52,6 +52,7 @@ async def test_fork_bomb_hits_the_process_limit(
     # It ends by itself (its first process dies on EAGAIN) or at the deadline: either
     # way the answer says the process limit was hit, and never ok.
     assert answer["ok"] is False
+    assert answer["pids_limited"] is True  # whichever limit ended it
     assert PIDS_MARKER.strip() in answer["stderr"]
     assert answer["error"]["code"] in ("process_limit", "timeout", "out_of_memory")
     assert answer["duration_ms"] < 4000 + 3000
@@ -79,6 +80,7 @@ async def test_a_program_that_survives_the_process_limit_is_still_flagged(
     assert 100 <= answer["result"]["children"] < 128  # the runner and its supervisor count
     assert answer["exit_code"] == 0
     assert answer["ok"] is False and answer["error"]["code"] == "process_limit"
+    assert answer["pids_limited"] is True
     assert PIDS_MARKER.strip() in answer["stderr"]
     survived(server)
 

@@ -107,6 +107,7 @@ def test_the_seed_shape_gives_ok_and_result() -> None:
         "stdout_truncated": False,
         "stderr_truncated": False,
         "output_limit_exceeded": False,
+        "pids_limited": False,
     }
 
 
