@@ -10,7 +10,11 @@ scripts can all point the real, unpatched ``openai`` SDK at it::
 
 Scripted replies are consumed FIFO, one per authorised chat request; a request refused
 with 404 (route, api-version) or 401 (key) is recorded but consumes none. With the queue
-empty the reply echoes ``"echo: " + last user message``, word by word. For benchmarks::
+empty the reply echoes ``"echo: " + last user message``, word by word.
+
+It also serves OpenAI's route, ``POST /v1/chat/completions`` (``Authorization: Bearer
+<api_key>``, no api-version), with OpenAI's wire format: the same replies without Azure's
+extras (no prompt-filter chunk, no filter results or annotations). For benchmarks::
 
     python -m tests.fake_azure --port 9999 --chunks 50 --interval-ms 20
 """
@@ -37,6 +41,7 @@ Json: TypeAlias = dict[str, Any]
 MODEL = "gpt-4o-2024-11-20"
 FINGERPRINT = "fp_b705f0c291"
 _ROUTE = re.compile(r"^/openai/deployments/(?P<deployment>[^/]+)/chat/completions/?$")
+_OPENAI_ROUTE = re.compile(r"^/v1/chat/completions/?$")
 _CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 
 
@@ -55,11 +60,14 @@ class Reply:
     drop_after: int | None = None  # after N content chunks: close the socket, no [DONE]
     raw_chunks: list[Json] | None = None  # sent verbatim as the whole stream (then [DONE])
     include_usage: bool | None = None  # None: follow the request's stream_options
+    # OpenAI tool calls ({"id", "type", "function": {"name", "arguments"}}) after any text
+    # (none: no echo); streamed as OpenAI does, finish_reason "tool_calls" unless set otherwise
+    tool_calls: list[Json] | None = None
 
 
 @dataclass
 class Recorded:
-    deployment: str  # "" when the path is not the chat-completions route
+    deployment: str  # Azure's path deployment, the body's model on /v1; else ""
     query: dict[str, str]
     headers: dict[str, str]  # names lowercased
     body: Json
@@ -69,6 +77,9 @@ class Recorded:
 # ---- Azure's JSON shapes, kept compact so they read like the wire -------------------------------
 # fmt: off
 NOT_FOUND: Json = {"error": {"code": "404", "message": "Resource not found"}}
+INVALID_API_KEY: Json = {"error": {  # OpenAI's 401
+    "message": "Incorrect API key provided.", "type": "invalid_request_error", "param": None,
+    "code": "invalid_api_key"}}
 ACCESS_DENIED: Json = {"error": {"code": "401", "message": (
     "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide"
     " a valid key for an active subscription and use a correct regional API endpoint for your"
@@ -137,9 +148,11 @@ def _chunk(base: Json, delta: Json, results: Json, finish: str | None = None) ->
 
 
 def _stream_chunks(
-    model: str, chunks: list[str], finish: str, usage: Json | None
+    model: str, chunks: list[str], finish: str, usage: Json | None,
+    tool_calls: list[Json] | None = None,
 ) -> tuple[list[Json], list[Json], list[Json]]:
-    """Azure's stream as (prompt filter + role, content deltas, finish + annotation + usage)."""
+    """Azure's stream as (prompt filter + role, content and tool-call deltas, finish +
+    annotation + usage)."""
     base, filtered = _base(model, "chat.completion.chunk"), finish == "content_filter"
     preamble = [
         {"choices": [], "created": 0, "id": "", "model": "", "object": "",
@@ -147,6 +160,7 @@ def _stream_chunks(
         _chunk(base, {"role": "assistant", "content": "", "refusal": None}, {}),
     ]
     content = [_chunk(base, {"content": text}, _filter_results()) for text in chunks]
+    content += [_chunk(base, delta, {}) for delta in _tool_call_deltas(tool_calls or [])]
     offsets = {"check_offset": 0, "start_offset": 0, "end_offset": len("".join(chunks))}
     tail = [
         _chunk(base, {}, _filter_results(filtered) if filtered else {}, finish),
@@ -160,8 +174,25 @@ def _stream_chunks(
     return preamble, content, tail
 
 
-def _completion(model: str, text: str, finish: str, usage: Json) -> Json:
+def _tool_call_deltas(calls: list[Json]) -> list[Json]:
+    """OpenAI's streamed tool calls: id, type and name first, then the arguments in two parts."""
+    deltas: list[Json] = []
+    for index, call in enumerate(calls):
+        function, arguments = call["function"], call["function"]["arguments"]
+        head = {"index": index, "id": call["id"], "type": call.get("type", "function"),
+                "function": {"name": function["name"], "arguments": ""}}
+        deltas.append({"tool_calls": [head]})
+        for part in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
+    return deltas
+
+
+def _completion(
+    model: str, text: str, finish: str, usage: Json, tool_calls: list[Json] | None = None
+) -> Json:
     message = {"annotations": [], "content": text, "refusal": None, "role": "assistant"}
+    if tool_calls:
+        message |= {"content": text or None, "tool_calls": tool_calls}
     choice = {"content_filter_results": _filter_results(finish == "content_filter"),
               "finish_reason": finish, "index": 0, "logprobs": None, "message": message}
     return {"choices": [choice], **_base(model, "chat.completion"),
@@ -178,7 +209,26 @@ def _usage(body: Json, completion: int) -> Json:
             "prompt_tokens": prompt,
             "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 0},
             "total_tokens": prompt + completion}
+
+
+def _without_filters(event: Json) -> Json:
+    """A completion or chunk without Azure's filter results (OpenAI's shape)."""
+    choices = [{k: v for k, v in c.items() if not k.startswith("content_filter")}
+               for c in event["choices"]]
+    return {**{k: v for k, v in event.items() if k != "prompt_filter_results"}, "choices": choices}
+
+
+def _as_openai(events: list[Json]) -> list[Json]:
+    """OpenAI's stream: no prompt-filter chunk, no annotation chunks, no filter results."""
+    return [_without_filters(e) for e in events if "prompt_filter_results" not in e
+            and all("delta" in c for c in e["choices"])]
 # fmt: on
+
+
+def _finish_reason(reply: Reply) -> str:
+    return (
+        "tool_calls" if reply.tool_calls and reply.finish_reason == "stop" else reply.finish_reason
+    )
 
 
 def _words(content: Any) -> list[str]:
@@ -363,6 +413,7 @@ class FakeAzure:
         url = urlsplit(target)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         route = _ROUTE.match(url.path)
+        openai = _OPENAI_ROUTE.match(url.path) is not None
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -370,10 +421,14 @@ class FakeAzure:
         with self._lock:
             recorded = body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")}
             deployment = route["deployment"] if route else ""
+            if openai:
+                deployment = str(recorded.get("model", ""))
             self._requests.append(Recorded(deployment, query, headers, recorded, url.path))
-            if method != "POST" or route is None or "api-version" not in query:
+            if method != "POST" or not (openai or (route and "api-version" in query)):
                 reply = Reply(status=404, error=NOT_FOUND)
-            elif not self._authorised(headers):
+            elif openai and headers.get("authorization") != f"Bearer {self.api_key}":
+                reply = Reply(status=401, error=INVALID_API_KEY)
+            elif not openai and not self._authorised(headers):
                 reply = unauthorized()
             elif not isinstance(body, dict):
                 error = {"code": "BadRequest", "message": "Request body is not a JSON object."}
@@ -382,7 +437,8 @@ class FakeAzure:
                 reply = self._queue.popleft()
             else:
                 reply = Reply(chunk_delay=self.default_chunk_delay)
-        return await self._guard(reader, self._respond(writer, reply, recorded, keep_alive))
+        respond = self._respond(writer, reply, recorded, keep_alive, openai)
+        return await self._guard(reader, respond)
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         if headers.get("api-key") == self.api_key:
@@ -419,7 +475,12 @@ class FakeAzure:
         raise ConnectionAbortedError("client hung up mid-response")
 
     async def _respond(
-        self, writer: asyncio.StreamWriter, reply: Reply, body: Json, keep_alive: bool
+        self,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        body: Json,
+        keep_alive: bool,
+        openai: bool = False,
     ) -> bool:
         await asyncio.sleep(reply.first_byte_delay)
         stream = body.get("stream") is True
@@ -439,12 +500,16 @@ class FakeAzure:
         }
         chunks = reply.text_chunks
         if chunks is None:
-            chunks = _echo_chunks(body, self.default_chunks)
+            chunks = [] if reply.tool_calls else _echo_chunks(body, self.default_chunks)
         if reply.status != 200 or not stream:
             payload = reply.error or {"error": {"code": str(reply.status), "message": "Error"}}
             if reply.status == 200:
-                usage = _usage(body, len(chunks))
-                payload = _completion(self.model, "".join(chunks), reply.finish_reason, usage)
+                calls = reply.tool_calls
+                usage = _usage(body, len(chunks) + len(_tool_call_deltas(calls or [])))
+                finish = _finish_reason(reply)
+                payload = _completion(self.model, "".join(chunks), finish, usage, calls)
+                if openai:
+                    payload = _without_filters(payload)
             data = json.dumps(payload).encode()
             headers |= {"content-type": "application/json", "content-length": str(len(data))}
             writer.write(_http_head(reply.status, headers | reply.headers) + data)
@@ -456,21 +521,31 @@ class FakeAzure:
         with self._lock:
             self.open_streams += 1
         try:
-            return await self._stream(writer, reply, body, chunks) and keep_alive
+            return await self._stream(writer, reply, body, chunks, openai) and keep_alive
         finally:
             with self._lock:
                 self.open_streams -= 1
 
     async def _stream(
-        self, writer: asyncio.StreamWriter, reply: Reply, body: Json, chunks: list[str]
+        self,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        body: Json,
+        chunks: list[str],
+        openai: bool = False,
     ) -> bool:
         """Send the SSE body; return False if it was dropped on purpose."""
         include_usage = reply.include_usage
         if include_usage is None:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        usage = _usage(body, len(chunks)) if include_usage else None
-        preamble, content, tail = _stream_chunks(self.model, chunks, reply.finish_reason, usage)
+        calls = reply.tool_calls
+        usage = _usage(body, len(chunks) + len(_tool_call_deltas(calls or [])))
+        preamble, content, tail = _stream_chunks(
+            self.model, chunks, _finish_reason(reply), usage if include_usage else None, calls
+        )
+        if openai:
+            preamble, content, tail = _as_openai(preamble), _as_openai(content), _as_openai(tail)
         if reply.raw_chunks is not None:
             preamble, content, tail = [], reply.raw_chunks, []
         writer.write(b"".join(_sse(event) for event in preamble))
