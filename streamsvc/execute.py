@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import observability, sse
@@ -65,32 +65,17 @@ async def _events(
             await runs.aclose()  # type: ignore[attr-defined]
 
 
-async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` when the client goes away (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def _answer(request: Request, events: AsyncIterator[sse.Event]) -> ExecutionResult | None:
-    """Run to the end for a JSON answer; ``None`` when the client left first."""
-    result: ExecutionResult | None = None
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_cancel_on_disconnect, request, tg.cancel_scope)
-        try:
-            async for event in events:
-                if event.name == "done":
-                    result = event.data
-        except Exception as exc:  # re-raised below, outside the task group
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await events.aclose()  # type: ignore[attr-defined]
-    if failure is not None:
-        raise failure
-    return result
+async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
+    """Run to the end for a JSON answer."""
+    try:
+        async for event in events:
+            if event.name == "done":
+                result: ExecutionResult = event.data
+                return result
+    finally:
+        with anyio.CancelScope(shield=True):
+            await events.aclose()  # type: ignore[attr-defined]
+    raise SandboxError("the run ended without an answer", code="sandbox_failed", status=500)
 
 
 async def execute_endpoint(request: Request) -> Response:
@@ -104,16 +89,19 @@ async def execute_endpoint(request: Request) -> Response:
     secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
     transcript = Transcript(secrets, settings.streamsvc_output_cap_bytes)
     runs = sandbox.run(spec)
-    first = await sse.start(runs)  # engine down, busy: a real status, before any header
-    if first is None:
-        raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
-    events = _events(first, runs, transcript)
-    if wants_stream(request, body.stream):
-        return sse.event_response(
-            None, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
-        )
-    result = await _answer(request, events)
-    if result is None:
+    try:
+        # Engine down, busy: a real status before any header. A hang-up or a shutdown
+        # while waiting stops the run (sse.before_headers).
+        first = await sse.before_headers(request, state.streams, sse.start(runs))
+        if first is None:
+            raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
+        events = _events(first, runs, transcript)
+        if wants_stream(request, body.stream):
+            return sse.event_response(
+                None, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
+            )
+        result = await sse.before_headers(request, state.streams, _collect(events))
+    except ClientDisconnect:
         log.info("client disconnected before the answer; the run was stopped")
         return Response(status_code=499)  # nobody is listening; for the access log
     return Response(_encoder.encode(result), media_type="application/json")

@@ -125,6 +125,7 @@ async def test_sigterm_kills_and_removes_running_sandboxes_before_exit(
         with contextlib.suppress(httpx.HTTPError):
             response = await client.post(dedicated.url + "/execute-connector", json=body(SLEEPER))
             seen["unstreamed"] = response.status_code
+            seen["unstreamed_code"] = response.json()["error"]["code"]
 
     async with httpx.AsyncClient(timeout=60) as client, anyio.create_task_group() as tg:
         tg.start_soon(streamed, client)
@@ -136,3 +137,5 @@ async def test_sigterm_kills_and_removes_running_sandboxes_before_exit(
     assert code == 0, dedicated.log()
     assert sandboxes(dedicated) == []  # gone by the time the process exited
     assert seen.get("error") == "shutting_down", seen
+    # The JSON request gets a real answer too, not a dropped connection.
+    assert (seen.get("unstreamed"), seen.get("unstreamed_code")) == (503, "shutting_down"), seen
