@@ -31,6 +31,7 @@ import msgspec
 from .analysis import (
     connector_paths,
     deep_merge,
+    json_depth,
     missing_connector_paths,
     required_env,
     substitute_env,
@@ -183,20 +184,6 @@ def _directories(files: dict[str, str]) -> set[str]:
         parts = name.split("/")[:-1]
         found.update("/".join(parts[: i + 1]) for i in range(len(parts)))
     return found
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
-    deepest = 0
-    pending = [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            pending.extend((child, depth + 1) for child in item)
-    return deepest
 
 
 def _runtime_problems(

@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from .analysis import json_depth
 from .redact import Redactor
 from .sandbox import Exited, Output
 
@@ -69,21 +70,7 @@ def _decode(text: str) -> Any:
         value = _json.decode(text)
     except (msgspec.DecodeError, RecursionError):
         return _NOTHING
-    return value if _depth(value) <= MAX_RESULT_DEPTH else _NOTHING
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
-    deepest = 0
-    pending = [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            pending.extend((child, depth + 1) for child in item)
-    return deepest
+    return value if json_depth(value) <= MAX_RESULT_DEPTH else _NOTHING
 
 
 def find_result(stdout: str) -> Any:
