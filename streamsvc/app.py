@@ -1,7 +1,7 @@
 """The Starlette application: factory, lifespan, routes, error rendering.
 
 ``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
-(the chat backend, the Docker sandbox) and closes them; routes find them on
+(the chat provider, the Docker sandbox) and closes them; routes find them on
 ``app.state``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
 status; anything else is a 500 ``internal_error`` with no stack trace.
 """
@@ -76,8 +76,8 @@ async def health(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     chat = {
-        "state": "configured" if state.chat_backend is not None else "not_configured",
-        "deployment": settings.azure_openai_deployment,
+        "state": "configured" if state.chat_provider is not None else "not_configured",
+        "deployment": settings.chat_deployment,
     }
     components: dict[str, Any] = {"chat": chat}
     sandbox = getattr(state, "sandbox", None)
@@ -131,16 +131,21 @@ class ApiKeyMiddleware:
 
 
 def create_app(settings: Settings) -> Starlette:
+    if settings.chat_configured:
+        from .providers import check_settings
+
+        check_settings(settings)  # e.g. Entra ID auth without azure-identity: a start-up error
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            app.state.chat_backend = None
+            app.state.chat_provider = None
             if settings.chat_configured:
-                from .azure import AzureChatBackend, create_client
+                from .providers import create_provider
 
-                backend = AzureChatBackend(create_client(settings), settings)
-                stack.push_async_callback(backend.aclose)
-                app.state.chat_backend = backend
+                provider = create_provider(settings)
+                stack.push_async_callback(provider.aclose)
+                app.state.chat_provider = provider
             await _start_sandbox(app, settings, stack)
             yield
 
@@ -164,7 +169,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.streams = StreamRegistry()
-    app.state.chat_backend = None
+    app.state.chat_provider = None
     app.state.sandbox = None
     app.add_middleware(
         ApiKeyMiddleware,

@@ -52,6 +52,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     openai_temperature: Temperature = 0.7
     #: Model-name prefixes that take ``max_completion_tokens`` and no temperature.
     openai_reasoning_models: tuple[str, ...] = ("gpt-5", "o1", "o3", "o4")
+    #: ``key`` (AZURE_OPENAI_API_KEY) or ``entra`` (Microsoft Entra ID, needs azure-identity).
+    azure_openai_auth: Literal["key", "entra"] = "key"
+
+    # --- chat provider ----------------------------------------------------------
+    #: ``azure`` (Azure OpenAI) or ``openai`` (any OpenAI-compatible base URL).
+    streamsvc_chat_provider: Literal["azure", "openai"] = "azure"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = None
+    #: The ``openai`` provider's default model (Azure's is AZURE_OPENAI_DEPLOYMENT).
+    openai_model: str | None = None
+    #: Deployments (models) tried in order when the one asked for answers 429 or 5xx.
+    streamsvc_chat_fallback_deployments: tuple[str, ...] = ()
 
     # --- HTTP server ----------------------------------------------------------
     streamsvc_host: str = "127.0.0.1"
@@ -95,12 +107,29 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_max_file_bytes: Positive = 1024 * 1024
 
     @property
+    def chat_deployment(self) -> str | None:
+        """The default deployment (Azure) or model (``openai`` provider)."""
+        if self.streamsvc_chat_provider == "openai":
+            return self.openai_model
+        return self.azure_openai_deployment
+
+    @property
+    def chat_missing(self) -> tuple[str, ...]:
+        """The settings chat still needs, by name (empty when chat is configured)."""
+        if self.streamsvc_chat_provider == "openai":
+            needed: dict[str, str | None] = {"OPENAI_MODEL": self.openai_model}
+        else:
+            needed = {
+                "AZURE_OPENAI_ENDPOINT": self.azure_openai_endpoint,
+                "AZURE_OPENAI_DEPLOYMENT": self.azure_openai_deployment,
+            }
+            if self.azure_openai_auth == "key":
+                needed = {"AZURE_OPENAI_API_KEY": self.azure_openai_api_key, **needed}
+        return tuple(name for name, value in needed.items() if not value)
+
+    @property
     def chat_configured(self) -> bool:
-        return bool(
-            self.azure_openai_api_key
-            and self.azure_openai_endpoint
-            and self.azure_openai_deployment
-        )
+        return not self.chat_missing
 
     @property
     def ca_bundle(self) -> str | None:
@@ -211,6 +240,8 @@ def _check(settings: Settings) -> None:
     endpoint = settings.azure_openai_endpoint
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")
+    if not settings.openai_base_url.startswith(("http://", "https://")):
+        raise SettingsError("invalid setting OPENAI_BASE_URL: expected an http(s) URL")
     if settings.streamsvc_log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise SettingsError(
             "invalid setting STREAMSVC_LOG_LEVEL: expected debug, info, warning or error"

@@ -1,0 +1,331 @@
+"""The chat providers, on the official ``openai`` SDK: Azure OpenAI and any OpenAI-compatible API.
+
+This is the one place that imports ``openai``: SDK errors are translated here
+into ``streamsvc.errors``. ``create_provider`` picks the client from the
+settings: Azure OpenAI with an API key or a Microsoft Entra ID token
+(azure-identity's ``DefaultAzureCredential``, imported only then), or any
+OpenAI-compatible base URL (OpenAI, Ollama, vLLM, a llama.cpp server).
+Behind either, ``Provider`` implements ``chat.ChatProvider``: it posts the
+request bodies as they are and yields the upstream's chunks as plain JSON
+objects (nothing parsed into SDK models, nothing dropped).
+
+The SDK's own retries are off. Each attempt (one deployment) retries 429, 5xx
+and connection failures within its own bounded total wait, honouring
+``retry-after-ms`` and then ``retry-after``, and has its own first-token
+deadline; a 429, 5xx, unreachable upstream or timeout before the first token
+moves on to the next deployment, a 4xx (or 401/403) does not.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import openai
+from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
+
+from .chat import Chunk, has_token
+from .errors import (
+    RequestError,
+    ServiceError,
+    UpstreamAuth,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("streamsvc.providers")
+
+TokenProvider = Callable[[], Awaitable[str]]
+ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
+_BACKOFF_BASE = 0.5
+_LATE = "no first token from the chat upstream in time"
+_SILENT = "the chat upstream went silent mid-stream"
+_NO_KEY = "unused"  # the SDK insists on a key; servers such as Ollama ignore it
+
+
+_NO_IDENTITY = (
+    "invalid setting AZURE_OPENAI_AUTH: entra needs the azure-identity package "
+    "(pip install 'streamsvc[entra]')"
+)
+
+
+def check_settings(settings: Settings) -> None:
+    """Fail start-up, naming the setting, when Entra ID auth lacks its optional package."""
+    entra = settings.streamsvc_chat_provider == "azure" and settings.azure_openai_auth == "entra"
+    if entra and not has_azure_identity():
+        raise SettingsError(_NO_IDENTITY)
+
+
+def has_azure_identity() -> bool:
+    try:
+        return importlib.util.find_spec("azure.identity") is not None
+    except ModuleNotFoundError:  # no "azure" package at all
+        return False
+
+
+def create_provider(settings: Settings, token_provider: TokenProvider | None = None) -> Provider:
+    """The configured provider; ``token_provider`` replaces Entra ID's (for tests)."""
+    backstop = max(
+        settings.streamsvc_first_token_timeout_seconds, settings.streamsvc_idle_timeout_seconds
+    )
+    timeout = openai.Timeout(backstop + 5, connect=settings.streamsvc_connect_timeout_seconds)
+    if settings.streamsvc_chat_provider == "openai":
+        client: AsyncOpenAI = AsyncOpenAI(
+            api_key=settings.openai_api_key or _NO_KEY,
+            base_url=settings.openai_base_url,
+            max_retries=0,
+            timeout=timeout,
+        )
+        return Provider(client, settings)
+    closers: list[Callable[[], object]] = []
+    if settings.azure_openai_auth == "entra" and token_provider is None:
+        token_provider, close = _entra_token_provider()
+        closers.append(close)
+    client = AsyncAzureOpenAI(
+        api_key=settings.azure_openai_api_key if token_provider is None else None,
+        azure_ad_token_provider=token_provider,
+        azure_endpoint=settings.azure_openai_endpoint or "",
+        api_version=settings.azure_openai_api_version,
+        max_retries=0,
+        timeout=timeout,
+    )
+    return Provider(client, settings, closers)
+
+
+def _entra_token_provider() -> tuple[TokenProvider, Callable[[], object]]:
+    """azure-identity's bearer-token provider, run in a worker thread (it may do network I/O)."""
+    try:
+        identity = importlib.import_module("azure.identity")
+    except ImportError:
+        raise SettingsError(_NO_IDENTITY) from None
+    credential = identity.DefaultAzureCredential()
+    fetch = identity.get_bearer_token_provider(credential, ENTRA_SCOPE)
+
+    async def token() -> str:
+        value: str = await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+        return value
+
+    return token, credential.close
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``retry-after`` (seconds)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if seconds >= 0:
+            return seconds
+    return None
+
+
+def translate(exc: Exception, *, streaming: bool = False) -> ServiceError:
+    """Map an SDK error to ours; never copies request headers (the key) anywhere."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        error = _error_body(exc)
+        message = str(error.get("message") or f"upstream answered {status}")
+        if status in (401, 403):
+            return UpstreamAuth(f"the chat upstream refused our credentials ({status})")
+        if status == 429:
+            return UpstreamRateLimited(
+                "the chat upstream is rate limiting us",
+                retry_after=retry_after(exc.response.headers),
+            )
+        if status == 400 and error.get("code") == "content_filter":
+            inner = error.get("innererror") or {}
+            return UpstreamRejected(
+                message,
+                code="content_filter",
+                details={"content_filter_result": inner.get("content_filter_result")},
+            )
+        if 400 <= status < 500:
+            return UpstreamRejected(message, details=_rejection_details(status, error))
+        return UpstreamError(f"the chat upstream failed ({status})")
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamTimeout("the chat upstream did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        if streaming:  # the SDK wraps a connection lost mid-body the same way
+            return UpstreamError("the chat upstream broke off the stream")
+        return UpstreamError("the chat upstream is unreachable", code="upstream_unreachable")
+    return UpstreamError("the chat upstream failed")
+
+
+def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner
+    return {}
+
+
+def _rejection_details(status: int, error: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's status, and its error ``code``/``type``/``param`` when they are strings."""
+    details: dict[str, Any] = {"upstream_status": status}
+    for field in ("code", "type", "param"):
+        if isinstance(error.get(field), str):
+            details[f"upstream_{field}"] = error[field]
+    return details
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, openai.APIConnectionError) and not isinstance(
+        exc, openai.APITimeoutError
+    )
+
+
+def _falls_back(error: ServiceError) -> bool:
+    """429, 5xx, unreachable, broken off or late: another deployment may do better."""
+    return isinstance(error, UpstreamError) and not isinstance(
+        error, UpstreamAuth | UpstreamRejected
+    )
+
+
+Opened = tuple[AsyncStream[object], list[Chunk], bool]
+
+
+class Provider:
+    """``chat.ChatProvider`` over an ``AsyncOpenAI`` or ``AsyncAzureOpenAI`` client."""
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        settings: Settings,
+        closers: Sequence[Callable[[], object]] = (),
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._closers = closers
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        for close in self._closers:
+            close()
+
+    async def completion(self, attempts: Sequence[Chunk]) -> AsyncGenerator[Chunk, None]:
+        upstream, held, ended = await self._first_token(attempts)
+        try:
+            for chunk in held:
+                yield chunk
+            idle = self._settings.streamsvc_idle_timeout_seconds
+            while not ended:
+                following = await _next_chunk(upstream, anyio.current_time() + idle, _SILENT)
+                if following is None:
+                    break
+                yield following
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.close()
+
+    async def _first_token(self, attempts: Sequence[Chunk]) -> Opened:
+        """The first attempt (deployment) that reaches its first token, in order."""
+        for number, body in enumerate(attempts, 1):
+            try:
+                return await self._start(body)
+            except ServiceError as error:
+                if number == len(attempts) or not _falls_back(error):
+                    raise
+                log.warning(
+                    "deployment %s failed (%s); falling back to %s",
+                    body.get("model"),
+                    error.code,
+                    attempts[number].get("model"),
+                )
+        raise ValueError("no attempts")
+
+    async def _start(self, body: Chunk) -> Opened:
+        """Open one attempt and read up to its first token, all within the first-token deadline.
+
+        Returns the open stream, the chunks read so far (the last one carries
+        the token) and whether the stream already ended (no token at all).
+        """
+        deadline = anyio.current_time() + self._settings.streamsvc_first_token_timeout_seconds
+        with anyio.CancelScope(deadline=deadline) as scope:
+            upstream = await self._open(body, deadline)
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(_LATE)
+        held: list[Chunk] = []
+        try:
+            while (first := await _next_chunk(upstream, deadline, _LATE)) is not None:
+                held.append(first)
+                if has_token(first):
+                    return upstream, held, False
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await upstream.close()
+            raise
+        return upstream, held, True
+
+    async def _open(self, body: Chunk, deadline: float) -> AsyncStream[object]:
+        """Open the upstream stream, retrying 429/5xx/connection errors within the budget."""
+        waited, attempt = 0.0, 0
+        while True:
+            try:
+                return await self._client.post(
+                    "/chat/completions",
+                    body=body,
+                    cast_to=object,  # the chunks stay plain JSON objects
+                    stream=True,
+                    stream_cls=AsyncStream[object],
+                )
+            except openai.APIError as exc:
+                error = translate(exc)
+                wait = self._retry_wait(exc, error, attempt, waited, deadline)
+                if wait is None:
+                    raise error from exc
+                log.info("upstream %s; retrying in %.2fs", error.code, wait)
+                await anyio.sleep(wait)
+                waited, attempt = waited + wait, attempt + 1
+            except ValueError as exc:  # e.g. a deployment named ".." cannot be a URL path
+                raise RequestError(
+                    f"{body.get('model')!r} cannot name a deployment", path="$.model"
+                ) from exc
+
+    def _retry_wait(
+        self, exc: Exception, error: ServiceError, attempt: int, waited: float, deadline: float
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or ``None`` to give up with ``error``."""
+        if not _retryable(exc) or attempt >= self._settings.streamsvc_max_retries:
+            return None
+        wait = error.retry_after
+        if wait is None:
+            wait = _BACKOFF_BASE * 2**attempt
+        over_budget = waited + wait > self._settings.streamsvc_retry_max_wait_seconds
+        if over_budget or anyio.current_time() + wait >= deadline:
+            if isinstance(error, UpstreamRateLimited) and error.retry_after is None:
+                error.retry_after = wait  # tell the client what we would have waited
+            return None
+        return wait
+
+
+async def _next_chunk(
+    upstream: AsyncStream[object], deadline: float, timeout_message: str
+) -> Chunk | None:
+    """The next upstream chunk, ``None`` at the end; errors and the deadline become ours."""
+    with anyio.CancelScope(deadline=deadline):
+        try:
+            chunk = await anext(upstream)
+        except StopAsyncIteration:
+            return None
+        except openai.APIError as exc:
+            raise translate(exc, streaming=True) from exc
+        except ValueError as exc:  # not JSON
+            raise UpstreamError("the chat upstream sent a malformed chunk") from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamError("the chat upstream sent a malformed chunk")
+        return chunk
+    raise UpstreamTimeout(timeout_message)
