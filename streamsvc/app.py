@@ -3,7 +3,8 @@
 ``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
 (the chat provider, the Docker sandbox) and closes them; routes find them on
 ``app.state``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
-status; anything else is a 500 ``internal_error`` with no stack trace.
+status (in OpenAI's shape under /v1/, see ``streamsvc.openai_compat``);
+anything else is a 500 ``internal_error`` with no stack trace.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import openai_compat
 from .chat import chat_endpoint
 from .errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
 from .execute import execute_endpoint
@@ -37,7 +39,9 @@ log = logging.getLogger("streamsvc")
 _encoder = msgspec.json.Encoder()
 
 
-def error_response(exc: ServiceError) -> Response:
+def error_response(exc: ServiceError, path: str = "") -> Response:
+    if path.startswith(openai_compat.PREFIX):
+        return openai_compat.error_response(exc)
     return Response(
         _encoder.encode(ErrorEnvelope(exc.body())),
         status_code=exc.status,
@@ -54,7 +58,7 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    response = error_response(exc)
+    response = error_response(exc, request.url.path)
     if isinstance(exc, PayloadTooLarge):
         # Refused before the body was all read: the connection cannot be reused.
         response.headers["Connection"] = "close"
@@ -64,12 +68,13 @@ async def _service_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(ServiceError(str(exc.detail), code=code, status=exc.status_code))
+    error = ServiceError(str(exc.detail), code=code, status=exc.status_code)
+    return error_response(error, request.url.path)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ServiceError("internal error"))
+    return error_response(ServiceError("internal error"), request.url.path)
 
 
 async def health(request: Request) -> Response:
@@ -107,7 +112,7 @@ class ApiKeyMiddleware:
             and scope["path"].startswith(self.protected)
             and not self._authorized(scope)
         ):
-            response = error_response(Unauthorized("a valid API key is required"))
+            response = error_response(Unauthorized("a valid API key is required"), scope["path"])
             response.headers["WWW-Authenticate"] = "Bearer"
             # The body is left unread, so the connection cannot be reused: say so,
             # or a keep-alive client may send its next request into a closed socket.
@@ -154,6 +159,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
+            Route("/v1/chat/completions", openai_compat.completions_endpoint, methods=["POST"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),

@@ -7,7 +7,9 @@ as ``text/event-stream`` whose schema is one SSE frame (``{event, id, data}``
 with ``data`` decoded from JSON, one ``oneOf`` branch per event name), and the
 extension ``x-sse-events`` maps each event name to the schema of its data.
 Errors are ``{"error": {code, message, path, details}}`` under every status a
-route can answer with.
+route can answer with. ``/v1/chat/completions`` is OpenAI's API: its stream
+frames are ``data:`` lines only (a chunk, a final error, or ``[DONE]``) and its
+errors are OpenAI's ``{"error": {message, type, param, code}}``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from .chat import ChatDelta, ChatRequest, ChatResult
 from .connector import ConnectorCore, ExecuteRequest
 from .errors import ErrorEnvelope
+from .openai_compat import CompletionRequest, OpenAIErrorEnvelope
 from .sandbox import Status
 from .transcript import ExecutionResult
 
@@ -42,6 +45,35 @@ class HealthReport(msgspec.Struct):
     components: dict[str, dict[str, Any]]
 
 
+class CompletionChoice(msgspec.Struct):
+    index: int
+    #: ``{role, content}``, and ``tool_calls``, ``refusal``, ... as the upstream answered.
+    message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    """OpenAI's ``chat.completion`` (more fields may appear, e.g. Azure's filter results)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One upstream chunk as the upstream sent it (``chat.completion.chunk``, or Azure's extras)."""
+
+    choices: list[dict[str, Any]]
+    id: str = ""
+    object: str = ""
+    created: int = 0
+    model: str = ""
+    usage: dict[str, Any] | None = None
+
+
 _TYPES = (
     ChatRequest,
     ChatResult,
@@ -53,6 +85,10 @@ _TYPES = (
     OutputText,
     ErrorEnvelope,
     HealthReport,
+    CompletionRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    OpenAIErrorEnvelope,
 )
 
 CHAT_EVENTS = {
@@ -72,6 +108,7 @@ EXECUTE_EVENTS = {
 ERRORS = {
     "400": "Malformed JSON (`malformed_json`) or a request that cannot be served as asked.",
     "401": "A valid API key is required (`unauthorized`), when the server has keys.",
+    "404": "The upstream has no such model or deployment.",
     "413": "The body is larger than STREAMSVC_MAX_BODY_BYTES (`payload_too_large`).",
     "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
     "429": "Too many requests (`busy`, `upstream_rate_limited`); see Retry-After.",
@@ -82,6 +119,7 @@ ERRORS = {
 }
 CHAT_ERRORS = ("400", "401", "413", "422", "429", "500", "502", "503", "504")
 EXECUTE_ERRORS = ("400", "401", "413", "422", "429", "500", "503")
+COMPLETIONS_ERRORS = ("400", "401", "404", "413", "422", "429", "500", "502", "503", "504")
 
 _CONNECTOR_NOTE = (
     "The connector definition. `runtime`, `files` and `configuration` are read "
@@ -147,8 +185,59 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
-    return {status: _json(_ref("ErrorEnvelope"), ERRORS[status]) for status in statuses}
+def _errors(statuses: tuple[str, ...], envelope: str = "ErrorEnvelope") -> dict[str, Any]:
+    return {status: _json(_ref(envelope), ERRORS[status]) for status in statuses}
+
+
+_COMPLETIONS_FRAME = {
+    "description": (
+        "One Server-Sent Event of /v1/chat/completions: a `data:` line only (no "
+        "`event:` or `id:`) holding an upstream chunk, a final error object, or the "
+        "literal `[DONE]` that ends a stream that did not fail."
+    ),
+    "type": "object",
+    "properties": {
+        "data": {
+            "oneOf": [
+                _ref("ChatCompletionChunk"),
+                _ref("OpenAIErrorEnvelope"),
+                {"const": "[DONE]"},
+            ]
+        }
+    },
+    "required": ["data"],
+}
+
+
+def _completions() -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "OpenAI-compatible chat completions (point an OpenAI SDK at /v1)",
+            "description": (
+                "OpenAI's request body: `messages` (objects with a `role`), `model` "
+                "(the deployment; default: the configured one) and `stream` are checked, "
+                "every other field (tools, tool_choice, functions, response_format, n, "
+                "seed, ...) goes to the upstream untouched. OPENAI_MAX_TOKENS and "
+                "OPENAI_TEMPERATURE fill only fields left out. The usage chunk is sent "
+                "when `stream_options.include_usage` is true."
+            ),
+            "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("CompletionRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "A `chat.completion`, or with `stream` true its chunks.",
+                    "content": {
+                        "application/json": {"schema": _ref("ChatCompletion")},
+                        "text/event-stream": {"schema": _ref("CompletionStreamEvent")},
+                    },
+                },
+                **_errors(COMPLETIONS_ERRORS, "OpenAIErrorEnvelope"),
+            },
+        }
+    }
 
 
 def _streaming_post(
@@ -205,13 +294,17 @@ def openapi_document() -> dict[str, Any]:
     components["Runtime"]["properties"]["dependencies"] = _DEPENDENCIES
     components["ChatStreamEvent"] = _frame(CHAT_EVENTS)
     components["ExecuteStreamEvent"] = _frame(EXECUTE_EVENTS)
+    components["CompletionStreamEvent"] = _COMPLETIONS_FRAME
+    for passed_through in ("CompletionRequest", "CoreMessage"):
+        components[passed_through]["additionalProperties"] = True
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "streamsvc",
             "version": _version(),
             "description": (
-                "Streaming chat completions (Azure OpenAI) and connectors run in "
+                "Streaming chat completions (Azure OpenAI or any OpenAI-compatible "
+                "API; also as OpenAI's own API under /v1) and connectors run in "
                 "locked-down Docker containers. Both stream Server-Sent Events when "
                 "asked and answer plain JSON otherwise. The playground is at `/`."
             ),
@@ -237,8 +330,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/chat": _streaming_post(
                 "Chat completion, streamed token by token",
-                "Forwards the messages to the configured Azure OpenAI deployment "
-                "(`model` picks another deployment).",
+                "Forwards the messages to the configured chat provider's default "
+                "deployment (`model` picks another deployment).",
                 "ChatRequest",
                 "ChatResult",
                 "ChatStreamEvent",
@@ -256,6 +349,7 @@ def openapi_document() -> dict[str, Any]:
                 EXECUTE_EVENTS,
                 EXECUTE_ERRORS,
             ),
+            "/v1/chat/completions": _completions(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

@@ -153,11 +153,18 @@ def check_stream(text: str, frame_schema: dict[str, Any]) -> None:
     for lines in blocks:
         fields, _ = parse_sse_lines([line for line in lines if line])
         if "data" in fields:
+            data = fields["data"]
             frames.append({"event": fields.get("event", "message"), "id": fields.get("id"),
-                           "data": json.loads(fields["data"])})  # fmt: skip
+                           "data": data if data == "[DONE]" else json.loads(data)})  # fmt: skip
     assert frames, text
     for frame in frames:
         validate(frame, frame_schema)
+    if all(f["id"] is None and f["event"] == "message" for f in frames):
+        # OpenAI's format (/v1): data only, ending with [DONE] or with an error object
+        data = [f["data"] for f in frames]
+        assert data[-1] == "[DONE]" or "error" in data[-1], text
+        assert all(d != "[DONE]" and "error" not in d for d in data[:-1]), text
+        return
     assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
     assert frames[-1]["event"] in {"done", "error"}
     assert all(f["event"] not in {"done", "error"} for f in frames[:-1])

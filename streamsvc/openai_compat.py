@@ -1,0 +1,334 @@
+"""POST /v1/chat/completions: OpenAI's chat-completions API, passed through.
+
+Any OpenAI client (the official SDKs, LangChain, ...) works with its base URL
+set to ``<server>/v1``. Only the core of the body is checked here
+(``CompletionRequest``: ``messages`` a non-empty list of objects with a
+``role``, ``model`` a string, ``stream`` a boolean); every other field (tools,
+tool_choice, functions, response_format, n, seed, stop, ...) and every message
+field (tool_calls, tool_call_id, content parts, ...) goes to the upstream
+untouched, and the upstream's answer comes back untouched. ``model`` names the
+deployment (the default one when left out), fallback deployments are tried as
+for /chat (``chat.deployments_for``), and the OPENAI_MAX_TOKENS and
+OPENAI_TEMPERATURE defaults (with the reasoning-model rule) fill only fields
+the client left out.
+
+The upstream is always streamed (with usage), so both modes share the
+first-token and idle timeouts, retries and fallback. Streaming answers one
+``data: <chunk>`` per upstream chunk as the upstream sent it (Azure's extras
+too), then ``data: [DONE]``; the usage chunk only when the client asked for it
+(``stream_options.include_usage``). The first token is awaited before the
+headers, so early failures are real statuses; a failure after them is a final
+``data: {"error": ...}``. The JSON answer is the chunks merged into one
+``chat.completion`` (``CompletionBuilder``).
+
+Errors are OpenAI's ``{"error": {message, type, param, code}}`` with our
+stable code (or the upstream's, when the upstream rejected the request);
+app.py renders every error under /v1/ with ``error_response``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from . import observability, sse
+from .bodies import JsonDecoder, read_body
+from .chat import ChatProvider, Chunk, Usage, configured_provider, deployments_for, token_limits
+from .errors import ServiceError, UpstreamRejected
+from .settings import Settings
+
+log = logging.getLogger("streamsvc.openai_compat")
+
+PREFIX = "/v1/"
+
+
+class CoreMessage(msgspec.Struct):
+    """A message: only ``role`` is checked; content, tool_calls, name, ... pass through."""
+
+    role: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class CompletionRequest(msgspec.Struct):
+    """The part of OpenAI's body checked here; every other field goes upstream untouched."""
+
+    messages: Annotated[list[CoreMessage], msgspec.Meta(min_length=1)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+
+class OpenAIError(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorEnvelope(msgspec.Struct):
+    """Every error of /v1/*, in OpenAI's shape; ``code`` is our stable code."""
+
+    error: OpenAIError
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+_encoder = msgspec.json.Encoder()
+
+
+def error_status(exc: ServiceError) -> int:
+    """Our status, except that an upstream's 404 (no such model) stays a 404."""
+    details = exc.details if isinstance(exc.details, dict) else {}
+    if isinstance(exc, UpstreamRejected) and details.get("upstream_status") == 404:
+        return 404
+    return exc.status
+
+
+def error_envelope(exc: ServiceError) -> OpenAIErrorEnvelope:
+    details = exc.details if isinstance(exc.details, dict) else {}
+    status = error_status(exc)
+    default_type = "invalid_request_error" if status < 500 else "server_error"
+    path = exc.path[2:] if exc.path and exc.path.startswith("$.") else None
+    return OpenAIErrorEnvelope(
+        OpenAIError(
+            message=exc.message,
+            type=details.get("upstream_type") or _TYPES.get(status, default_type),
+            param=details.get("upstream_param") or path,
+            code=details.get("upstream_code") or exc.code,
+        )
+    )
+
+
+def error_response(exc: ServiceError) -> Response:
+    return Response(
+        _encoder.encode(error_envelope(exc)),
+        status_code=error_status(exc),
+        media_type="application/json",
+        headers=exc.headers(),
+    )
+
+
+# ---- the request --------------------------------------------------------------------------------
+
+_TOKEN_FIELDS = frozenset({"max_tokens", "max_completion_tokens"})
+_decoder = JsonDecoder(CompletionRequest)
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def upstream_bodies(body: Chunk, request: CompletionRequest, settings: Settings) -> list[Chunk]:
+    """The client's body for each deployment to try, streamed with usage, defaults filled in."""
+    requested = request.model or settings.chat_deployment
+    assert requested is not None  # chat_configured checked it
+    options = body.get("stream_options") if request.stream else None
+    stream_options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    attempts = []
+    for deployment in deployments_for(requested, settings):
+        defaults = token_limits(
+            deployment, settings.openai_max_tokens, settings.openai_temperature, settings
+        )
+        if _TOKEN_FIELDS & body.keys():
+            defaults = {k: v for k, v in defaults.items() if k not in _TOKEN_FIELDS}
+        fixed = {"model": deployment, "stream": True, "stream_options": stream_options}
+        attempts.append(defaults | body | fixed)
+    return attempts
+
+
+async def _chunks(
+    provider: ChatProvider, attempts: list[Chunk], include_usage: bool
+) -> AsyncGenerator[sse.Event, None]:
+    """The upstream's chunks for the client; usage is recorded, and dropped unless asked for."""
+    facts = observability.current()
+    source = provider.completion(attempts)
+    try:
+        async for chunk in source:
+            facts.first_token()
+            if isinstance(chunk.get("usage"), dict):
+                with contextlib.suppress(msgspec.ValidationError):
+                    facts.tokens(msgspec.convert(chunk["usage"], Usage))
+            if "usage" in chunk and not include_usage:
+                if not chunk.get("choices"):
+                    continue  # the usage chunk, which the client did not ask for
+                chunk = {key: value for key, value in chunk.items() if key != "usage"}
+            yield sse.Event("chunk", chunk)
+    finally:
+        await source.aclose()
+
+
+# ---- the JSON answer ----------------------------------------------------------------------------
+
+_REPLACED = frozenset({"role", "id", "type", "finish_reason"})  # whole values, never continued
+_STREAM_ONLY = frozenset({"object", "obfuscation", "choices"})
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def _merge(target: Chunk, delta: Chunk) -> None:
+    """Fold a delta into what it continues: strings concatenate, objects merge, lists
+    extend, and list items with an ``index`` (tool calls) merge into that item."""
+    for key, value in delta.items():
+        current = target.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and isinstance(current, str) and key not in _REPLACED:
+            target[key] = current + value
+        elif isinstance(value, dict):
+            if not isinstance(current, dict):
+                current = target[key] = {}
+            _merge(current, value)
+        elif isinstance(value, list):
+            if not isinstance(current, list):
+                current = target[key] = []
+            _extend(current, value)
+        else:
+            target[key] = value
+
+
+def _extend(target: list[Any], items: list[Any]) -> None:
+    for item in items:
+        index = item.get("index") if isinstance(item, dict) else None
+        if isinstance(index, int) and 0 <= index < len(target):
+            _merge(target[index], {k: v for k, v in item.items() if k != "index"})
+        elif isinstance(index, int):
+            fresh: Chunk = {}
+            _merge(fresh, {k: v for k, v in item.items() if k != "index"})
+            target.append(fresh)
+        else:
+            target.append(item)
+
+
+class CompletionBuilder:
+    """Merges streamed chunks into the ``chat.completion`` a non-streaming call answers."""
+
+    def __init__(self) -> None:
+        self.top: Chunk = {"id": "", "object": "chat.completion", "created": 0, "model": ""}
+        self.choices: dict[int, Chunk] = {}
+
+    def add(self, chunk: Chunk) -> None:
+        for key, value in chunk.items():
+            if key not in _STREAM_ONLY and _present(value):
+                self.top[key] = value
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice["index"] if isinstance(choice.get("index"), int) else 0
+            target = self.choices.setdefault(
+                index,
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": None},
+                    "finish_reason": None,
+                    "logprobs": None,
+                },
+            )
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                _merge(target["message"], delta)
+            rest = {k: v for k, v in choice.items() if k not in ("index", "delta")}
+            rest.pop("content_filter_offsets", None)  # where a streamed annotation applies
+            _merge(target, {k: v for k, v in rest.items() if _present(v)})
+
+    def completion(self) -> Chunk:
+        return {**self.top, "choices": [self.choices[i] for i in sorted(self.choices)]}
+
+
+async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> Chunk:
+    builder = CompletionBuilder()
+    try:
+        async for event in chunks:
+            builder.add(event.data)
+    finally:
+        await chunks.aclose()
+    return builder.completion()
+
+
+# ---- the stream ---------------------------------------------------------------------------------
+
+
+def _frame(data: Any) -> ServerSentEvent:
+    return ServerSentEvent(data=_encoder.encode(data).decode(), sep="\n")
+
+
+async def _frames(
+    first: sse.Event | None,
+    source: AsyncGenerator[sse.Event, None],
+    registry: sse.StreamRegistry,
+) -> AsyncIterator[ServerSentEvent]:
+    """``data:`` frames only (no ``event:`` or ``id:``), ending with ``[DONE]`` or an error."""
+    registry.opened()
+    try:
+        if first is not None:
+            yield _frame(first.data)
+        while True:
+            try:
+                event = await registry.next(source)
+            except ServiceError as exc:
+                yield _frame(error_envelope(exc))
+                return
+            except Exception:
+                log.exception("stream failed")
+                yield _frame(error_envelope(ServiceError("internal error")))
+                return
+            if event is None:
+                if registry.closing:
+                    closing = ServiceError(
+                        "server is shutting down", code="shutting_down", status=503
+                    )
+                    yield _frame(error_envelope(closing))
+                else:
+                    yield ServerSentEvent(data="[DONE]", sep="\n")
+                return
+            yield _frame(event.data)
+    finally:
+        registry.closed()
+        with anyio.CancelScope(shield=True):
+            await source.aclose()
+
+
+# ---- the endpoint -------------------------------------------------------------------------------
+
+
+async def completions_endpoint(request: Request) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    raw = await read_body(request, settings.streamsvc_max_body_bytes)
+    core = _decoder.decode_body(raw)
+    body = _object_decoder.decode(raw)
+    provider = configured_provider(request)
+    attempts = upstream_bodies(body, core, settings)
+    streaming = core.stream is True
+    asked = core.stream_options is not None and core.stream_options.include_usage is True
+    chunks = _chunks(provider, attempts, include_usage=asked or not streaming)
+    try:
+        if not streaming:
+            completion = await sse.before_headers(request, state.streams, _whole(chunks))
+            return Response(_encoder.encode(completion), media_type="application/json")
+        first = await sse.before_headers(request, state.streams, sse.start(chunks))
+    except ClientDisconnect:
+        return Response(status_code=499)  # nobody is listening any more
+    return EventSourceResponse(
+        _frames(first, chunks, state.streams),
+        headers=sse.SSE_HEADERS,
+        ping=settings.streamsvc_keepalive_seconds,
+        sep="\n",
+    )
