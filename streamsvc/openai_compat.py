@@ -35,7 +35,6 @@ from typing import Annotated, Any
 
 import anyio
 import msgspec
-from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -265,40 +264,36 @@ async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> Chunk:
 # ---- the stream ---------------------------------------------------------------------------------
 
 
-def _frame(data: Any) -> ServerSentEvent:
-    return ServerSentEvent(data=_encoder.encode(data).decode(), sep="\n")
+_DONE = sse.frame(b"[DONE]")
 
 
 async def _frames(
     first: sse.Event | None,
     source: AsyncGenerator[sse.Event, None],
     registry: sse.StreamRegistry,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     """``data:`` frames only (no ``event:`` or ``id:``), ending with ``[DONE]`` or an error."""
     registry.opened()
     try:
         if first is not None:
-            yield _frame(first.data)
+            yield sse.frame(first.data)
         while True:
             try:
                 event = await registry.next(source)
             except ServiceError as exc:
-                yield _frame(error_envelope(exc))
+                yield sse.frame(error_envelope(exc))
                 return
             except Exception:
                 log.exception("stream failed")
-                yield _frame(error_envelope(ServiceError("internal error")))
+                yield sse.frame(error_envelope(ServiceError("internal error")))
                 return
             if event is None:
                 if registry.closing:
-                    closing = ServiceError(
-                        "server is shutting down", code="shutting_down", status=503
-                    )
-                    yield _frame(error_envelope(closing))
+                    yield sse.frame(error_envelope(sse.shutting_down()))
                 else:
-                    yield ServerSentEvent(data="[DONE]", sep="\n")
+                    yield _DONE
                 return
-            yield _frame(event.data)
+            yield sse.frame(event.data)
     finally:
         registry.closed()
         with anyio.CancelScope(shield=True):

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
-from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 
@@ -93,7 +92,7 @@ class StreamRegistry:
         return None  # cancelled by close_all
 
 
-def _shutting_down() -> ServiceError:
+def shutting_down() -> ServiceError:
     return ServiceError("server is shutting down", code="shutting_down", status=503)
 
 
@@ -101,36 +100,47 @@ def error_event(exc: ServiceError) -> Event:
     return Event("error", ErrorEnvelope(exc.body()))
 
 
+def frame(data: Any, name: str | None = None, event_id: int | None = None) -> bytes:
+    """One SSE frame, assembled as bytes (sse-starlette sends bytes as they are).
+
+    msgspec's JSON has no raw newline, so ``data`` is always one ``data:`` line.
+    """
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    if name is not None:
+        head += b"event: " + name.encode() + b"\n"
+    body = data if isinstance(data, bytes) else _encoder.encode(data)
+    return head + b"data: " + body + b"\n\n"
+
+
 async def _pump(
     first: Event | None, source: AsyncIterator[Event], registry: StreamRegistry
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     event_id = 0
 
-    def frame(event: Event) -> ServerSentEvent:
+    def next_frame(event: Event) -> bytes:
         nonlocal event_id
         event_id += 1
-        data = _encoder.encode(event.data).decode()
-        return ServerSentEvent(data=data, event=event.name, id=str(event_id), sep=_SEP)
+        return frame(event.data, event.name, event_id)
 
     registry.opened()
     try:
         if first is not None:
-            yield frame(first)
+            yield next_frame(first)
         while True:
             try:
                 event = await registry.next(source)
             except ServiceError as exc:
-                yield frame(error_event(exc))
+                yield next_frame(error_event(exc))
                 return
             except Exception:
                 log.exception("stream failed")
-                yield frame(error_event(ServiceError("internal error")))
+                yield next_frame(error_event(ServiceError("internal error")))
                 return
             if event is None:
                 if registry.closing:
-                    yield frame(error_event(_shutting_down()))
+                    yield next_frame(error_event(shutting_down()))
                 return
-            yield frame(event)
+            yield next_frame(event)
     finally:
         registry.closed()
         with anyio.CancelScope(shield=True):
@@ -187,7 +197,7 @@ async def before_headers(request: Request, registry: StreamRegistry, work: Await
     if done:
         return done[0]
     if interruptible.cancelled_caught:
-        raise _shutting_down()
+        raise shutting_down()
     raise ClientDisconnect()
 
 
