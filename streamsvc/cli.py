@@ -3,6 +3,8 @@
 ``streamsvc serve [--host H] [--port P]`` starts the server (the default when
 no sub-command is given). ``streamsvc run CONNECTOR.json`` and ``streamsvc chat
 "prompt"`` are the client of a running server (``streamsvc.client``).
+``streamsvc deps list|clear`` shows or empties the dependency cache on the
+Docker engine directly (``streamsvc.deps_cache``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
     client.add_commands(commands)
+    deps = commands.add_parser("deps", help="list or clear the dependency cache (on the engine)")
+    deps_commands = deps.add_subparsers(dest="deps_command", required=True)
+    listing = deps_commands.add_parser("list", help="every cached dependency set")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    clearing = deps_commands.add_parser("clear", help="remove the sets no container uses")
+    clearing.add_argument(
+        "--all", action="store_true", help="every image's sets, not only this one's"
+    )
     return parser
 
 
@@ -42,6 +52,8 @@ def _with_overrides(settings: Settings, host: str | None, port: int | None) -> S
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "deps":
+        return _deps(args)
     if args.command in client.COMMANDS:
         try:
             return client.main(args)
@@ -59,3 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _deps(args: argparse.Namespace) -> int:
+    """``streamsvc deps list|clear``: the Docker engine's cache, with the server's settings."""
+    from . import deps_cache
+    from .errors import SandboxError
+
+    try:
+        return anyio.run(deps_cache.command, args, load_settings())
+    except SettingsError as exc:
+        print(f"streamsvc: {exc}", file=sys.stderr)
+        return 2
+    except SandboxError as exc:
+        print(f"streamsvc: {exc}", file=sys.stderr)
+        return 1

@@ -1,32 +1,58 @@
-"""The dependency cache: one Docker volume per (sandbox image, dependency set).
+"""The dependency cache: one Docker volume per (image, Python version, dependency set).
 
 A set is installed once, by its own short-lived install container that has
 network access and no secrets (the connector's ``env`` never reaches it), into
 a named volume that run containers then mount read-only at ``/opt/deps``. So
 dependencies work under ``network_mode: none`` and later runs with the same
-set pay nothing. Concurrent first requests for one set wait on one lock and
-install once. ``uv`` installs when the image has it, ``pip`` otherwise; the
-host's CA bundle (setting ``STREAMSVC_SANDBOX_CA_BUNDLE``) is copied in so
-TLS-intercepting proxies work. Least-recently-used volumes are evicted past
-``STREAMSVC_DEPS_CACHE_MB``.
+set pay nothing (warm sandboxes even have it mounted before the request).
+
+- **Key**: the volume is named by a hash of the sandbox image's id, the
+  image's Python version (asked once per image with a one-shot container)
+  and the normalised set (sorted PEP 508 requirements); the volume's labels
+  say the same in clear (``streamsvc.deps``, ``streamsvc.deps.image``,
+  ``streamsvc.deps.python``). A rebuilt image or another Python never sees
+  the old sets.
+- **Once**: concurrent first requests for one set wait on one lock and
+  install once (``installs`` counts installs). A volume found on the engine,
+  left by an earlier process, is adopted after a check that its install
+  completed (a marker file written last).
+- **Installer**: ``uv`` when the image has it, ``pip`` otherwise; the host's
+  CA bundle (setting ``STREAMSVC_SANDBOX_CA_BUNDLE``) is copied in so
+  TLS-intercepting proxies work.
+- **Size cap**: past ``STREAMSVC_DEPS_CACHE_MB``, least-recently-used sets of
+  the current image are removed. Sizes come from the install (``du``) or, for
+  sets of earlier processes, from Docker's disk-usage report; last use is
+  this process's, or the volume's creation time for sets not used since
+  start-up. A set in use (mounted by a run or a warm sandbox) is never
+  evicted. A set removed behind the server's back (``streamsvc deps clear``)
+  is noticed at its next use and installed again.
+- **Listing and clearing**: ``streamsvc deps list [--json]`` and
+  ``streamsvc deps clear [--all]`` ask the engine directly, with the same
+  settings as the server (``command``). ``clear`` removes the current image's
+  sets that no container uses; ``--all`` every image's.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import secrets
+import sys
 import time
-from typing import Any
+from datetime import datetime
+from typing import Any, TextIO
 
 import aiodocker
 import anyio
 import msgspec
 from aiodocker.volumes import DockerVolume
+from anyio.abc import TaskGroup
 
 from .dependencies import Dependency, dependency_key
 from .docker_api import (
-    LABEL_MANAGED,
     NETWORK_NAME,
     SANDBOX_UID,
     create_container,
@@ -34,7 +60,6 @@ from .docker_api import (
     ensure_network,
     labels,
     remove_container,
-    tar_bytes,
 )
 from .errors import SandboxError
 from .settings import Settings
@@ -42,17 +67,30 @@ from .settings import Settings
 log = logging.getLogger("streamsvc.deps")
 
 LABEL_DEPS = "streamsvc.deps"
+LABEL_IMAGE = "streamsvc.deps.image"
+LABEL_PYTHON = "streamsvc.deps.python"
+#: On helper containers: ``install``, ``check`` (adopting a volume) or ``python`` (the probe).
+LABEL_ACTION = "streamsvc.deps.action"
 COMPLETE_MARKER = ".streamsvc-complete"
+_PYTHON_PROBE = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+#: ``sh -c`` program of an install container: ``$1`` = bytes of CA bundle on stdin,
+#: ``$2`` = the line to print when done, the rest = the requirements (validated PEP 508).
 _INSTALL_SCRIPT = f"""
 set -eu
+ca_bytes=$1; done_line=$2; shift 2
+if [ "$ca_bytes" -gt 0 ]; then
+  head -c "$ca_bytes" > /tmp/ca.pem
+  export SSL_CERT_FILE=/tmp/ca.pem PIP_CERT=/tmp/ca.pem REQUESTS_CA_BUNDLE=/tmp/ca.pem
+  export UV_NATIVE_TLS=1
+fi
 if command -v uv >/dev/null 2>&1; then
-  uv pip install --quiet --no-cache --python python3 --target /opt/deps -r /bundle/requirements.txt
+  uv pip install --quiet --no-cache --compile-bytecode --python python3 --target /opt/deps "$@"
 else
   python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check \\
-    --target /opt/deps -r /bundle/requirements.txt
+    --target /opt/deps "$@"
 fi
 touch /opt/deps/{COMPLETE_MARKER}
-du -sk /opt/deps | cut -f1
+echo "$done_line $(du -sk /opt/deps | cut -f1)"
 """
 
 
@@ -61,6 +99,8 @@ class CachedSet(msgspec.Struct):
     requirements: list[str]
     size_kb: int
     last_used: float
+    #: Known complete: installed or checked by this process.
+    verified: bool = True
 
 
 class DependencyCache:
@@ -76,44 +116,134 @@ class DependencyCache:
         self._locks: dict[str, anyio.Lock] = {}
         self._sets: dict[str, CachedSet] = {}
         self._in_use: dict[str, int] = {}
+        self._pythons: dict[str, str] = {}
+        self._probe_lock = anyio.Lock()
+        self._loaded: str | None = None  # the key whose earlier sets were read from the engine
+        self._tasks: TaskGroup | None = None
         self.image_id: str | None = None
         self.installs = 0
 
-    def volume_name(self, dependencies: tuple[Dependency, ...]) -> str:
-        key = f"{self.image_id}\n{dependency_key(dependencies)}"
+    # -- keys ------------------------------------------------------------------------
+
+    async def python_version(self) -> str:
+        """The sandbox image's Python version (``3.11.2``), asked once per image."""
+        image = self._image()
+        async with self._probe_lock:
+            if image not in self._pythons:
+                output, code = await self._one_shot(
+                    None, ["python3", "-c", _PYTHON_PROBE], {}, action="python"
+                )
+                version = output.strip().splitlines()[-1] if output.strip() else ""
+                if code != 0 or not version.replace(".", "").isdigit():
+                    raise SandboxError(
+                        "the sandbox image has no working python3",
+                        code="sandbox_failed",
+                        status=500,
+                    )
+                self._pythons[image] = version
+            return self._pythons[image]
+
+    def volume_name(self, dependencies: tuple[Dependency, ...], python: str) -> str:
+        key = f"{self._image()}\n{python}\n{dependency_key(dependencies)}"
         return "streamsvc-deps-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+    def name_of(self, dependencies: tuple[Dependency, ...]) -> str:
+        """The volume of ``dependencies`` (once ``python_version`` has answered)."""
+        return self.volume_name(dependencies, self._pythons[self._image()])
+
+    def _image(self) -> str:
+        if self.image_id is None:
+            raise SandboxError("the sandbox image is not known yet")
+        return self.image_id
+
+    # -- use -------------------------------------------------------------------------
 
     def listing(self) -> list[CachedSet]:
         return sorted(self._sets.values(), key=lambda entry: -entry.last_used)
 
-    async def ensure(self, dependencies: tuple[Dependency, ...]) -> str:
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sets": len(self._sets),
+            "size_kb": sum(entry.size_kb for entry in self._sets.values()),
+            "cap_mb": self._settings.streamsvc_deps_cache_mb,
+            "installs": self.installs,
+        }
+
+    def start(self, tasks: TaskGroup) -> None:
+        """Helper containers are removed in ``tasks`` (in the background) from now on."""
+        self._tasks = tasks
+
+    async def ensure(
+        self, dependencies: tuple[Dependency, ...], created: anyio.Event | None = None
+    ) -> str:
         """The volume holding ``dependencies``, installing them first if needed.
 
-        The caller holds the volume (it is not evicted) until ``release``.
+        ``created`` is set once a new volume exists and its install begins (so a
+        run container may be made meanwhile; it must not import from the volume
+        before this returns). The caller holds the volume (it is not evicted)
+        until ``release``.
         """
-        name = self.volume_name(dependencies)
+        python = await self.python_version()
+        await self._load(python)
+        name = self.volume_name(dependencies, python)
         lock = self._locks.setdefault(name, anyio.Lock())
         async with lock:
             entry = self._sets.get(name)
-            if entry is None:
+            if entry is not None and entry.verified and not await self._exists(name):
+                log.info("dependency set %s was removed; installing it again", name)
+                entry = None
+            if entry is None or not entry.verified:
                 entry = await self._adopt(name, dependencies) or await self._install(
-                    name, dependencies
+                    name, dependencies, python, created
                 )
                 self._sets[name] = entry
             entry.last_used = time.time()
-            self._in_use[name] = self._in_use.get(name, 0) + 1
+            self.hold(name)
         await self._evict(keep=name)
         return name
 
-    async def _adopt(self, name: str, dependencies: tuple[Dependency, ...]) -> CachedSet | None:
-        """Reuse a complete volume that an earlier process installed."""
+    def hold(self, volume: str) -> None:
+        """Keep ``volume`` from eviction until as many ``release`` calls."""
+        self._in_use[volume] = self._in_use.get(volume, 0) + 1
+
+    def release(self, volume: str) -> None:
+        self._in_use[volume] -= 1
+
+    async def _exists(self, name: str) -> bool:
         try:
             await DockerVolume(self._docker, name).show()
-        except aiodocker.DockerError:
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return False
+            raise SandboxError("the Docker engine refused to inspect a volume") from exc
+        return True
+
+    async def _load(self, python: str) -> None:
+        """Once per key: count the sets earlier processes left for this image and Python."""
+        key = f"{self._image()}\n{python}"
+        if self._loaded == key:
+            return
+        self._loaded = key
+        for volume in await disk_usage(self._docker):
+            found = volume.get("Labels") or {}
+            if found.get(LABEL_IMAGE) != self.image_id or found.get(LABEL_PYTHON) != python:
+                continue
+            name = volume["Name"]
+            if name not in self._sets:
+                self._sets[name] = CachedSet(
+                    name,
+                    _requirements(found),
+                    max(int((volume.get("UsageData") or {}).get("Size", 0)), 0) // 1024,
+                    _timestamp(volume.get("CreatedAt")),
+                    verified=False,
+                )
+
+    async def _adopt(self, name: str, dependencies: tuple[Dependency, ...]) -> CachedSet | None:
+        """Reuse a complete volume that an earlier process installed."""
+        if not await self._exists(name):
             return None
-        output, code = await self._one_shot(
-            name, ["sh", "-c", f"test -f /opt/deps/{COMPLETE_MARKER} && du -sk /opt/deps"], {}, None
-        )
+        check = f"test -f /opt/deps/{COMPLETE_MARKER} && du -sk /opt/deps | cut -f1"
+        output, code = await self._one_shot(name, ["sh", "-c", check], {}, action="check")
         if code != 0:
             await docker_call(
                 "remove a broken cache volume", DockerVolume(self._docker, name).delete()
@@ -121,33 +251,47 @@ class DependencyCache:
             return None
         return CachedSet(name, [d.requirement for d in dependencies], _size(output), time.time())
 
-    async def _install(self, name: str, dependencies: tuple[Dependency, ...]) -> CachedSet:
+    async def _install(
+        self,
+        name: str,
+        dependencies: tuple[Dependency, ...],
+        python: str,
+        created: anyio.Event | None = None,
+    ) -> CachedSet:
         requirements = [dep.requirement for dep in dependencies]
         await ensure_network(self._docker)  # the install step, unlike the run, may need network
-        volume_labels = {**labels(self._owner, "deps"), LABEL_DEPS: json.dumps(requirements)}
+        volume_labels = {
+            **labels(self._owner, "deps"),
+            LABEL_DEPS: json.dumps(requirements),
+            LABEL_IMAGE: self._image(),
+            LABEL_PYTHON: python,
+        }
         await docker_call(
             "create a cache volume",
             self._docker.volumes.create({"Name": name, "Labels": volume_labels}),
         )
-        files = {"requirements.txt": ("\n".join(requirements) + "\n").encode()}
-        env = {"HOME": "/tmp", "UV_CACHE_DIR": "/tmp/uv", "UV_PYTHON_DOWNLOADS": "never"}
+        if created is not None:
+            created.set()
         ca = self._settings.ca_bundle
-        if ca:
-            files["ca.pem"] = await anyio.Path(ca).read_bytes()
-            env |= {
-                "SSL_CERT_FILE": "/bundle/ca.pem",
-                "PIP_CERT": "/bundle/ca.pem",
-                "REQUESTS_CA_BUNDLE": "/bundle/ca.pem",
-                "UV_NATIVE_TLS": "1",
-            }
+        ca_bytes = await anyio.Path(ca).read_bytes() if ca else b""
+        done = f"streamsvc-install-done-{secrets.token_hex(8)}"
+        env = {"HOME": "/tmp", "UV_CACHE_DIR": "/tmp/uv", "UV_PYTHON_DOWNLOADS": "never"}
+        command = ["sh", "-c", _INSTALL_SCRIPT, "install", str(len(ca_bytes)), done]
         started = time.monotonic()
         output, code = await self._one_shot(
-            name, ["sh", "-c", _INSTALL_SCRIPT], env, files, writable=True
+            name,
+            [*command, *requirements],
+            env,
+            stdin=ca_bytes or None,
+            done=done,
+            writable=True,
+            action="install",
         )
         if code != 0:
-            await docker_call(
-                "remove a failed cache volume", DockerVolume(self._docker, name).delete()
-            )
+            with contextlib.suppress(SandboxError):  # still mounted: eviction gets it later
+                await docker_call(
+                    "remove a failed cache volume", DockerVolume(self._docker, name).delete()
+                )
             raise SandboxError(
                 "installing the dependencies failed",
                 code="dependency_install_failed",
@@ -160,25 +304,41 @@ class DependencyCache:
 
     async def _one_shot(
         self,
-        volume: str,
+        volume: str | None,
         cmd: list[str],
         env: dict[str, str],
-        files: dict[str, bytes] | None,
+        *,
+        action: str,
+        stdin: bytes | None = None,
+        done: str | None = None,
         writable: bool = False,
     ) -> tuple[str, int]:
-        """Run a helper container over ``volume``; its output (capped) and exit code."""
+        """Run a helper container (over ``volume``); its output (capped) and exit code.
+
+        ``stdin`` is written to its standard input. When ``done`` is given, a
+        stdout line starting with it ends the wait at once (exit code 0): Docker
+        takes ~50 ms more to report the container stopped.
+        """
         s = self._settings
-        mounts: list[dict[str, Any]] = [
-            {"Type": "volume", "Source": volume, "Target": "/opt/deps", "ReadOnly": not writable}
-        ]
-        if files is not None:
-            mounts.append({"Type": "volume", "Target": "/bundle"})
+        mounts: list[dict[str, Any]] = []
+        if volume is not None:
+            mounts.append(
+                {
+                    "Type": "volume",
+                    "Source": volume,
+                    "Target": "/opt/deps",
+                    "ReadOnly": not writable,
+                }
+            )
         config: dict[str, Any] = {
             "Image": s.streamsvc_sandbox_image,
             "Cmd": cmd,
             "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
             "Env": [f"{k}={v}" for k, v in env.items()],
-            "Labels": labels(self._owner, "deps"),
+            "Labels": {**labels(self._owner, "deps"), LABEL_ACTION: action},
+            "AttachStdin": stdin is not None,
+            "OpenStdin": stdin is not None,
+            "StdinOnce": stdin is not None,
             "AttachStdout": True,
             "AttachStderr": True,
             "HostConfig": {
@@ -195,25 +355,34 @@ class DependencyCache:
             },
         }
         container = await create_container(self._docker, config)
+        finished = False
         try:
-            if files is not None:
-                await docker_call("copy files", container.put_archive("/bundle", tar_bytes(files)))
-            chunks: list[bytes] = []
-            async with container.attach(stdout=True, stderr=True, logs=False) as stream:
-                await docker_call("start the install container", container.start())
+            output = bytearray()
+            marker = done.encode() if done else None
+            stream = container.attach(stdin=stdin is not None, stdout=True, stderr=True)
+            async with stream:
+                await docker_call("start a helper container", container.start())
+                if stdin is not None:
+                    await docker_call("write to a helper container", stream.write_in(stdin))
                 with anyio.fail_after(s.streamsvc_install_timeout_seconds):
                     while (message := await stream.read_out()) is not None:
-                        if sum(map(len, chunks)) < 256 * 1024:
-                            chunks.append(message.data)
-            result = await docker_call("wait for the install", container.wait())
-            return b"".join(chunks).decode(errors="replace"), int(result.get("StatusCode", 1))
+                        if len(output) < 256 * 1024:
+                            output += message.data
+                        if marker is not None and message.stream == 1 and marker in output:
+                            finished = True
+                            break
+            text = output.decode(errors="replace")
+            if finished:
+                return text.split(done or "", 1)[1], 0
+            result = await docker_call("wait for a helper container", container.wait())
+            return text, int(result.get("StatusCode", 1))
         except TimeoutError:
             return "the install took longer than STREAMSVC_INSTALL_TIMEOUT_SECONDS", 124
         finally:
-            await remove_container(container)
-
-    def release(self, volume: str) -> None:
-        self._in_use[volume] -= 1
+            if finished and self._tasks is not None:
+                self._tasks.start_soon(remove_container, container)
+            else:
+                await remove_container(container)
 
     async def _evict(self, keep: str) -> None:
         cap_kb = self._settings.streamsvc_deps_cache_mb * 1024
@@ -224,30 +393,132 @@ class DependencyCache:
             if entry.volume == keep or self._in_use.get(entry.volume):
                 continue
             if await self.remove(entry.volume):
+                log.info("evicted dependency set %s (%s)", entry.volume, entry.requirements)
                 total -= entry.size_kb
 
     async def remove(self, volume: str) -> bool:
         try:
             await DockerVolume(self._docker, volume).delete()
         except aiodocker.DockerError as exc:
-            log.info("cannot evict %s yet: %s", volume, exc)
-            return False
+            if exc.status != 404:
+                log.info("cannot evict %s yet: %s", volume, exc)
+                return False
         self._sets.pop(volume, None)
         return True
 
-    async def clear(self) -> int:
-        """Remove every cache volume not in use; the number removed."""
-        found = await docker_call(
-            "list cache volumes",
-            self._docker.volumes.list(
-                filters=json.dumps({"label": [LABEL_DEPS, f"{LABEL_MANAGED}=true"]})
-            ),
+
+# -- the engine's view (``streamsvc deps list|clear``) -----------------------------------
+
+
+class CacheEntry(msgspec.Struct):
+    """One cached set as the engine sees it."""
+
+    volume: str
+    requirements: list[str]
+    python: str | None
+    image: str | None
+    #: Built for the image ``STREAMSVC_SANDBOX_IMAGE`` names now.
+    current: bool
+    size_kb: int | None
+    #: Containers (of any state) that mount it; such a set is not removed.
+    containers: int | None
+    created: str | None
+
+
+async def disk_usage(docker: aiodocker.Docker) -> list[dict[str, Any]]:
+    """The engine's disk-usage report for every cache volume (labels, size, users)."""
+    report = await docker_call("report disk usage", docker._query_json("system/df"))
+    volumes = report.get("Volumes") or []
+    return [v for v in volumes if LABEL_DEPS in (v.get("Labels") or {})]
+
+
+async def entries(docker: aiodocker.Docker, settings: Settings) -> list[CacheEntry]:
+    """Every cached set on the engine, newest first."""
+    try:
+        image = await docker.images.inspect(settings.streamsvc_sandbox_image)
+        current: str | None = image["Id"]
+    except aiodocker.DockerError:
+        current = None
+    found = []
+    for volume in await disk_usage(docker):
+        marks = volume.get("Labels") or {}
+        usage = volume.get("UsageData") or {}
+        size, users = usage.get("Size", -1), usage.get("RefCount", -1)
+        found.append(
+            CacheEntry(
+                volume=volume["Name"],
+                requirements=_requirements(marks),
+                python=marks.get(LABEL_PYTHON),
+                image=marks.get(LABEL_IMAGE),
+                current=current is not None and marks.get(LABEL_IMAGE) == current,
+                size_kb=size // 1024 if size >= 0 else None,
+                containers=users if users >= 0 else None,
+                created=volume.get("CreatedAt"),
+            )
         )
-        removed = 0
-        for volume in found.get("Volumes") or []:
-            if not self._in_use.get(volume["Name"]) and await self.remove(volume["Name"]):
-                removed += 1
-        return removed
+    return sorted(found, key=lambda entry: entry.created or "", reverse=True)
+
+
+async def clear(
+    docker: aiodocker.Docker, settings: Settings, every_image: bool = False
+) -> tuple[list[str], list[str]]:
+    """Remove the cached sets no container uses (of the current image, or all); (removed, kept)."""
+    removed, kept = [], []
+    for entry in await entries(docker, settings):
+        if not (entry.current or every_image):
+            continue
+        try:
+            await docker_call("remove a cache volume", DockerVolume(docker, entry.volume).delete())
+            removed.append(entry.volume)
+        except SandboxError:
+            kept.append(entry.volume)  # in use (409), or gone meanwhile
+    return removed, kept
+
+
+async def command(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
+    """``streamsvc deps list|clear``: the cache as the engine holds it."""
+    docker = aiodocker.Docker(url=settings.docker_host)
+    try:
+        if args.deps_command == "clear":
+            removed, kept = await clear(docker, settings, every_image=args.all)
+            for name in removed:
+                print(f"removed {name}", file=out)
+            for name in kept:
+                print(f"kept {name} (in use)", file=out)
+            print(f"{len(removed)} removed, {len(kept)} in use", file=out)
+            return 0
+        found = await entries(docker, settings)
+        if args.json:
+            print(msgspec.json.encode(found).decode(), file=out)
+            return 0
+        print(f"{'VOLUME':36} {'PYTHON':8} {'SIZE':>9} {'USED BY':>7}  REQUIREMENTS", file=out)
+        for entry in found:
+            size = f"{entry.size_kb / 1024:.1f} MiB" if entry.size_kb is not None else "?"
+            stale = "" if entry.current else "  (another image)"
+            print(
+                f"{entry.volume:36} {entry.python or '?':8} {size:>9} "
+                f"{entry.containers if entry.containers is not None else '?':>7}  "
+                f"{' '.join(entry.requirements)}{stale}",
+                file=out,
+            )
+        return 0
+    finally:
+        await docker.close()
+
+
+def _requirements(marks: dict[str, str]) -> list[str]:
+    try:
+        found = json.loads(marks.get(LABEL_DEPS, "[]"))
+    except ValueError:
+        return []
+    return [str(item) for item in found] if isinstance(found, list) else []
+
+
+def _timestamp(created: str | None) -> float:
+    try:
+        return datetime.fromisoformat((created or "").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _size(output: str) -> int:

@@ -85,6 +85,16 @@ async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT)
         raise SandboxError(f"the Docker engine is unreachable ({what})") from exc
 
 
+async def ping(docker: aiodocker.Docker) -> None:
+    """``GET /_ping``: the cheapest proof that the engine answers (``/version`` costs ~5 ms)."""
+
+    async def call() -> None:
+        async with docker._query("_ping", versioned_api=False):
+            pass
+
+    await docker_call("answer a ping", call(), limit=5)
+
+
 async def ensure_network(docker: aiodocker.Docker) -> None:
     """The service's own bridge network: sandboxes reach out, never each other (no ICC)."""
     try:

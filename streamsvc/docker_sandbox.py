@@ -2,36 +2,61 @@
 
 This is the one module that drives containers (``docker_api`` holds the
 bounded, error-translating calls it uses; ``deps_cache`` the dependency
-volumes).
+volumes; ``warm_pool`` the bookkeeping of warm sandboxes).
 
-A run container is created from the sandbox image with (``container_config``):
-a non-root user, all capabilities dropped, ``no-new-privileges``, a read-only
-root filesystem, size-capped tmpfs at ``/work``, ``/tmp`` and ``/dev/shm``,
-memory = memory+swap = ``memoryMb``, a CPU quota, a pids limit, nofile and
-fsize ulimits, no host mounts, no log driver (output is read through attach,
-so a flood never reaches the host's disk), tini as PID 1 (so whatever the
-program leaves behind dies with it), and either no network at all or the
-service's own bridge network with inter-container traffic disabled. Files
-reach it by ``put_archive`` into an anonymous volume at ``/bundle``
-(root-owned, read-only to the program; Docker refuses ``put_archive`` on a
-read-only root filesystem, and tmpfs is mounted only at start); the runner
-copies them into ``/work``. Dependencies come from ``DependencyCache`` as a
-read-only volume at ``/opt/deps``, so they work under ``network_mode: none``.
+Every run container is created from the sandbox image with (``_config``, the
+same for cold and warm sandboxes): a non-root user, all capabilities dropped,
+``no-new-privileges``, a read-only root filesystem, size-capped tmpfs at
+``/work``, ``/tmp`` and ``/dev/shm``, memory = memory+swap = ``memoryMb``, a
+CPU quota, a pids limit, nofile and fsize ulimits, no host mounts, no log
+driver (output is read through attach, so a flood never reaches the host's
+disk), tini as PID 1 (so whatever the program leaves behind dies with it),
+the service's labels, and either no network at all or the service's own
+bridge network with inter-container traffic disabled. Dependencies come
+from ``DependencyCache`` as a read-only volume at ``/opt/deps``, so they work
+under ``network_mode: none``.
+
+Two ways to run (``sandbox_runner`` is the program inside either way):
+
+- **Warm** (``STREAMSVC_WARM_POOL_SIZE`` > 0, the fast path). A warm sandbox
+  is created, attached (stdin, stdout, stderr) and started *before* any
+  request, with a request-independent config: no user env, no files, no
+  secrets; its runner waits on stdin. Its ``PoolKey`` is everything fixed at
+  creation that differs between requests (image, network mode, dependency
+  volume, memory limit), so the limits of a request apply exactly without
+  touching the container. A run sends one delivery over the attach stream
+  (the files, the env, a per-run nonce; **not** ``put_archive``), the wall
+  clock starts at delivery, and the run ends at the runner's end lines (exit
+  code and the cgroup's OOM verdict), with no Docker round trip. Each warm
+  sandbox is used for one run and then destroyed; the pool refills in the
+  background. A request whose key has no ready sandbox gets one made the same
+  way on the spot. A request whose env sets a variable the interpreter reads
+  at start-up (``PYTHON*``, ``LC_*``, ``LANG``, ``LANGUAGE``, ``LD_*``) runs cold,
+  since a warm interpreter has already started.
+- **Cold** (the pool off, or the env above). The container is created with the
+  request's env; files reach it by ``put_archive`` into an anonymous volume at
+  ``/bundle`` (root-owned, read-only to the program; Docker refuses
+  ``put_archive`` on a read-only root filesystem, and tmpfs is mounted only
+  at start); the runner copies them into ``/work``. The run ends when Docker
+  reports the container stopped.
 
 Limits are reported, never silent. The wall clock is enforced by a watchdog
 task in the sandbox's own task group, so it holds even while a slow client
 stalls the stream: at ``timeoutMs`` it closes the output stream (an engine
 with unread output would not let the container die) and kills the
 container: ``timed_out``. Past the output cap on either stream the run is
-killed the same way: ``output_capped``. ``oom_killed`` is Docker's own
-verdict. ``pids_limited`` is set when the runner reports that the cgroup's
-pids limit refused a fork (see ``sandbox_runner``). Every container is
-removed when its run ends, however it ends; one that cannot be removed (the
-engine is down) is retried once the engine answers again, and a server that
-starts removes what dead earlier processes left.
+killed the same way: ``output_capped``. ``oom_killed`` is the kernel's
+verdict (Docker's for cold runs, the memory cgroup's counter read by the
+runner for warm ones). ``pids_limited`` is set when the runner reports that
+the cgroup's pids limit refused a fork (see ``sandbox_runner``). Every
+container is removed when its run ends, however it ends (in the background,
+so the answer does not wait for it); one that cannot be removed (the engine
+is down) is retried once the engine answers again, shutdown removes every
+container, warm ones included, and a server that starts removes what dead
+earlier processes left (all carry the owner label).
 
 Use it as an async context manager (the app's lifespan does): it owns the
-watchdogs' task group.
+task group of the watchdogs, the pool's fills and the removals.
 """
 
 from __future__ import annotations
@@ -40,13 +65,15 @@ import codecs
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator
 from importlib import resources
 from types import TracebackType
 from typing import Any, Literal
 
 import aiodocker
 import anyio
+import msgspec
 from aiodocker.containers import DockerContainer
 from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
@@ -70,13 +97,15 @@ from .docker_api import (
     list_managed,
     owner_alive,
     owner_label,
+    ping,
     remove_container,
     tar_bytes,
 )
 from .errors import SandboxError
-from .sandbox import Exited, Output, RunSpec, SandboxEvent, Status
-from .sandbox_runner import PIDS_MARKER
+from .sandbox import Exited, NetworkMode, Output, RunSpec, SandboxEvent, Status
+from .sandbox_runner import BOOTSTRAP, END_MARKER, PIDS_MARKER, READY_MARKER
 from .settings import Settings
+from .warm_pool import WarmPool
 
 log = logging.getLogger("streamsvc.sandbox")
 
@@ -84,6 +113,46 @@ RUNNER = resources.files("streamsvc").joinpath("sandbox_runner.py").read_bytes()
 CONTEXT_FILE = "/work/.streamsvc/context.json"
 NOFILE_LIMIT = 256
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {1: "stdout", 2: "stderr"}
+#: Seconds a new warm sandbox may take to say it is ready.
+READY_TIMEOUT = 30.0
+#: Env names the interpreter reads at start-up: a request setting one runs cold.
+COLD_ENV_PREFIXES = ("PYTHON", "LC_", "LD_")
+COLD_ENV_NAMES = frozenset({"LANG", "LANGUAGE"})
+#: Roles of this process's own run containers (``warm``: made ahead of its request).
+RUN_ROLES = frozenset({"run", "warm"})
+
+
+class PoolKey(msgspec.Struct, frozen=True):
+    """What a warm sandbox is created with that differs between requests."""
+
+    image: str
+    network: NetworkMode
+    deps_volume: str | None
+    memory_mb: int
+
+
+class _Warm:
+    """A started sandbox whose runner waits on the attach stream for one delivery."""
+
+    def __init__(
+        self,
+        container: DockerContainer,
+        stream: Stream,
+        key: PoolKey,
+        env_reads: frozenset[str] | None,
+    ) -> None:
+        self.container = container
+        self.stream = stream
+        self.key = key
+        #: Preloaded: the env variables its imports read (``"*"``: all); else ``None``.
+        self.env_reads = env_reads
+
+    def fits(self, env: dict[str, str]) -> bool:
+        """Whether a run with ``env`` sees what it would have seen in a cold sandbox."""
+        if self.env_reads is None:
+            return True
+        changed = {*env, "STREAMSVC_ENTRY_POINT"}
+        return not ("*" in self.env_reads and env) and self.env_reads.isdisjoint(changed)
 
 
 class DockerSandbox:
@@ -94,12 +163,22 @@ class DockerSandbox:
         self._settings = settings
         self._owner = owner_label()
         self._containers: set[DockerContainer] = set()
+        self._holds: dict[str, str] = {}  # container id -> the dependency volume it mounts
+        self._set_names: dict[str, list[str]] = {}  # dependency volume -> distribution names
+        self._no_preload: set[str] = set()  # dependency volumes whose import is not clean
         self._unremoved = False
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
             settings.streamsvc_max_concurrent_runs, settings.streamsvc_queue_size
         )
         self.deps = DependencyCache(docker, settings, self._owner)
+        self.pool: WarmPool[PoolKey, _Warm] = WarmPool(
+            settings.streamsvc_warm_pool_size,
+            settings.streamsvc_warm_pool_keys,
+            fill=self._fill,
+            discard=self._discard,
+            watch=_watch,
+        )
         self.image_id: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -107,6 +186,8 @@ class DockerSandbox:
     async def __aenter__(self) -> DockerSandbox:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
+        self.pool.start(self._tasks)
+        self.deps.start(self._tasks)
         await self.start()
         return self
 
@@ -142,7 +223,7 @@ class DockerSandbox:
             found = container_labels(container)
             owner = found.get(LABEL_OWNER, "")
             if owner == self._owner:
-                stale = found.get(LABEL_ROLE) == "run" and container.id not in active
+                stale = found.get(LABEL_ROLE) in RUN_ROLES and container.id not in active
             else:
                 stale = not owner_alive(owner)
             if stale:
@@ -167,25 +248,32 @@ class DockerSandbox:
             "image": self._settings.streamsvc_sandbox_image,
             "running": self.admission.running,
             "queued": len(self.admission.queue),
+            "warm": self.pool.stats(),
+            "deps": self.deps.stats(),
         }
 
     async def aclose(self) -> None:
-        """Kill and remove every sandbox still running, stop the watchdogs, close the client."""
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                for container in list(self._containers):
-                    tg.start_soon(self._remove, container)
+        """Kill and remove every sandbox (running, warm, finished), stop the tasks, close."""
+        await self.pool.close()
+        await self._remove_all()
         tasks, self._tasks = self._tasks, None
         if tasks is not None:
             tasks.cancel_scope.cancel()
             await tasks.__aexit__(None, None, None)
+        await self._remove_all()  # a fill may have created one meanwhile
         with anyio.CancelScope(shield=True):
             await self._docker.close()
+
+    async def _remove_all(self) -> None:
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for container in list(self._containers):
+                    tg.start_soon(self._remove, container)
 
     # -- one run -----------------------------------------------------------------
 
     async def run(self, spec: RunSpec) -> AsyncIterator[SandboxEvent]:
-        await docker_call("answer a ping", self._docker.version(), limit=5)
+        await ping(self._docker)
         if self.image_id is None:
             await self._prepare()
         if self._unremoved:
@@ -194,20 +282,74 @@ class DockerSandbox:
         try:
             async for position in ticket.positions():
                 yield Status("queued", f"waiting for a free slot (position {position})", position)
-            deps_volume = None
+            deps_volume, early = None, None
             if spec.dependencies:
                 yield Status("installing_dependencies", _describe(spec.dependencies))
-                deps_volume = await self.deps.ensure(spec.dependencies)
+                deps_volume, early = await self._dependencies(spec)
             try:
-                async for event in self._execute(spec, deps_volume):
-                    yield event
+                key = self.pool_key(spec, deps_volume)
+                if key is None:
+                    events = self._execute(spec, deps_volume)
+                else:
+                    events = self._execute_warm(spec, key, early)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield event
             finally:
                 if deps_volume is not None:
                     self.deps.release(deps_volume)
         finally:
             ticket.release()
 
-    async def _execute(self, spec: RunSpec, deps_volume: str | None) -> AsyncIterator[SandboxEvent]:
+    async def _dependencies(self, spec: RunSpec) -> tuple[str, _Warm | None]:
+        """The set's volume; when it must be installed first, also a sandbox made meanwhile.
+
+        A new set's install (network, seconds) and the making of the sandbox that
+        will run it (~0.3 s) overlap: the sandbox mounts the volume as soon as it
+        exists and imports nothing from it before the delivery.
+        """
+        names = [dep.name for dep in spec.dependencies]
+        if self.pool_key(spec, "") is None:
+            volume = await self.deps.ensure(spec.dependencies)
+            self._set_names[volume] = names
+            return volume, None
+        created = anyio.Event()
+        early: list[_Warm] = []
+
+        async def make_early() -> None:
+            await created.wait()
+            key = self.pool_key(spec, self.deps.name_of(spec.dependencies))
+            assert key is not None
+            with contextlib.suppress(SandboxError):  # the run makes one later instead
+                early.append(await self._fill(key, preload=False))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(make_early)
+                try:
+                    volume = await self.deps.ensure(spec.dependencies, created)
+                except BaseException:
+                    tg.cancel_scope.cancel()
+                    raise
+                if not created.is_set():  # it was there already: nothing to overlap
+                    tg.cancel_scope.cancel()
+        except BaseException:
+            for warm in early:
+                await self._discard(warm)
+            raise
+        self._set_names[volume] = names
+        return volume, (early[0] if early else None)
+
+    def pool_key(self, spec: RunSpec, deps_volume: str | None) -> PoolKey | None:
+        """The warm pool's key for ``spec``; ``None`` when it must run cold."""
+        if not self.pool.enabled or self.image_id is None or _needs_cold(spec.env):
+            return None
+        return PoolKey(self.image_id, spec.network, deps_volume, spec.memory_mb)
+
+    async def _execute(
+        self, spec: RunSpec, deps_volume: str | None
+    ) -> AsyncGenerator[SandboxEvent, None]:
+        """A cold run: create with the request in it, ``put_archive``, start, wait for the end."""
         container = await self._create(spec, deps_volume)
         run: _Run | None = None
         try:
@@ -222,13 +364,53 @@ class DockerSandbox:
         finally:
             if run is not None:
                 run.watchdog.cancel()
-            await self._remove(container)
+            self._dispose(container, None)
+
+    async def _execute_warm(
+        self, spec: RunSpec, key: PoolKey, early: _Warm | None = None
+    ) -> AsyncGenerator[SandboxEvent, None]:
+        """A warm run: a started sandbox (from the pool, else made now), one delivery, its end."""
+        if early is not None:
+            self.pool.touch(key)  # the next request for this key finds one ready
+            warm: _Warm | None = early
+        else:
+            warm = await self.pool.take(key)
+        if warm is not None and not warm.fits(spec.env):
+            # Its preloaded imports read a variable this request sets: they would
+            # have seen another value in a cold run. Stop preloading this set.
+            if key.deps_volume is not None:
+                self._no_preload.add(key.deps_volume)
+            self._dispose(warm.container, warm.stream)
+            warm = None
+        run: _Run | None = None
+        try:
+            if warm is None:
+                yield Status("starting", "starting a sandbox (none was warm)")
+                warm = await self._fill(key, preload=False)
+            else:
+                yield Status("starting", "using a warm sandbox")
+            run = _Run(
+                warm.container,
+                warm.stream,
+                self._settings.streamsvc_output_cap_bytes,
+                nonce=secrets.token_hex(16),
+            )
+            await self._deliver(run, spec, key)
+            yield Status("running", f"running {spec.entry_point}")
+            async for output in self._pump(run):
+                yield output
+            yield await self._exited(run)
+        finally:
+            if run is not None:
+                run.watchdog.cancel()
+            if warm is not None:
+                self._dispose(warm.container, warm.stream)
 
     async def _create(self, spec: RunSpec, deps_volume: str | None) -> DockerContainer:
         if spec.network == "bridge":
             await ensure_network(self._docker)
         container = await create_container(self._docker, self.container_config(spec, deps_volume))
-        self._containers.add(container)
+        self._adopt(container, deps_volume)
         try:
             await docker_call("copy the files", container.put_archive("/bundle", _bundle(spec)))
         except BaseException:
@@ -237,11 +419,30 @@ class DockerSandbox:
         return container
 
     async def _start(self, run: _Run, timeout_ms: int) -> None:
-        assert self._tasks is not None, "use DockerSandbox as an async context manager"
         await docker_call("start the sandbox", run.container.start())
-        run.started = anyio.current_time()
+        self._start_clock(run, timeout_ms)
+
+    def _start_clock(self, run: _Run, timeout_ms: int, started: float | None = None) -> None:
+        assert self._tasks is not None, "use DockerSandbox as an async context manager"
+        run.started = anyio.current_time() if started is None else started
         run.deadline = run.started + timeout_ms / 1000
         self._tasks.start_soon(self._watchdog, run)
+
+    async def _deliver(self, run: _Run, spec: RunSpec, key: PoolKey) -> None:
+        """Send the run to a waiting runner; the wall clock starts now."""
+        assert run.nonce is not None
+        delivery = json.dumps(
+            {
+                "files": _bundle_files(spec),
+                "env": self._run_env(spec, key.deps_volume),
+                "nonce": run.nonce,
+            }
+        ).encode()
+        started = anyio.current_time()
+        await docker_call(
+            "deliver the run", run.stream.write_in(b"%d\n" % len(delivery) + delivery)
+        )
+        self._start_clock(run, spec.timeout_ms, started)
 
     async def _watchdog(self, run: _Run) -> None:
         """Kill the run at its deadline, whatever its consumer is doing."""
@@ -256,21 +457,41 @@ class DockerSandbox:
         while (message := await run.read()) is not None:
             if message.stream not in STREAMS:
                 continue
-            passed_cap = run.count(message.stream, len(message.data))
-            text = decoders[message.stream].decode(message.data)
+            data = message.data if run.ends is None else run.ends.feed(message.stream, message.data)
+            passed_cap = run.count(message.stream, len(data))
+            text = decoders[message.stream].decode(data)
             if text:
                 yield Output(STREAMS[message.stream], run.note(message.stream, text))
             if passed_cap:
                 run.capped = True
                 await run.stop()
                 break
+            if run.ends is not None and run.ends.complete:
+                run.ended_at = anyio.current_time()
+                break
         for number, decoder in decoders.items():
-            tail = decoder.decode(b"", final=True)
+            held = b"" if run.ends is None else run.ends.leftover(number)
+            tail = decoder.decode(held, final=True)
             if tail:
                 yield Output(STREAMS[number], run.note(number, tail))
 
     async def _exited(self, run: _Run) -> Exited:
-        """Wait for the container to stop (the watchdog bounds that), then read its state."""
+        """The run's end: from the runner's end lines (warm), else from Docker."""
+        end = run.ends.verdict() if run.ends is not None else None
+        if end is not None and run.ended_at is not None and not (run.timed_out or run.capped):
+            run.watchdog.cancel()
+            oom = end.oom_killed
+            if oom is None:
+                info = await docker_call("inspect the sandbox", run.container.show())
+                oom = bool(info.get("State", {}).get("OOMKilled"))
+            return Exited(
+                exit_code=end.exit_code,
+                timed_out=False,
+                oom_killed=oom,
+                duration_ms=int((run.ended_at - run.started) * 1000),
+                pids_limited=run.pids_limited,
+            )
+        # Wait for the container to stop (the watchdog bounds that), then read its state.
         limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT
         await docker_call("wait for the sandbox", run.container.wait(), limit=limit)
         run.watchdog.cancel()
@@ -287,50 +508,168 @@ class DockerSandbox:
             pids_limited=run.pids_limited,
         )
 
+    # -- warm sandboxes ---------------------------------------------------------------
+
+    async def _fill(self, key: PoolKey, preload: bool = True) -> _Warm:
+        """Create, attach and start a sandbox for ``key``; return once its runner waits.
+
+        With ``preload``, a sandbox with dependencies imports them first (when
+        that is clean; a set whose import is not is never preloaded again).
+        """
+        volume = key.deps_volume
+        names = self._set_names.get(volume) if preload and volume is not None else None
+        if volume in self._no_preload:
+            names = None
+        if key.network == "bridge":
+            await ensure_network(self._docker)
+        container = await create_container(self._docker, self.warm_config(key, names))
+        self._adopt(container, volume)
+        stream = container.attach(stdin=True, stdout=True, stderr=True, logs=False)
+        try:
+            await docker_call("attach to the sandbox", stream.__aenter__())
+            await docker_call("start the sandbox", container.start())
+            await docker_call("load the runner", stream.write_in(b"%d\n" % len(RUNNER) + RUNNER))
+            report = await docker_call("wait for the sandbox", _ready(stream), READY_TIMEOUT)
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*ENGINE_ERRORS):
+                await stream.close()
+            await self._remove(container)
+            raise
+        if report.refused and volume is not None:
+            log.info("not preloading %s: %s", self._set_names.get(volume), report.refused)
+            self._no_preload.add(volume)
+            await self._discard(_Warm(container, stream, key, None))
+            return await self._fill(key, preload=False)
+        reads = frozenset(report.env) if report.modules else None
+        return _Warm(container, stream, key, reads)
+
+    async def _discard(self, warm: _Warm) -> None:
+        """Destroy a warm sandbox that was never used."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(*ENGINE_ERRORS):
+            await warm.stream.close()
+        await self._remove(warm.container)
+
+    # -- containers -------------------------------------------------------------------
+
+    def _adopt(self, container: DockerContainer, deps_volume: str | None) -> None:
+        """Track a new container (and the dependency volume it mounts) until it is removed."""
+        self._containers.add(container)
+        if deps_volume is not None:
+            self._holds[container.id] = deps_volume
+            self.deps.hold(deps_volume)
+
+    def _dispose(self, container: DockerContainer, stream: Stream | None) -> None:
+        """Remove a used container in the background: the answer does not wait for it."""
+
+        async def dispose() -> None:
+            if stream is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*ENGINE_ERRORS):
+                    await stream.close()
+            await self._remove(container)
+
+        if self._tasks is not None:
+            self._tasks.start_soon(dispose)
+        # else: shutting down; aclose removes every container it still tracks
+
     async def _remove(self, container: DockerContainer) -> None:
-        if await remove_container(container):
-            self._containers.discard(container)
+        """Remove a container we track (once: a second caller finds it claimed)."""
+        if container not in self._containers:
             return
-        log.warning("could not remove sandbox %s; will retry", container.id[:12])
         self._containers.discard(container)
-        self._unremoved = True
+        volume = self._holds.pop(container.id, None)
+        if volume is not None:
+            self.deps.release(volume)
+        if not await remove_container(container):
+            log.warning("could not remove sandbox %s; will retry", container.id[:12])
+            self._unremoved = True
 
     # -- the container -------------------------------------------------------------
 
     def container_config(self, spec: RunSpec, deps_volume: str | None) -> dict[str, Any]:
-        """The engine's create request for one run: every hardening setting is here."""
+        """The engine's create request for a cold run: the request's env, files by archive."""
+        mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
+        return self._config(
+            network=spec.network,
+            memory_mb=spec.memory_mb,
+            deps_volume=deps_volume,
+            env=self._run_env(spec, deps_volume),
+            cmd=["python3", "/bundle/.streamsvc/runner.py"],
+            mounts=mounts,
+            role="run",
+        )
+
+    def warm_config(self, key: PoolKey, preload: list[str] | None = None) -> dict[str, Any]:
+        """The engine's create request for a warm sandbox: nothing of any request in it."""
+        env = {**self._fixed_env(key.deps_volume), "STREAMSVC_DELIVERY": "stdin"}
+        if preload:
+            env["STREAMSVC_PRELOAD"] = ",".join(preload)
+        config = self._config(
+            network=key.network,
+            memory_mb=key.memory_mb,
+            deps_volume=key.deps_volume,
+            env=env,
+            cmd=["python3", "-c", BOOTSTRAP],
+            mounts=[],
+            role="warm",
+        )
+        # stdin stays open for the delivery; closed when the server lets go of it
+        config |= {"AttachStdin": True, "OpenStdin": True, "StdinOnce": True}
+        return config
+
+    def _fixed_env(self, deps_volume: str | None) -> dict[str, str]:
+        env = {
+            "HOME": "/work",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "STREAMSVC_CONTEXT_FILE": CONTEXT_FILE,
+        }
+        if deps_volume is not None:
+            env["PYTHONPATH"] = "/opt/deps"
+        return env
+
+    def _run_env(self, spec: RunSpec, deps_volume: str | None) -> dict[str, str]:
+        """The program's environment: the request's, then ours (ours win)."""
+        return {
+            **spec.env,
+            "STREAMSVC_ENTRY_POINT": spec.entry_point,
+            **self._fixed_env(deps_volume),
+        }
+
+    def _config(
+        self,
+        *,
+        network: NetworkMode,
+        memory_mb: int,
+        deps_volume: str | None,
+        env: dict[str, str],
+        cmd: list[str],
+        mounts: list[dict[str, Any]],
+        role: str,
+    ) -> dict[str, Any]:
+        """Every hardening setting is here, the same for cold and warm sandboxes."""
         s = self._settings
-        memory = spec.memory_mb * 1024 * 1024
+        memory = memory_mb * 1024 * 1024
         tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024
         tmpfs = (
             f"rw,nosuid,nodev,noexec,size={s.streamsvc_tmpfs_mb}m,"
             f"uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"
         )
-        env = {
-            **spec.env,
-            "HOME": "/work",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "STREAMSVC_ENTRY_POINT": spec.entry_point,
-            "STREAMSVC_CONTEXT_FILE": CONTEXT_FILE,
-        }
-        mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
+        mounts = list(mounts)
         if deps_volume is not None:
             mounts.append(
                 {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
             )
-            env["PYTHONPATH"] = "/opt/deps"
         return {
             "Image": s.streamsvc_sandbox_image,
-            "Cmd": ["python3", "/bundle/.streamsvc/runner.py"],
+            "Cmd": cmd,
             "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
             "WorkingDir": "/work",
             "Env": [f"{key}={value}" for key, value in env.items()],
-            "Labels": labels(self._owner, "run"),
+            "Labels": labels(self._owner, role),
             "AttachStdout": True,
             "AttachStderr": True,
-            "NetworkDisabled": spec.network == "none",
+            "NetworkDisabled": network == "none",
             "HostConfig": {
-                "NetworkMode": "none" if spec.network == "none" else NETWORK_NAME,
+                "NetworkMode": "none" if network == "none" else NETWORK_NAME,
                 "Memory": memory,
                 "MemorySwap": memory,  # memory + swap: no swap at all
                 "NanoCpus": int(s.streamsvc_cpus * 1e9),
@@ -358,10 +697,16 @@ class DockerSandbox:
 class _Run:
     """One started sandbox: its container, its output stream, and why it stopped."""
 
-    def __init__(self, container: DockerContainer, stream: Stream, cap: int) -> None:
+    def __init__(
+        self, container: DockerContainer, stream: Stream, cap: int, nonce: str | None = None
+    ) -> None:
         self.container = container
         self.stream = stream
         self.cap = cap
+        #: Warm runs: the runner's end lines carry this nonce.
+        self.nonce = nonce
+        self.ends = _EndLines(nonce) if nonce is not None else None
+        self.ended_at: float | None = None
         self.sizes = dict.fromkeys(STREAMS, 0)
         self.started = 0.0
         self.deadline = 0.0
@@ -410,6 +755,80 @@ class _Run:
         await kill_container(self.container)
 
 
+class EndLine(msgspec.Struct):
+    """What a warm runner reports when its program has exited."""
+
+    exit_code: int
+    oom_killed: bool | None = None
+
+
+class _EndLines:
+    """Finds the runner's end line in stdout and in stderr, and keeps it out of the output.
+
+    Each line is ``END_MARKER NONCE JSON\\n``; what comes before it on its stream
+    is output, what comes after (a leftover process writing on) is dropped. A
+    chunk ending in what may be the start of the marker is held back until the
+    next chunk says whether it is.
+    """
+
+    LIMIT = 4096  # an end line longer than this is not one of ours
+
+    def __init__(self, nonce: str) -> None:
+        self.marker = END_MARKER + nonce.encode() + b" "
+        self._held = {number: b"" for number in STREAMS}
+        self._found = dict.fromkeys(STREAMS, False)
+        self._lines: dict[int, bytes] = {}
+
+    @property
+    def complete(self) -> bool:
+        return len(self._lines) == len(STREAMS)
+
+    def feed(self, stream: int, data: bytes) -> bytes:
+        """The part of ``data`` that is the program's output."""
+        if stream in self._lines:
+            return b""
+        buffer = self._held[stream] + data
+        output = b""
+        if not self._found[stream]:
+            at = buffer.find(self.marker)
+            if at < 0:
+                keep = self._partial(buffer)
+                self._held[stream] = buffer[len(buffer) - keep :]
+                return buffer[: len(buffer) - keep]
+            output, buffer = buffer[:at], buffer[at:]
+            self._found[stream] = True
+        newline = buffer.find(b"\n")
+        if newline < 0 and len(buffer) <= self.LIMIT:
+            self._held[stream] = buffer
+            return output
+        self._held[stream] = b""
+        self._lines[stream] = buffer[len(self.marker) : newline] if newline >= 0 else b""
+        return output
+
+    def _partial(self, buffer: bytes) -> int:
+        """How many bytes at the end of ``buffer`` may begin the marker."""
+        start = buffer.rfind(self.marker[:1], max(0, len(buffer) - len(self.marker) + 1))
+        if start >= 0 and self.marker.startswith(buffer[start:]):
+            return len(buffer) - start
+        return 0
+
+    def leftover(self, stream: int) -> bytes:
+        """Held-back bytes that turned out to be output (the stream ended without its line)."""
+        if self._found[stream]:
+            return b""
+        held, self._held[stream] = self._held[stream], b""
+        return held
+
+    def verdict(self) -> EndLine | None:
+        """The runner's report, once both lines are in and agree; else ``None``."""
+        if not self.complete or self._lines[1] != self._lines[2]:
+            return None
+        try:
+            return msgspec.json.decode(self._lines[1], type=EndLine)
+        except msgspec.DecodeError:
+            return None
+
+
 @contextlib.asynccontextmanager
 async def _attached(container: DockerContainer) -> AsyncIterator[Stream]:
     """The container's stdout and stderr, attached before it starts so nothing is missed."""
@@ -430,8 +849,42 @@ def _describe(dependencies: tuple[Dependency, ...]) -> str:
     return "installing " + ", ".join(dep.requirement for dep in dependencies)
 
 
+def _bundle_files(spec: RunSpec) -> dict[str, str]:
+    """What lands in /work: the connector's files, the runner and the context."""
+    return {
+        **spec.files,
+        ".streamsvc/runner.py": RUNNER.decode(),
+        ".streamsvc/context.json": json.dumps(spec.context),
+    }
+
+
 def _bundle(spec: RunSpec) -> bytes:
-    files = {name: text.encode() for name, text in spec.files.items()}
-    files[".streamsvc/runner.py"] = RUNNER
-    files[".streamsvc/context.json"] = json.dumps(spec.context).encode()
-    return tar_bytes(files)
+    return tar_bytes({name: text.encode() for name, text in _bundle_files(spec).items()})
+
+
+def _needs_cold(env: dict[str, str]) -> bool:
+    """Whether ``env`` sets something the interpreter reads only at start-up."""
+    return any(name.startswith(COLD_ENV_PREFIXES) or name in COLD_ENV_NAMES for name in env)
+
+
+class ReadyReport(msgspec.Struct):
+    """What a warm runner says once it waits: what it preloaded, or why it would not."""
+
+    modules: list[str] = []
+    env: list[str] = []
+    refused: str = ""
+
+
+async def _ready(stream: Stream) -> ReadyReport:
+    """Wait for a new warm sandbox's runner to say it is ready; anything else is a failure."""
+    message = await stream.read_out()
+    data = message.data if message is not None and message.stream == 1 else b""
+    if data.startswith(READY_MARKER) and data.endswith(b"\n"):
+        with contextlib.suppress(msgspec.DecodeError):
+            return msgspec.json.decode(data[len(READY_MARKER) :], type=ReadyReport)
+    raise SandboxError("a new sandbox did not start its runner", code="sandbox_failed", status=500)
+
+
+async def _watch(warm: _Warm) -> None:
+    """Return when an idle warm sandbox says anything at all: it has ended, or gone wrong."""
+    await warm.stream.read_out()

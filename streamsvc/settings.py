@@ -103,6 +103,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     #: CA bundle mounted read-only into the dependency-install step (``""`` = none).
     streamsvc_sandbox_ca_bundle: str | None = None
     streamsvc_deps_cache_mb: Positive = 4096
+    #: Warm sandboxes kept ready per key (image, network, dependency set, memory); 0 = off.
+    streamsvc_warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    #: Most keys kept warm at once (least recently used dropped first).
+    streamsvc_warm_pool_keys: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
     streamsvc_max_files: Positive = 200
     streamsvc_max_file_bytes: Positive = 1024 * 1024
 

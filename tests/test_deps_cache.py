@@ -4,18 +4,41 @@ Each documented form of ``runtime.dependencies`` with the seed's
 ``requests==2.32.3``, imported by a program running under
 ``network_mode: none``; the set is installed once into a labelled volume
 that runs mount read-only; a set that cannot be installed is a clear error
-and leaves nothing behind.
+and leaves nothing behind. Issue 5: the volume is keyed by the image id, the
+image's Python version and the set; three concurrent first requests install
+once (the engine's event log says so); past the size cap the least recently
+used set goes; ``streamsvc deps list|clear`` show and empty the cache from the
+engine, and the server installs a cleared set again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from tests.harness import ServerProcess
-from tests.sandbox_kit import assert_no_sandboxes, body, docker, execute, result_line, sandboxes
+from tests.sandbox_kit import (
+    IMAGE,
+    assert_no_sandboxes,
+    body,
+    docker,
+    execute,
+    owner,
+    result_line,
+    sandboxes,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -99,3 +122,165 @@ async def test_a_set_that_cannot_install_is_an_error_and_leaves_nothing(
     assert error["details"]["requirements"] == [requirement]
     assert deps_volumes(requirement) == []
     assert sandboxes(server) == []
+
+
+# -- issue 5: the cache's key, one install, the size cap, listing and clearing --------------
+
+
+def image_id(image: str = IMAGE) -> str:
+    return json.loads(docker("image", "inspect", image))[0]["Id"]
+
+
+def python_version(image: str = IMAGE) -> str:
+    probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+    return docker("run", "--rm", "--network", "none", image, "python3", "-c", probe).strip()
+
+
+def volume_labels(name: str) -> dict[str, str]:
+    found: dict[str, str] = json.loads(docker("volume", "inspect", name))[0]["Labels"] or {}
+    return found
+
+
+async def test_the_key_is_the_image_the_python_version_and_the_set(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    payload = body(IMPORTS_REQUESTS, dependencies=["requests==2.32.3"])
+    assert result_line(await execute(client, server, payload))["version"] == "2.32.3"
+    image, python = image_id(), python_version()
+    [volume] = [
+        name
+        for name in deps_volumes("requests==2.32.3")
+        if volume_labels(name).get("streamsvc.deps.image") == image
+    ]
+    assert volume_labels(volume)["streamsvc.deps.python"] == python
+    key = f"{image}\n{python}\nrequests==2.32.3"
+    assert volume == "streamsvc-deps-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+async def test_concurrent_first_requests_for_a_new_set_install_it_once(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    requirement = "six==1.15.0"
+    for volume in deps_volumes(requirement):  # a set this engine has not seen
+        docker("volume", "rm", volume, check=False)
+    code = """
+        import json, six
+        print(json.dumps({"ok": True, "result": six.__version__}))
+    """
+    since = int(time.time())
+    results: list[Any] = []
+
+    async def one() -> None:
+        payload = body(code, dependencies={"six": "1.15.0"})
+        results.append(result_line(await execute(client, server, payload)))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one)
+        assert results == ["1.15.0"] * 3
+        installs = docker(
+            "events", "--since", str(since), "--until", str(int(time.time()) + 1),
+            "--filter", "type=container", "--filter", "event=create",
+            "--filter", f"label=streamsvc.owner={owner(server)}",
+            "--filter", "label=streamsvc.deps.action=install",
+            "--format", "{{.Actor.ID}}",
+        ).split()  # fmt: skip
+        assert len(installs) == 1, installs  # the engine's own record: one install container
+        assert len(deps_volumes(requirement)) == 1
+    finally:
+        for volume in deps_volumes(requirement):
+            docker("volume", "rm", volume, check=False)
+    assert_no_sandboxes(server)
+
+
+@pytest.fixture
+def own_image() -> Iterator[str]:
+    """A copy of the sandbox image with its own id, so its cache is this test's alone."""
+    tag = f"streamsvc-sandbox-test:{uuid.uuid4().hex[:12]}"
+    dockerfile = f"FROM {IMAGE}\nLABEL streamsvc.test={tag}\n"
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        text=True,
+        capture_output=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    built = image_id(tag)
+    try:
+        yield tag
+    finally:
+        for name in docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split():
+            if volume_labels(name).get("streamsvc.deps.image") == built:
+                docker("volume", "rm", name, check=False)
+        docker("rmi", tag, check=False)
+
+
+def deps_cli(image: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "deps", *args],
+        env={**env, "STREAMSVC_SANDBOX_IMAGE": image},
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def imports(module: str) -> str:
+    return f"""
+        import json, {module}
+        print(json.dumps({{"ok": True, "result": {module}.__name__}}))
+    """
+
+
+async def test_the_cache_is_size_capped_lru_and_listed_and_cleared(
+    own_image: str, start_server: Any, client: httpx.AsyncClient
+) -> None:
+    """urllib3 (~1 MiB installed) and idna (~0.7 MiB) do not both fit in 1 MiB."""
+    capped: ServerProcess = start_server(
+        STREAMSVC_SANDBOX_IMAGE=own_image, STREAMSVC_DEPS_CACHE_MB="1"
+    )
+    built = image_id(own_image)
+
+    def sets() -> dict[str, str]:
+        names = docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split()
+        found = {}
+        for name in names:
+            marks = volume_labels(name)
+            if marks.get("streamsvc.deps.image") == built:
+                found[json.loads(marks["streamsvc.deps"])[0]] = name
+        return found
+
+    def deps_stats() -> Any:
+        health = httpx.get(capped.url + "/health", timeout=10).json()
+        return health["components"]["sandbox"]["deps"]
+
+    old = body(imports("urllib3"), dependencies=["urllib3==2.2.3"])
+    new = body(imports("idna"), dependencies=["idna==3.10"])
+    assert result_line(await execute(client, capped, old)) == "urllib3"
+    assert list(sets()) == ["urllib3==2.2.3"]  # over the cap alone, but in use: kept
+    assert result_line(await execute(client, capped, new)) == "idna"
+    assert list(sets()) == ["idna==3.10"]  # the least recently used set went
+    assert deps_stats()["installs"] == 2 and deps_stats()["sets"] == 1
+
+    # Listing and clearing, from the command line, straight from the engine.
+    listed = json.loads(deps_cli(own_image, "list", "--json"))
+    [entry] = [e for e in listed if e["image"] == built]
+    assert entry["requirements"] == ["idna==3.10"] and entry["current"] is True
+    assert entry["python"] == python_version() and entry["size_kb"] > 100
+    assert entry["volume"] == sets()["idna==3.10"]
+    assert "idna==3.10" in deps_cli(own_image, "list")
+    cleared = deps_cli(own_image, "clear")
+    assert f"removed {entry['volume']}" in cleared
+    assert sets() == {}
+    # The server notices the set is gone and installs it again.
+    assert result_line(await execute(client, capped, new)) == "idna"
+    assert list(sets()) == ["idna==3.10"] and deps_stats()["installs"] == 3
+    assert_no_sandboxes(capped)
