@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _with_overrides(load_settings(), args.host, args.port)
         configure_logging(settings)
-        from .server import serve
+        from .server import backend_options, serve
 
-        anyio.run(serve, settings)
+        anyio.run(serve, settings, backend_options=backend_options())
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2
