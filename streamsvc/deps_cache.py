@@ -173,15 +173,26 @@ class DependencyCache:
         """Helper containers are removed in ``tasks`` (in the background) from now on."""
         self._tasks = tasks
 
+    async def known(self, dependencies: tuple[Dependency, ...]) -> str | None:
+        """The volume of ``dependencies`` when this process has it installed or checked."""
+        name = self.volume_name(dependencies, await self.python_version())
+        entry = self._sets.get(name)
+        return name if entry is not None and entry.verified else None
+
     async def ensure(
-        self, dependencies: tuple[Dependency, ...], created: anyio.Event | None = None
+        self,
+        dependencies: tuple[Dependency, ...],
+        created: anyio.Event | None = None,
+        *,
+        mounted: bool = False,
     ) -> str:
         """The volume holding ``dependencies``, installing them first if needed.
 
         ``created`` is set once a new volume exists and its install begins (so a
         run container may be made meanwhile; it must not import from the volume
-        before this returns). The caller holds the volume (it is not evicted)
-        until ``release``.
+        before this returns). ``mounted``: a container mounts the volume now, so
+        it exists (Docker removes no volume in use) and is not asked about. The
+        caller holds the volume (it is not evicted) until ``release``.
         """
         python = await self.python_version()
         await self._load(python)
@@ -189,7 +200,8 @@ class DependencyCache:
         lock = self._locks.setdefault(name, anyio.Lock())
         async with lock:
             entry = self._sets.get(name)
-            if entry is not None and entry.verified and not await self._exists(name):
+            gone = entry is not None and entry.verified and not mounted
+            if gone and not await self._exists(name):
                 log.info("dependency set %s was removed; installing it again", name)
                 entry = None
             if entry is None or not entry.verified:
@@ -208,6 +220,10 @@ class DependencyCache:
 
     def release(self, volume: str) -> None:
         self._in_use[volume] -= 1
+
+    async def exists(self, name: str) -> bool:
+        """Whether the volume is still there (``streamsvc deps clear`` may remove it)."""
+        return await self._exists(name)
 
     async def _exists(self, name: str) -> bool:
         try:

@@ -309,8 +309,10 @@ class DockerSandbox:
         exists and imports nothing from it before the delivery.
         """
         names = [dep.name for dep in spec.dependencies]
-        if self.pool_key(spec, "") is None:
-            volume = await self.deps.ensure(spec.dependencies)
+        key = self.pool_key(spec, await self.deps.known(spec.dependencies))
+        if key is None or key.deps_volume is not None:  # cold, or installed already
+            ready = key is not None and self.pool.ready(key) > 0
+            volume = await self.deps.ensure(spec.dependencies, mounted=ready)
             self._set_names[volume] = names
             return volume, None
         created = anyio.Event()
@@ -370,11 +372,7 @@ class DockerSandbox:
         self, spec: RunSpec, key: PoolKey, early: _Warm | None = None
     ) -> AsyncGenerator[SandboxEvent, None]:
         """A warm run: a started sandbox (from the pool, else made now), one delivery, its end."""
-        if early is not None:
-            self.pool.touch(key)  # the next request for this key finds one ready
-            warm: _Warm | None = early
-        else:
-            warm = await self.pool.take(key)
+        warm = early if early is not None else await self.pool.take(key, refill=False)
         if warm is not None and not warm.fits(spec.env):
             # Its preloaded imports read a variable this request sets: they would
             # have seen another value in a cold run. Stop preloading this set.
@@ -405,6 +403,7 @@ class DockerSandbox:
                 run.watchdog.cancel()
             if warm is not None:
                 self._dispose(warm.container, warm.stream)
+            self.pool.touch(key)  # refilled now that the run no longer needs the CPU
 
     async def _create(self, spec: RunSpec, deps_volume: str | None) -> DockerContainer:
         if spec.network == "bridge":
@@ -520,6 +519,9 @@ class DockerSandbox:
         names = self._set_names.get(volume) if preload and volume is not None else None
         if volume in self._no_preload:
             names = None
+        if volume is not None and not await self.deps.exists(volume):
+            # Removed since it was checked (Docker would make an empty one in its place).
+            raise SandboxError("the dependency set was removed meanwhile; try again")
         if key.network == "bridge":
             await ensure_network(self._docker)
         container = await create_container(self._docker, self.warm_config(key, names))

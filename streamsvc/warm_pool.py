@@ -9,7 +9,9 @@ key exactly and nothing is changed on it at run time.
 ``take(key)`` makes ``key`` the most recently used (dropping the least recently
 used key past ``max_keys``, and its ready sandboxes), hands out one ready
 sandbox or ``None``, and starts refilling ``key`` up to ``size`` (``touch(key)``
-does the same without taking one). A sandbox
+does the same without taking one). The sandbox owner takes with ``refill=False``
+and touches the key once the run is over: fills are CPU-heavy (a container
+start, imports), and one that competes with the run it replaces slows it. A sandbox
 handed out is the caller's: it is used for one run and destroyed by the
 caller. The pool never hands one out twice.
 
@@ -94,8 +96,8 @@ class WarmPool(Generic[K, T]):
         """Fills, watchers and discards run in ``tasks`` from now on."""
         self._tasks = tasks
 
-    async def take(self, key: K) -> T | None:
-        """A ready sandbox for ``key``, or ``None``; either way ``key`` is refilled."""
+    async def take(self, key: K, refill: bool = True) -> T | None:
+        """A ready sandbox for ``key``, or ``None``; ``key`` is refilled now, or at ``touch``."""
         if not self.enabled or self._tasks is None:
             return None
         slot = self._use(key)
@@ -112,8 +114,14 @@ class WarmPool(Generic[K, T]):
             self.misses += 1
         else:
             self.hits += 1
-        self._refill(key, slot)
+        if refill:
+            self._refill(key, slot)
         return found
+
+    def ready(self, key: K) -> int:
+        """How many sandboxes are ready for ``key`` now."""
+        slot = self._slots.get(key)
+        return len(slot.ready) if slot is not None else 0
 
     def touch(self, key: K) -> None:
         """Like ``take`` without taking: ``key`` is the most recently used, and refilled."""
