@@ -227,11 +227,12 @@ class DependencyCache:
 
     async def _exists(self, name: str) -> bool:
         try:
-            await DockerVolume(self._docker, name).show()
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
+            await docker_call("inspect a cache volume", DockerVolume(self._docker, name).show())
+        except SandboxError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiodocker.DockerError) and cause.status == 404:
                 return False
-            raise SandboxError("the Docker engine refused to inspect a volume") from exc
+            raise
         return True
 
     async def _load(self, python: str) -> None:

@@ -322,19 +322,24 @@ class DockerSandbox:
             await created.wait()
             key = self.pool_key(spec, self.deps.name_of(spec.dependencies))
             assert key is not None
-            with contextlib.suppress(SandboxError):  # the run makes one later instead
+            try:
                 early.append(await self._fill(key, preload=False))
+            except Exception as exc:  # the run makes one later instead
+                log.info("could not start a sandbox during the install: %s", exc)
 
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(make_early)
                 try:
                     volume = await self.deps.ensure(spec.dependencies, created)
-                except BaseException:
+                except Exception as exc:  # raised below, not wrapped in the group's
+                    failure = exc
                     tg.cancel_scope.cancel()
-                    raise
                 if not created.is_set():  # it was there already: nothing to overlap
                     tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         except BaseException:
             for warm in early:
                 await self._discard(warm)
@@ -532,7 +537,9 @@ class DockerSandbox:
             await docker_call("start the sandbox", container.start())
             await docker_call("load the runner", stream.write_in(b"%d\n" % len(RUNNER) + RUNNER))
             report = await docker_call("wait for the sandbox", _ready(stream), READY_TIMEOUT)
-        except BaseException:
+        except BaseException as exc:
+            if names and volume is not None and isinstance(exc, SandboxError):
+                self._no_preload.add(volume)  # e.g. importing it passed the memory limit
             with anyio.CancelScope(shield=True), contextlib.suppress(*ENGINE_ERRORS):
                 await stream.close()
             await self._remove(container)

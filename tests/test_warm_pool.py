@@ -379,6 +379,21 @@ async def test_a_dependency_set_is_preloaded_unless_its_import_read_the_request_
     assert answer.last.data["result"] == {"preloaded": False, "version": "4.67.1", "env": "1"}
 
 
+async def test_a_set_that_cannot_install_leaves_no_sandbox_behind(
+    warm: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    """The sandbox made while a new set installs goes when the install fails."""
+    requirement = f"streamsvc-no-such-package-{uuid.uuid4().hex[:8]}==1.0"
+    response = await client.post(
+        warm.url + "/execute-connector", json=body("print(1)", dependencies=[requirement])
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "dependency_install_failed"
+    pool_full(warm)
+    wait_until(lambda: len(sandboxes(warm)) == pool(warm)["ready"], 10)
+    assert_healthy(warm)
+
+
 # -- bounds and cleanup -------------------------------------------------------------------
 
 
