@@ -28,11 +28,16 @@ Two ways to run (``sandbox_runner`` is the program inside either way):
   (the files, the env, a per-run nonce; **not** ``put_archive``), the wall
   clock starts at delivery, and the run ends at the runner's end lines (exit
   code and the cgroup's OOM verdict), with no Docker round trip. Each warm
-  sandbox is used for one run and then destroyed; the pool refills in the
-  background. A request whose key has no ready sandbox gets one made the same
-  way on the spot. A request whose env sets a variable the interpreter reads
-  at start-up (``PYTHON*``, ``LC_*``, ``LANG``, ``LANGUAGE``, ``LD_*``) runs cold,
-  since a warm interpreter has already started.
+  sandbox is used for one run and then destroyed; the pool refills the key
+  in the background once the run is over. A request whose key has no ready
+  sandbox gets one made the same way on the spot (for a dependency set not
+  installed yet, while it installs). A request whose env sets a variable the
+  interpreter reads at start-up (``PYTHON*``, ``LC_*``, ``LANG``,
+  ``LANGUAGE``, ``LD_*``) runs cold, since a warm interpreter has already
+  started. Warm sandboxes of a dependency set *preload* it (import its
+  top-level modules) when that import is clean; the env variables it read
+  are recorded, and such a sandbox is never used for a request that sets
+  one of them (``_Warm.fits``; that set is then no longer preloaded).
 - **Cold** (the pool off, or the env above). The container is created with the
   request's env; files reach it by ``put_archive`` into an anonymous volume at
   ``/bundle`` (root-owned, read-only to the program; Docker refuses
