@@ -153,7 +153,11 @@ class _Warm:
         self.env_reads = env_reads
 
     def fits(self, env: dict[str, str]) -> bool:
-        """Whether a run with ``env`` sees what it would have seen in a cold sandbox."""
+        """Whether a run with ``env`` sees what it would have seen in a cold sandbox.
+
+        An import that listed the whole environment (``"*"``) fits a request with
+        no env: it missed only ``STREAMSVC_ENTRY_POINT``, which names a file.
+        """
         if self.env_reads is None:
             return True
         changed = {*env, "STREAMSVC_ENTRY_POINT"}

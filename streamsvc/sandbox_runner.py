@@ -163,10 +163,13 @@ def _preload(names: str) -> dict[str, object]:
     """Import the top-level modules of the distributions ``names`` (comma-separated).
 
     Only a *clean* import is kept: no exception, nothing written to stdout or
-    stderr, no thread started (a fork would lose it), and the environment
-    variables it read (through ``os.environ``/``os.getenv``) are reported, so
-    the server never uses this sandbox for a request whose env sets one of
-    them (``"*"``: it read them all). Anything else is ``{"refused": why}``.
+    stderr, no thread or process started (a fork would lose the thread; the
+    process would outlive the import), and the environment variables it read
+    (through ``os.environ``/``os.getenv``; not C code's own ``getenv``) are
+    reported, so the server never uses this sandbox for a request whose env
+    sets one of them (``"*"``: it listed them all). Anything else is
+    ``{"refused": why}``. What the import allocates counts against the run's
+    memory limit, as it would once the program imports it.
     """
     if not names:
         return {}
@@ -198,9 +201,21 @@ def _preload(names: str) -> dict[str, object]:
         refused = "importing wrote output"
     if not refused and len(os.listdir("/proc/self/task")) > 1:
         refused = "importing started a thread"
+    if not refused and _children():
+        refused = "importing started a process"
     if refused:
         return {"refused": refused}
     return {"modules": modules, "env": sorted(reads)}
+
+
+def _children() -> bool:
+    """Whether this process has a child (``/proc/.../children``; unknown: false)."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            return bool(handle.read().strip())
+    except OSError:
+        return False
 
 
 def _recording(base: type, reads: set[str]) -> type:
