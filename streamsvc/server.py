@@ -61,7 +61,11 @@ def hypercorn_config(settings: Settings) -> Config:
     config.graceful_timeout = settings.streamsvc_shutdown_grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    # hypercorn holds a connection the client closed until this timer ends, so a long
+    # idle timeout piles up CLOSE_WAIT sockets under load (scripts/load-test saw 222).
+    config.keep_alive_timeout = 5
+    # Bursts of hundreds of connections overflowed hypercorn's default backlog of 100.
+    config.backlog = 2048
     return config
 
 
