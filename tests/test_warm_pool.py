@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -439,3 +440,77 @@ async def test_pool_size_zero_keeps_nothing_warm(
     await execute(client, server, body(HOSTNAME))
     assert pool(server)["size"] == 0 and pool(server)["ready"] == 0
     assert warm_ids(server) == set()
+
+
+# -- the bookkeeping, without an engine --------------------------------------------------
+
+
+def test_end_lines_are_found_across_chunks_and_kept_out_of_the_output() -> None:
+    from streamsvc.docker_sandbox import _EndLines
+
+    ends = _EndLines("abc123")
+    line = b'\x1estreamsvc-end abc123 {"exit_code": 3, "oom_killed": false}\n'
+    out = ends.feed(1, b"hello \x1e")  # may start the marker: held back
+    out += ends.feed(1, b"not the marker\n")
+    assert out == b"hello \x1enot the marker\n"
+    stdout = ends.feed(1, b"last" + line[:10]) + ends.feed(1, line[10:] + b"after the end")
+    assert stdout == b"last" and not ends.complete
+    assert ends.feed(2, b"err\n" + line) == b"err\n" and ends.complete
+    verdict = ends.verdict()
+    assert verdict is not None and (verdict.exit_code, verdict.oom_killed) == (3, False)
+    assert ends.feed(1, b"a leftover process") == b""
+
+    forged = _EndLines("abc123")
+    forged.feed(1, b'\x1estreamsvc-end wrongnonce {"exit_code": 0}\n')
+    assert not forged.complete  # without the run's nonce it is only output
+    unfinished = _EndLines("abc123")
+    assert unfinished.feed(2, b"tail \x1estreamsvc-e") == b"tail "
+    assert unfinished.leftover(2) == b"\x1estreamsvc-e"  # the stream ended: it was output
+
+
+async def test_the_pool_hands_each_sandbox_out_once_and_keeps_the_recent_keys() -> None:
+    from streamsvc.warm_pool import WarmPool
+
+    made: list[str] = []
+    discarded: list[str] = []
+    broken: dict[str, anyio.Event] = {}
+
+    async def fill(key: str) -> str:
+        name = f"{key}-{len(made)}"
+        made.append(name)
+        broken[name] = anyio.Event()
+        return name
+
+    async def discard(sandbox: str) -> None:
+        discarded.append(sandbox)
+
+    async def watch(sandbox: str) -> None:
+        await broken[sandbox].wait()
+
+    async def settle() -> None:
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+
+    pool: WarmPool[str, str] = WarmPool(2, 2, fill=fill, discard=discard, watch=watch)
+    async with anyio.create_task_group() as tg:
+        pool.start(tg)
+        assert await pool.take("a", refill=False) is None  # nothing ready yet
+        pool.touch("a")
+        await settle()
+        assert pool.ready("a") == 2
+        first = await pool.take("a", refill=False)
+        second = await pool.take("a", refill=False)
+        assert {first, second} == {"a-0", "a-1"} and await pool.take("a") is None
+        await settle()  # that take refilled
+        broken["a-2"].set()  # an idle sandbox goes bad: dropped, replaced
+        await settle()
+        assert "a-2" in discarded and pool.ready("a") == 2
+        pool.touch("b")
+        pool.touch("c")  # a third key: the least recently used ("a") goes
+        await settle()
+        assert pool.stats()["keys"] == 2 and pool.ready("a") == 0
+        assert {"a-2", "a-3", "a-4"} <= set(discarded)
+        await pool.close()
+        assert set(made) - {first, second} == set(discarded)  # every idle one destroyed
+        assert pool.stats()["hits"] == 2
+        tg.cancel_scope.cancel()
