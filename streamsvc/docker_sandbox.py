@@ -352,6 +352,9 @@ class DockerSandbox:
         except BaseException:
             for warm in early:
                 await self._discard(warm)
+            if isinstance(failure, SandboxError) and failure.code == "dependency_install_failed":
+                with anyio.CancelScope(shield=True):  # the sandbox above kept it in use
+                    await self.deps.remove(self.deps.name_of(spec.dependencies))
             raise
         self._set_names[volume] = names
         return volume, (early[0] if early else None)

@@ -392,6 +392,9 @@ async def test_a_set_that_cannot_install_leaves_no_sandbox_behind(
     assert response.json()["error"]["code"] == "dependency_install_failed"
     pool_full(warm)
     wait_until(lambda: len(sandboxes(warm)) == pool(warm)["ready"], 10)
+    volumes = docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split()
+    labelled = [docker("volume", "inspect", name) for name in volumes]
+    assert not [text for text in labelled if requirement in text]  # its volume went too
     assert_healthy(warm)
 
 
