@@ -18,7 +18,13 @@ set pay nothing (warm sandboxes even have it mounted before the request).
   completed (a marker file written last).
 - **Installer**: ``uv`` when the image has it, ``pip`` otherwise; the host's
   CA bundle (setting ``STREAMSVC_SANDBOX_CA_BUNDLE``) is copied in so
-  TLS-intercepting proxies work.
+  TLS-intercepting proxies work. After ``uv`` the set counts as installed at
+  once and its bytecode is compiled afterwards by the same container, while
+  the first run goes on (it compiles what it imports in memory meanwhile;
+  ``.pyc`` files are written atomically, so a reader sees whole ones or none).
+  The container is read to its end in the background: its last line, the
+  size with the bytecode, replaces the set's size, and once the container is
+  removed the cap is checked again (the volume was in use until then).
 - **Size cap**: past ``STREAMSVC_DEPS_CACHE_MB``, least-recently-used sets of
   the current image are removed. Sizes come from the install (``du``) or, for
   sets of earlier processes, from Docker's disk-usage report; last use is
@@ -42,6 +48,7 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -83,14 +90,20 @@ if [ "$ca_bytes" -gt 0 ]; then
   export SSL_CERT_FILE=/tmp/ca.pem PIP_CERT=/tmp/ca.pem REQUESTS_CA_BUNDLE=/tmp/ca.pem
   export UV_NATIVE_TLS=1
 fi
+compile_later=0
 if command -v uv >/dev/null 2>&1; then
-  uv pip install --quiet --no-cache --compile-bytecode --python python3 --target /opt/deps "$@"
+  uv pip install --quiet --no-cache --python python3 --target /opt/deps "$@"
+  compile_later=1
 else
   python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check \\
     --target /opt/deps "$@"
 fi
 touch /opt/deps/{COMPLETE_MARKER}
 echo "$done_line $(du -sk /opt/deps | cut -f1)"
+if [ "$compile_later" = 1 ]; then
+  python3 -m compileall -q /opt/deps >/dev/null 2>&1 || true
+  du -sk /opt/deps | cut -f1
+fi
 """
 
 
@@ -295,14 +308,8 @@ class DependencyCache:
         env = {"HOME": "/tmp", "UV_CACHE_DIR": "/tmp/uv", "UV_PYTHON_DOWNLOADS": "never"}
         command = ["sh", "-c", _INSTALL_SCRIPT, "install", str(len(ca_bytes)), done]
         started = time.monotonic()
-        output, code = await self._one_shot(
-            name,
-            [*command, *requirements],
-            env,
-            stdin=ca_bytes or None,
-            done=done,
-            writable=True,
-            action="install",
+        output, code = await self._install_container(
+            name, [*command, *requirements], env, ca_bytes or None, done
         )
         if code != 0:
             with contextlib.suppress(SandboxError):  # still mounted: eviction gets it later
@@ -319,6 +326,53 @@ class DependencyCache:
         log.info("installed %s in %.1fs", requirements, time.monotonic() - started)
         return CachedSet(name, requirements, _size(output), time.time())
 
+    async def _install_container(
+        self, name: str, cmd: list[str], env: dict[str, str], stdin: bytes | None, done: str
+    ) -> tuple[str, int]:
+        """Run the install container; answer at its ``done`` line, read the rest in the background.
+
+        What follows that line (bytecode compiling, then the final size) no run
+        waits for: the set's size is updated and the cap checked once it ends.
+        """
+        if self._tasks is None:
+            return await self._one_shot(
+                name, cmd, env, stdin=stdin, done=done, writable=True, action="install"
+            )
+        answers: list[tuple[str, int] | Exception] = []
+        answered = anyio.Event()
+
+        def answer(found: tuple[str, int] | Exception) -> None:
+            if not answered.is_set():
+                answers.append(found)
+                answered.set()
+
+        async def whole() -> None:
+            try:
+                output, code = await self._one_shot(
+                    name, cmd, env, stdin=stdin, done=done, writable=True, action="install",
+                    early=answer,
+                )  # fmt: skip
+                if answered.is_set():  # answered early: this is the end, after the compiling
+                    entry = self._sets.get(name)
+                    if entry is not None and code == 0 and _size(output) > 0:
+                        entry.size_kb = _size(output)
+                    newest = max(self._sets.values(), key=lambda e: e.last_used, default=None)
+                    await self._evict(keep=newest.volume if newest else name)
+            except Exception as exc:
+                if answered.is_set():
+                    log.warning("after installing %s: %s", name, exc)
+                answer(exc)
+                return
+            answer((output, code))
+
+        self._tasks.start_soon(whole)
+        with anyio.fail_after(self._settings.streamsvc_install_timeout_seconds + 60):
+            await answered.wait()
+        found = answers[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
     async def _one_shot(
         self,
         volume: str | None,
@@ -329,12 +383,15 @@ class DependencyCache:
         stdin: bytes | None = None,
         done: str | None = None,
         writable: bool = False,
+        early: Callable[[tuple[str, int]], None] | None = None,
     ) -> tuple[str, int]:
         """Run a helper container (over ``volume``); its output (capped) and exit code.
 
         ``stdin`` is written to its standard input. When ``done`` is given, a
         stdout line starting with it ends the wait at once (exit code 0): Docker
-        takes ~50 ms more to report the container stopped.
+        takes ~50 ms more to report the container stopped. With ``early``, that
+        line is handed to ``early`` instead (what follows it, exit code 0) and
+        the container is read on to its end (its whole output is returned).
         """
         s = self._settings
         mounts: list[dict[str, Any]] = []
@@ -386,8 +443,13 @@ class DependencyCache:
                         if len(output) < 256 * 1024:
                             output += message.data
                         if marker is not None and message.stream == 1 and marker in output:
-                            finished = True
-                            break
+                            if early is None:
+                                finished = True
+                                break
+                            after = output.decode(errors="replace").split(done or "", 1)[1]
+                            if "\n" in after:  # the size too
+                                early((after, 0))
+                                marker = None
             text = output.decode(errors="replace")
             if finished:
                 return text.split(done or "", 1)[1], 0
