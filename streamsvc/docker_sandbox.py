@@ -1,20 +1,12 @@
 """The Docker sandbox: one fresh, locked-down container per run, via aiodocker.
 
-This is the one module that drives containers (``docker_api`` holds the
-bounded, error-translating calls it uses; ``deps_cache`` the dependency
-volumes; ``warm_pool`` the bookkeeping of warm sandboxes).
-
-Every run container is created from the sandbox image with (``_config``, the
-same for cold and warm sandboxes): a non-root user, all capabilities dropped,
-``no-new-privileges``, a read-only root filesystem, size-capped tmpfs at
-``/work``, ``/tmp`` and ``/dev/shm``, memory = memory+swap = ``memoryMb``, a
-CPU quota, a pids limit, nofile and fsize ulimits, no host mounts, no log
-driver (output is read through attach, so a flood never reaches the host's
-disk), tini as PID 1 (so whatever the program leaves behind dies with it),
-the service's labels, and either no network at all or the service's own
-bridge network with inter-container traffic disabled. Dependencies come
-from ``DependencyCache`` as a read-only volume at ``/opt/deps``, so they work
-under ``network_mode: none``.
+This is the one module that drives run containers. Its parts:
+``docker_api`` (the bounded, error-translating engine calls), ``sandbox_config``
+(the create request: every hardening setting, the same for cold and warm
+sandboxes), ``warm_protocol`` (what the server and a warm runner say over the
+attach stream: framing, delivery, nonce, ready and end lines), ``deps_cache``
+(the dependency volumes, mounted read-only at ``/opt/deps``) and ``warm_pool``
+(the bookkeeping of warm sandboxes).
 
 Two ways to run (``sandbox_runner`` is the program inside either way):
 
@@ -25,9 +17,9 @@ Two ways to run (``sandbox_runner`` is the program inside either way):
   creation that differs between requests (image, network mode, dependency
   volume, memory limit), so the limits of a request apply exactly without
   touching the container. A run sends one delivery over the attach stream
-  (the files, the env, a per-run nonce; **not** ``put_archive``), the wall
-  clock starts at delivery, and the run ends at the runner's end lines (exit
-  code and the cgroup's OOM verdict), with no Docker round trip. Each warm
+  (``warm_protocol``; **not** ``put_archive``), the wall clock starts at
+  delivery, and the run ends at the runner's end lines (exit code and the
+  cgroup's OOM verdict), with no Docker round trip. Each warm
   sandbox is used for one run and then destroyed; the pool refills the key
   in the background once the run is over. A request whose key has no ready
   sandbox gets one made the same way on the spot (for a dependency set not
@@ -68,21 +60,18 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import json
 import logging
-import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
-from importlib import resources
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import aiodocker
 import anyio
-import msgspec
 from aiodocker.containers import DockerContainer
 from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
 
+from . import sandbox_config
 from .admission import Admission
 from .dependencies import Dependency
 from .deps_cache import DependencyCache
@@ -91,14 +80,11 @@ from .docker_api import (
     ENGINE_ERRORS,
     LABEL_OWNER,
     LABEL_ROLE,
-    NETWORK_NAME,
-    SANDBOX_UID,
     container_labels,
     create_container,
     docker_call,
     ensure_network,
     kill_container,
-    labels,
     list_managed,
     owner_alive,
     owner_label,
@@ -107,17 +93,25 @@ from .docker_api import (
     tar_bytes,
 )
 from .errors import SandboxError
-from .sandbox import Exited, NetworkMode, Output, RunSpec, SandboxEvent, Status
-from .sandbox_runner import BOOTSTRAP, END_MARKER, PIDS_MARKER, READY_MARKER
+from .sandbox import Exited, Output, RunSpec, SandboxEvent, Status
+from .sandbox_config import PoolKey, run_env
+from .sandbox_runner import PIDS_MARKER
 from .settings import Settings
 from .warm_pool import WarmPool
+from .warm_protocol import (
+    RUNNER,
+    STREAMS,
+    EndLines,
+    ReadyReport,
+    bundle_files,
+    delivery,
+    frame,
+    new_nonce,
+    ready_report,
+)
 
 log = logging.getLogger("streamsvc.sandbox")
 
-RUNNER = resources.files("streamsvc").joinpath("sandbox_runner.py").read_bytes()
-CONTEXT_FILE = "/work/.streamsvc/context.json"
-NOFILE_LIMIT = 256
-STREAMS: dict[int, Literal["stdout", "stderr"]] = {1: "stdout", 2: "stderr"}
 #: Seconds a new warm sandbox may take to say it is ready.
 READY_TIMEOUT = 30.0
 #: Env names the interpreter reads at start-up: a request setting one runs cold.
@@ -125,15 +119,6 @@ COLD_ENV_PREFIXES = ("PYTHON", "LC_", "LD_")
 COLD_ENV_NAMES = frozenset({"LANG", "LANGUAGE"})
 #: Roles of this process's own run containers (``warm``: made ahead of its request).
 RUN_ROLES = frozenset({"run", "warm"})
-
-
-class PoolKey(msgspec.Struct, frozen=True):
-    """What a warm sandbox is created with that differs between requests."""
-
-    image: str
-    network: NetworkMode
-    deps_volume: str | None
-    memory_mb: int
 
 
 class _Warm:
@@ -408,7 +393,7 @@ class DockerSandbox:
                 warm.container,
                 warm.stream,
                 self._settings.streamsvc_output_cap_bytes,
-                nonce=secrets.token_hex(16),
+                nonce=new_nonce(),
             )
             await self._deliver(run, spec, key)
             yield Status("running", f"running {spec.entry_point}")
@@ -447,17 +432,9 @@ class DockerSandbox:
     async def _deliver(self, run: _Run, spec: RunSpec, key: PoolKey) -> None:
         """Send the run to a waiting runner; the wall clock starts now."""
         assert run.nonce is not None
-        delivery = json.dumps(
-            {
-                "files": _bundle_files(spec),
-                "env": self._run_env(spec, key.deps_volume),
-                "nonce": run.nonce,
-            }
-        ).encode()
+        message = frame(delivery(spec, run_env(spec, key.deps_volume), run.nonce))
         started = anyio.current_time()
-        await docker_call(
-            "deliver the run", run.stream.write_in(b"%d\n" % len(delivery) + delivery)
-        )
+        await docker_call("deliver the run", run.stream.write_in(message))
         self._start_clock(run, spec.timeout_ms, started)
 
     async def _watchdog(self, run: _Run) -> None:
@@ -547,7 +524,7 @@ class DockerSandbox:
         try:
             await docker_call("attach to the sandbox", stream.__aenter__())
             await docker_call("start the sandbox", container.start())
-            await docker_call("load the runner", stream.write_in(b"%d\n" % len(RUNNER) + RUNNER))
+            await docker_call("load the runner", stream.write_in(frame(RUNNER)))
             report = await docker_call("wait for the sandbox", _ready(stream), READY_TIMEOUT)
         except BaseException as exc:
             if names and volume is not None and isinstance(exc, SandboxError):
@@ -607,112 +584,12 @@ class DockerSandbox:
     # -- the container -------------------------------------------------------------
 
     def container_config(self, spec: RunSpec, deps_volume: str | None) -> dict[str, Any]:
-        """The engine's create request for a cold run: the request's env, files by archive."""
-        mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
-        return self._config(
-            network=spec.network,
-            memory_mb=spec.memory_mb,
-            deps_volume=deps_volume,
-            env=self._run_env(spec, deps_volume),
-            cmd=["python3", "/bundle/.streamsvc/runner.py"],
-            mounts=mounts,
-            role="run",
-        )
+        """The engine's create request for a cold run (``sandbox_config.cold_config``)."""
+        return sandbox_config.cold_config(self._settings, self._owner, spec, deps_volume)
 
     def warm_config(self, key: PoolKey, preload: list[str] | None = None) -> dict[str, Any]:
-        """The engine's create request for a warm sandbox: nothing of any request in it."""
-        env = {**self._fixed_env(key.deps_volume), "STREAMSVC_DELIVERY": "stdin"}
-        if preload:
-            env["STREAMSVC_PRELOAD"] = ",".join(preload)
-        config = self._config(
-            network=key.network,
-            memory_mb=key.memory_mb,
-            deps_volume=key.deps_volume,
-            env=env,
-            cmd=["python3", "-c", BOOTSTRAP],
-            mounts=[],
-            role="warm",
-        )
-        # stdin stays open for the delivery; closed when the server lets go of it
-        config |= {"AttachStdin": True, "OpenStdin": True, "StdinOnce": True}
-        return config
-
-    def _fixed_env(self, deps_volume: str | None) -> dict[str, str]:
-        env = {
-            "HOME": "/work",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "STREAMSVC_CONTEXT_FILE": CONTEXT_FILE,
-        }
-        if deps_volume is not None:
-            env["PYTHONPATH"] = "/opt/deps"
-        return env
-
-    def _run_env(self, spec: RunSpec, deps_volume: str | None) -> dict[str, str]:
-        """The program's environment: the request's, then ours (ours win)."""
-        return {
-            **spec.env,
-            "STREAMSVC_ENTRY_POINT": spec.entry_point,
-            **self._fixed_env(deps_volume),
-        }
-
-    def _config(
-        self,
-        *,
-        network: NetworkMode,
-        memory_mb: int,
-        deps_volume: str | None,
-        env: dict[str, str],
-        cmd: list[str],
-        mounts: list[dict[str, Any]],
-        role: str,
-    ) -> dict[str, Any]:
-        """Every hardening setting is here, the same for cold and warm sandboxes."""
-        s = self._settings
-        memory = memory_mb * 1024 * 1024
-        tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024
-        tmpfs = (
-            f"rw,nosuid,nodev,noexec,size={s.streamsvc_tmpfs_mb}m,"
-            f"uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"
-        )
-        mounts = list(mounts)
-        if deps_volume is not None:
-            mounts.append(
-                {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
-            )
-        return {
-            "Image": s.streamsvc_sandbox_image,
-            "Cmd": cmd,
-            "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
-            "WorkingDir": "/work",
-            "Env": [f"{key}={value}" for key, value in env.items()],
-            "Labels": labels(self._owner, role),
-            "AttachStdout": True,
-            "AttachStderr": True,
-            "NetworkDisabled": network == "none",
-            "HostConfig": {
-                "NetworkMode": "none" if network == "none" else NETWORK_NAME,
-                "Memory": memory,
-                "MemorySwap": memory,  # memory + swap: no swap at all
-                "NanoCpus": int(s.streamsvc_cpus * 1e9),
-                "PidsLimit": s.streamsvc_pids_limit,
-                "ReadonlyRootfs": True,
-                "CapDrop": ["ALL"],
-                "SecurityOpt": ["no-new-privileges"],
-                "Privileged": False,
-                "Tmpfs": {"/work": tmpfs, "/tmp": tmpfs},
-                "ShmSize": tmpfs_bytes,
-                "IpcMode": "private",
-                "Mounts": mounts,
-                "Binds": [],
-                "Ulimits": [
-                    {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
-                    {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
-                ],
-                "LogConfig": {"Type": "none", "Config": {}},
-                "Init": True,
-                "AutoRemove": False,
-            },
-        }
+        """The engine's create request for a warm sandbox (``sandbox_config.warm_config``)."""
+        return sandbox_config.warm_config(self._settings, self._owner, key, preload)
 
 
 class _Run:
@@ -726,7 +603,7 @@ class _Run:
         self.cap = cap
         #: Warm runs: the runner's end lines carry this nonce.
         self.nonce = nonce
-        self.ends = _EndLines(nonce) if nonce is not None else None
+        self.ends = EndLines(nonce) if nonce is not None else None
         self.ended_at: float | None = None
         self.sizes = dict.fromkeys(STREAMS, 0)
         self.started = 0.0
@@ -776,80 +653,6 @@ class _Run:
         await kill_container(self.container)
 
 
-class EndLine(msgspec.Struct):
-    """What a warm runner reports when its program has exited."""
-
-    exit_code: int
-    oom_killed: bool | None = None
-
-
-class _EndLines:
-    """Finds the runner's end line in stdout and in stderr, and keeps it out of the output.
-
-    Each line is ``END_MARKER NONCE JSON\\n``; what comes before it on its stream
-    is output, what comes after (a leftover process writing on) is dropped. A
-    chunk ending in what may be the start of the marker is held back until the
-    next chunk says whether it is.
-    """
-
-    LIMIT = 4096  # an end line longer than this is not one of ours
-
-    def __init__(self, nonce: str) -> None:
-        self.marker = END_MARKER + nonce.encode() + b" "
-        self._held = {number: b"" for number in STREAMS}
-        self._found = dict.fromkeys(STREAMS, False)
-        self._lines: dict[int, bytes] = {}
-
-    @property
-    def complete(self) -> bool:
-        return len(self._lines) == len(STREAMS)
-
-    def feed(self, stream: int, data: bytes) -> bytes:
-        """The part of ``data`` that is the program's output."""
-        if stream in self._lines:
-            return b""
-        buffer = self._held[stream] + data
-        output = b""
-        if not self._found[stream]:
-            at = buffer.find(self.marker)
-            if at < 0:
-                keep = self._partial(buffer)
-                self._held[stream] = buffer[len(buffer) - keep :]
-                return buffer[: len(buffer) - keep]
-            output, buffer = buffer[:at], buffer[at:]
-            self._found[stream] = True
-        newline = buffer.find(b"\n")
-        if newline < 0 and len(buffer) <= self.LIMIT:
-            self._held[stream] = buffer
-            return output
-        self._held[stream] = b""
-        self._lines[stream] = buffer[len(self.marker) : newline] if newline >= 0 else b""
-        return output
-
-    def _partial(self, buffer: bytes) -> int:
-        """How many bytes at the end of ``buffer`` may begin the marker."""
-        start = buffer.rfind(self.marker[:1], max(0, len(buffer) - len(self.marker) + 1))
-        if start >= 0 and self.marker.startswith(buffer[start:]):
-            return len(buffer) - start
-        return 0
-
-    def leftover(self, stream: int) -> bytes:
-        """Held-back bytes that turned out to be output (the stream ended without its line)."""
-        if self._found[stream]:
-            return b""
-        held, self._held[stream] = self._held[stream], b""
-        return held
-
-    def verdict(self) -> EndLine | None:
-        """The runner's report, once both lines are in and agree; else ``None``."""
-        if not self.complete or self._lines[1] != self._lines[2]:
-            return None
-        try:
-            return msgspec.json.decode(self._lines[1], type=EndLine)
-        except msgspec.DecodeError:
-            return None
-
-
 @contextlib.asynccontextmanager
 async def _attached(container: DockerContainer) -> AsyncIterator[Stream]:
     """The container's stdout and stderr, attached before it starts so nothing is missed."""
@@ -870,17 +673,8 @@ def _describe(dependencies: tuple[Dependency, ...]) -> str:
     return "installing " + ", ".join(dep.requirement for dep in dependencies)
 
 
-def _bundle_files(spec: RunSpec) -> dict[str, str]:
-    """What lands in /work: the connector's files, the runner and the context."""
-    return {
-        **spec.files,
-        ".streamsvc/runner.py": RUNNER.decode(),
-        ".streamsvc/context.json": json.dumps(spec.context),
-    }
-
-
 def _bundle(spec: RunSpec) -> bytes:
-    return tar_bytes({name: text.encode() for name, text in _bundle_files(spec).items()})
+    return tar_bytes({name: text.encode() for name, text in bundle_files(spec).items()})
 
 
 def _needs_cold(env: dict[str, str]) -> bool:
@@ -888,21 +682,13 @@ def _needs_cold(env: dict[str, str]) -> bool:
     return any(name.startswith(COLD_ENV_PREFIXES) or name in COLD_ENV_NAMES for name in env)
 
 
-class ReadyReport(msgspec.Struct):
-    """What a warm runner says once it waits: what it preloaded, or why it would not."""
-
-    modules: list[str] = []
-    env: list[str] = []
-    refused: str = ""
-
-
 async def _ready(stream: Stream) -> ReadyReport:
     """Wait for a new warm sandbox's runner to say it is ready; anything else is a failure."""
     message = await stream.read_out()
     data = message.data if message is not None and message.stream == 1 else b""
-    if data.startswith(READY_MARKER) and data.endswith(b"\n"):
-        with contextlib.suppress(msgspec.DecodeError):
-            return msgspec.json.decode(data[len(READY_MARKER) :], type=ReadyReport)
+    report = ready_report(data)
+    if report is not None:
+        return report
     raise SandboxError("a new sandbox did not start its runner", code="sandbox_failed", status=500)
 
 

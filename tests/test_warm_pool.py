@@ -449,7 +449,7 @@ async def test_pool_size_zero_keeps_nothing_warm(
 
 
 def test_end_lines_are_found_across_chunks_and_kept_out_of_the_output() -> None:
-    from streamsvc.docker_sandbox import _EndLines
+    from streamsvc.warm_protocol import EndLines as _EndLines
 
     ends = _EndLines("abc123")
     line = b'\x1estreamsvc-end abc123 {"exit_code": 3, "oom_killed": false}\n'

@@ -1,0 +1,149 @@
+"""What the server and a warm sandbox's runner say to each other over the attach stream.
+
+The other side is ``sandbox_runner`` (``BOOTSTRAP``, ``READY_MARKER``,
+``END_MARKER``). In order:
+
+1. The server writes the runner's source as one *frame* (``frame``: the
+   length in decimal, a newline, the bytes) to the bootstrap waiting on stdin.
+2. The runner writes ``READY_MARKER`` and a JSON ``ReadyReport`` (what it
+   preloaded, or why it would not) as one line on stdout (``ready_report``).
+3. A run is one more frame on stdin (``delivery``): JSON with the files
+   (``bundle_files``, the same files a cold run gets by archive), the env and
+   a per-run nonce (``new_nonce``).
+4. When the program has exited, the runner writes ``END_MARKER NONCE JSON``
+   (an ``EndLine``) as the last line of both stdout and stderr; ``EndLines``
+   finds them in the output and keeps them out of it. A line without the
+   run's nonce is only output, so the program cannot forge its own end.
+
+Plain bytes in, plain bytes out: nothing here talks to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from importlib import resources
+from typing import Literal
+
+import msgspec
+
+from .sandbox import RunSpec
+from .sandbox_runner import END_MARKER, READY_MARKER
+
+RUNNER = resources.files("streamsvc").joinpath("sandbox_runner.py").read_bytes()
+#: Docker's attach stream numbers.
+STREAMS: dict[int, Literal["stdout", "stderr"]] = {1: "stdout", 2: "stderr"}
+
+
+def frame(payload: bytes) -> bytes:
+    """One message on the runner's stdin: its length, a newline, the bytes."""
+    return b"%d\n" % len(payload) + payload
+
+
+def bundle_files(spec: RunSpec) -> dict[str, str]:
+    """What lands in /work: the connector's files, the runner and the context."""
+    return {
+        **spec.files,
+        ".streamsvc/runner.py": RUNNER.decode(),
+        ".streamsvc/context.json": json.dumps(spec.context),
+    }
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def delivery(spec: RunSpec, env: dict[str, str], nonce: str) -> bytes:
+    """The run for a waiting runner (send it with ``frame``)."""
+    return json.dumps({"files": bundle_files(spec), "env": env, "nonce": nonce}).encode()
+
+
+class ReadyReport(msgspec.Struct):
+    """What a warm runner says once it waits: what it preloaded, or why it would not."""
+
+    modules: list[str] = []
+    env: list[str] = []
+    refused: str = ""
+
+
+def ready_report(data: bytes) -> ReadyReport | None:
+    """The runner's ready line (first stdout chunk) as a report; ``None`` if it is not one."""
+    if data.startswith(READY_MARKER) and data.endswith(b"\n"):
+        with contextlib.suppress(msgspec.DecodeError):
+            return msgspec.json.decode(data[len(READY_MARKER) :], type=ReadyReport)
+    return None
+
+
+class EndLine(msgspec.Struct):
+    """What a warm runner reports when its program has exited."""
+
+    exit_code: int
+    oom_killed: bool | None = None
+
+
+class EndLines:
+    """Finds the runner's end line in stdout and in stderr, and keeps it out of the output.
+
+    Each line is ``END_MARKER NONCE JSON\\n``; what comes before it on its stream
+    is output, what comes after (a leftover process writing on) is dropped. A
+    chunk ending in what may be the start of the marker is held back until the
+    next chunk says whether it is.
+    """
+
+    LIMIT = 4096  # an end line longer than this is not one of ours
+
+    def __init__(self, nonce: str) -> None:
+        self.marker = END_MARKER + nonce.encode() + b" "
+        self._held = {number: b"" for number in STREAMS}
+        self._found = dict.fromkeys(STREAMS, False)
+        self._lines: dict[int, bytes] = {}
+
+    @property
+    def complete(self) -> bool:
+        return len(self._lines) == len(STREAMS)
+
+    def feed(self, stream: int, data: bytes) -> bytes:
+        """The part of ``data`` that is the program's output."""
+        if stream in self._lines:
+            return b""
+        buffer = self._held[stream] + data
+        output = b""
+        if not self._found[stream]:
+            at = buffer.find(self.marker)
+            if at < 0:
+                keep = self._partial(buffer)
+                self._held[stream] = buffer[len(buffer) - keep :]
+                return buffer[: len(buffer) - keep]
+            output, buffer = buffer[:at], buffer[at:]
+            self._found[stream] = True
+        newline = buffer.find(b"\n")
+        if newline < 0 and len(buffer) <= self.LIMIT:
+            self._held[stream] = buffer
+            return output
+        self._held[stream] = b""
+        self._lines[stream] = buffer[len(self.marker) : newline] if newline >= 0 else b""
+        return output
+
+    def _partial(self, buffer: bytes) -> int:
+        """How many bytes at the end of ``buffer`` may begin the marker."""
+        start = buffer.rfind(self.marker[:1], max(0, len(buffer) - len(self.marker) + 1))
+        if start >= 0 and self.marker.startswith(buffer[start:]):
+            return len(buffer) - start
+        return 0
+
+    def leftover(self, stream: int) -> bytes:
+        """Held-back bytes that turned out to be output (the stream ended without its line)."""
+        if self._found[stream]:
+            return b""
+        held, self._held[stream] = self._held[stream], b""
+        return held
+
+    def verdict(self) -> EndLine | None:
+        """The runner's report, once both lines are in and agree; else ``None``."""
+        if not self.complete or self._lines[1] != self._lines[2]:
+            return None
+        try:
+            return msgspec.json.decode(self._lines[1], type=EndLine)
+        except msgspec.DecodeError:
+            return None
