@@ -25,6 +25,22 @@ from tests.harness import ServerProcess, SSEResponse, parse_sse_lines, read_sse
 IMAGE = os.environ.get("STREAMSVC_SANDBOX_IMAGE", "streamsvc-sandbox:latest")
 
 
+#: Forks children that sleep until a fork is refused, then reports how many it made and why.
+FORK_UNTIL_REFUSED = """
+        import json, os, time
+        children = 0
+        try:
+            while True:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                children += 1
+        except OSError as exc:
+            failure = type(exc).__name__
+        print(json.dumps({"ok": True, "result": {"children": children, "failure": failure}}))
+"""
+
+
 def connector(
     code: str,
     *,

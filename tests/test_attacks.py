@@ -21,6 +21,7 @@ import pytest
 from streamsvc.sandbox_runner import PIDS_MARKER
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (
+    FORK_UNTIL_REFUSED,
     assert_healthy,
     assert_no_sandboxes,
     body,
@@ -62,20 +63,7 @@ async def test_fork_bomb_hits_the_process_limit(
 async def test_a_program_that_survives_the_process_limit_is_still_flagged(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
-    code = """
-        import json, os, time
-        children = 0
-        try:
-            while True:
-                if os.fork() == 0:
-                    time.sleep(60)
-                    os._exit(0)
-                children += 1
-        except OSError as exc:
-            failure = type(exc).__name__
-        print(json.dumps({"ok": True, "result": {"children": children, "failure": failure}}))
-    """
-    answer = await execute(client, server, body(code, memory_mb=512))
+    answer = await execute(client, server, body(FORK_UNTIL_REFUSED, memory_mb=512))
     assert answer["result"]["failure"] == "BlockingIOError"
     assert 100 <= answer["result"]["children"] < 128  # the runner and its supervisor count
     assert answer["exit_code"] == 0

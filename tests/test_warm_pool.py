@@ -35,6 +35,7 @@ from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (
+    FORK_UNTIL_REFUSED,
     assert_healthy,
     body,
     docker,
@@ -295,20 +296,7 @@ async def test_the_runner_works_the_same_on_warm_sandboxes(
     assert stdout[1].at - stdout[0].at > 0.8  # each line when written, not at the end
     assert answer.last.data["stderr"] == "apart\n" and answer.last.data["result"] == "second"
 
-    forks = """
-        import json, os, time
-        children = 0
-        try:
-            while True:
-                if os.fork() == 0:
-                    time.sleep(60)
-                    os._exit(0)
-                children += 1
-        except OSError as exc:
-            failure = type(exc).__name__
-        print(json.dumps({"ok": True, "result": {"children": children, "failure": failure}}))
-    """
-    limited = await warm_run(client, warm, body(forks, memory_mb=512))
+    limited = await warm_run(client, warm, body(FORK_UNTIL_REFUSED, memory_mb=512))
     assert limited["result"]["failure"] == "BlockingIOError"
     assert limited["error"]["code"] == "process_limit" and limited["pids_limited"] is True
 
