@@ -184,8 +184,10 @@ ensure_docker() {
     else
         _log "starting dockerd in the background (log: $DOCKERD_LOG)"
         # The daemon must not inherit the lock's fd, or it would hold the lock forever.
-        setsid nohup dockerd --pidfile "$DOCKERD_PIDFILE" \
-            >>"$DOCKERD_LOG" 2>&1 </dev/null {_STREAMSVC_LOCK_FD}>&- &
+        # The subshell makes it an orphan at once: a caller that later execs (scripts/test
+        # execs pytest) must not find the engine among its own children.
+        (setsid nohup dockerd --pidfile "$DOCKERD_PIDFILE" \
+            >>"$DOCKERD_LOG" 2>&1 </dev/null {_STREAMSVC_LOCK_FD}>&- &)
     fi
     for ((i = 0; i < 60; i++)); do
         if _docker_answers; then break; fi

@@ -47,14 +47,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _identity(process: psutil.Process) -> tuple[int, float]:
+    """A process's pid and start time: a pid alone can be reused."""
+    try:
+        return process.pid, process.create_time()
+    except psutil.Error:
+        return process.pid, 0.0
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """Fail the run when a test left a child process running (after ending it)."""
+    """Fail the run when a test left a child process running (after ending it).
+
+    Children that were there before the first test are not the tests' doing: a
+    script that started the Docker engine and then exec'd pytest leaves it here.
+    """
+    before = {_identity(child) for child in psutil.Process().children(recursive=True)}
     yield
     left, described = [], []
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE:
+            if _identity(child) not in before and child.status() != psutil.STATUS_ZOMBIE:
                 described.append(f"{child.pid}: {' '.join(child.cmdline())}")
                 child.kill()
                 left.append(child)
