@@ -64,10 +64,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     openai_model: str | None = None
     #: Deployments (models) tried in order when the one asked for answers 429 or 5xx.
     streamsvc_chat_fallback_deployments: tuple[str, ...] = ()
+    #: The SDK's HTTP client for the upstream: ``aiohttp`` (its C parser and pool cost less
+    #: CPU per streamed chunk) or ``httpx`` (the SDK's default).
+    streamsvc_chat_http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    #: Most upstream connections open at once (each open stream holds one).
+    streamsvc_chat_max_connections: Positive = 1000
 
     # --- HTTP server ----------------------------------------------------------
     streamsvc_host: str = "127.0.0.1"
     streamsvc_port: Port = 8000
+    #: Server processes sharing the listening socket; each has its own limits and warm pool.
+    streamsvc_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     streamsvc_api_keys: tuple[str, ...] = ()
     streamsvc_allow_insecure: bool = False
     streamsvc_max_body_bytes: Positive = 4 * 1024 * 1024
