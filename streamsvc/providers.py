@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx2
 import msgspec
@@ -87,12 +88,14 @@ def create_provider(settings: Settings, token_provider: TokenProvider | None = N
         settings.streamsvc_first_token_timeout_seconds, settings.streamsvc_idle_timeout_seconds
     )
     timeout = openai.Timeout(backstop + 5, connect=settings.streamsvc_connect_timeout_seconds)
+    http_client = _http_client(settings, timeout)
     if settings.streamsvc_chat_provider == "openai":
         client: AsyncOpenAI = AsyncOpenAI(
             api_key=settings.openai_api_key or _NO_KEY,
             base_url=settings.openai_base_url,
             max_retries=0,
             timeout=timeout,
+            http_client=http_client,
         )
         return Provider(client, settings)
     closers: list[Callable[[], object]] = []
@@ -106,8 +109,23 @@ def create_provider(settings: Settings, token_provider: TokenProvider | None = N
         api_version=settings.azure_openai_api_version,
         max_retries=0,
         timeout=timeout,
+        http_client=http_client,
     )
     return Provider(client, settings, closers)
+
+
+def _http_client(settings: Settings, timeout: openai.Timeout) -> httpx2.AsyncClient:
+    """The SDK's HTTP client: its aiohttp flavour by default, with room for every stream.
+
+    Every open stream holds a connection, so the pool keeps as many as it may
+    open; httpx's pool also scans all of them on each request and release,
+    which is why aiohttp (a dict-keyed pool and a C HTTP parser) is the default.
+    """
+    most = settings.streamsvc_chat_max_connections
+    limits = httpx2.Limits(max_connections=most, max_keepalive_connections=most)
+    if settings.streamsvc_chat_http_client == "aiohttp":
+        return openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
+    return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 def _entra_token_provider() -> tuple[TokenProvider, Callable[[], object]]:
@@ -164,7 +182,7 @@ def translate(exc: Exception, *, streaming: bool = False) -> ServiceError:
         if 400 <= status < 500:
             return UpstreamRejected(message, details=_rejection_details(status, error))
         return UpstreamError(f"the chat upstream failed ({status})")
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and timed_out(exc):
         return UpstreamTimeout("the chat upstream did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
         if streaming:  # the SDK wraps a connection lost mid-body the same way
@@ -194,9 +212,24 @@ def _rejection_details(status: int, error: dict[str, Any]) -> dict[str, Any]:
 def _retryable(exc: Exception) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
-    return isinstance(exc, openai.APIConnectionError) and not isinstance(
-        exc, openai.APITimeoutError
+    return isinstance(exc, openai.APIConnectionError) and not (
+        isinstance(exc, openai.APITimeoutError) and timed_out(exc)
     )
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether a timeout-shaped transport error really was a timeout.
+
+    The SDK's aiohttp transport maps every aiohttp connection error (refused,
+    server disconnected) to httpx's ``ConnectTimeout``; the aiohttp error it
+    came from says what happened.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientError):
+            return isinstance(cause, TimeoutError)
+        cause = cause.__cause__ or cause.__context__
+    return True
 
 
 def _falls_back(error: ServiceError) -> bool:
@@ -235,7 +268,9 @@ class UpstreamChunks:
                     self._done = True
                 return self._ready.popleft() if self._ready else None
             except (httpx2.TimeoutException, TimeoutError) as exc:
-                raise UpstreamTimeout("the chat upstream did not answer in time") from exc
+                if timed_out(exc):
+                    raise UpstreamTimeout("the chat upstream did not answer in time") from exc
+                raise UpstreamError("the chat upstream broke off the stream") from exc
             except (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream) as exc:
                 raise UpstreamError("the chat upstream broke off the stream") from exc
             if not self._done:

@@ -230,11 +230,18 @@ async def test_a_rejected_key_never_reaches_an_answer_or_the_debug_log(
     assert secret not in log
 
 
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
 @pytest.mark.parametrize("mode", ["stream", "json"])
 async def test_an_unreachable_upstream_is_502(
-    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient, mode: str
+    start_server: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
+    mode: str,
+    http_client: str,
 ) -> None:
-    server = start_server(AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    server = start_server(
+        AZURE_OPENAI_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        STREAMSVC_CHAT_HTTP_CLIENT=http_client,
+    )
     response = await client.post(
         server.url + "/chat", json={"messages": USER, "stream": mode == "stream"}
     )
@@ -294,3 +301,17 @@ async def test_an_upstream_drop_ends_that_stream_with_an_error_and_spares_the_ot
     intact = await healthy
     assert [e.event for e in intact.events] == ["delta"] * 8 + ["done"]
     assert intact.last.data["content"] == "".join(f"w{i} " for i in range(8))
+
+
+async def test_the_httpx_client_streams_and_reports_a_drop_like_aiohttp(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_CHAT_HTTP_CLIENT="httpx")
+    azure.push(Reply(text_chunks=["one ", "two"]))
+    whole = await read_sse(client, server.url + "/chat", STREAM)
+    assert [e.event for e in whole.events] == ["delta", "delta", "done"]
+    assert whole.last.data["content"] == "one two"
+    azure.push(Reply(text_chunks=["a", "b", "c"], drop_after=2))
+    dropped = await read_sse(client, server.url + "/chat", STREAM)
+    assert [e.event for e in dropped.events] == ["delta", "delta", "error"]
+    assert dropped.last.data["error"]["code"] == "upstream_error"

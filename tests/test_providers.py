@@ -15,13 +15,15 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import httpx
+import httpx2
 import pytest
 from openai import AsyncOpenAI
 
 from streamsvc.chat import Chunk
 from streamsvc.errors import UpstreamAuth
-from streamsvc.providers import ENTRA_SCOPE, create_provider, has_azure_identity
+from streamsvc.providers import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
 from streamsvc.settings import load_settings
 from tests.conftest import AZURE_KEY, server_env
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
@@ -30,6 +32,29 @@ from tests.harness import ROOT, ServerProcess, read_sse
 USER = [{"role": "user", "content": "Hello"}]
 PLAIN = {"messages": USER}
 STREAM = {"messages": USER, "stream": True}
+
+
+# ---- transport errors -------------------------------------------------------------------------
+
+
+def _raised(error: BaseException, cause: BaseException | None) -> BaseException:
+    try:
+        raise error from cause
+    except BaseException as caught:
+        return caught
+
+
+def test_a_timeout_shaped_aiohttp_error_is_judged_by_its_cause() -> None:
+    """The SDK's aiohttp transport maps refused and disconnected to ``ConnectTimeout``."""
+    refused = aiohttp.ClientConnectorError(
+        aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None),
+        ConnectionRefusedError(111, "refused"),
+    )
+    assert not timed_out(_raised(httpx2.ConnectTimeout("x"), refused))
+    assert not timed_out(_raised(httpx2.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()))
+    assert timed_out(_raised(httpx2.ReadTimeout("x"), aiohttp.SocketTimeoutError()))
+    assert timed_out(_raised(httpx2.ConnectTimeout("x"), aiohttp.ConnectionTimeoutError()))
+    assert timed_out(httpx2.ReadTimeout("x"))  # httpx's own transport: a timeout is a timeout
 
 
 # ---- Microsoft Entra ID -------------------------------------------------------------------------
