@@ -1,8 +1,10 @@
 """The ``streamsvc`` command (also ``python -m streamsvc``).
 
 ``streamsvc serve [--host H] [--port P]`` starts the server (the default when
-no sub-command is given). ``streamsvc run CONNECTOR.json`` and ``streamsvc chat
-"prompt"`` are the client of a running server (``streamsvc.client``).
+no sub-command is given), or ``STREAMSVC_WORKERS`` server processes on one
+port (``streamsvc.workers``). ``streamsvc run CONNECTOR.json`` and
+``streamsvc chat "prompt"`` are the client of a running server
+(``streamsvc.client``).
 ``streamsvc deps list|clear`` shows or empties the dependency cache on the
 Docker engine directly (``streamsvc.deps_cache``).
 """
@@ -27,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     for target in (parser, serve):
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
+        # Internal: a worker serving its parent's socket (streamsvc.workers).
+        target.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     client.add_commands(commands)
     deps = commands.add_parser("deps", help="list or clear the dependency cache (on the engine)")
     deps_commands = deps.add_subparsers(dest="deps_command", required=True)
@@ -62,9 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _with_overrides(load_settings(), args.host, args.port)
         configure_logging(settings)
+        if settings.streamsvc_workers > 1 and args.listen_fd is None:
+            from .workers import supervise
+
+            return supervise(settings)
         from .server import backend_options, serve
 
-        anyio.run(serve, settings, backend_options=backend_options())
+        anyio.run(serve, settings, args.listen_fd, backend_options=backend_options())
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2

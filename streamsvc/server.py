@@ -5,6 +5,10 @@ for half the grace period; then every stream still open is interrupted and
 ends with a final ``error`` event (code ``shutting_down``) well within the
 grace period, and the lifespan closes the clients.
 
+With ``listen_fd`` the process is one worker of several sharing the socket
+that their parent opened (``streamsvc.workers``, setting ``STREAMSVC_WORKERS``):
+the parent checked the address, and reports it, so the worker only serves.
+
 ``backend_options`` picks uvloop's event loop when it is installed (a dependency on
 CPython/Linux): its C transports and loop cost less CPU per streamed event.
 """
@@ -26,6 +30,9 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("streamsvc")
 
+#: Bursts of hundreds of connections overflowed hypercorn's default backlog of 100.
+BACKLOG = 2048
+
 
 def check_exposure(settings: Settings) -> None:
     """Refuse a non-loopback address without API keys, unless explicitly insecure."""
@@ -41,18 +48,27 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
-def check_bindable(settings: Settings) -> None:
-    """Fail start-up with a message, not a traceback, when the address is taken."""
+def listen_socket(settings: Settings) -> socket.socket:
+    """The listening socket, as hypercorn would open it; a taken address is a message."""
     address = (settings.streamsvc_host, settings.streamsvc_port)
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    dualstack = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
     try:
-        with socket.create_server(address, family=family):
-            pass
+        sock = socket.create_server(
+            address, family=family, backlog=BACKLOG, dualstack_ipv6=dualstack
+        )
     except OSError as exc:
         raise SettingsError(
             f"cannot listen on {address[0]}:{address[1]} (STREAMSVC_HOST, STREAMSVC_PORT): "
             f"{exc.strerror or exc}"
         ) from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+    return sock
+
+
+def check_bindable(settings: Settings) -> None:
+    """Fail start-up with a message, not a traceback, when the address is taken."""
+    listen_socket(settings).close()
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -64,8 +80,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # hypercorn holds a connection the client closed until this timer ends, so a long
     # idle timeout piles up CLOSE_WAIT sockets under load (scripts/load-test saw 222).
     config.keep_alive_timeout = 5
-    # Bursts of hundreds of connections overflowed hypercorn's default backlog of 100.
-    config.backlog = 2048
+    config.backlog = BACKLOG
     return config
 
 
@@ -74,11 +89,14 @@ def backend_options() -> dict[str, bool]:
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
-async def serve(settings: Settings) -> None:
-    check_exposure(settings)
-    check_bindable(settings)
-    app = create_app(settings)
+async def serve(settings: Settings, listen_fd: int | None = None) -> None:
     config = hypercorn_config(settings)
+    if listen_fd is None:
+        check_exposure(settings)
+        check_bindable(settings)
+    else:
+        config.bind = [f"fd://{listen_fd}"]
+    app = create_app(settings)
     stop = anyio.Event()
     grace = settings.streamsvc_shutdown_grace_seconds
 
@@ -98,6 +116,7 @@ async def serve(settings: Settings) -> None:
                     return
 
         tg.start_soon(watch_signals)
-        log.info("streamsvc listening on http://%s", config.bind[0])
+        if listen_fd is None:
+            log.info("streamsvc listening on http://%s", config.bind[0])
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         tg.cancel_scope.cancel()

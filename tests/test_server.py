@@ -1,8 +1,10 @@
-"""The server process: /health, --host/--port, missing Azure settings, graceful shutdown."""
+"""The server process: /health, --host/--port, missing Azure settings, graceful shutdown,
+and several worker processes on one port (STREAMSVC_WORKERS)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -58,11 +60,13 @@ def test_host_and_port_options_override_the_settings(fake_azure: FakeAzure) -> N
         process.close()
 
 
-def test_a_taken_port_stops_start_up_with_a_message(fake_azure: FakeAzure) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_stops_start_up_with_a_message(fake_azure: FakeAzure, workers: str) -> None:
+    env = server_env(fake_azure, STREAMSVC_WORKERS=workers)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match="server exited 2") as failed:
-            ServerProcess(server_env(fake_azure), ["--port", str(port)], port=port)
+            ServerProcess(env, ["--port", str(port)], port=port)
     assert f"streamsvc: cannot listen on 127.0.0.1:{port}" in str(failed.value)
     assert "Traceback" not in str(failed.value)
 
@@ -156,3 +160,110 @@ def test_a_stopped_server_leaves_no_process_behind(fake_azure: FakeAzure) -> Non
     assert not psutil.pid_exists(pid)
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+def _workers(server: ServerProcess) -> list[psutil.Process]:
+    return psutil.Process(server.process.pid).children()
+
+
+def _serving(workers: list[psutil.Process], port: int) -> set[int]:
+    """The workers holding an accepted connection on ``port``."""
+    return {
+        worker.pid
+        for worker in workers
+        for conn in worker.net_connections("tcp")
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def _wait_gone(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Wait for processes that need not be our children; those still running after ``within``."""
+
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + within
+    while any(running(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in processes if running(p)]
+
+
+async def test_workers_share_the_port_and_all_drain_on_sigterm(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    # Grace 4 s; every upstream goes silent after one chunk (and the idle timeout is long).
+    server = start_server(STREAMSVC_WORKERS="2", STREAMSVC_IDLE_TIMEOUT_SECONDS="60")
+    workers = _workers(server)
+    assert len(workers) == 2
+    azure.push(*[Reply(text_chunks=["a", "b"], hang_after=1) for _ in range(4)])
+    readings: list[asyncio.Task[SSEResponse]] = []
+    # An idle worker tends to win every accept, so pause each worker in turn: the
+    # other must then accept from the shared socket and serve two streams.
+    for paused in reversed(workers):
+        paused.suspend()
+        try:
+            for _ in range(2):
+                readings.append(asyncio.create_task(read_sse(client, server.url + "/chat", STREAM)))
+            for _ in range(500):  # until the upstream has them: accepted and being served
+                if len(azure.requests) == len(readings):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            paused.resume()
+    assert len(azure.requests) == 4
+    assert _serving(workers, server.port) == {w.pid for w in workers}
+    await asyncio.sleep(0.5)  # the first deltas are on their way
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    responses = await asyncio.gather(*readings)
+    for response in responses:
+        assert [e.event for e in response.events] == ["delta", "error"]
+        assert response.last.data["error"]["code"] == "shutting_down"
+    assert time.monotonic() - signalled < 4
+    assert await _exit_code(server) == 0
+    assert not _wait_gone(workers, within=0)
+    assert await azure.await_disconnect(len(responses), within=2)
+
+
+def test_a_worker_that_dies_is_replaced(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(STREAMSVC_WORKERS="2")
+    first = _workers(server)
+    first[0].kill()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = _workers(server)
+        if len(now) == 2 and first[0] not in now:
+            break
+        time.sleep(0.1)
+    assert len(now) == 2 and first[1] in now and first[0] not in now
+    assert f"worker {first[0].pid} was killed by SIGKILL; started" in server.log()
+    for _ in range(4):
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert server.stop() == 0
+    assert not _wait_gone(now, within=0)
+
+
+def test_workers_that_keep_dying_stop_the_server(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server(STREAMSVC_WORKERS="2")
+    deadline = time.monotonic() + 30
+    while server.process.poll() is None and time.monotonic() < deadline:
+        for worker in _workers(server):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+        time.sleep(0.2)
+    assert server.process.wait(10) == 1
+    assert "too many restarts, stopping" in server.log()
+
+
+def test_killing_the_parent_leaves_no_worker(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(STREAMSVC_WORKERS="2")
+    workers = _workers(server)
+    assert len(workers) == 2
+    server.signal(signal.SIGKILL)
+    server.process.wait(10)
+    assert not _wait_gone(workers, within=15)
