@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 import msgspec
@@ -76,20 +76,27 @@ async def test_a_declared_length_over_the_cap_is_413_before_the_body_is_sent(
 async def test_a_chunked_body_over_the_cap_is_413_before_it_is_all_read(
     start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
+    # A raw socket, so the test decides what is sent: a chunked body (no
+    # Content-Length) that passes the cap, then nothing more; the 413 must come
+    # without the rest of the body (a client still writing would race the close).
     server = start_server(STREAMSVC_MAX_BODY_BYTES="1000")
-    sent = 0
-
-    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
-        nonlocal sent
-        yield b'{"messages": [{"role": "user", "content": "'
-        for _ in range(3):
-            sent += 600
-            yield b"y" * 600
-        yield b'"}]}'
-
-    response = await client.post(server.url + "/chat", content=chunks(), headers=HEADERS)
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "payload_too_large"
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(
+            b"POST /chat HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for piece in (b'{"messages": [{"role": "user", "content": "', b"y" * 600, b"y" * 600):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()  # 1244 bytes of a body that never ends
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        length = re.search(rb"content-length: (\d+)", head.lower())
+        assert length is not None
+        body = json.loads(await asyncio.wait_for(reader.readexactly(int(length[1])), 10))
+    finally:
+        writer.close()
+    assert body["error"]["code"] == "payload_too_large"
     small = {"messages": [{"role": "user", "content": "y" * 900}]}
     assert (await client.post(server.url + "/chat", json=small)).status_code == 200
     assert len(azure.requests) == 1
