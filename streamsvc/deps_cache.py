@@ -13,9 +13,12 @@ set pay nothing (warm sandboxes even have it mounted before the request).
   ``streamsvc.deps.python``). A rebuilt image or another Python never sees
   the old sets.
 - **Once**: concurrent first requests for one set wait on one lock and
-  install once (``installs`` counts installs). A volume found on the engine,
-  left by an earlier process, is adopted after a check that its install
-  completed (a marker file written last).
+  install once (``installs`` counts installs). The lock holds across the
+  processes of this host too (``STREAMSVC_WORKERS``, or several servers): an
+  ``flock`` on a file named after the volume, so a second process waits and
+  then adopts the first one's volume instead of installing into it or taking
+  it for broken. A volume found on the engine, left by an earlier process, is
+  adopted after a check that its install completed (a marker file written last).
 - **Installer**: ``uv`` when the image has it, ``pip`` otherwise; the host's
   CA bundle (setting ``STREAMSVC_SANDBOX_CA_BUNDLE``) is copied in so
   TLS-intercepting proxies work. After ``uv`` the set counts as installed at
@@ -42,13 +45,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -105,6 +111,29 @@ if [ "$compile_later" = 1 ]; then
   du -sk /opt/deps | cut -f1
 fi
 """
+
+
+@contextlib.asynccontextmanager
+async def host_lock(name: str, timeout: float) -> AsyncIterator[None]:
+    """Hold ``name``'s lock among the processes of this host (waits at most ``timeout``).
+
+    An ``flock`` on ``$TMPDIR/streamsvc-locks/NAME.lock``: the kernel drops it
+    when its holder exits, so a crashed process never leaves it taken.
+    """
+    folder = os.path.join(tempfile.gettempdir(), "streamsvc-locks")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class CachedSet(msgspec.Struct):
@@ -218,9 +247,10 @@ class DependencyCache:
                 log.info("dependency set %s was removed; installing it again", name)
                 entry = None
             if entry is None or not entry.verified:
-                entry = await self._adopt(name, dependencies) or await self._install(
-                    name, dependencies, python, created
-                )
+                async with host_lock(name, self._settings.streamsvc_install_timeout_seconds + 60):
+                    entry = await self._adopt(name, dependencies) or await self._install(
+                        name, dependencies, python, created
+                    )
                 self._sets[name] = entry
             entry.last_used = time.time()
             self.hold(name)

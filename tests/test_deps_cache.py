@@ -194,6 +194,45 @@ async def test_concurrent_first_requests_for_a_new_set_install_it_once(
     assert_no_sandboxes(server)
 
 
+async def test_two_server_processes_install_a_new_set_once(
+    start_server: Any, client: httpx.AsyncClient
+) -> None:
+    """Workers (or servers) on one host share the install through a host-wide lock."""
+    requirement = "six==1.14.0"
+    for volume in deps_volumes(requirement):
+        docker("volume", "rm", volume, check=False)
+    first, second = start_server(), start_server()
+    code = """
+        import json, six
+        print(json.dumps({"ok": True, "result": six.__version__}))
+    """
+    since = int(time.time())
+    results: list[Any] = []
+
+    async def one(server: ServerProcess) -> None:
+        payload = body(code, dependencies={"six": "1.14.0"})
+        results.append(result_line(await execute(client, server, payload)))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for server in (first, second, first, second):
+                tg.start_soon(one, server)
+        assert results == ["1.14.0"] * 4
+        installs = docker(
+            "events", "--since", str(since), "--until", str(int(time.time()) + 1),
+            "--filter", "type=container", "--filter", "event=create",
+            "--filter", "label=streamsvc.deps.action=install",
+            "--format", "{{.Actor.ID}}",
+        ).split()  # fmt: skip
+        assert len(installs) == 1, installs  # one install container between the two processes
+        assert len(deps_volumes(requirement)) == 1
+    finally:
+        for volume in deps_volumes(requirement):
+            docker("volume", "rm", volume, check=False)
+    assert_no_sandboxes(first)
+    assert_no_sandboxes(second)
+
+
 @pytest.fixture
 def own_image() -> Iterator[str]:
     """A copy of the sandbox image with its own id, so its cache is this test's alone."""
