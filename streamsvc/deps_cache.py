@@ -114,8 +114,8 @@ fi
 
 
 @contextlib.asynccontextmanager
-async def host_lock(name: str, timeout: float) -> AsyncIterator[None]:
-    """Hold ``name``'s lock among the processes of this host (waits at most ``timeout``).
+async def host_lock(name: str, wait_seconds: float) -> AsyncIterator[None]:
+    """Hold ``name``'s lock among the processes of this host (waits at most ``wait_seconds``).
 
     An ``flock`` on ``$TMPDIR/streamsvc-locks/NAME.lock``: the kernel drops it
     when its holder exits, so a crashed process never leaves it taken.
@@ -124,7 +124,7 @@ async def host_lock(name: str, timeout: float) -> AsyncIterator[None]:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(wait_seconds):
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
