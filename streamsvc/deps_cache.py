@@ -534,9 +534,26 @@ class CacheEntry(msgspec.Struct):
     created: str | None
 
 
+_DF_ATTEMPTS = 20  # about 20 s in all
+
+
 async def disk_usage(docker: aiodocker.Docker) -> list[dict[str, Any]]:
-    """The engine's disk-usage report for every cache volume (labels, size, users)."""
-    report = await docker_call("report disk usage", docker._query_json("system/df"))
+    """The engine's disk-usage report for every cache volume (labels, size, users).
+
+    The engine computes one report at a time and refuses a second caller ("a
+    disk usage operation is already running"), as when workers start together:
+    that caller waits a little and asks again.
+    """
+    for attempt in range(1, _DF_ATTEMPTS + 1):
+        try:
+            report = await docker_call("report disk usage", docker._query_json("system/df"))
+            break
+        except SandboxError as exc:
+            cause = exc.__cause__
+            busy = isinstance(cause, aiodocker.DockerError) and "already running" in str(cause)
+            if not busy or attempt == _DF_ATTEMPTS:
+                raise
+            await anyio.sleep(0.1 * attempt)
     volumes = report.get("Volumes") or []
     return [v for v in volumes if LABEL_DEPS in (v.get("Labels") or {})]
 

@@ -24,10 +24,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import aiodocker
 import anyio
 import httpx
 import pytest
 
+from streamsvc.deps_cache import disk_usage
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (
     IMAGE,
@@ -192,6 +194,14 @@ async def test_concurrent_first_requests_for_a_new_set_install_it_once(
         for volume in deps_volumes(requirement):
             docker("volume", "rm", volume, check=False)
     assert_no_sandboxes(server)
+
+
+async def test_disk_usage_waits_for_a_report_already_running() -> None:
+    """The engine refuses a second concurrent df; workers starting together must not fail."""
+    async with aiodocker.Docker() as engine:
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(disk_usage, engine)
 
 
 async def test_two_server_processes_install_a_new_set_once(
