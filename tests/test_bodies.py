@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import msgspec
@@ -51,24 +52,36 @@ async def test_malformed_json_is_400_with_the_byte_position(
     assert azure.requests == []
 
 
+_POST = b"POST /chat HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+_OPENING = b'{"messages": [{"role": "user", "content": "'
+
+
+async def answer_to_unfinished_body(port: int, head: bytes, pieces: list[bytes]) -> Any:
+    """Send a request head and part of a body from a raw socket, never the rest.
+
+    Returns the JSON of the answer, which must be a 413: it proves the server
+    answered without waiting for the rest of the body.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(_POST + head + b"\r\n")
+        for piece in pieces:
+            writer.write(piece)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        length = re.search(rb"content-length: (\d+)", answer.lower())
+        assert length is not None
+        return json.loads(await asyncio.wait_for(reader.readexactly(int(length[1])), 10))
+    finally:
+        writer.close()
+
+
 async def test_a_declared_length_over_the_cap_is_413_before_the_body_is_sent(
     server: ServerProcess, azure: FakeAzure
 ) -> None:
-    # A raw socket: announce 5 MB (the default cap is 4 MiB), send a few bytes, read.
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        writer.write(
-            b"POST /chat HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
-            b"content-length: 5000000\r\n\r\n" + b'{"messages": [{"role": "user", "content": "'
-        )
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 413 ")
-        length = re.search(rb"content-length: (\d+)", head.lower())
-        assert length is not None
-        body = json.loads(await asyncio.wait_for(reader.readexactly(int(length[1])), 10))
-    finally:
-        writer.close()
+    # Announce 5 MB (the default cap is 4 MiB) and send a few bytes of it.
+    body = await answer_to_unfinished_body(server.port, b"content-length: 5000000\r\n", [_OPENING])
     assert body["error"]["code"] == "payload_too_large"
     assert azure.requests == []
 
@@ -76,26 +89,11 @@ async def test_a_declared_length_over_the_cap_is_413_before_the_body_is_sent(
 async def test_a_chunked_body_over_the_cap_is_413_before_it_is_all_read(
     start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    # A raw socket, so the test decides what is sent: a chunked body (no
-    # Content-Length) that passes the cap, then nothing more; the 413 must come
-    # without the rest of the body (a client still writing would race the close).
+    # A chunked body (no Content-Length) that passes the cap, then nothing more:
+    # 1244 bytes of a body that never ends (a client still writing would race the close).
     server = start_server(STREAMSVC_MAX_BODY_BYTES="1000")
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        writer.write(
-            b"POST /chat HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
-            b"transfer-encoding: chunked\r\n\r\n"
-        )
-        for piece in (b'{"messages": [{"role": "user", "content": "', b"y" * 600, b"y" * 600):
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-        await writer.drain()  # 1244 bytes of a body that never ends
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert head.startswith(b"HTTP/1.1 413 ")
-        length = re.search(rb"content-length: (\d+)", head.lower())
-        assert length is not None
-        body = json.loads(await asyncio.wait_for(reader.readexactly(int(length[1])), 10))
-    finally:
-        writer.close()
+    pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in (_OPENING, b"y" * 600, b"y" * 600)]
+    body = await answer_to_unfinished_body(server.port, b"transfer-encoding: chunked\r\n", pieces)
     assert body["error"]["code"] == "payload_too_large"
     small = {"messages": [{"role": "user", "content": "y" * 900}]}
     assert (await client.post(server.url + "/chat", json=small)).status_code == 200
