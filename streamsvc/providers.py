@@ -16,6 +16,11 @@ body is then read off the SDK's public ``AsyncStream.response`` by
 them with msgspec (the SDK's pure-Python SSE decoder and ``json.loads`` cost
 about a third of the server's CPU per chunk).
 
+The SDK sends through its own aiohttp client by default (``_http_client``;
+``STREAMSVC_CHAT_HTTP_CLIENT=httpx`` for its httpx one), whose pool and C
+parser cost less per stream; ``timed_out`` undoes that transport's habit of
+reporting a refused or dropped connection as a timeout.
+
 The SDK's own retries are off. Each attempt (one deployment) retries 429, 5xx
 and connection failures within its own bounded total wait, honouring
 ``retry-after-ms`` and then ``retry-after``, and has its own first-token
