@@ -198,10 +198,9 @@ async def test_concurrent_first_requests_for_a_new_set_install_it_once(
 
 async def test_disk_usage_waits_for_a_report_already_running() -> None:
     """The engine refuses a second concurrent df; workers starting together must not fail."""
-    async with aiodocker.Docker() as engine:
-        async with anyio.create_task_group() as tg:
-            for _ in range(6):
-                tg.start_soon(disk_usage, engine)
+    async with aiodocker.Docker() as engine, anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(disk_usage, engine)
 
 
 async def test_two_server_processes_install_a_new_set_once(
