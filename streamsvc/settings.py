@@ -107,7 +107,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_install_timeout_seconds: Seconds = 180.0
     streamsvc_max_concurrent_runs: Positive = 4
     streamsvc_queue_size: NonNegative = 16
-    #: CA bundle mounted read-only into the dependency-install step (``""`` = none).
+    #: CA bundle the dependency-install step trusts (copied in through stdin). Unset or
+    #: empty: the host's pip/SSL bundle (``_default_ca_bundle``); ``none``: no bundle.
     streamsvc_sandbox_ca_bundle: str | None = None
     streamsvc_deps_cache_mb: Positive = 4096
     #: Warm sandboxes kept ready per key (image, network, dependency set, memory); 0 = off.
@@ -219,14 +220,17 @@ def load_settings(
     for key, value in merged.items():
         if key not in _FIELDS:
             continue
-        if value == "" and key != "STREAMSVC_SANDBOX_CA_BUNDLE":
+        if value == "":
             continue  # an empty assignment means "use the default"
         if key in _LIST_FIELDS:
             raw[key] = [item.strip() for item in value.split(",") if item.strip()]
         else:
             raw[key] = value
-    if "STREAMSVC_SANDBOX_CA_BUNDLE" not in raw:
+    ca_bundle = raw.get("STREAMSVC_SANDBOX_CA_BUNDLE")
+    if ca_bundle is None:
         raw["STREAMSVC_SANDBOX_CA_BUNDLE"] = _default_ca_bundle(merged)
+    elif ca_bundle.strip().lower() == "none":
+        raw["STREAMSVC_SANDBOX_CA_BUNDLE"] = ""
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -248,6 +252,9 @@ def _check(settings: Settings) -> None:
         raise SettingsError(
             "invalid setting STREAMSVC_MIN_MEMORY_MB: larger than STREAMSVC_MAX_MEMORY_MB"
         )
+    ca_bundle = settings.ca_bundle
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        raise SettingsError(f"invalid setting STREAMSVC_SANDBOX_CA_BUNDLE: no file {ca_bundle}")
     endpoint = settings.azure_openai_endpoint
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")

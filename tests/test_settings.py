@@ -85,6 +85,33 @@ def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:
         load_settings({name: value}, None)
 
 
+def test_the_sandbox_ca_bundle_defaults_to_the_hosts_pip_bundle(tmp_path: Path) -> None:
+    """Unset or empty (as in ``.env.example``, which scripts/run copies): the host's bundle."""
+    host, own = tmp_path / "host.pem", tmp_path / "own.pem"
+    host.write_text("host")
+    own.write_text("own")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("STREAMSVC_SANDBOX_CA_BUNDLE=\n")
+    host_env = {"PIP_CERT": str(host)}
+    assert load_settings(host_env, None).ca_bundle == str(host)
+    assert load_settings(host_env, dotenv).ca_bundle == str(host)
+    assert load_settings({"SSL_CERT_FILE": str(host)}, dotenv).ca_bundle == str(host)
+    # A bundle named by a candidate that is not a file is passed over.
+    assert load_settings({"PIP_CERT": str(tmp_path / "gone.pem")}, None).ca_bundle != str(
+        tmp_path / "gone.pem"
+    )
+    chosen = {**host_env, "STREAMSVC_SANDBOX_CA_BUNDLE": str(own)}
+    assert load_settings(chosen, dotenv).ca_bundle == str(own)
+    off = {**host_env, "STREAMSVC_SANDBOX_CA_BUNDLE": "none"}
+    assert load_settings(off, dotenv).ca_bundle is None
+
+
+def test_a_sandbox_ca_bundle_that_is_not_a_file_names_its_variable(tmp_path: Path) -> None:
+    missing = {"STREAMSVC_SANDBOX_CA_BUNDLE": str(tmp_path / "missing.pem")}
+    with pytest.raises(SettingsError, match="invalid setting STREAMSVC_SANDBOX_CA_BUNDLE"):
+        load_settings(missing, None)
+
+
 def test_a_malformed_dotenv_line_names_the_file_and_line(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text("OPENAI_MAX_TOKENS=5\nthis is not a setting\n")
