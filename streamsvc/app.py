@@ -196,12 +196,11 @@ async def _start_sandbox(
     app: Starlette, settings: Settings, stack: contextlib.AsyncExitStack
 ) -> None:
     """The Docker sandbox; an engine that is down now is reported by /health."""
-    import aiodocker
-
+    from .docker_api import connect
     from .docker_sandbox import DockerSandbox
 
     # Entered, not just started: it owns the task group that enforces run deadlines.
     sandbox = await stack.enter_async_context(
-        DockerSandbox(aiodocker.Docker(url=settings.docker_host), settings)
+        DockerSandbox(connect(settings.docker_host), settings)
     )
     app.state.sandbox = sandbox

@@ -43,6 +43,19 @@ UNREACHABLE = 900
 #: What a lost or refused engine raises inside aiodocker and aiohttp (a closed
 #: client session raises RuntimeError).
 ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, RuntimeError)
+#: The engine's address when ``DOCKER_HOST`` is not set, as for the docker CLI.
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+def connect(docker_host: str | None) -> aiodocker.Docker:
+    """A client of the engine at ``docker_host`` (the ``DOCKER_HOST`` setting) or the default.
+
+    The address is always explicit, so aiodocker neither reads the environment
+    itself nor refuses to build a client when no socket exists yet: an engine
+    that is absent or down fails the calls (``sandbox_unavailable``), and
+    ``/health`` says so, while everything else keeps working.
+    """
+    return aiodocker.Docker(url=docker_host or DEFAULT_DOCKER_HOST)
 
 
 def owner_label() -> str:
