@@ -25,7 +25,7 @@ Two ways to run (``sandbox_runner`` is the program inside either way):
   sandbox gets one made the same way on the spot (for a dependency set not
   installed yet, while it installs). A request whose env sets a variable the
   interpreter reads at start-up (``PYTHON*``, ``LC_*``, ``LANG``,
-  ``LANGUAGE``, ``LD_*``) runs cold, since a warm interpreter has already
+  ``LANGUAGE``; ``LD_*`` is refused earlier) runs cold, since a warm interpreter has already
   started. Warm sandboxes of a dependency set *preload* it (import its
   top-level modules) when that import is clean; the env variables it read
   are recorded, and such a sandbox is never used for a request that sets
@@ -115,7 +115,7 @@ log = logging.getLogger("streamsvc.sandbox")
 #: Seconds a new warm sandbox may take to say it is ready.
 READY_TIMEOUT = 30.0
 #: Env names the interpreter reads at start-up: a request setting one runs cold.
-COLD_ENV_PREFIXES = ("PYTHON", "LC_", "LD_")
+COLD_ENV_PREFIXES = ("PYTHON", "LC_")
 COLD_ENV_NAMES = frozenset({"LANG", "LANGUAGE"})
 #: Roles of this process's own run containers (``warm``: made ahead of its request).
 RUN_ROLES = frozenset({"run", "warm"})

@@ -342,7 +342,8 @@ def openapi_document() -> dict[str, Any]:
                 "Run a connector in a fresh sandbox, streaming its output",
                 "Validates the connector completely before any container exists, "
                 "then runs its entry point with the dependencies installed. The "
-                "answer's `result` is the last JSON object line of stdout.",
+                "answer's `result` is the whole stdout when it is one JSON document, "
+                "otherwise its last line that is a JSON object.",
                 "ExecuteRequest",
                 "ExecutionResult",
                 "ExecuteStreamEvent",

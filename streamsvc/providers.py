@@ -164,7 +164,7 @@ def retry_after(headers: Any) -> float | None:
     return None
 
 
-def translate(exc: Exception, *, streaming: bool = False) -> ServiceError:
+def translate(exc: Exception) -> ServiceError:
     """Map an SDK error to ours; never copies request headers (the key) anywhere."""
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
@@ -190,8 +190,6 @@ def translate(exc: Exception, *, streaming: bool = False) -> ServiceError:
     if isinstance(exc, openai.APITimeoutError) and timed_out(exc):
         return UpstreamTimeout("the chat upstream did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
-        if streaming:  # the SDK wraps a connection lost mid-body the same way
-            return UpstreamError("the chat upstream broke off the stream")
         return UpstreamError("the chat upstream is unreachable", code="upstream_unreachable")
     return UpstreamError("the chat upstream failed")
 
