@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -35,6 +36,10 @@ from .settings import Settings
 from .sse import StreamRegistry
 
 log = logging.getLogger("streamsvc")
+
+#: What a browser page of an allowed origin (``STREAMSVC_CORS_ORIGINS``) may send and read.
+CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request-id", "accept"]
+CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -182,6 +187,17 @@ def create_app(settings: Settings) -> Starlette:
         keys=settings.streamsvc_api_keys,
         protected=("/chat", "/execute-connector", "/v1/"),
     )
+    if settings.streamsvc_cors_origins:
+        # Outside the key check: a browser's preflight carries no key. Pure ASGI, so
+        # streams pass through unbuffered.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.streamsvc_cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
     # Outermost of ours: 401s get a request id and an access-log line too.
     app.state.metrics = Metrics(app.state)
     app.add_middleware(

@@ -10,6 +10,7 @@ fails with a message instead of a traceback. ``.env.example`` documents each.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +34,12 @@ Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 
 #: Settings that hold comma-separated lists in the environment.
 _LIST_FIELDS = frozenset(
-    {"STREAMSVC_API_KEYS", "OPENAI_REASONING_MODELS", "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS"}
+    {
+        "STREAMSVC_API_KEYS",
+        "STREAMSVC_CORS_ORIGINS",
+        "OPENAI_REASONING_MODELS",
+        "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS",
+    }
 )
 _DEFAULT_CA_CANDIDATES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
 
@@ -77,6 +83,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     streamsvc_api_keys: tuple[str, ...] = ()
     streamsvc_allow_insecure: bool = False
+    #: Origins whose pages may call the API from a browser (CORS); ``*`` for any. None: off.
+    streamsvc_cors_origins: tuple[str, ...] = ()
     streamsvc_max_body_bytes: Positive = 4 * 1024 * 1024
     streamsvc_keepalive_seconds: Seconds = 15.0
     streamsvc_shutdown_grace_seconds: Seconds = 10.0
@@ -255,6 +263,11 @@ def _check(settings: Settings) -> None:
     ca_bundle = settings.ca_bundle
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         raise SettingsError(f"invalid setting STREAMSVC_SANDBOX_CA_BUNDLE: no file {ca_bundle}")
+    for origin in settings.streamsvc_cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise SettingsError(
+                f"invalid setting STREAMSVC_CORS_ORIGINS: {origin!r} is not scheme://host[:port]"
+            )
     endpoint = settings.azure_openai_endpoint
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")

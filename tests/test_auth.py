@@ -161,3 +161,65 @@ def test_listens_exposed_with_keys_or_when_told_to(
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     server.stop()
     assert "0.0.0.0" in server.log()
+
+
+ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture(scope="module")
+def cors(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
+    env = server_env(
+        fake_azure, STREAMSVC_API_KEYS=KEYS[0], STREAMSVC_CORS_ORIGINS=f"{ORIGIN}, http://x:81"
+    )
+    process = ServerProcess(env)
+    yield process
+    process.close()
+
+
+async def test_an_allowed_origin_gets_its_preflight_answered_without_a_key(
+    cors: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    preflight = {
+        "origin": ORIGIN,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type, x-request-id",
+    }
+    for path in ("/chat", "/execute-connector", "/v1/chat/completions"):
+        answer = await client.options(cors.url + path, headers=preflight)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        allowed = answer.headers["access-control-allow-headers"].lower()
+        assert {"authorization", "content-type", "x-request-id"} <= set(allowed.split(", "))
+    stranger = await client.options(
+        cors.url + "/chat", headers={**preflight, "origin": "https://evil.example"}
+    )
+    assert stranger.status_code == 400
+    assert "access-control-allow-origin" not in stranger.headers
+
+
+async def test_an_allowed_origin_reads_streams_errors_and_the_request_id(
+    cors: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    headers = {"origin": ORIGIN, "authorization": f"Bearer {KEYS[0]}"}
+    stream = await read_sse(client, cors.url + "/chat", {**CHAT, "stream": True}, headers=headers)
+    assert stream.status == 200
+    assert stream.headers["access-control-allow-origin"] == ORIGIN
+    assert [event.event for event in stream.events][-1] == "done"
+    assert stream.last.data["content"] == "echo: Hello"
+    refused = await client.post(cors.url + "/chat", json=CHAT, headers={"origin": ORIGIN})
+    assert_unauthorized(refused)  # and readable by the page:
+    assert refused.headers["access-control-allow-origin"] == ORIGIN
+    exposed = refused.headers["access-control-expose-headers"].lower()
+    assert {"x-request-id", "retry-after"} <= set(exposed.split(", "))
+    assert refused.headers["x-request-id"]
+
+
+async def test_without_origins_no_cors_header_is_sent(
+    keyed: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    preflight = {"origin": ORIGIN, "access-control-request-method": "POST"}
+    answer = await client.options(keyed.url + "/chat", headers=preflight)
+    assert "access-control-allow-origin" not in answer.headers
+    plain = await client.post(keyed.url + "/chat", json=CHAT, headers={"origin": ORIGIN})
+    assert "access-control-allow-origin" not in plain.headers

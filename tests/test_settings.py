@@ -78,6 +78,8 @@ def test_lists_and_chat_configuration() -> None:
         ("STREAMSVC_ALLOW_INSECURE", "perhaps"),
         ("STREAMSVC_LOG_LEVEL", "loud"),
         ("AZURE_OPENAI_ENDPOINT", "example.openai.azure.com"),
+        ("STREAMSVC_CORS_ORIGINS", "app.example.com"),
+        ("STREAMSVC_CORS_ORIGINS", "https://app.example.com/,https://ok.example"),
     ],
 )
 def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:
