@@ -17,8 +17,12 @@ set pay nothing (warm sandboxes even have it mounted before the request).
   processes of this host too (``STREAMSVC_WORKERS``, or several servers): an
   ``flock`` on a file named after the volume, so a second process waits and
   then adopts the first one's volume instead of installing into it or taking
-  it for broken. A volume found on the engine, left by an earlier process, is
-  adopted after a check that its install completed (a marker file written last).
+  it for broken. The install runs in the background, as one job per volume
+  that holds the host lock until it answers: a request that goes away (its
+  client disconnected) leaves it running, and the next request for the set
+  waits for it instead of taking its half-written volume for broken. A volume
+  found on the engine, left by an earlier process, is adopted after a check
+  that its install completed (a marker file written last).
 - **Installer**: ``uv`` when the image has it, ``pip`` otherwise; the host's
   CA bundle (setting ``STREAMSVC_SANDBOX_CA_BUNDLE``) is copied in so
   TLS-intercepting proxies work. After ``uv`` the set counts as installed at
@@ -66,6 +70,7 @@ from anyio.abc import TaskGroup
 
 from .dependencies import Dependency, dependency_key
 from .docker_api import (
+    CLEANUP_TIMEOUT,
     NETWORK_NAME,
     SANDBOX_UID,
     create_container,
@@ -118,19 +123,26 @@ async def host_lock(name: str, wait_seconds: float) -> AsyncIterator[None]:
     """Hold ``name``'s lock among the processes of this host (waits at most ``wait_seconds``).
 
     An ``flock`` on ``$TMPDIR/streamsvc-locks/NAME.lock``: the kernel drops it
-    when its holder exits, so a crashed process never leaves it taken.
+    when its holder exits, so a crashed process never leaves it taken. Not had
+    in time: ``SandboxError`` (503 ``sandbox_unavailable``).
     """
     folder = os.path.join(tempfile.gettempdir(), "streamsvc-locks")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with anyio.fail_after(wait_seconds):
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await anyio.sleep(0.1)
+        try:
+            with anyio.fail_after(wait_seconds):
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await anyio.sleep(0.1)
+        except TimeoutError as exc:
+            raise SandboxError(
+                f"another process has been installing this dependency set for over "
+                f"{wait_seconds:.0f}s; try again later"
+            ) from exc
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -145,6 +157,13 @@ class CachedSet(msgspec.Struct):
     verified: bool = True
 
 
+class _Install(msgspec.Struct):
+    """One adoption-or-install of a volume in flight; every request for its set waits for it."""
+
+    answered: anyio.Event = msgspec.field(default_factory=anyio.Event)
+    result: CachedSet | Exception | None = None
+
+
 class DependencyCache:
     def __init__(
         self,
@@ -156,6 +175,7 @@ class DependencyCache:
         self._settings = settings
         self._owner = owner
         self._locks: dict[str, anyio.Lock] = {}
+        self._installing: dict[str, _Install] = {}
         self._sets: dict[str, CachedSet] = {}
         self._in_use: dict[str, int] = {}
         self._pythons: dict[str, str] = {}
@@ -200,9 +220,6 @@ class DependencyCache:
 
     # -- use -------------------------------------------------------------------------
 
-    def listing(self) -> list[CachedSet]:
-        return sorted(self._sets.values(), key=lambda entry: -entry.last_used)
-
     def stats(self) -> dict[str, Any]:
         return {
             "sets": len(self._sets),
@@ -232,9 +249,11 @@ class DependencyCache:
 
         ``created`` is set once a new volume exists and its install begins (so a
         run container may be made meanwhile; it must not import from the volume
-        before this returns). ``mounted``: a container mounts the volume now, so
-        it exists (Docker removes no volume in use) and is not asked about. The
-        caller holds the volume (it is not evicted) until ``release``.
+        before this returns), when this request starts the install (one that
+        waits for an install in flight is not told). ``mounted``: a container
+        mounts the volume now, so it exists (Docker removes no volume in use)
+        and is not asked about. The caller holds the volume (it is not evicted)
+        until ``release``.
         """
         python = await self.python_version()
         await self._load(python)
@@ -243,18 +262,18 @@ class DependencyCache:
         async with lock:
             entry = self._sets.get(name)
             gone = entry is not None and entry.verified and not mounted
-            if gone and not await self._exists(name):
+            if gone and not await self.exists(name):
                 log.info("dependency set %s was removed; installing it again", name)
                 entry = None
             if entry is None or not entry.verified:
-                async with host_lock(name, self._settings.streamsvc_install_timeout_seconds + 60):
-                    entry = await self._adopt(name, dependencies) or await self._install(
-                        name, dependencies, python, created
-                    )
-                self._sets[name] = entry
+                entry = await self._installed(name, dependencies, python, created)
             entry.last_used = time.time()
             self.hold(name)
-        await self._evict(keep=name)
+        try:
+            await self._evict(keep=name)
+        except BaseException:  # the caller never learns the name, so never releases it
+            self.release(name)
+            raise
         return name
 
     def hold(self, volume: str) -> None:
@@ -266,17 +285,70 @@ class DependencyCache:
 
     async def exists(self, name: str) -> bool:
         """Whether the volume is still there (``streamsvc deps clear`` may remove it)."""
-        return await self._exists(name)
-
-    async def _exists(self, name: str) -> bool:
         try:
             await docker_call("inspect a cache volume", DockerVolume(self._docker, name).show())
         except SandboxError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, aiodocker.DockerError) and cause.status == 404:
+            if _not_found(exc):
                 return False
             raise
         return True
+
+    def _install_wait(self) -> float:
+        """How long the host lock is waited for, and then an install's answer."""
+        return self._settings.streamsvc_install_timeout_seconds + 60
+
+    async def _installed(
+        self,
+        name: str,
+        dependencies: tuple[Dependency, ...],
+        python: str,
+        created: anyio.Event | None,
+    ) -> CachedSet:
+        """The set, adopted or installed by the one job in flight for its volume.
+
+        Without one, this request starts it: in the background tasks once
+        ``start`` gave them, so it outlives a caller that goes away.
+        """
+        job = self._installing.get(name)
+        if job is None:
+            job = self._installing[name] = _Install()
+            args = (job, name, dependencies, python, created)
+            if self._tasks is None:
+                await self._adopt_or_install(*args)
+            else:
+                self._tasks.start_soon(self._adopt_or_install, *args)
+        try:
+            with anyio.fail_after(2 * self._install_wait() + 60):  # the lock, then the install
+                await job.answered.wait()
+        except TimeoutError as exc:
+            raise SandboxError("the dependency install did not finish in time") from exc
+        if isinstance(job.result, Exception):
+            raise job.result
+        assert job.result is not None
+        return job.result
+
+    async def _adopt_or_install(
+        self,
+        job: _Install,
+        name: str,
+        dependencies: tuple[Dependency, ...],
+        python: str,
+        created: anyio.Event | None,
+    ) -> None:
+        try:
+            async with host_lock(name, self._install_wait()):
+                entry = await self._adopt(name, dependencies) or await self._install(
+                    name, dependencies, python, created
+                )
+            self._sets[name] = entry
+            job.result = entry
+        except Exception as exc:  # every waiter raises it
+            job.result = exc
+        finally:
+            if job.result is None:  # cancelled: shutting down, or with its only caller
+                job.result = SandboxError("the dependency install was cancelled")
+            del self._installing[name]
+            job.answered.set()
 
     async def _load(self, python: str) -> None:
         """Once per key: count the sets earlier processes left for this image and Python."""
@@ -300,7 +372,7 @@ class DependencyCache:
 
     async def _adopt(self, name: str, dependencies: tuple[Dependency, ...]) -> CachedSet | None:
         """Reuse a complete volume that an earlier process installed."""
-        if not await self._exists(name):
+        if not await self.exists(name):
             return None
         check = f"test -f /opt/deps/{COMPLETE_MARKER} && du -sk /opt/deps | cut -f1"
         output, code = await self._one_shot(name, ["sh", "-c", check], {}, action="check")
@@ -396,8 +468,11 @@ class DependencyCache:
             answer((output, code))
 
         self._tasks.start_soon(whole)
-        with anyio.fail_after(self._settings.streamsvc_install_timeout_seconds + 60):
-            await answered.wait()
+        try:
+            with anyio.fail_after(self._install_wait()):
+                await answered.wait()
+        except TimeoutError as exc:
+            raise SandboxError("the dependency install did not answer in time") from exc
         found = answers[0]
         if isinstance(found, Exception):
             raise found
@@ -506,11 +581,16 @@ class DependencyCache:
                 total -= entry.size_kb
 
     async def remove(self, volume: str) -> bool:
+        """Remove a set's volume; False when the engine keeps it (in use) or fails (bounded)."""
         try:
-            await DockerVolume(self._docker, volume).delete()
-        except aiodocker.DockerError as exc:
-            if exc.status != 404:
-                log.info("cannot evict %s yet: %s", volume, exc)
+            await docker_call(
+                "remove a cache volume",
+                DockerVolume(self._docker, volume).delete(),
+                limit=CLEANUP_TIMEOUT,
+            )
+        except SandboxError as exc:
+            if not _not_found(exc):  # gone already counts as removed
+                log.info("cannot remove %s yet: %s", volume, exc.message)
                 return False
         self._sets.pop(volume, None)
         return True
@@ -630,6 +710,11 @@ async def command(args: argparse.Namespace, settings: Settings, out: TextIO = sy
         return 0
     finally:
         await docker.close()
+
+
+def _not_found(exc: SandboxError) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, aiodocker.DockerError) and cause.status == 404
 
 
 def _requirements(marks: dict[str, str]) -> list[str]:

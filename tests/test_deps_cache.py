@@ -8,11 +8,14 @@ and leaves nothing behind. Issue 5: the volume is keyed by the image id, the
 image's Python version and the set; three concurrent first requests install
 once (the engine's event log says so); past the size cap the least recently
 used set goes; ``streamsvc deps list|clear`` show and empty the cache from the
-engine, and the server installs a cleared set again.
+engine, and the server installs a cleared set again. A host lock not had in
+time is a sandbox error; removing a set from a broken engine is a quiet False;
+a request for a set whose install outlived its first requester waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,10 +29,14 @@ from typing import Any
 
 import aiodocker
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
-from streamsvc.deps_cache import disk_usage
+from streamsvc.dependencies import Dependency
+from streamsvc.deps_cache import DependencyCache, disk_usage, host_lock
+from streamsvc.errors import SandboxError
+from streamsvc.settings import load_settings
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (
     IMAGE,
@@ -332,3 +339,95 @@ async def test_the_cache_is_size_capped_lru_and_listed_and_cleared(
     assert result_line(await execute(client, capped, new)) == "idna"
     assert list(sets()) == ["idna==3.10"] and deps_stats()["installs"] == 3
     assert_no_sandboxes(capped)
+
+
+# -- review fixes: the host lock's timeout, removal through the boundary, a left install ----
+
+
+async def test_a_host_lock_not_had_in_time_is_a_sandbox_error() -> None:
+    """Another process installing for too long: 503 sandbox_unavailable, not a bare timeout."""
+    name = f"streamsvc-test-{uuid.uuid4().hex[:12]}"
+    async with host_lock(name, 5):
+        with pytest.raises(SandboxError) as caught:
+            async with host_lock(name, 0.3):
+                pass
+    assert caught.value.code == "sandbox_unavailable" and caught.value.status == 503
+    assert isinstance(caught.value.__cause__, TimeoutError)
+    async with host_lock(name, 5):  # released after all
+        pass
+
+
+async def test_removing_a_set_from_an_engine_that_breaks_is_a_quiet_false() -> None:
+    """An engine answering garbage: ``remove`` says not removed, nothing escapes the boundary."""
+    folder = tempfile.mkdtemp(prefix="streamsvc-broken-engine-")
+    path = os.path.join(folder, "docker.sock")
+
+    async def answer(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                await conn.receive()
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                await conn.send(b"Content-Length: 100\r\n\r\n{")  # then hangs up, short
+
+    listener = await anyio.create_unix_listener(path)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, answer)
+            engine = aiodocker.Docker(url=f"unix://{path}")
+            try:
+                cache = DependencyCache(engine, load_settings({}, None), "test")
+                with anyio.fail_after(60):
+                    assert await cache.remove("streamsvc-deps-not-there") is False
+            finally:
+                await engine.close()
+                tg.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
+        os.unlink(path)
+        os.rmdir(folder)
+
+
+async def test_a_later_request_joins_an_install_whose_first_requester_left(
+    own_image: str,
+) -> None:
+    """A client that disconnects mid-install leaves the install running; the next request
+    for the set waits for it, instead of taking the half-written volume for broken (and
+    failing to remove it: the install container still mounts it)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
+    }
+    settings = load_settings({**env, "STREAMSVC_SANDBOX_IMAGE": own_image}, None)
+    me = f"test-deps-{uuid.uuid4().hex[:12]}"
+    dependencies = (Dependency("requests", specifier="==2.32.3"),)
+    since = int(time.time())
+
+    def installing() -> bool:
+        filters = ["--filter", f"label=streamsvc.owner={me}"]
+        filters += ["--filter", "label=streamsvc.deps.action=install"]
+        return bool(docker("ps", "-q", *filters).split())
+
+    async with aiodocker.Docker() as engine, anyio.create_task_group() as tasks:
+        cache = DependencyCache(engine, settings, me)
+        cache.image_id = image_id(own_image)
+        cache.start(tasks)
+        created = anyio.Event()
+        with anyio.fail_after(240):
+            async with anyio.create_task_group() as first:
+                first.start_soon(cache.ensure, dependencies, created)
+                await created.wait()  # the volume exists
+                while not installing():  # noqa: ASYNC110 - the install container runs, in the engine
+                    await anyio.sleep(0.05)
+                first.cancel_scope.cancel()  # when the first requester goes away
+            assert cache.installs == 0  # still installing
+            volume = await cache.ensure(dependencies)
+        cache.release(volume)
+        assert cache.installs == 1
+        tasks.cancel_scope.cancel()  # stop compiling the bytecode
+    helpers = docker(
+        "events", "--since", str(since), "--until", str(int(time.time()) + 1),
+        "--filter", "type=container", "--filter", "event=create",
+        "--filter", f"label=streamsvc.owner={me}",
+        "--format", '{{index .Actor.Attributes "streamsvc.deps.action"}}',
+    ).split()  # fmt: skip
+    assert sorted(helpers) == ["install", "python"]  # one install, joined; no check of it
+    assert docker("ps", "-aq", "--filter", f"label=streamsvc.owner={me}").split() == []
