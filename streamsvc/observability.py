@@ -13,8 +13,13 @@ the chat answer is logged separately, at debug level.
 Endpoints record what only they know on this request's ``RequestFacts``
 (also at ``request.state.facts``), without knowing who reads it::
 
-    source = observe_chat(backend.stream(params))  # time to first token + usage
+    source = observe_chat(answer(provider, params, settings))  # POST /chat
+    facts.first_token(); facts.tokens(usage); facts.answered(completion)  # POST /v1/...
     current().execution(result.exit_code, result.ok)
+
+A stream that fails after its headers still answers 200; the middleware
+reads the error code from its last frame (``error_code``), whatever the
+framing: an ``error`` event, or /v1's data-only ``{"error": ...}``.
 
 ``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
 (the default, for people) or ``json`` (one object per line, for collectors);
@@ -81,6 +86,13 @@ class RequestFacts(msgspec.Struct):
         self.completion_tokens = getattr(usage, "completion_tokens", None)
         self.total_tokens = getattr(usage, "total_tokens", None)
 
+    def answered(self, answer: Any) -> None:
+        """Log a whole chat answer at debug level, only with ``STREAMSVC_LOG_CONTENT``."""
+        if self.log_content:
+            content_log.debug(
+                "chat answer", extra={"fields": {"request_id": self.request_id, "content": answer}}
+            )
+
     def execution(self, exit_code: int | None, ok: bool) -> None:
         self.exit_code = exit_code
         self.ok = ok
@@ -96,23 +108,20 @@ def current() -> RequestFacts:
 
 
 async def observe_chat(source: AsyncIterator[T]) -> AsyncIterator[T]:
-    """Pass a ``ChatBackend`` stream through, recording first token and usage.
+    """Pass a /chat answer (``chat.answer``) through, recording first token and usage.
 
-    A backend's first item arrives with the upstream's first token (see
-    ``ChatBackend``); an item with a non-None ``usage`` carries the counts.
+    A ``ChatProvider`` yields nothing before the upstream's first token, so the
+    first item marks it; the final ``ChatResult`` (the item with a ``usage``
+    attribute) carries the counts and is the answer ``answered`` logs.
     """
     facts = current()
     try:
         async for item in source:
             facts.first_token()
-            usage = getattr(item, "usage", None)
-            if usage is not None:
-                facts.tokens(usage)
-            if facts.log_content and hasattr(item, "usage"):
-                content_log.debug(
-                    "chat answer",
-                    extra={"fields": {"request_id": facts.request_id, "content": item}},
-                )
+            if hasattr(item, "usage"):
+                if item.usage is not None:
+                    facts.tokens(item.usage)
+                facts.answered(item)
             yield item
     finally:
         aclose = getattr(source, "aclose", None)
@@ -138,7 +147,7 @@ class Metrics:
         self.errors = Counter(
             "streamsvc_errors",
             "Failed requests by route, status code and error code (streams that ended "
-            "with an error event count with their 200)",
+            "with an error count with their 200)",
             ["route", "code", "error"],
             registry=registry,
         )
@@ -215,11 +224,14 @@ _error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
 
 
 def error_code(body: bytes, streamed: bool) -> str | None:
-    """The ``error.code`` of a JSON error body, or of a stream's final ``error`` event."""
+    """The ``error.code`` of a JSON error body, or of a stream's last frame when that
+    is an error: an ``error`` event, or a frame with no event name (/v1's) whose data
+    is an error object. Other named events (a ``done`` result, ...) never count."""
     if streamed:
-        if b"event: error" not in body:
+        head, _, data = body.rpartition(b"data: ")
+        if b"event: " in head and b"event: error\n" not in head:
             return None
-        body = body.rpartition(b"data: ")[2].split(b"\n", 1)[0]
+        body = data.split(b"\n", 1)[0]
     try:
         return _error_decoder.decode(body).error.code
     except msgspec.DecodeError:
@@ -340,6 +352,7 @@ def _access_fields(
 _json = msgspec.json.Encoder()
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _CHATTY = ("httpx", "httpx2", "httpcore", "httpcore2")
+_FRAMES = "sse_starlette"  # logs every frame at debug: content, for STREAMSVC_LOG_CONTENT only
 
 
 class JsonFormatter(logging.Formatter):
@@ -387,3 +400,4 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).setLevel(
             logging.NOTSET if level <= logging.DEBUG else logging.WARNING
         )
+    logging.getLogger(_FRAMES).setLevel(logging.INFO)

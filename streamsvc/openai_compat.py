@@ -29,13 +29,10 @@ app.py renders every error under /v1/ with ``error_response``.
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
-import anyio
 import msgspec
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -44,8 +41,6 @@ from .bodies import JsonDecoder, read_body
 from .chat import ChatProvider, Chunk, Usage, configured_provider, deployments_for, token_limits
 from .errors import ServiceError, UpstreamRejected
 from .settings import Settings
-
-log = logging.getLogger("streamsvc.openai_compat")
 
 PREFIX = "/v1/"
 
@@ -153,12 +148,17 @@ def upstream_bodies(body: Chunk, request: CompletionRequest, settings: Settings)
 async def _chunks(
     provider: ChatProvider, attempts: list[Chunk], include_usage: bool
 ) -> AsyncGenerator[sse.Event, None]:
-    """The upstream's chunks for the client; usage is recorded, and dropped unless asked for."""
+    """The upstream's chunks for the client, observed as /chat's answer is: the first
+    token, the usage (dropped for the client unless asked for) and, only with
+    ``STREAMSVC_LOG_CONTENT``, the whole answer (merged as the JSON answer is)."""
     facts = observability.current()
+    whole = CompletionBuilder() if facts.log_content else None
     source = provider.completion(attempts)
     try:
         async for chunk in source:
             facts.first_token()
+            if whole is not None:
+                whole.add(chunk)
             if isinstance(chunk.get("usage"), dict):
                 with contextlib.suppress(msgspec.ValidationError):
                     facts.tokens(msgspec.convert(chunk["usage"], Usage))
@@ -169,6 +169,8 @@ async def _chunks(
             yield sse.Event("chunk", chunk)
     finally:
         await source.aclose()
+    if whole is not None:
+        facts.answered(whole.completion())
 
 
 # ---- the JSON answer ----------------------------------------------------------------------------
@@ -263,41 +265,16 @@ async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> Chunk:
 
 # ---- the stream ---------------------------------------------------------------------------------
 
-
 _DONE = sse.frame(b"[DONE]")
 
 
-async def _frames(
-    first: sse.Event | None,
-    source: AsyncGenerator[sse.Event, None],
-    registry: sse.StreamRegistry,
-) -> AsyncIterator[bytes]:
-    """``data:`` frames only (no ``event:`` or ``id:``), ending with ``[DONE]`` or an error."""
-    registry.opened()
-    try:
-        if first is not None:
-            yield sse.frame(first.data)
-        while True:
-            try:
-                event = await registry.next(source)
-            except ServiceError as exc:
-                yield sse.frame(error_envelope(exc))
-                return
-            except Exception:
-                log.exception("stream failed")
-                yield sse.frame(error_envelope(ServiceError("internal error")))
-                return
-            if event is None:
-                if registry.closing:
-                    yield sse.frame(error_envelope(sse.shutting_down()))
-                else:
-                    yield _DONE
-                return
-            yield sse.frame(event.data)
-    finally:
-        registry.closed()
-        with anyio.CancelScope(shield=True):
-            await source.aclose()
+def _data_frame(event: sse.Event) -> bytes:
+    """``data:`` only: no ``event:`` or ``id:`` (what OpenAI's clients read)."""
+    return sse.frame(event.data)
+
+
+def _error_event(exc: ServiceError) -> sse.Event:
+    return sse.Event("error", error_envelope(exc))
 
 
 # ---- the endpoint -------------------------------------------------------------------------------
@@ -321,9 +298,12 @@ async def completions_endpoint(request: Request) -> Response:
         first = await sse.before_headers(request, state.streams, sse.start(chunks))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
-    return EventSourceResponse(
-        _frames(first, chunks, state.streams),
-        headers=sse.SSE_HEADERS,
-        ping=settings.streamsvc_keepalive_seconds,
-        sep="\n",
+    return sse.event_response(
+        first,
+        chunks,
+        state.streams,
+        keepalive=settings.streamsvc_keepalive_seconds,
+        encode=_data_frame,
+        failure=_error_event,
+        end=_DONE,
     )

@@ -5,7 +5,8 @@ msgspec-encodable payload). ``event_response`` turns it into an SSE response
 with increasing ids, keep-alive comments, anti-buffering headers, a terminal
 ``error`` event for failures after the headers, and graceful shutdown: when
 the server stops, every open stream is interrupted and ends with an
-``error`` event whose code is ``shutting_down``.
+``error`` event whose code is ``shutting_down``. The framing is a parameter:
+/v1/chat/completions uses the same pump with OpenAI's (``openai_compat``).
 
 Before the headers, ``start`` pulls the first event (so early failures are
 real HTTP statuses) and ``before_headers`` awaits it, or a whole JSON answer,
@@ -15,7 +16,7 @@ while watching for the client hanging up and for shutdown.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -112,35 +113,49 @@ def frame(data: Any, name: str | None = None, event_id: int | None = None) -> by
     return head + b"data: " + body + b"\n\n"
 
 
-async def _pump(
-    first: Event | None, source: AsyncIterator[Event], registry: StreamRegistry
-) -> AsyncIterator[bytes]:
+def numbered() -> Callable[[Event], bytes]:
+    """The default framing: the event's name and increasing ids from 1."""
     event_id = 0
 
-    def next_frame(event: Event) -> bytes:
+    def encode(event: Event) -> bytes:
         nonlocal event_id
         event_id += 1
         return frame(event.data, event.name, event_id)
 
+    return encode
+
+
+async def _pump(
+    first: Event | None,
+    source: AsyncIterator[Event],
+    registry: StreamRegistry,
+    encode: Callable[[Event], bytes],
+    failure: Callable[[ServiceError], Event],
+    end: bytes,
+) -> AsyncIterator[bytes]:
+    """Each event as one ``encode``d frame, then ``end``; a failure or shutdown
+    ends the stream with the ``failure`` event of its error instead."""
     registry.opened()
     try:
         if first is not None:
-            yield next_frame(first)
+            yield encode(first)
         while True:
             try:
                 event = await registry.next(source)
             except ServiceError as exc:
-                yield next_frame(error_event(exc))
+                yield encode(failure(exc))
                 return
             except Exception:
                 log.exception("stream failed")
-                yield next_frame(error_event(ServiceError("internal error")))
+                yield encode(failure(ServiceError("internal error")))
                 return
             if event is None:
                 if registry.closing:
-                    yield next_frame(error_event(shutting_down()))
+                    yield encode(failure(shutting_down()))
+                elif end:
+                    yield end
                 return
-            yield next_frame(event)
+            yield encode(event)
     finally:
         registry.closed()
         with anyio.CancelScope(shield=True):
@@ -207,9 +222,15 @@ def event_response(
     registry: StreamRegistry,
     keepalive: float,
     headers: dict[str, str] | None = None,
+    *,
+    encode: Callable[[Event], bytes] | None = None,
+    failure: Callable[[ServiceError], Event] = error_event,
+    end: bytes = b"",
 ) -> EventSourceResponse:
+    """The SSE response; ``encode``, ``failure`` and ``end`` change the framing
+    (default: ``numbered`` frames, ``error_event``, nothing after the last event)."""
     return EventSourceResponse(
-        _pump(first, source, registry),
+        _pump(first, source, registry, encode or numbered(), failure, end),
         headers={**SSE_HEADERS, **(headers or {})},
         ping=keepalive,
         sep=_SEP,

@@ -19,6 +19,8 @@ from tests.harness import ServerProcess, read_sse
 
 API_KEY = "client-api-key-abcdef0123456789"
 SECRET_TEXT = "the-launch-code-is-7f3a9c"  # message content: never in the log
+V1 = "/v1/chat/completions"
+USER = [{"role": "user", "content": "hi"}]
 
 
 def access_lines(server: ServerProcess) -> list[dict[str, Any]]:
@@ -39,6 +41,28 @@ async def access_line(server: ServerProcess, request_id: str) -> dict[str, Any]:
             return found[0]
         await asyncio.sleep(0.05)
     raise AssertionError(f"no access-log line for {request_id}:\n{server.log()}")
+
+
+async def scrape(client: httpx.AsyncClient, server: ServerProcess) -> str:
+    answer = await client.get(server.url + "/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    return answer.text
+
+
+async def v1_stream(
+    client: httpx.AsyncClient,
+    server: ServerProcess,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> list[str]:
+    """The ``data:`` of each frame of a /v1/chat/completions stream."""
+    url = server.url + V1
+    async with client.stream("POST", url, json={**body, "stream": True}, headers=headers) as answer:
+        assert answer.status_code == 200
+        text = (await answer.aread()).decode()
+    blocks = text.replace("\r\n", "\n").split("\n\n")
+    return [block[len("data: ") :] for block in blocks if block.startswith("data: ")]
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -168,13 +192,7 @@ async def test_text_format_is_the_default_and_still_carries_the_fields(
 async def test_metrics_count_requests_errors_and_first_tokens(
     server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    async def scrape() -> str:
-        answer = await client.get(server.url + "/metrics")
-        assert answer.status_code == 200
-        assert answer.headers["content-type"].startswith("text/plain")
-        return answer.text
-
-    before = await scrape()
+    before = await scrape(client, server)
     for name in (
         "streamsvc_active_streams",
         "streamsvc_active_runs",
@@ -204,7 +222,7 @@ async def test_metrics_count_requests_errors_and_first_tokens(
     dropped_code = dropped.last.data["error"]["code"]
 
     await asyncio.sleep(0.2)  # the last access record is written just after the response
-    after = await scrape()
+    after = await scrape(client, server)
 
     def moved(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
@@ -220,6 +238,99 @@ async def test_metrics_count_requests_errors_and_first_tokens(
     assert moved("streamsvc_time_to_first_token_seconds_count", route="/chat") == 2
     assert moved("streamsvc_chat_tokens_total", kind="completion") == 2
     assert sample(after, "streamsvc_active_streams") == 0
+
+
+async def test_v1_metrics_count_failed_streams_first_tokens_and_tokens_like_chat(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    before = await scrape(client, server)
+    azure.push(Reply(text_chunks=["a", "b"]))
+    assert (await v1_stream(client, server, {"messages": USER}))[-1] == "[DONE]"
+    azure.push(Reply(text_chunks=["one", "two", "three"], drop_after=1))
+    broken = await v1_stream(client, server, {"messages": USER})
+    assert "[DONE]" not in broken
+    assert json.loads(broken[-1])["error"]["code"] == "upstream_error"
+    azure.push(Reply(text_chunks=["a", "b", "c"]))
+    plain = await client.post(server.url + V1, json={"messages": USER})
+    assert plain.status_code == 200
+    azure.push(unauthorized())
+    refused = await client.post(server.url + V1, json={"messages": USER})
+    assert refused.status_code == 502
+
+    await asyncio.sleep(0.2)  # the last access record is written just after the response
+    after = await scrape(client, server)
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert moved("streamsvc_requests_total", route=V1, code="200") == 3
+    # The stream that broke off after its headers is an error, by the code it ended with.
+    assert moved("streamsvc_errors_total", route=V1, code="200", error="upstream_error") == 1
+    assert moved("streamsvc_errors_total", route=V1, code="502", error="upstream_auth") == 1
+    # Three answers reached a first token; the usage of the two complete ones was counted.
+    assert moved("streamsvc_time_to_first_token_seconds_count", route=V1) == 3
+    assert moved("streamsvc_chat_tokens_total", kind="completion") == 2 + 3
+    assert sample(after, "streamsvc_active_streams") == 0
+
+
+async def test_v1_access_log_has_the_facts_and_content_only_when_enabled(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(
+        STREAMSVC_LOG_FORMAT="json", STREAMSVC_LOG_LEVEL="debug", STREAMSVC_LOG_CONTENT="true"
+    )
+    azure.push(Reply(text_chunks=["sun", "ny"]))
+    await v1_stream(client, server, {"messages": USER}, {"X-Request-ID": "v1-stream"})
+    azure.push(Reply(text_chunks=["one", "two", "three"], drop_after=1))
+    await v1_stream(client, server, {"messages": USER}, {"X-Request-ID": "v1-broken"})
+    azure.push(Reply(text_chunks=["rai", "ny"]))
+    plain = await client.post(
+        server.url + V1, json={"messages": USER}, headers={"X-Request-ID": "v1-plain"}
+    )
+    assert plain.status_code == 200
+
+    line = await access_line(server, "v1-stream")
+    assert line["route"] == V1 and line["status"] == 200 and line["streamed"] is True
+    assert "error" not in line
+    assert 0 < line["ttft_ms"] <= line["duration_ms"]
+    assert line["completion_tokens"] == 2 and line["prompt_tokens"] > 0
+    line = await access_line(server, "v1-broken")
+    assert line["status"] == 200 and line["streamed"] is True
+    assert line["error"] == "upstream_error" and line["ttft_ms"] > 0
+    assert "completion_tokens" not in line
+    line = await access_line(server, "v1-plain")
+    assert line["streamed"] is False and "error" not in line
+    assert line["ttft_ms"] > 0 and line["completion_tokens"] == 2
+
+    # The whole answer, once per complete answer, at debug level (none for the broken one).
+    records = [json.loads(line) for line in server.log().splitlines()]
+    content = {r["request_id"]: r for r in records if r["logger"] == "streamsvc.content"}
+    assert sorted(content) == ["v1-plain", "v1-stream"]
+    for request_id, text in (("v1-stream", "sunny"), ("v1-plain", "rainy")):
+        record = content[request_id]
+        assert record["level"] == "debug"
+        assert record["content"]["object"] == "chat.completion"
+        assert record["content"]["choices"][0]["message"]["content"] == text
+        assert record["content"]["usage"]["completion_tokens"] == 2
+
+    # Without STREAMSVC_LOG_CONTENT, even at debug level, no answer is logged (sse-starlette
+    # would log every frame at debug).
+    quiet = start_server(STREAMSVC_LOG_FORMAT="json", STREAMSVC_LOG_LEVEL="debug")
+    azure.push(Reply(text_chunks=[SECRET_TEXT]))
+    frames = await v1_stream(client, quiet, {"messages": USER}, {"X-Request-ID": "v1-quiet"})
+    assert any(SECRET_TEXT in frame for frame in frames)
+    azure.push(Reply(text_chunks=[SECRET_TEXT]))
+    streamed = await read_sse(
+        client,
+        quiet.url + "/chat",
+        {"messages": USER, "stream": True},
+        headers={"X-Request-ID": "chat-quiet"},
+    )
+    assert streamed.last.data["content"] == SECRET_TEXT
+    await access_line(quiet, "v1-quiet")
+    await access_line(quiet, "chat-quiet")
+    assert '"streamsvc.content"' not in quiet.log()
+    assert SECRET_TEXT not in quiet.log()
 
 
 @pytest.mark.docker
