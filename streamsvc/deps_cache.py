@@ -73,6 +73,7 @@ from .docker_api import (
     CLEANUP_TIMEOUT,
     NETWORK_NAME,
     SANDBOX_UID,
+    connect,
     create_container,
     docker_call,
     ensure_network,
@@ -683,7 +684,7 @@ async def clear(
 
 async def command(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``streamsvc deps list|clear``: the cache as the engine holds it."""
-    docker = aiodocker.Docker(url=settings.docker_host)
+    docker = connect(settings.docker_host)
     try:
         if args.deps_command == "clear":
             removed, kept = await clear(docker, settings, every_image=args.all)
