@@ -74,6 +74,7 @@ class RequestFacts(msgspec.Struct):
     total_tokens: int | None = None
     exit_code: int | None = None
     ok: bool | None = None
+    error: str | None = None  # our code, where the answer shows another (an upstream's)
 
     def first_token(self) -> None:
         """Mark the first token's arrival (only the first call counts)."""
@@ -85,6 +86,10 @@ class RequestFacts(msgspec.Struct):
         self.prompt_tokens = getattr(usage, "prompt_tokens", None)
         self.completion_tokens = getattr(usage, "completion_tokens", None)
         self.total_tokens = getattr(usage, "total_tokens", None)
+
+    def failed(self, code: str) -> None:
+        """Record our error code when the answer carries the upstream's (/v1 does)."""
+        self.error = code
 
     def answered(self, answer: Any) -> None:
         """Log a whole chat answer at debug level, only with ``STREAMSVC_LOG_CONTENT``."""
@@ -301,7 +306,7 @@ class ObservabilityMiddleware:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             final = status or 500  # no response: the app raised; Starlette answers 500
-            error = error_code(tail, streamed) if tail else None
+            error = facts.error or (error_code(tail, streamed) if tail else None)
             self.metrics.observe(route, final, error, duration, facts)
             access_log.info(
                 "%s %s %d",

@@ -273,6 +273,25 @@ async def test_v1_metrics_count_failed_streams_first_tokens_and_tokens_like_chat
     assert sample(after, "streamsvc_active_streams") == 0
 
 
+async def test_v1_errors_count_by_our_code_while_the_client_sees_the_upstreams(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    """An upstream's own codes reach /v1 clients, but never become metric labels."""
+    before = await scrape(client, server)
+    made_up = {"code": "made_up_code_7", "message": "no", "type": None, "param": None}
+    azure.push(Reply(status=400, error={"error": made_up}))
+    refused = await client.post(server.url + V1, json={"messages": USER})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "made_up_code_7"
+    await asyncio.sleep(0.2)  # the access record is written just after the response
+    after = await scrape(client, server)
+    moved = sample(after, "streamsvc_errors_total", route=V1, code="400", error="upstream_rejected")
+    assert (
+        moved - sample(before, "streamsvc_errors_total", route=V1, error="upstream_rejected") == 1
+    )
+    assert "made_up_code_7" not in after
+
+
 async def test_v1_access_log_has_the_facts_and_content_only_when_enabled(
     start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
