@@ -147,12 +147,13 @@ def test_malformed_json_on_execute_is_400_with_the_position(
     assert error["details"]["position"] == position
 
 
-def test_json_nested_beyond_the_decoder_is_400(fuzzed: ServerProcess, http: httpx.Client) -> None:
-    raw = b'{"connector": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
-    response = http.post(fuzzed.url + "/execute-connector", content=raw, headers=JSON)
-    assert response.status_code == 400
-    assert assert_error_shape(response)["code"] == "too_deeply_nested"
-    deep = "[" * 500 + "]" * 500  # decodes, but too deep for a connector
+@pytest.mark.parametrize("levels", [500, 5000])
+def test_json_nested_too_deeply_is_400(
+    fuzzed: ServerProcess, http: httpx.Client, levels: int
+) -> None:
+    """Too deep for a connector (500), or for the decoder itself (5000 on CPython 3.11,
+    where msgspec's recursion stops; 3.12+ decodes it and the connector check refuses it)."""
+    deep = "[" * levels + "]" * levels
     raw = (
         '{"connector": {"runtime": {"entryPoint": "m.py", "timeoutMs": 1}, "files": {"m.py": ""}, '
         + '"x": '
