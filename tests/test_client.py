@@ -254,20 +254,31 @@ def test_interrupting_run_stops_the_container(server: ServerProcess, tmp_path: P
     path = connector_file(
         tmp_path, "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
     )
-    process = subprocess.Popen(
-        [*COMMAND, "run", str(path), "--url", server.url],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    # A run started as a background job inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt. A handler, unlike "ignored", is reset by exec, so the
+    # client starts with Ctrl-C at its default however this suite was started.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [*COMMAND, "run", str(path), "--url", server.url],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert process.stdout is not None
-    assert process.stdout.readline() == "tick\n"
-    assert _containers(server)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(30) == 130
-    process.stdout.close()
+    try:
+        assert process.stdout.readline() == "tick\n"
+        assert _containers(server)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 130
+    finally:
+        process.kill()  # a no-op once it has exited
+        process.wait()
+        process.stdout.close()
     deadline = time.monotonic() + 20
     while _containers(server) and time.monotonic() < deadline:
         time.sleep(0.2)
