@@ -29,3 +29,10 @@ def test_the_example_is_a_valid_configuration() -> None:
     settings = load_settings({}, EXAMPLE)
     assert settings.streamsvc_port == 8000
     assert not settings.chat_configured
+
+
+def test_the_example_keeps_the_hosts_ca_bundle(tmp_path: Path) -> None:
+    """scripts/run copies the example to .env: pip in the sandbox must still trust the host's CA."""
+    bundle = tmp_path / "host-ca.pem"
+    bundle.write_text("a CA")
+    assert load_settings({"PIP_CERT": str(bundle)}, EXAMPLE).ca_bundle == str(bundle)
