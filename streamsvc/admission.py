@@ -2,11 +2,13 @@
 
 ``Admission.enter()`` either admits at once, queues the caller, or raises
 ``Busy`` (429 with ``Retry-After``) when the queue is full. A queued ticket
-reports its 1-based position as it moves up, so a stream can tell its client.
+reports its 1-based position as it moves up, so a stream can tell its client,
+and leaves the queue with ``Busy`` once it has waited ``max_wait`` seconds.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -19,6 +21,7 @@ class Ticket:
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._changed = anyio.Event()
+        self._deadline = anyio.current_time() + admission.max_wait
         self.admitted = False
         self.released = False
 
@@ -34,7 +37,10 @@ class Ticket:
         self._changed = anyio.Event()
 
     async def positions(self) -> AsyncIterator[int]:
-        """Yield the queue position each time it changes, until admitted."""
+        """Yield the queue position each time it changes, until admitted.
+
+        Past the admission's ``max_wait`` the ticket leaves the queue: ``Busy``.
+        """
         last = -1
         while not self.admitted:
             # Taken before reading the position: a move while the caller holds
@@ -45,7 +51,15 @@ class Ticket:
                 last = position
                 yield position
             if not self.admitted:
-                await changed.wait()
+                with anyio.CancelScope(deadline=self._deadline) as waiting:
+                    await changed.wait()
+                if waiting.cancelled_caught and not self.admitted:
+                    self.release()
+                    raise Busy(
+                        f"no slot came free in {self._admission.max_wait:g}s in the queue; "
+                        "try again later",
+                        retry_after=self._admission.retry_after,
+                    )
 
     def release(self) -> None:
         if self.released:
@@ -55,10 +69,17 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, max_running: int, max_queued: int, retry_after: float = 5.0) -> None:
+    def __init__(
+        self,
+        max_running: int,
+        max_queued: int,
+        retry_after: float = 5.0,
+        max_wait: float = math.inf,
+    ) -> None:
         self.max_running = max_running
         self.max_queued = max_queued
         self.retry_after = retry_after
+        self.max_wait = max_wait
         self.running = 0
         self.queue: deque[Ticket] = deque()
 

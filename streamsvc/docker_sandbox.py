@@ -163,7 +163,9 @@ class DockerSandbox:
         self._unremoved = False
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
-            settings.streamsvc_max_concurrent_runs, settings.streamsvc_queue_size
+            settings.streamsvc_max_concurrent_runs,
+            settings.streamsvc_queue_size,
+            max_wait=settings.streamsvc_queue_timeout_seconds,
         )
         self.deps = DependencyCache(docker, settings, self._owner)
         self.pool: WarmPool[PoolKey, _Warm] = WarmPool(

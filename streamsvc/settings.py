@@ -115,6 +115,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename=
     streamsvc_install_timeout_seconds: Seconds = 180.0
     streamsvc_max_concurrent_runs: Positive = 4
     streamsvc_queue_size: NonNegative = 16
+    #: Longest wait in that queue; past it the request gets ``busy`` (429, or its stream's error).
+    streamsvc_queue_timeout_seconds: Seconds = 120.0
     #: CA bundle the dependency-install step trusts (copied in through stdin). Unset or
     #: empty: the host's pip/SSL bundle (``_default_ca_bundle``); ``none``: no bundle.
     streamsvc_sandbox_ca_bundle: str | None = None

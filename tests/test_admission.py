@@ -89,6 +89,25 @@ async def test_a_move_while_the_watcher_is_busy_is_not_missed() -> None:
     assert ticket.admitted
 
 
+async def test_a_ticket_waits_at_most_max_wait_then_leaves_the_queue() -> None:
+    admission = Admission(max_running=1, max_queued=2, retry_after=3, max_wait=0.3)
+    running = admission.enter()
+    ticket = admission.enter()
+    positions = ticket.positions()
+    assert await anext(positions) == 1
+    started = anyio.current_time()
+    with anyio.fail_after(5), pytest.raises(Busy) as refused:
+        await anext(positions)
+    assert 0.2 < anyio.current_time() - started < 3
+    assert refused.value.retry_after == 3
+    assert "0.3s in the queue" in refused.value.message
+    assert (admission.running, len(admission.queue), ticket.admitted) == (1, 0, False)
+    running.release()  # the slot goes to nobody: the ticket is gone
+    assert (admission.running, ticket.admitted) == (0, False)
+    ticket.release()  # the caller's own release stays harmless
+    assert (admission.running, len(admission.queue)) == (0, 0)
+
+
 async def test_many_tickets_never_exceed_the_limit() -> None:
     admission = Admission(max_running=3, max_queued=50)
     busiest = 0
@@ -176,3 +195,28 @@ async def test_a_full_server_queues_one_stream_and_refuses_the_next(
     await wait_for_phase(server, running=0, queued=0)
     again = await read_sse(client, url, sleeping(0))
     assert again.last.data["ok"] is True
+
+
+@pytest.mark.docker
+async def test_a_stream_that_waits_past_the_queue_timeout_ends_busy(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_MAX_CONCURRENT_RUNS="1", STREAMSVC_QUEUE_TIMEOUT_SECONDS="1")
+    url = server.url + "/execute-connector"
+    first = asyncio.create_task(read_sse(client, url, sleeping(4)))
+    await wait_for_phase(server, running=1, queued=0)
+    waited = await read_sse(client, url, sleeping(0.1))
+    assert waited.status == 200
+    assert [e.data["phase"] for e in waited.named("status")] == ["validated", "queued"]
+    assert waited.last.event == "error"
+    assert waited.last.data["error"]["code"] == "busy"
+    queued_at = waited.named("status")[1].at
+    assert 0.8 < waited.last.at - queued_at < 3.5  # about the 1 s limit, not the 4 s run
+    plain = await client.post(url, json={**sleeping(0.1), "stream": False})
+    assert plain.status_code == 429
+    assert plain.json()["error"]["code"] == "busy"
+    assert int(plain.headers["retry-after"]) >= 1
+    with anyio.fail_after(60):
+        done = await first
+    assert done.last.data["result"] == {"slept": 4}
+    await wait_for_phase(server, running=0, queued=0)
