@@ -427,6 +427,51 @@ ensure_browser() {
 
 # ---------------------------------------------------------------- all
 
+# Bridge sandboxes reach the internet, never this host nor private networks (cloud
+# metadata, databases, whatever listens on 0.0.0.0 here). The service's network is
+# made here if missing (the service only ever reuses it, so its subnet stays put),
+# then DOCKER-USER drops its traffic to private ranges (DNS to the host's resolvers
+# excepted) and INPUT drops the connections it opens to the host itself. Needs root and iptables;
+# without them a warning points to the README ("Bridge networking"). Exports
+# STREAMSVC_SANDBOX_FIREWALL=on|off for the test that checks it.
+ensure_sandbox_firewall() {
+    local t0 subnet range ns proto
+    t0=$(_now_ms)
+    export STREAMSVC_SANDBOX_FIREWALL=off
+    docker network inspect streamsvc-sandbox >/dev/null 2>&1 ||
+        docker network create --label streamsvc.managed=true \
+            -o com.docker.network.bridge.enable_icc=false streamsvc-sandbox >/dev/null ||
+        docker network inspect streamsvc-sandbox >/dev/null 2>&1 || # a peer made it meanwhile
+        _die "cannot create the sandbox network streamsvc-sandbox"
+    subnet=$(docker network inspect streamsvc-sandbox -f '{{(index .IPAM.Config 0).Subnet}}')
+    if ((EUID != 0)) || ! command -v iptables >/dev/null ||
+        ! iptables -w -n -L DOCKER-USER >/dev/null 2>&1; then
+        _step firewall "$t0" "NOT applied (needs root, iptables and Docker's DOCKER-USER chain):" \
+            "bridge sandboxes ($subnet) can reach this host; see README, Bridge networking"
+        return 0
+    fi
+    for range in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10; do
+        _iptables_once DOCKER-USER -s "$subnet" -d "$range" -j DROP
+    done
+    while read -r ns; do
+        for proto in udp tcp; do # inserted after the drops, so matched before them
+            _iptables_once DOCKER-USER -s "$subnet" -d "$ns" -p "$proto" --dport 53 -j ACCEPT
+        done
+    done < <(awk '$1 == "nameserver" && $2 !~ /:/ {print $2}' /etc/resolv.conf)
+    # New connections only: the host may still dial a sandbox (its replies are ESTABLISHED).
+    _iptables_once INPUT -s "$subnet" -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP
+    export STREAMSVC_SANDBOX_FIREWALL=on
+    _step firewall "$t0" "bridge sandboxes ($subnet) reach neither this host nor private networks"
+}
+
+# _iptables_once CHAIN RULE...: insert the rule at the top of CHAIN unless it is there.
+_iptables_once() {
+    local chain=$1
+    shift
+    iptables -w -C "$chain" "$@" 2>/dev/null || iptables -w -I "$chain" "$@" ||
+        _die "iptables refused: -I $chain $*"
+}
+
 ensure_all() {
     ensure_venv
     if [[ -n ${STREAMSVC_SKIP_DOCKER:-} ]]; then
@@ -436,4 +481,5 @@ ensure_all() {
     ensure_docker
     # shellcheck disable=SC2119 # no --force here
     ensure_image
+    ensure_sandbox_firewall
 }

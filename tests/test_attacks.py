@@ -8,6 +8,8 @@ per stream, 1 CPU.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
@@ -333,3 +335,53 @@ async def test_the_server_still_runs_connectors_after_the_attacks(
 ) -> None:
     code = 'print(\'{"ok": true, "result": {"hello": "world"}}\')'
     assert result_line(await execute(client, server, body(code))) == {"hello": "world"}
+
+
+async def test_a_bridge_sandbox_reaches_neither_the_host_nor_private_networks(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    """scripts/run and scripts/test firewall the bridge network (ensure_sandbox_firewall)."""
+    firewall = os.environ.get("STREAMSVC_SANDBOX_FIREWALL")
+    if firewall != "on":
+        if os.environ.get("CI"):
+            pytest.fail(f"the sandbox firewall is not in place in CI ({firewall!r})")
+        pytest.skip("no sandbox firewall here (scripts/test applies it as root)")
+    host = socket.create_server(("0.0.0.0", 0))  # what a careless host service does
+    code = f"""
+        import json, socket, struct
+        gateway = None
+        for line in open("/proc/net/route").read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == "00000000":
+                gateway = socket.inet_ntoa(struct.pack("<L", int(fields[2], 16)))
+        def attempt(action):
+            try:
+                return action()
+            except OSError as exc:
+                return type(exc).__name__
+        def tcp(address, port):
+            return lambda: socket.create_connection((address, port), timeout=2).close() or "ok"
+        print(json.dumps({{"ok": True, "result": {{
+            "host": attempt(tcp(gateway, {host.getsockname()[1]})),
+            "dns": attempt(lambda: bool(socket.getaddrinfo("pypi.org", 443))),
+        }}}}))
+    """
+    try:
+        result = result_line(await execute(client, server, body(code, network="bridge")))
+    finally:
+        host.close()
+    assert result == {"host": "TimeoutError", "dns": True}
+    # Private ranges (cloud metadata among them) are dropped on the way out; checked on
+    # the rules rather than by sending anything there.
+    inspected = await anyio.run_process(
+        ["docker", "network", "inspect", "streamsvc-sandbox", "-f", SUBNET]
+    )
+    subnet = inspected.stdout.decode().strip()
+    for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"):
+        rule = ["DOCKER-USER", "-s", subnet, "-d", private, "-j", "DROP"]
+        checked = await anyio.run_process(["iptables", "-w", "-C", *rule], check=False)
+        assert checked.returncode == 0, rule
+    survived(server)
+
+
+SUBNET = "{{(index .IPAM.Config 0).Subnet}}"
