@@ -124,17 +124,31 @@ print("second", flush=True)
 """
 
 
+def start_run(path: Path, server: ServerProcess, stderr: int) -> subprocess.Popen[str]:
+    """``streamsvc run PATH`` in the background, its stdout piped, Ctrl-C at its default.
+
+    A suite started as a background job has SIGINT ignored, and a child inherits
+    that (Python then never raises KeyboardInterrupt); a handler, unlike "ignored",
+    is reset by exec.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [*COMMAND, "run", str(path), "--url", server.url],
+            cwd=path.parent,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.docker
 def test_run_prints_output_live_and_stderr_apart(server: ServerProcess, tmp_path: Path) -> None:
     path = connector_file(tmp_path, LIVE)
-    process = subprocess.Popen(
-        [*COMMAND, "run", str(path), "--url", server.url],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_run(path, server, stderr=subprocess.PIPE)
     assert process.stdout is not None and process.stderr is not None
     arrivals = {}
     for line in process.stdout:
@@ -254,21 +268,7 @@ def test_interrupting_run_stops_the_container(server: ServerProcess, tmp_path: P
     path = connector_file(
         tmp_path, "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
     )
-    # A run started as a background job inherits SIGINT ignored, and Python then never
-    # raises KeyboardInterrupt. A handler, unlike "ignored", is reset by exec, so the
-    # client starts with Ctrl-C at its default however this suite was started.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        process = subprocess.Popen(
-            [*COMMAND, "run", str(path), "--url", server.url],
-            cwd=tmp_path,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    process = start_run(path, server, stderr=subprocess.DEVNULL)
     assert process.stdout is not None
     try:
         assert process.stdout.readline() == "tick\n"
