@@ -438,16 +438,19 @@ ensure_sandbox_firewall() {
     local t0 subnet range ns proto
     t0=$(_now_ms)
     export STREAMSVC_SANDBOX_FIREWALL=off
+    # A root shell without /usr/sbin on its PATH still has it there.
+    _IPTABLES=$(command -v iptables || command -v /usr/sbin/iptables || command -v /sbin/iptables) ||
+        _IPTABLES=""
     docker network inspect streamsvc-sandbox >/dev/null 2>&1 ||
         docker network create --label streamsvc.managed=true \
             -o com.docker.network.bridge.enable_icc=false streamsvc-sandbox >/dev/null ||
         docker network inspect streamsvc-sandbox >/dev/null 2>&1 || # a peer made it meanwhile
         _die "cannot create the sandbox network streamsvc-sandbox"
     subnet=$(docker network inspect streamsvc-sandbox -f '{{(index .IPAM.Config 0).Subnet}}')
-    if ((EUID != 0)) || ! command -v iptables >/dev/null ||
-        ! iptables -w -n -L DOCKER-USER >/dev/null 2>&1; then
-        _step firewall "$t0" "NOT applied (needs root, iptables and Docker's DOCKER-USER chain):" \
-            "bridge sandboxes ($subnet) can reach this host; see README, Bridge networking"
+    if ((EUID != 0)) || [[ -z $_IPTABLES ]] ||
+        ! "$_IPTABLES" -w -n -L DOCKER-USER >/dev/null 2>&1; then
+        _step firewall "$t0" "NOT applied (needs root, iptables and Docker's DOCKER-USER chain):\
+ bridge sandboxes ($subnet) can reach this host; see README, Bridge networking"
         return 0
     fi
     for range in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10; do
@@ -468,7 +471,7 @@ ensure_sandbox_firewall() {
 _iptables_once() {
     local chain=$1
     shift
-    iptables -w -C "$chain" "$@" 2>/dev/null || iptables -w -I "$chain" "$@" ||
+    "$_IPTABLES" -w -C "$chain" "$@" 2>/dev/null || "$_IPTABLES" -w -I "$chain" "$@" ||
         _die "iptables refused: -I $chain $*"
 }
 

@@ -9,6 +9,7 @@ per stream, 1 CPU.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -377,9 +378,11 @@ async def test_a_bridge_sandbox_reaches_neither_the_host_nor_private_networks(
         ["docker", "network", "inspect", "streamsvc-sandbox", "-f", SUBNET]
     )
     subnet = inspected.stdout.decode().strip()
+    iptables = shutil.which("iptables", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    assert iptables is not None
     for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"):
         rule = ["DOCKER-USER", "-s", subnet, "-d", private, "-j", "DROP"]
-        checked = await anyio.run_process(["iptables", "-w", "-C", *rule], check=False)
+        checked = await anyio.run_process([iptables, "-w", "-C", *rule], check=False)
         assert checked.returncode == 0, rule
     survived(server)
 
