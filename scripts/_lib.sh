@@ -27,7 +27,7 @@ shopt -s inherit_errexit
 
 STREAMSVC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SANDBOX_IMAGE=${STREAMSVC_SANDBOX_IMAGE:-${SANDBOX_IMAGE:-streamsvc-sandbox:latest}}
-SANDBOX_IMAGE_DIR=$STREAMSVC_ROOT/streamsvc/sandbox_image
+SANDBOX_IMAGE_DIR=$STREAMSVC_ROOT/streamsvc/sandbox/runner/image
 SANDBOX_IMAGE_LABEL=streamsvc.image-version
 SANDBOX_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/streamsvc
 SANDBOX_DEBIAN_MIRROR=${SANDBOX_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -216,7 +216,7 @@ _host_uv() {
 }
 
 # Version of the image definition: a hash of the files in
-# streamsvc/sandbox_image/, the debootstrap recipe and the uv version. The image
+# streamsvc/sandbox/runner/image/, the debootstrap recipe and the uv version. The image
 # carries it as the label streamsvc.image-version; a change means a rebuild.
 sandbox_image_version() {
     local uv

@@ -2,11 +2,11 @@
 
 ``streamsvc serve [--host H] [--port P]`` starts the server (the default when
 no sub-command is given), or ``STREAMSVC_WORKERS`` server processes on one
-port (``streamsvc.workers``). ``streamsvc run CONNECTOR.json`` and
+port (``streamsvc.serving.workers``). ``streamsvc run CONNECTOR.json`` and
 ``streamsvc chat "prompt"`` are the client of a running server
 (``streamsvc.client``).
 ``streamsvc deps list|clear`` shows or empties the dependency cache on the
-Docker engine directly (``streamsvc.deps_cache``).
+Docker engine directly (``streamsvc.sandbox.docker.deps_cache``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import anyio
 
-from . import client
-from .observability import configure_logging
-from .settings import Settings, SettingsError, load_settings
+from streamsvc import client
+from streamsvc.settings import Settings, SettingsError, load_settings
+from streamsvc.web.observability import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     for target in (parser, serve):
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
-        # Internal: a worker serving its parent's socket (streamsvc.workers).
+        # Internal: a worker serving its parent's socket (streamsvc.serving.workers).
         target.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     client.add_commands(commands)
     deps = commands.add_parser("deps", help="list or clear the dependency cache (on the engine)")
@@ -67,10 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _with_overrides(load_settings(), args.host, args.port)
         configure_logging(settings)
         if settings.streamsvc_workers > 1 and args.listen_fd is None:
-            from .workers import supervise
+            from streamsvc.serving.workers import supervise
 
             return supervise(settings)
-        from .server import backend_options, serve
+        from streamsvc.serving.server import backend_options, serve
 
         anyio.run(serve, settings, args.listen_fd, backend_options=backend_options())
     except SettingsError as exc:
@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _deps(args: argparse.Namespace) -> int:
     """``streamsvc deps list|clear``: the Docker engine's cache, with the server's settings."""
-    from . import deps_cache
-    from .errors import SandboxError
+    from streamsvc.errors import SandboxError
+    from streamsvc.sandbox.docker import deps_cache
 
     try:
         return anyio.run(deps_cache.command, args, load_settings())

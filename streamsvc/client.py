@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import httpx
 import msgspec
 
-from .settings import SettingsError, load_client_settings, read_dotenv
+from streamsvc.settings import SettingsError, load_client_settings, read_dotenv
 
 COMMANDS = ("run", "chat")
 CONNECT_TIMEOUT = 10.0

@@ -4,7 +4,7 @@ Every error the service reports is a ``ServiceError``. Each subclass fixes an
 HTTP status; each instance carries a stable machine-readable ``code``, a human
 message, the offending ``path`` in the request (when there is one) and optional
 structured ``details``. SDK and Docker errors are translated into this tree at
-one boundary each (``streamsvc.providers`` and ``streamsvc.docker_sandbox``).
+one boundary each (``streamsvc.chat.provider`` and ``streamsvc.sandbox.docker.sandbox``).
 
     ServiceError
     ├── RequestError            400  malformed JSON, invalid connector, ...

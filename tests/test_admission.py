@@ -10,8 +10,8 @@ import anyio
 import httpx
 import pytest
 
-from streamsvc.admission import Admission, Ticket
 from streamsvc.errors import Busy
+from streamsvc.sandbox.admission import Admission, Ticket
 from tests.harness import ServerProcess, read_sse
 
 

@@ -1,4 +1,4 @@
-"""Tests for streamsvc.analysis: what connector code is detected to need."""
+"""Tests for streamsvc.connectors.analysis: what connector code is detected to need."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from streamsvc.analysis import (
+from streamsvc.connectors.analysis import (
     ENV_PLACEHOLDER,
     METADATA_KEYS,
     connector_paths,

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from streamsvc.sandbox_runner import PIDS_MARKER
+from streamsvc.sandbox.runner.runner import PIDS_MARKER
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (
     FORK_UNTIL_REFUSED,

@@ -16,8 +16,8 @@ import httpx
 import msgspec
 import pytest
 
-from streamsvc.bodies import JsonDecoder
 from streamsvc.errors import RequestError, ValidationFailed
+from streamsvc.web.bodies import JsonDecoder
 from tests.fake_azure import FakeAzure
 from tests.harness import ServerProcess
 

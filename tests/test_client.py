@@ -26,7 +26,7 @@ from tests.conftest import server_env
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ROOT, ServerProcess, free_port
 
-SEED = ROOT / "streamsvc" / "static" / "seed-example.json"
+SEED = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
 _SCRIPT = Path(sys.executable).with_name("streamsvc")
 COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "streamsvc"]
 

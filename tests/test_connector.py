@@ -18,10 +18,10 @@ import httpx
 import msgspec
 import pytest
 
-from streamsvc.connector import MAX_ENV_BYTES, MAX_JSON_DEPTH, decode_request, plan
-from streamsvc.dependencies import Dependency
+from streamsvc.connectors.dependencies import Dependency
+from streamsvc.connectors.request import MAX_ENV_BYTES, MAX_JSON_DEPTH, decode_request, plan
 from streamsvc.errors import RequestError, ValidationFailed
-from streamsvc.sandbox import RunSpec
+from streamsvc.sandbox.types import RunSpec
 from streamsvc.settings import Settings
 from tests.harness import ServerProcess
 from tests.test_execute import seed_request

@@ -1,4 +1,4 @@
-"""Tests for streamsvc.dependencies: the accepted forms and everything rejected."""
+"""Tests for streamsvc.connectors.dependencies: the accepted forms and everything rejected."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from streamsvc.dependencies import (
+from streamsvc.connectors.dependencies import (
     MAX_DEPENDENCIES,
     Dependency,
     dependency_key,

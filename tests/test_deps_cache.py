@@ -33,9 +33,9 @@ import anyio.abc
 import httpx
 import pytest
 
-from streamsvc.dependencies import Dependency
-from streamsvc.deps_cache import DependencyCache, disk_usage, host_lock
+from streamsvc.connectors.dependencies import Dependency
 from streamsvc.errors import SandboxError
+from streamsvc.sandbox.docker.deps_cache import DependencyCache, disk_usage, host_lock
 from streamsvc.settings import load_settings
 from tests.harness import ServerProcess
 from tests.sandbox_kit import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamsvc.docker_api import connect, ping
 from streamsvc.errors import SandboxError
+from streamsvc.sandbox.docker.api import connect, ping
 
 
 @pytest.mark.docker

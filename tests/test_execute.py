@@ -63,7 +63,7 @@ def seed_request() -> dict[str, Any]:
 
 def test_the_playground_and_cli_example_is_the_seed_body() -> None:
     # SEED_BODY is copied verbatim from the original contract's README ("Body (minimal)").
-    shipped = ROOT / "streamsvc" / "static" / "seed-example.json"
+    shipped = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
     assert json.loads(shipped.read_text()) == json.loads(SEED_BODY)
 
 

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from streamsvc.analysis import deep_merge
+from streamsvc.connectors.analysis import deep_merge
 from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
 from tests.harness import ServerProcess

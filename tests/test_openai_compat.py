@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from streamsvc.openai_compat import CompletionBuilder
+from streamsvc.chat.openai_compat import CompletionBuilder
 from tests.conftest import server_env
 from tests.fake_azure import (
     NOT_FOUND,

@@ -25,16 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.routing import Mount, Route
 
-from streamsvc.app import create_app
-from streamsvc.openapi import openapi_document
 from streamsvc.settings import load_settings
+from streamsvc.web.app import create_app
+from streamsvc.web.openapi import openapi_document
 from tests.fake_azure import FakeAzure
 from tests.harness import ROOT, ServerProcess, parse_sse_lines
 
 DOC = openapi_document()
 SCHEMAS = DOC["components"]["schemas"]
 KEY = "fuzz-key-0123456789"
-STATIC = ROOT / "streamsvc" / "static"
+STATIC = ROOT / "streamsvc" / "web" / "static"
 
 #: Routes that are pages for people, not API operations.
 PAGES = {"/", "/docs"}

@@ -21,9 +21,9 @@ import httpx2
 import pytest
 from openai import AsyncOpenAI
 
-from streamsvc.chat import Chunk
+from streamsvc.chat.endpoint import Chunk
+from streamsvc.chat.provider import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
 from streamsvc.errors import UpstreamAuth
-from streamsvc.providers import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
 from streamsvc.settings import load_settings
 from tests.conftest import AZURE_KEY, server_env
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized

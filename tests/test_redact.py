@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamsvc.redact import MASK, Redactor, secret_forms
+from streamsvc.connectors.redact import MASK, Redactor, secret_forms
 from tests.harness import ServerProcess, read_sse
 
 

@@ -9,8 +9,8 @@ import httpx
 import msgspec
 import pytest
 
-from streamsvc.sandbox import Exited, Output
-from streamsvc.transcript import MAX_RESULT_DEPTH, Transcript, find_result
+from streamsvc.connectors.transcript import MAX_RESULT_DEPTH, Transcript, find_result
+from streamsvc.sandbox.types import Exited, Output
 from tests.harness import ServerProcess, read_sse
 
 NOTHING = find_result("")

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamsvc.chat.provider import UpstreamChunks
 from streamsvc.errors import ServiceError
-from streamsvc.providers import UpstreamChunks
 
 CHUNKS = [
     {"choices": [], "prompt_filter_results": [{"prompt_index": 0}]},

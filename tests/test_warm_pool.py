@@ -437,7 +437,7 @@ async def test_pool_size_zero_keeps_nothing_warm(
 
 
 def test_end_lines_are_found_across_chunks_and_kept_out_of_the_output() -> None:
-    from streamsvc.warm_protocol import EndLines as _EndLines
+    from streamsvc.sandbox.docker.warm_protocol import EndLines as _EndLines
 
     ends = _EndLines("abc123")
     line = b'\x1estreamsvc-end abc123 {"exit_code": 3, "oom_killed": false}\n'
@@ -460,7 +460,7 @@ def test_end_lines_are_found_across_chunks_and_kept_out_of_the_output() -> None:
 
 
 async def test_the_pool_hands_each_sandbox_out_once_and_keeps_the_recent_keys() -> None:
-    from streamsvc.warm_pool import WarmPool
+    from streamsvc.sandbox.warm_pool import WarmPool
 
     made: list[str] = []
     discarded: list[str] = []

@@ -6,7 +6,7 @@ ends with a final ``error`` event (code ``shutting_down``) well within the
 grace period, and the lifespan closes the clients.
 
 With ``listen_fd`` the process is one worker of several sharing the socket
-that their parent opened (``streamsvc.workers``, setting ``STREAMSVC_WORKERS``):
+that their parent opened (``streamsvc.serving.workers``, setting ``STREAMSVC_WORKERS``):
 the parent checked the address, and reports it, so the worker only serves.
 
 ``backend_options`` picks uvloop's event loop when it is installed (a dependency on
@@ -26,8 +26,8 @@ import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from .app import create_app
-from .settings import Settings, SettingsError
+from streamsvc.settings import Settings, SettingsError
+from streamsvc.web.app import create_app
 
 log = logging.getLogger("streamsvc")
 

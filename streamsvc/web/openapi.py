@@ -21,12 +21,12 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .chat import ChatDelta, ChatRequest, ChatResult
-from .connector import ConnectorCore, ExecuteRequest
-from .errors import ErrorEnvelope
-from .openai_compat import CompletionRequest, OpenAIErrorEnvelope
-from .sandbox import Status
-from .transcript import ExecutionResult
+from streamsvc.chat.endpoint import ChatDelta, ChatRequest, ChatResult
+from streamsvc.chat.openai_compat import CompletionRequest, OpenAIErrorEnvelope
+from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
+from streamsvc.connectors.transcript import ExecutionResult
+from streamsvc.errors import ErrorEnvelope
+from streamsvc.sandbox.types import Status
 
 REF = "#/components/schemas/{name}"
 

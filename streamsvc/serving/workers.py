@@ -33,8 +33,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from .server import check_exposure, listen_socket
-from .settings import Settings
+from streamsvc.serving.server import check_exposure, listen_socket
+from streamsvc.settings import Settings
 
 log = logging.getLogger("streamsvc")
 

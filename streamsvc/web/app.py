@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
 (the chat provider, the Docker sandbox) and closes them; routes find them on
 ``app.state``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
-status (in OpenAI's shape under /v1/, see ``streamsvc.openai_compat``);
+status (in OpenAI's shape under /v1/, see ``streamsvc.chat.openai_compat``);
 anything else is a 500 ``internal_error`` with no stack trace.
 """
 
@@ -25,15 +25,15 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import openai_compat
-from .chat import chat_endpoint
-from .errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
-from .execute import execute_endpoint
-from .observability import Metrics, ObservabilityMiddleware, metrics_endpoint
-from .openapi import openapi_endpoint
-from .pages import docs, playground, static_files
-from .settings import Settings
-from .sse import StreamRegistry
+from streamsvc.chat import openai_compat
+from streamsvc.chat.endpoint import chat_endpoint
+from streamsvc.connectors.endpoint import execute_endpoint
+from streamsvc.errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
+from streamsvc.settings import Settings
+from streamsvc.web.observability import Metrics, ObservabilityMiddleware, metrics_endpoint
+from streamsvc.web.openapi import openapi_endpoint
+from streamsvc.web.pages import docs, playground, static_files
+from streamsvc.web.sse import StreamRegistry
 
 log = logging.getLogger("streamsvc")
 
@@ -142,7 +142,7 @@ class ApiKeyMiddleware:
 
 def create_app(settings: Settings) -> Starlette:
     if settings.chat_configured:
-        from .providers import check_settings
+        from streamsvc.chat.provider import check_settings
 
         check_settings(settings)  # e.g. Entra ID auth without azure-identity: a start-up error
 
@@ -151,7 +151,7 @@ def create_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             app.state.chat_provider = None
             if settings.chat_configured:
-                from .providers import create_provider
+                from streamsvc.chat.provider import create_provider
 
                 provider = create_provider(settings)
                 stack.push_async_callback(provider.aclose)
@@ -212,8 +212,8 @@ async def _start_sandbox(
     app: Starlette, settings: Settings, stack: contextlib.AsyncExitStack
 ) -> None:
     """The Docker sandbox; an engine that is down now is reported by /health."""
-    from .docker_api import connect
-    from .docker_sandbox import DockerSandbox
+    from streamsvc.sandbox.docker.api import connect
+    from streamsvc.sandbox.docker.sandbox import DockerSandbox
 
     # Entered, not just started: it owns the task group that enforces run deadlines.
     sandbox = await stack.enter_async_context(

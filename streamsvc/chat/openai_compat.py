@@ -36,11 +36,18 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from . import observability, sse
-from .bodies import JsonDecoder, read_body
-from .chat import ChatProvider, Chunk, Usage, configured_provider, deployments_for, token_limits
-from .errors import ServiceError, UpstreamRejected
-from .settings import Settings
+from streamsvc.chat.endpoint import (
+    ChatProvider,
+    Chunk,
+    Usage,
+    configured_provider,
+    deployments_for,
+    token_limits,
+)
+from streamsvc.errors import ServiceError, UpstreamRejected
+from streamsvc.settings import Settings
+from streamsvc.web import observability, sse
+from streamsvc.web.bodies import JsonDecoder, read_body
 
 PREFIX = "/v1/"
 

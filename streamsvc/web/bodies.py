@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 import msgspec
 from starlette.requests import Request
 
-from .errors import PayloadTooLarge, RequestError, ValidationFailed
+from streamsvc.errors import PayloadTooLarge, RequestError, ValidationFailed
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import aiohttp
 import anyio
 from aiodocker.containers import DockerContainer
 
-from .errors import SandboxError
+from streamsvc.errors import SandboxError
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from .errors import Busy
+from streamsvc.errors import Busy
 
 
 class Ticket:

@@ -19,14 +19,14 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from . import observability, sse
-from .bodies import read_body, wants_stream
-from .connector import decode_request, plan
-from .errors import SandboxError
-from .redact import MIN_SECRET_LENGTH
-from .sandbox import Exited, Output, Sandbox, SandboxEvent, Status
-from .settings import Settings
-from .transcript import ExecutionResult, Transcript
+from streamsvc.connectors.redact import MIN_SECRET_LENGTH
+from streamsvc.connectors.request import decode_request, plan
+from streamsvc.connectors.transcript import ExecutionResult, Transcript
+from streamsvc.errors import SandboxError
+from streamsvc.sandbox.types import Exited, Output, Sandbox, SandboxEvent, Status
+from streamsvc.settings import Settings
+from streamsvc.web import observability, sse
+from streamsvc.web.bodies import read_body, wants_stream
 
 log = logging.getLogger("streamsvc.execute")
 

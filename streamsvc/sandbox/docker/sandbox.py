@@ -71,11 +71,11 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
 
-from . import sandbox_config
-from .admission import Admission
-from .dependencies import Dependency
-from .deps_cache import DependencyCache
-from .docker_api import (
+from streamsvc.connectors.dependencies import Dependency
+from streamsvc.errors import SandboxError
+from streamsvc.sandbox.admission import Admission
+from streamsvc.sandbox.docker import config as sandbox_config
+from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
     ENGINE_ERRORS,
     LABEL_OWNER,
@@ -92,13 +92,9 @@ from .docker_api import (
     remove_container,
     tar_bytes,
 )
-from .errors import SandboxError
-from .sandbox import Exited, Output, RunSpec, SandboxEvent, Status
-from .sandbox_config import PoolKey, run_env
-from .sandbox_runner import PIDS_MARKER
-from .settings import Settings
-from .warm_pool import WarmPool
-from .warm_protocol import (
+from streamsvc.sandbox.docker.config import PoolKey, run_env
+from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.warm_protocol import (
     RUNNER,
     STREAMS,
     EndLines,
@@ -109,6 +105,10 @@ from .warm_protocol import (
     new_nonce,
     ready_report,
 )
+from streamsvc.sandbox.runner.runner import PIDS_MARKER
+from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
+from streamsvc.sandbox.warm_pool import WarmPool
+from streamsvc.settings import Settings
 
 log = logging.getLogger("streamsvc.sandbox")
 

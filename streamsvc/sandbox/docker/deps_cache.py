@@ -68,8 +68,9 @@ import msgspec
 from aiodocker.volumes import DockerVolume
 from anyio.abc import TaskGroup
 
-from .dependencies import Dependency, dependency_key
-from .docker_api import (
+from streamsvc.connectors.dependencies import Dependency, dependency_key
+from streamsvc.errors import SandboxError
+from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
     NETWORK_NAME,
     SANDBOX_UID,
@@ -80,8 +81,7 @@ from .docker_api import (
     labels,
     remove_container,
 )
-from .errors import SandboxError
-from .settings import Settings
+from streamsvc.settings import Settings
 
 log = logging.getLogger("streamsvc.deps")
 

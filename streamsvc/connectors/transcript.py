@@ -30,9 +30,9 @@ from typing import Any
 
 import msgspec
 
-from .analysis import json_depth
-from .redact import Redactor
-from .sandbox import Exited, Output
+from streamsvc.connectors.analysis import json_depth
+from streamsvc.connectors.redact import Redactor
+from streamsvc.sandbox.types import Exited, Output
 
 _json = msgspec.json.Decoder()
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import msgspec
 
-from .docker_api import NETWORK_NAME, SANDBOX_UID, labels
-from .sandbox import NetworkMode, RunSpec
-from .sandbox_runner import BOOTSTRAP
-from .settings import Settings
+from streamsvc.sandbox.docker.api import NETWORK_NAME, SANDBOX_UID, labels
+from streamsvc.sandbox.runner.runner import BOOTSTRAP
+from streamsvc.sandbox.types import NetworkMode, RunSpec
+from streamsvc.settings import Settings
 
 CONTEXT_FILE = "/work/.streamsvc/context.json"
 NOFILE_LIMIT = 256

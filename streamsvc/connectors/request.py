@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .analysis import (
+from streamsvc.connectors.analysis import (
     connector_paths,
     deep_merge,
     json_depth,
@@ -37,11 +37,11 @@ from .analysis import (
     substitute_env,
     substitute_env_text,
 )
-from .bodies import JsonDecoder
-from .dependencies import parse_dependencies
-from .errors import Problem, RequestError, ValidationFailed
-from .sandbox import RunSpec
-from .settings import Settings
+from streamsvc.connectors.dependencies import parse_dependencies
+from streamsvc.errors import Problem, RequestError, ValidationFailed
+from streamsvc.sandbox.types import RunSpec
+from streamsvc.settings import Settings
+from streamsvc.web.bodies import JsonDecoder
 
 SUPPORTED_LANGUAGES = ("python",)
 DEFAULT_TIMEOUT_MS = 30_000

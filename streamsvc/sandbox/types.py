@@ -4,7 +4,7 @@ A ``Sandbox`` turns a ``RunSpec`` into an async stream of our own events:
 ``Status`` for each phase, ``Output`` chunks in the order the program wrote
 them, and exactly one final ``Exited``. The first event is produced only once
 the engine has answered, so an unreachable engine is an exception from the
-first ``anext`` (a real 503), not an event. ``streamsvc.docker_sandbox`` is
+first ``anext`` (a real 503), not an event. ``streamsvc.sandbox.docker.sandbox`` is
 the implementation; it, ``docker_api`` and ``deps_cache`` are the only
 modules that import ``aiodocker``.
 """
@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from .dependencies import Dependency
+from streamsvc.connectors.dependencies import Dependency
 
 NetworkMode = Literal["none", "bridge"]
 Phase = Literal["validated", "queued", "installing_dependencies", "starting", "running"]

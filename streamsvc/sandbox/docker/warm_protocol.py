@@ -28,10 +28,10 @@ from typing import Literal
 
 import msgspec
 
-from .sandbox import RunSpec
-from .sandbox_runner import END_MARKER, READY_MARKER
+from streamsvc.sandbox.runner.runner import END_MARKER, READY_MARKER
+from streamsvc.sandbox.types import RunSpec
 
-RUNNER = resources.files("streamsvc").joinpath("sandbox_runner.py").read_bytes()
+RUNNER = resources.files("streamsvc.sandbox.runner").joinpath("runner.py").read_bytes()
 #: Docker's attach stream numbers.
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {1: "stdout", 2: "stderr"}
 

@@ -24,7 +24,7 @@ import msgspec
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ErrorEnvelope, ServiceError
+from streamsvc.errors import ErrorEnvelope, ServiceError
 
 log = logging.getLogger("streamsvc.sse")
 

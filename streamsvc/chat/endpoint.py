@@ -6,10 +6,10 @@ one ``delta`` event per content delta, then a ``done`` event whose data is
 exactly that ``ChatResult``. Failures after the headers end the stream with one
 ``error`` event.
 
-Every upstream (``streamsvc.providers``: Azure OpenAI, any OpenAI-compatible
+Every upstream (``streamsvc.chat.provider``: Azure OpenAI, any OpenAI-compatible
 base URL) is a ``ChatProvider``: it streams the upstream's chunks as JSON
 objects, holding them back until the first token. This module also holds what
-both chat endpoints (this one and ``streamsvc.openai_compat``) share: the
+both chat endpoints (this one and ``streamsvc.chat.openai_compat``) share: the
 deployments to try (``deployments_for``), the reasoning-model rule
 (``token_limits``) and what counts as a token (``has_token``).
 """
@@ -24,10 +24,10 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from . import observability, sse
-from .bodies import JsonDecoder, read_body, wants_stream
-from .errors import NotConfigured, ValidationFailed
-from .settings import Settings
+from streamsvc.errors import NotConfigured, ValidationFailed
+from streamsvc.settings import Settings
+from streamsvc.web import observability, sse
+from streamsvc.web.bodies import JsonDecoder, read_body, wants_stream
 
 MAX_MESSAGES = 512
 MAX_TOTAL_CHARS = 1_000_000

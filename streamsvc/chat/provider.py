@@ -45,8 +45,8 @@ import msgspec
 import openai
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
 
-from .chat import Chunk, has_token
-from .errors import (
+from streamsvc.chat.endpoint import Chunk, has_token
+from streamsvc.errors import (
     RequestError,
     ServiceError,
     UpstreamAuth,
@@ -55,7 +55,7 @@ from .errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from .settings import Settings, SettingsError
+from streamsvc.settings import Settings, SettingsError
 
 log = logging.getLogger("streamsvc.providers")
 

@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .settings import Settings
+from streamsvc.settings import Settings
 
 access_log = logging.getLogger("streamsvc.access")
 content_log = logging.getLogger("streamsvc.content")
