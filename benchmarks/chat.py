@@ -1,39 +1,8 @@
-#!/usr/bin/env python3
 """Chat streaming benchmark: straight to the upstream, through streamsvc, through LiteLLM.
 
-Everything runs on loopback, each piece in its own process so its CPU is its own:
-
-- the upstream: ``PacedUpstream`` below (``--upstream``), which sends the exact bytes
-  of ``tests/fake_azure.py``'s stream (Azure's wire format), one content chunk every
-  ``--interval-ms``, at a few microseconds per chunk (``--fake-upstream`` uses the fake
-  itself, which misses its own pace past a few hundred streams on 2 CPUs); the
-  request's message picks the number of chunks;
-- streamsvc: ``python -m streamsvc`` pointed at the upstream (POST ``--streamsvc-path``);
-- LiteLLM's proxy (``litellm[proxy]``, pinned, installed into ``.bench/litellm-venv`` by
-  this script), its ``azure/`` provider pointed at the same upstream;
-- the floor (``--floor``): hypercorn + Starlette + aiohttp passing the bytes through and
-  nothing else, on the same number of worker processes: the least any server built on
-  this stack can cost, so streamsvc's own share is the difference;
-- the load generator: this script again (``--loadgen``), a raw asyncio HTTP/1.1 client
-  with keep-alive connections that timestamps every content event as it is parsed.
-
-Phases, for each path: a warm-up; time to first token over sequential requests (the
-"added" TTFT is the path's percentile minus the direct path's); then, for each level
-in ``--levels``, that many streams kept open at once for ``--duration`` seconds (each
-client slot starts a new stream when one ends; the slots start evenly over ``--ramp``
-seconds, by default one stream's length, so streams begin at a steady rate rather than
-in cohorts that start and end together), recording the gaps between content chunks, the
-proxy's CPU seconds and its peak RSS (with its children).
-
-A level is *sustained* when every stream completed without error and the inter-chunk
-p99 is within ``--slack-ms`` (default 50) of the upstream's own pace.
-
-    .venv/bin/python scripts/bench-chat                  # full run (~15 minutes)
-    .venv/bin/python scripts/bench-chat --quick          # short run (~5 minutes)
-    .venv/bin/python scripts/bench-chat --no-litellm --levels 100
-    .venv/bin/python scripts/bench-chat --write-docs     # also record docs/benchmarks.md
-
-The markdown table is printed at the end (and raw JSON goes to .bench/last-run.json).
+Run as ``python -m benchmarks.chat``; ``--help`` gives the method (``METHOD``). The same
+module is also the load generator, the paced upstream and the floor, each started as a
+process of its own by a hidden flag.
 """
 
 from __future__ import annotations
@@ -43,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -54,9 +22,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
-BENCH = ROOT / ".bench"
+import msgspec
+
+from benchmarks.common import (
+    BENCH,
+    ROOT,
+    load_average,
+    machine_facts,
+    markdown_table,
+    percentile,
+    write_docs_section,
+)
+from tests.fake_azure import MODEL, _echo_chunks, _sse, _stream_chunks, _usage
+from tests.harness import ServerProcess, free_port
+
+METHOD = """\
+Everything runs on loopback, each piece in its own process so its CPU is its own:
+
+- the upstream: `PacedUpstream` below (`--upstream`), which sends the exact bytes
+  of `tests/fake_azure.py`'s stream (Azure's wire format), one content chunk every
+  `--interval-ms`, at a few microseconds per chunk (`--fake-upstream` uses the fake
+  itself, which misses its own pace past a few hundred streams on 2 CPUs); the
+  request's message picks the number of chunks;
+- streamsvc: `python -m streamsvc` pointed at the upstream (POST `--streamsvc-path`);
+- LiteLLM's proxy (`litellm[proxy]`, pinned, installed into `.bench/litellm-venv` by
+  this script), its `azure/` provider pointed at the same upstream;
+- the floor (`--floor`): hypercorn + Starlette + aiohttp passing the bytes through and
+  nothing else, on the same number of worker processes: the least any server built on
+  this stack can cost, so streamsvc's own share is the difference;
+- the load generator: this script again (`--loadgen`), a raw asyncio HTTP/1.1 client
+  with keep-alive connections that timestamps every content event as it is parsed.
+
+Phases, for each path: a warm-up; time to first token over sequential requests (the
+"added" TTFT is the path's percentile minus the direct path's); then, for each level
+in `--levels`, that many streams kept open at once for `--duration` seconds (each
+client slot starts a new stream when one ends; the slots start evenly over `--ramp`
+seconds, by default one stream's length, so streams begin at a steady rate rather than
+in cohorts that start and end together), recording the gaps between content chunks, the
+proxy's CPU seconds and its peak RSS (with its children).
+
+A level is *sustained* when every stream completed without error and the inter-chunk
+p99 is within `--slack-ms` (default 50) of the upstream's own pace.
+
+    .venv/bin/python -m benchmarks.chat # full run (~15 minutes)
+    .venv/bin/python -m benchmarks.chat --quick          # short run (~5 minutes)
+    .venv/bin/python -m benchmarks.chat --no-litellm --levels 100
+    .venv/bin/python -m benchmarks.chat --write-docs     # also record docs/benchmarks.md
+
+The markdown table is printed at the end (and raw JSON goes to .bench/last-run.json).
+"""
+MODULE = "benchmarks.chat"
 LITELLM_VERSION = "1.106.12"
 LITELLM_VENV = BENCH / "litellm-venv"
 API_KEY = "bench-upstream-key-0123456789"
@@ -64,12 +79,6 @@ DEPLOYMENT = "gpt-4o"
 API_VERSION = "2024-10-21"
 UPSTREAM_PID: list[int | None] = [None]  # set once the upstream runs
 PROXY_KEY = "sk-bench-proxy-key-0123456789abcdef"  # both proxies check a client key
-
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin/python").exists():
-    os.execv(VENV / "bin/python", [str(VENV / "bin/python"), __file__, *sys.argv[1:]])
-
-
-import msgspec  # noqa: E402  (after the re-exec into the project's virtualenv)
 
 # ==== the load generator (runs in its own process) ============================================
 
@@ -188,10 +197,7 @@ class Client:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return percentile(values, q) if values else None
 
 
 async def _loadgen(job: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +248,7 @@ async def _loadgen(job: dict[str, Any]) -> dict[str, Any]:
 def loadgen_main() -> None:
     job = json.loads(sys.stdin.read())
     with contextlib.suppress(ImportError):
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         uvloop.install()
     print(json.dumps(asyncio.run(_loadgen(job))))
@@ -314,8 +320,6 @@ class PacedUpstream(asyncio.Protocol):
         )
 
     def stream(self, request: dict[str, Any]) -> None:
-        from tests.fake_azure import MODEL, _echo_chunks, _sse, _stream_chunks, _usage
-
         words = _echo_chunks(request)
         options = request.get("stream_options") or {}
         usage_wanted = options.get("include_usage") is True
@@ -353,7 +357,6 @@ class PacedUpstream(asyncio.Protocol):
 
 
 def upstream_main(interval_ms: float) -> None:
-    sys.path.insert(0, str(ROOT))
     PacedUpstream.interval = interval_ms / 1000
 
     async def serve() -> None:
@@ -421,7 +424,7 @@ def floor_worker(upstream: str, fd: int) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         import uvloop
 
-        uvloop.run(serve(floor_app(upstream), config))  # type: ignore[arg-type]
+        uvloop.run(serve(floor_app(upstream), config))
 
 
 def floor_main(upstream: str, workers: int) -> None:
@@ -437,7 +440,8 @@ def floor_main(upstream: str, workers: int) -> None:
     fd = listener.fileno()
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--floor-worker", str(fd), "--upstream-url", upstream],
+            [sys.executable, "-m", MODULE, "--floor-worker", str(fd), "--upstream-url", upstream],
+            cwd=ROOT,
             pass_fds=(fd,),
         )
         for _ in range(workers)
@@ -530,7 +534,8 @@ def run_loadgen(job: dict[str, Any], pid: int | None) -> dict[str, Any]:
     with Sampler(pid) as sampler:
         cpu, upstream_cpu = sampler.cpu(), upstream.cpu()
         done = subprocess.run(
-            [sys.executable, __file__, "--loadgen"],
+            [sys.executable, "-m", MODULE, "--loadgen"],
+            cwd=ROOT,
             input=json.dumps(job),
             capture_output=True,
             text=True,
@@ -551,7 +556,7 @@ def start_upstream(interval_ms: float, fake: bool) -> tuple[subprocess.Popen[str
     if fake:
         command = ["-m", "tests.fake_azure", "--port", "0", "--api-key", API_KEY]
     else:
-        command = [__file__, "--upstream"]
+        command = ["-m", MODULE, "--upstream"]
     process = subprocess.Popen(
         [sys.executable, *command, "--interval-ms", str(interval_ms)],
         cwd=ROOT,
@@ -569,9 +574,6 @@ def start_upstream(interval_ms: float, fake: bool) -> tuple[subprocess.Popen[str
 
 def start_streamsvc(upstream: str, extra: list[str]) -> Any:
     """streamsvc on the upstream; ``extra`` holds ``NAME=VALUE`` settings (``--streamsvc-env``)."""
-    sys.path.insert(0, str(ROOT))
-    from tests.harness import ServerProcess
-
     env = {
         "AZURE_OPENAI_API_KEY": API_KEY,
         "AZURE_OPENAI_ENDPOINT": upstream,
@@ -610,10 +612,7 @@ def ensure_litellm() -> Path:
 
 
 def start_litellm(upstream: str, workers: int) -> tuple[subprocess.Popen[bytes], int]:
-    sys.path.insert(0, str(ROOT))
     import httpx
-
-    from tests.harness import free_port
 
     binary = ensure_litellm()
     config = BENCH / "litellm.yaml"
@@ -672,13 +671,15 @@ def start_floor(upstream: str, workers: int) -> tuple[subprocess.Popen[str], int
     process = subprocess.Popen(
         [
             sys.executable,
-            __file__,
+            "-m",
+            MODULE,
             "--floor",
             "--upstream-url",
             upstream,
             "--workers",
             str(workers),
         ],
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -761,29 +762,6 @@ def ms(seconds: float | None) -> str:
     return "—" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def machine_facts() -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "python": platform.python_version(),
-        "os": platform.platform(),
-        "commit": commit or "unknown",
-        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
-
-
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     facts = machine_facts()
     direct = results.get("direct")
@@ -806,16 +784,17 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
         f"Time to first token, {args.ttft_requests} sequential requests "
         "(includes the upstream's first pause; *added* = minus the direct path):",
         "",
-        "| path | TTFT p50 ms | TTFT p99 ms | added p50 ms | added p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    ttft_rows = []
     for name, result in results.items():
         t = result["ttft"]["ttft"]
         added = ["—", "—"]
         if direct is not None and name != "direct" and t["p50"] is not None:
             base = direct["ttft"]["ttft"]
             added = [ms(t[q] - base[q]) for q in ("p50", "p99")]
-        lines.append(f"| {name} | {ms(t['p50'])} | {ms(t['p99'])} | {added[0]} | {added[1]} |")
+        ttft_rows.append([name, ms(t["p50"]), ms(t["p99"]), *added])
+    headers = ["path", "TTFT p50 ms", "TTFT p99 ms", "added p50 ms", "added p99 ms"]
+    lines += markdown_table(headers, "lrrrr", ttft_rows)
     lines += [
         "",
         f"Concurrent streams, each level held for {args.duration:g} s (new stream as one ends; "
@@ -823,25 +802,25 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
         f"sustained = no error and inter-chunk p99 <= pace + {args.slack_ms:g} ms "
         f"(<= {args.interval_ms + args.slack_ms:g} ms):",
         "",
-        "| path | streams | completed | errors | TTFT p50 ms | TTFT p99 ms | inter-chunk p50 ms "
-        "| inter-chunk p99 ms | max ms | proxy CPU s / 1000 chunks | proxy peak RSS MiB "
-        "| load-gen CPU % | upstream CPU % | sustained |",
-        "| --- " + "| ---: " * 12 + "| --- |",
     ]
+    level_rows = []
     for name, result in results.items():
         for level, r in result["levels"].items():
             cpu = "—"
             if r["server_cpu"] is not None and r["chunks"]:
                 cpu = f"{r['server_cpu'] / r['chunks'] * 1000:.3f}"
             rss = "—" if r["peak_rss"] is None else f"{r['peak_rss'] / 2**20:.0f}"
-            lines.append(
-                f"| {name} | {level} | {r['completed']} | {r['errors']} | {ms(r['ttft']['p50'])} "
-                f"| {ms(r['ttft']['p99'])} | {ms(r['gap']['p50'])} | {ms(r['gap']['p99'])} "
-                f"| {ms(r['gap']['max'])} | {cpu} | {rss} "
-                f"| {100 * r['client_cpu'] / r['wall']:.0f} "
-                f"| {100 * r['upstream_cpu'] / r['wall']:.0f} "
-                f"| {'yes' if r['sustained'] else 'no'} |"
-            )
+            row = [name, str(level), str(r["completed"]), str(r["errors"])]
+            row += [ms(r["ttft"]["p50"]), ms(r["ttft"]["p99"])]
+            row += [ms(r["gap"]["p50"]), ms(r["gap"]["p99"]), ms(r["gap"]["max"]), cpu, rss]
+            row += [f"{100 * r['client_cpu'] / r['wall']:.0f}"]
+            row += [f"{100 * r['upstream_cpu'] / r['wall']:.0f}"]
+            level_rows.append([*row, "yes" if r["sustained"] else "no"])
+    headers = ["path", "streams", "completed", "errors", "TTFT p50 ms", "TTFT p99 ms"]
+    headers += ["inter-chunk p50 ms", "inter-chunk p99 ms", "max ms"]
+    headers += ["proxy CPU s / 1000 chunks", "proxy peak RSS MiB", "load-gen CPU %"]
+    headers += ["upstream CPU %", "sustained"]
+    lines += markdown_table(headers, "l" + "r" * 12 + "l", level_rows)
     best = {
         name: max((lvl for lvl, r in res["levels"].items() if r["sustained"]), default=0)
         for name, res in results.items()
@@ -892,35 +871,27 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
 def upstream_name(args: argparse.Namespace) -> str:
     if args.fake_upstream:
         return "`tests/fake_azure.py`"
-    return "the script's paced upstream (the fake Azure's exact bytes, cached)"
+    return "the benchmark's paced upstream (the fake Azure's exact bytes, cached)"
 
 
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def write_docs(table: str) -> Path:
-    path = ROOT / "docs/benchmarks.md"
-    path.parent.mkdir(exist_ok=True)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = (
-        "## Chat\n\n"
-        "`scripts/bench-chat`: the same streamed chat straight to a paced upstream, through "
-        "streamsvc and through LiteLLM's proxy, side by side in one run (see the script's "
-        "docstring for the method).\n\n" + table + "\n"
-    )
-    pattern = re.compile(r"^## Chat\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else (text.rstrip("\n") + "\n\n" + section)
-    )
-    path.write_text(text.rstrip("\n") + "\n")
-    return path
+INTRO = """\
+`python -m benchmarks.chat` (or `scripts/bench-chat`): the same streamed chat straight to a
+paced upstream, through streamsvc and through LiteLLM's proxy, side by side in one run
+(`--help` gives the method).
+"""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog=METHOD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
@@ -967,7 +938,7 @@ def main() -> None:
     )
     parser.add_argument("--streamsvc-path", default="/chat", help="the streamsvc route to load")
     parser.add_argument("--write-docs", action="store_true", help="record docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.loadgen:
         loadgen_main()
         return
@@ -985,10 +956,10 @@ def main() -> None:
     # Opening a level's streams over one stream's length makes arrivals steady, as in
     # service; a shorter ramp makes cohorts that start and end together (bursts).
     args.ramp = args.chunks * args.interval_ms / 1000 if args.ramp is None else args.ramp
-    args.load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    args.load_start = load_average()
     args.ttft_requests = args.ttft_requests or (40 if args.quick else 200)
     paths = [p for p in args.paths.split(",") if p and not (args.no_litellm and p == "litellm")]
-    command = "scripts/bench-chat " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m benchmarks.chat", *sys.argv[1:]])
     BENCH.mkdir(exist_ok=True)
 
     upstream, host, port = start_upstream(args.interval_ms, args.fake_upstream)
@@ -1031,7 +1002,7 @@ def main() -> None:
                 finally:
                     server.close()
             elif name == "floor":
-                process, fport = start_floor(url, args.workers)
+                floor, fport = start_floor(url, args.workers)
                 try:
                     target = Target(
                         "floor",
@@ -1045,11 +1016,11 @@ def main() -> None:
                             "stream_options": {"include_usage": True},
                         },
                         "openai",
-                        process.pid,
+                        floor.pid,
                     )
                     results[name] = measure(target, args)
                 finally:
-                    stop_group(process)
+                    stop_group(floor)
             elif name == "litellm":
                 process, lport = start_litellm(url, args.workers)
                 try:
@@ -1073,7 +1044,7 @@ def main() -> None:
     table = report(results, args, command)
     print(table)
     if args.write_docs:
-        log(f"wrote {write_docs(table)}")
+        log(f"wrote {write_docs_section('Chat', INTRO + chr(10) + table)}")
 
 
 if __name__ == "__main__":

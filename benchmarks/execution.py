@@ -1,45 +1,18 @@
 #!/usr/bin/env python3
 """Execution benchmark: ``docker run`` against POST /execute-connector, cold and warm.
 
-Side by side in one run, on loopback only, every count bounded:
-
-a. ``docker run --rm --network none IMAGE python3 -c '<seed program>'`` through the CLI;
-b. POST /execute-connector with the seed example (no dependencies, network ``none``),
-   on a server with the warm pool off (``STREAMSVC_WARM_POOL_SIZE=0``);
-c. the same on a server with the warm pool on (size 2), each request sent once the pool
-   is full again (the latency of a warm run); ``c2`` sends them back to back instead
-   (then some find the pool empty and make their sandbox on the spot);
-d. a connector importing ``requests==2.32.3`` (cache warm, pool on);
-e. the first run of a dependency set never seen before (``requests`` pinned to a
-   different version each iteration; its cached volume, if any, removed first), against
-   plain ``pip install`` of the same set in a fresh container
-   (``docker run --rm --network bridge`` with the host's CA bundle); the two alternate
-   which goes first, so neither always meets a cold index proxy;
-f. ``--concurrency`` runs at once (default 20), pool on and off: runs per second.
-
-Each server is ``python -m streamsvc`` from this tree, in an empty directory (no
-``.env``), with the default limits (4 runs at once, 16 queued). Requests are unstreamed
-(``"stream": false``) over one keep-alive connection (``http.client``); a run counts only
-when it answers ``ok: true`` with the seed's result. Medians and p95s are over
-``--runs`` runs (default 20) after two warm-up runs; every ratio is to (a).
-
-Targets (issue 5): c <= 0.15 x a; d <= 1.3 x c; e <= 0.5 x plain pip.
-
-    .venv/bin/python scripts/bench-exec                 # ~3 minutes
-    .venv/bin/python scripts/bench-exec --write-docs    # also record docs/benchmarks.md
-
-Raw figures go to .bench/exec-last-run.json.
+Run as ``python -m benchmarks.execution``; ``--help`` gives the method (``METHOD``). Every
+count and wait is bounded; raw figures go to .bench/exec-last-run.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
-import platform
-import re
 import shutil
 import socket
 import statistics
@@ -52,12 +25,45 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
-BENCH = ROOT / ".bench"
+from benchmarks.common import (
+    BENCH,
+    ROOT,
+    load_average,
+    machine_facts,
+    markdown_table,
+    percentile,
+    write_docs_section,
+)
+from tests.harness import free_port
 
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin/python").exists():
-    os.execv(VENV / "bin/python", [str(VENV / "bin/python"), __file__, *sys.argv[1:]])
+METHOD = """\
+Side by side in one run, on loopback only, every count bounded:
+
+a. `docker run --rm --network none IMAGE python3 -c '<seed program>'` through the CLI;
+b. POST /execute-connector with the seed example (no dependencies, network `none`),
+   on a server with the warm pool off (STREAMSVC_WARM_POOL_SIZE=0);
+c. the same on a server with the warm pool on (size 2), each request sent once the pool
+   is full again (the latency of a warm run); `c2` sends them back to back instead
+   (then some find the pool empty and make their sandbox on the spot);
+d. a connector importing `requests==2.32.3` (cache warm, pool on);
+e. the first run of a dependency set never seen before (`requests` pinned to a
+   different version each iteration; its cached volume, if any, removed first), against
+   plain `pip install` of the same set in a fresh container
+   (`docker run --rm --network bridge` with the host's CA bundle); the two alternate
+   which goes first, so neither always meets a cold index proxy;
+f. --concurrency runs at once (default 20), pool on and off: runs per second.
+
+Each server is `python -m streamsvc` from this tree, in an empty directory (no .env),
+with the default limits (4 runs at once, 16 queued). Requests are unstreamed
+("stream": false) over one keep-alive connection (http.client); a run counts only
+when it answers `ok: true` with the seed's result. Medians and p95s are over
+--runs runs (default 20) after two warm-up runs; every ratio is to (a).
+
+Targets (issue 5): c <= 0.15 x a; d <= 1.3 x c; e <= 0.5 x plain pip.
+
+    .venv/bin/python -m benchmarks.execution                # ~3 minutes
+    .venv/bin/python -m benchmarks.execution --write-docs   # also record docs/benchmarks.md
+"""
 
 IMAGE = os.environ.get("STREAMSVC_SANDBOX_IMAGE", "streamsvc-sandbox:latest")
 SEED_PROGRAM = "import json\nprint(json.dumps({'ok': True, 'result': {'hello': 'world'}}))"
@@ -101,13 +107,6 @@ REQUESTS_PROGRAM = (
 
 
 # ==== the server ===========================================================================
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -160,7 +159,12 @@ class Server:
         answer = json.loads(response.read())
         elapsed = time.perf_counter() - started
         result = answer.get("result") if isinstance(answer, dict) else None
-        if response.status != 200 or not answer.get("ok") or result.get("hello") != "world":
+        if (
+            response.status != 200
+            or not isinstance(result, dict)
+            or not answer.get("ok")
+            or result.get("hello") != "world"
+        ):
             raise RuntimeError(f"bad answer {response.status}: {str(answer)[:400]}")
         return elapsed
 
@@ -230,12 +234,6 @@ def sample(
             before()
         found.append(once())
     return found
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -362,48 +360,19 @@ def leftovers(port_owner_pids: list[int]) -> list[str]:
 # ==== the run ==============================================================================
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    docker = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "docker": docker,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "commit": commit,
-        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
-
-
 def new_sets(target: Server, count: int) -> dict[str, Any]:
     """(e): the first run of ``count`` sets never seen before, each against plain pip."""
     print(f"(e) first run of a new set vs plain pip x{count} ...", flush=True)
-    ours, pips = [], []
+    ours: list[float] = []
+    pips: list[float] = []
     for index, version in enumerate(NEW_SET_VERSIONS[:count]):
         check_time()
         requirement = f"requests=={version}"
         forget_set(requirement)
         body = seed_body([{"name": "requests", "version": version}], REQUESTS_PROGRAM)
         steps: list[tuple[str, Callable[[], float]]] = [
-            ("ours", lambda body=body: target.execute(body)),
-            ("pip", lambda requirement=requirement: plain_pip_once(requirement)),
+            ("ours", functools.partial(target.execute, body)),
+            ("pip", functools.partial(plain_pip_once, requirement)),
         ]
         for name, step in steps if index % 2 == 0 else reversed(steps):
             (ours if name == "ours" else pips).append(step())
@@ -412,7 +381,7 @@ def new_sets(target: Server, count: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": machine(), "runs": args.runs}
+    results: dict[str, Any] = {"machine": machine_facts(), "runs": args.runs}
     pids: list[int] = []
     seed = seed_body()
     with_requests = seed_body([{"name": "requests", "version": "2.32.3"}], REQUESTS_PROGRAM)
@@ -459,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     time.sleep(1)
     results["leftover_containers"] = leftovers(pids)
-    results["machine"]["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    results["machine"]["load_end"] = load_average()
     return results
 
 
@@ -481,28 +450,24 @@ def table(results: dict[str, Any], command: str) -> str:
         "d": (f"<= 1.3 x c = {1.3 * c:.0f} ms", d <= 1.3 * c),
         "e": (f"<= 0.5 x plain pip = {0.5 * pip:.0f} ms", e <= 0.5 * pip),
     }
-    lines = [
-        "| case | what | runs | median ms | p95 ms | ratio to (a) | target | met |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
+    cases = []
     for key, what, row, _ in rows:
         target, met = targets.get(key, ("", None))
         verdict = "" if met is None else ("**yes**" if met else "**no**")
-        lines.append(
-            f"| {key} | {what} | {row['n']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} "
-            f"| {row['median_ms'] / a:.3f} | {target} | {verdict} |"
-        )
-    lines.append("")
-    lines.append(
-        "| case | what | runs at once | wall s | runs/s | median ms | p95 ms | ratio to (a) |"
-    )
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        median, p95, ratio = row["median_ms"], row["p95_ms"], row["median_ms"] / a
+        figures = [f"{median:.1f}", f"{p95:.1f}", f"{ratio:.3f}"]
+        cases.append([key, what, str(row["n"]), *figures, target, verdict])
+    headers = ["case", "what", "runs", "median ms", "p95 ms", "ratio to (a)", "target", "met"]
+    lines = markdown_table(headers, "llrrrrll", cases)
+    concurrent_rows = []
     for key, what in (("f_off", "warm pool off"), ("f_on", "warm pool on (2 ready at start)")):
         row = results[key]
-        lines.append(
-            f"| f | {what} | {row['runs']} | {row['wall_s']:.2f} | {row['runs_per_s']:.1f} "
-            f"| {row['median_ms']:.0f} | {row['p95_ms']:.0f} | {row['median_ms'] / a:.2f} |"
-        )
+        median, p95, ratio = row["median_ms"], row["p95_ms"], row["median_ms"] / a
+        figures = [f"{row['wall_s']:.2f}", f"{row['runs_per_s']:.1f}"]
+        figures += [f"{median:.0f}", f"{p95:.0f}", f"{ratio:.2f}"]
+        concurrent_rows.append(["f", what, str(row["runs"]), *figures])
+    headers = ["case", "what", "runs at once", "wall s", "runs/s", "median ms", "p95 ms"]
+    lines += ["", *markdown_table([*headers, "ratio to (a)"], "llrrrrrr", concurrent_rows)]
     m = results["machine"]
     facts = (
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), Docker {m['docker']}, Linux {m['kernel']}, "
@@ -517,10 +482,10 @@ def table(results: dict[str, Any], command: str) -> str:
 
 
 INTRO = """\
-`scripts/bench-exec`: `docker run` of the seed program against POST /execute-connector, cold
-and warm, with a cached and a new dependency set, side by side in one run (see the script's
-docstring for the method). A server runs with the warm pool off for (b) and on (size 2) for
-the rest; the benchmark's servers leave no container behind.
+`python -m benchmarks.execution` (or `scripts/bench-exec`): `docker run` of the seed program
+against POST /execute-connector, cold and warm, with a cached and a new dependency set, side
+by side in one run (`--help` gives the method). A server runs with the warm pool off for (b)
+and on (size 2) for the rest; the benchmark's servers leave no container behind.
 """
 
 NOTES = """
@@ -543,23 +508,13 @@ containers: every run uses a new one, warm or not.
 """
 
 
-def write_docs(text: str) -> Path:
-    """Replace the "## Execution" section of docs/benchmarks.md (other sections untouched)."""
-    path = ROOT / "docs/benchmarks.md"
-    path.parent.mkdir(exist_ok=True)
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "## Execution\n\n" + INTRO + "\n" + text + NOTES
-    pattern = re.compile(r"^## Execution\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: section, doc)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section
-    path.write_text(doc.rstrip("\n") + "\n")
-    return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.execution",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog=METHOD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed runs per case (>= 20)")
     parser.add_argument("--new-sets", type=int, default=5, help="iterations of (e), at most 7")
     parser.add_argument("--concurrency", type=int, default=20, help="runs at once in (f)")
@@ -567,7 +522,7 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["e"], help="run only this case (pool on), print it, record nothing"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.only and args.write_docs:
         parser.error("--only records nothing; drop --write-docs")
     args.runs = max(1, min(args.runs, 200))
@@ -575,7 +530,7 @@ def main() -> None:
     args.concurrency = max(1, min(args.concurrency, 20))  # the server's queue holds 4 + 16
     if not shutil.which("docker"):
         raise SystemExit("bench-exec: needs the docker CLI and a running engine")
-    command = "scripts/bench-exec " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m benchmarks.execution", *sys.argv[1:]])
     if args.only == "e":
         with server(STREAMSVC_WARM_POOL_SIZE="2") as warm:
             found = new_sets(warm, args.new_sets)
@@ -591,7 +546,8 @@ def main() -> None:
     print()
     print(text)
     if args.write_docs:
-        print(f"recorded in {write_docs(text)}")
+        path = write_docs_section("Execution", INTRO + "\n" + text + NOTES)
+        print(f"recorded in {path}")
 
 
 if __name__ == "__main__":

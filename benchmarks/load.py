@@ -1,48 +1,7 @@
-#!/usr/bin/env python3
 """Load test: connector executions and chat streams at once, every answer checked.
 
-Everything runs on loopback, bounded in count and time. The script starts
-
-- a fake Azure OpenAI upstream (``python -m tests.fake_azure``, its own process): it
-  echoes ``"echo: <prompt>"`` word by word, one chunk every ``--chunk-interval-ms``;
-- the server (``python -m streamsvc`` via ``tests.harness.ServerProcess``) with an
-  explicit environment: Azure settings pointing at the fake, JSON logs, no warm pool,
-  and ``STREAMSVC_MAX_CONCURRENT_RUNS`` / ``STREAMSVC_QUEUE_SIZE`` equal to
-  ``--executions``, so every run is admitted (a 429 counts as a failure);
-
-then fires ``--executions`` streamed executions and ``--chats`` streamed chats at the
-same moment, all on their own connections, and checks every answer in full:
-
-- execution: status 200, SSE ids 1..n, phases ``validated``/``starting``/``running``,
-  the connector's progress lines (4 lines over ~1 s) on ``stdout`` in order, one line on
-  ``stderr``, a final ``done`` with ``ok``, exit code 0, ``stdout`` equal to the streamed
-  lines, and ``result`` equal to what this script computed from the request (the sum of
-  a per-request list from ``configuration`` plus an offset from
-  ``configuration_overrides``);
-- chat: status 200, SSE ids 1..n, deltas that concatenate to exactly the final
-  ``content`` and to ``"echo: <prompt>"`` (each prompt distinct), ``finish_reason``
-  ``stop``, ``usage.completion_tokens`` equal to the number of deltas, last event ``done``.
-
-Meanwhile a thread samples the server's RSS and open files every 50 ms. Afterwards: no
-container with the server's owner label (``streamsvc.owner=<host>:<pid>``) may remain
-(removal runs in the background after each answer: 15 s allowed), ``/health`` must say
-``ok``, one more chat and one more execution must succeed, the server's log must hold
-no warning or error, and SIGTERM must stop it with exit status 0 and nothing left.
-It prints throughput, latency percentiles (time to first token / first stdout line
-too), failures by kind, the server's peak RSS, open files and CPU seconds (and the
-fake's, the load generator's and the Docker daemons'), the kernel's listen-queue
-overflows, client connections the server still holds, and the containers left; it
-exits 1 if anything failed or leaked. ``--raw DIR`` keeps every request's timings and
-the server's log; ``--set NAME=VALUE`` overrides a server setting.
-
-    .venv/bin/python scripts/load-test                  # 20 executions + 200 chats
-    .venv/bin/python scripts/load-test --quick          # 4 + 40, shorter streams
-    .venv/bin/python scripts/load-test --executions 30 --chats 400
-
-A hard deadline (``--deadline``, default 300 s) bounds the whole run: requests still
-open 60 s before it are cancelled and count as failed (the checks after the load get
-those 60 s); at the deadline a watchdog stops the server and the fake (SIGTERM, then
-SIGKILL after 10 s) and exits 3.
+Run as ``python -m benchmarks.load``; ``--help`` gives the method (``METHOD``). It exits 1
+if any answer was wrong or anything leaked, and a watchdog bounds the whole run.
 """
 
 from __future__ import annotations
@@ -54,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import random
 import select
 import signal
@@ -66,19 +24,56 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
+import httpx
+import psutil
 
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin/python").exists():
-    os.execv(VENV / "bin/python", [str(VENV / "bin/python"), __file__, *sys.argv[1:]])
+from benchmarks.common import ROOT, load_average, machine_facts, percentile
+from tests.harness import ServerProcess, read_sse
 
-sys.path.insert(0, str(ROOT))
+METHOD = """\
+Everything runs on loopback, bounded in count and time. It starts
 
-import httpx  # noqa: E402  (after the re-exec into the project's virtualenv)
-import psutil  # noqa: E402
+- a fake Azure OpenAI upstream (`python -m tests.fake_azure`, its own process): it
+  echoes `"echo: <prompt>"` word by word, one chunk every `--chunk-interval-ms`;
+- the server (`python -m streamsvc` via `tests.harness.ServerProcess`) with an
+  explicit environment: Azure settings pointing at the fake, JSON logs, no warm pool,
+  and `STREAMSVC_MAX_CONCURRENT_RUNS` / `STREAMSVC_QUEUE_SIZE` equal to
+  `--executions`, so every run is admitted (a 429 counts as a failure);
 
-from tests.harness import ServerProcess, read_sse  # noqa: E402
+then fires `--executions` streamed executions and `--chats` streamed chats at the
+same moment, all on their own connections, and checks every answer in full:
 
+- execution: status 200, SSE ids 1..n, phases `validated`/`starting`/`running`,
+  the connector's progress lines (4 lines over ~1 s) on `stdout` in order, one line on
+  `stderr`, a final `done` with `ok`, exit code 0, `stdout` equal to the streamed
+  lines, and `result` equal to what the load test computed from the request (the sum of
+  a per-request list from `configuration` plus an offset from
+  `configuration_overrides`);
+- chat: status 200, SSE ids 1..n, deltas that concatenate to exactly the final
+  `content` and to `"echo: <prompt>"` (each prompt distinct), `finish_reason`
+  `stop`, `usage.completion_tokens` equal to the number of deltas, last event `done`.
+
+Meanwhile a thread samples the server's RSS and open files every 50 ms. Afterwards: no
+container with the server's owner label (`streamsvc.owner=<host>:<pid>`) may remain
+(removal runs in the background after each answer: 15 s allowed), `/health` must say
+`ok`, one more chat and one more execution must succeed, the server's log must hold
+no warning or error, and SIGTERM must stop it with exit status 0 and nothing left.
+It prints throughput, latency percentiles (time to first token / first stdout line
+too), failures by kind, the server's peak RSS, open files and CPU seconds (and the
+fake's, the load generator's and the Docker daemons'), the kernel's listen-queue
+overflows, client connections the server still holds, and the containers left; it
+exits 1 if anything failed or leaked. `--raw DIR` keeps every request's timings and
+the server's log; `--set NAME=VALUE` overrides a server setting.
+
+    .venv/bin/python -m benchmarks.load # 20 executions + 200 chats
+    .venv/bin/python -m benchmarks.load --quick          # 4 + 40, shorter streams
+    .venv/bin/python -m benchmarks.load --executions 30 --chats 400
+
+A hard deadline (`--deadline`, default 300 s) bounds the whole run: requests still
+open 60 s before it are cancelled and count as failed (the checks after the load get
+those 60 s); at the deadline a watchdog stops the server and the fake (SIGTERM, then
+SIGKILL after 10 s) and exits 3.
+"""
 UPSTREAM_KEY = "load-upstream-key-0123456789"
 IMAGE = "streamsvc-sandbox:latest"
 OWNER_LABEL = "streamsvc.owner"
@@ -421,45 +416,14 @@ def machine_busy(before: Any, after: Any) -> float:
     return 1 - idle / total if total > 0 else 0.0
 
 
-def machine_facts() -> dict[str, str]:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or "unknown",
-    )
-    docker = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-        "docker": docker.stdout.strip() or "unknown",
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-
-
 # ---- figures ------------------------------------------------------------------------------------
 
 
 def percentiles(values: list[float]) -> str:
     if not values:
         return "n/a"
-    ordered = sorted(values)
-
-    def rank(p: float) -> float:  # nearest rank
-        return ordered[max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 100)) - 1))]
-
-    parts = [f"p{p}={rank(p) * 1000:.0f}" for p in (50, 90, 99)]
-    return " ".join(parts) + f" max={ordered[-1] * 1000:.0f} ms"
+    parts = [f"p{p}={percentile(values, p / 100) * 1000:.0f}" for p in (50, 90, 99)]
+    return " ".join(parts) + f" max={max(values) * 1000:.0f} ms"
 
 
 def workload_lines(name: str, outcomes: list[Outcome], unit: str) -> list[str]:
@@ -521,7 +485,12 @@ async def probe(url: str, rng: random.Random) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.load",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog=METHOD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--executions", type=int, default=None, help="default 20 (4 with --quick)")
     parser.add_argument("--chats", type=int, default=None, help="default 200 (40 with --quick)")
     parser.add_argument("--quick", action="store_true", help="a small run to try the script")
@@ -606,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
         print(f"load-test: image {IMAGE} missing; run scripts/build-image", file=sys.stderr)
         return 2
-    facts = machine_facts()
+    found = machine_facts() | {"load average": load_average(2)}
+    keys = ("nproc", "cpu", "memory", "docker", "python", "kernel", "load average")
+    facts = {key: found[key] for key in keys}
     fake, fake_url = start_fake(args.chunk_interval_ms)
     started_processes.append(fake)
     concurrency = str(max(args.executions, 1))
@@ -707,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "== streamsvc load test ==",
         "command: "
         + " ".join(
-            [".venv/bin/python scripts/load-test", *(sys.argv[1:] if argv is None else argv)]
+            [".venv/bin/python -m benchmarks.load", *(sys.argv[1:] if argv is None else argv)]
         ),
         "machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()),
         f"load: {args.executions} executions + {args.chats} chat streams fired at once"
