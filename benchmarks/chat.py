@@ -871,7 +871,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, command
 def upstream_name(args: argparse.Namespace) -> str:
     if args.fake_upstream:
         return "`tests/fake_azure.py`"
-    return "the benchmark's paced upstream (the fake Azure's exact bytes, cached)"
+    return "the script's paced upstream (the fake Azure's exact bytes, cached)"
 
 
 def _verdict(ok: bool) -> str:
