@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
@@ -34,7 +34,9 @@ from benchmarks.common import (
     write_docs_section,
 )
 from tests.fake_azure import MODEL, _echo_chunks, _sse, _stream_chunks, _usage
-from tests.harness import ServerProcess, free_port
+
+if TYPE_CHECKING:
+    from tests.harness import ServerProcess
 
 METHOD = """\
 Everything runs on loopback, each piece in its own process so its CPU is its own:
@@ -572,8 +574,12 @@ def start_upstream(interval_ms: float, fake: bool) -> tuple[subprocess.Popen[str
     return process, match[1], int(match[2])
 
 
-def start_streamsvc(upstream: str, extra: list[str]) -> Any:
+def start_streamsvc(upstream: str, extra: list[str]) -> ServerProcess:
     """streamsvc on the upstream; ``extra`` holds ``NAME=VALUE`` settings (``--streamsvc-env``)."""
+    # Imported here, not at the top: the floor's workers and the load generator run this
+    # module too, and their memory and CPU figures should hold only what they measure.
+    from tests.harness import ServerProcess
+
     env = {
         "AZURE_OPENAI_API_KEY": API_KEY,
         "AZURE_OPENAI_ENDPOINT": upstream,
@@ -613,6 +619,8 @@ def ensure_litellm() -> Path:
 
 def start_litellm(upstream: str, workers: int) -> tuple[subprocess.Popen[bytes], int]:
     import httpx
+
+    from tests.harness import free_port
 
     binary = ensure_litellm()
     config = BENCH / "litellm.yaml"
