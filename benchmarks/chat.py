@@ -41,18 +41,18 @@ if TYPE_CHECKING:
 METHOD = """\
 Everything runs on loopback, each piece in its own process so its CPU is its own:
 
-- the upstream: `PacedUpstream` below (`--upstream`), which sends the exact bytes
+- the upstream: `PacedUpstream` in benchmarks/chat.py (`--upstream`), which sends the exact bytes
   of `tests/fake_azure.py`'s stream (Azure's wire format), one content chunk every
   `--interval-ms`, at a few microseconds per chunk (`--fake-upstream` uses the fake
   itself, which misses its own pace past a few hundred streams on 2 CPUs); the
   request's message picks the number of chunks;
 - streamsvc: `python -m streamsvc` pointed at the upstream (POST `--streamsvc-path`);
 - LiteLLM's proxy (`litellm[proxy]`, pinned, installed into `.bench/litellm-venv` by
-  this script), its `azure/` provider pointed at the same upstream;
+  this benchmark), its `azure/` provider pointed at the same upstream;
 - the floor (`--floor`): hypercorn + Starlette + aiohttp passing the bytes through and
   nothing else, on the same number of worker processes: the least any server built on
   this stack can cost, so streamsvc's own share is the difference;
-- the load generator: this script again (`--loadgen`), a raw asyncio HTTP/1.1 client
+- the load generator: this module again (`--loadgen`), a raw asyncio HTTP/1.1 client
   with keep-alive connections that timestamps every content event as it is parsed.
 
 Phases, for each path: a warm-up; time to first token over sequential requests (the
@@ -66,10 +66,10 @@ proxy's CPU seconds and its peak RSS (with its children).
 A level is *sustained* when every stream completed without error and the inter-chunk
 p99 is within `--slack-ms` (default 50) of the upstream's own pace.
 
-    .venv/bin/python -m benchmarks.chat # full run (~15 minutes)
-    .venv/bin/python -m benchmarks.chat --quick          # short run (~5 minutes)
+    .venv/bin/python -m benchmarks.chat                 # full run (~15 minutes)
+    .venv/bin/python -m benchmarks.chat --quick         # short run (~5 minutes)
     .venv/bin/python -m benchmarks.chat --no-litellm --levels 100
-    .venv/bin/python -m benchmarks.chat --write-docs     # also record docs/benchmarks.md
+    .venv/bin/python -m benchmarks.chat --write-docs    # also record docs/benchmarks.md
 
 The markdown table is printed at the end (and raw JSON goes to .bench/last-run.json).
 """

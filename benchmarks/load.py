@@ -65,8 +65,8 @@ overflows, client connections the server still holds, and the containers left; i
 exits 1 if anything failed or leaked. `--raw DIR` keeps every request's timings and
 the server's log; `--set NAME=VALUE` overrides a server setting.
 
-    .venv/bin/python -m benchmarks.load # 20 executions + 200 chats
-    .venv/bin/python -m benchmarks.load --quick          # 4 + 40, shorter streams
+    .venv/bin/python -m benchmarks.load                 # 20 executions + 200 chats
+    .venv/bin/python -m benchmarks.load --quick         # 4 + 40, shorter streams
     .venv/bin/python -m benchmarks.load --executions 30 --chats 400
 
 A hard deadline (`--deadline`, default 300 s) bounds the whole run: requests still

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,39 @@ def test_write_docs_section_creates_the_file_then_keeps_other_sections(tmp_path:
     write_docs_section("Execution", "runs", path)
     write_docs_section("Chat", "second", path)
     assert path.read_text() == "# Benchmarks\n\n## Chat\n\nsecond\n\n## Execution\n\nruns\n"
+
+
+def test_the_execution_table_keeps_the_recorded_layout() -> None:
+    from benchmarks.execution import table
+
+    def case(median: float) -> dict[str, float]:
+        return {"n": 2, "median_ms": median, "p95_ms": median * 1.5, "warm_hits": 2}
+
+    concurrent = {"runs": 4, "wall_s": 2.0, "runs_per_s": 2.0, "median_ms": 400, "p95_ms": 500}
+    results: dict[str, Any] = {
+        key: case(ms) for key, ms in [("a", 400), ("b", 300), ("c", 40), ("c2", 80)]
+    }
+    results |= {"d": case(60), "e": case(1000), "e_pip": case(3000)}
+    results |= {"f_off": concurrent, "f_on": concurrent, "leftover_containers": []}
+    results["machine"] = {key: key.upper() for key in ("nproc", "cpu", "docker", "kernel")}
+    results["machine"] |= {"python": "3", "commit": "abc", "load": "1.0", "load_end": "2.0"}
+    lines = table(results, "python -m benchmarks.execution --runs 2").splitlines()
+    assert lines[0] == "Command: `python -m benchmarks.execution --runs 2`"
+    assert "(c2) 2 of 2, (d) 2 of 2. Containers left by the benchmark's servers: 0." in lines[2]
+    assert lines[4:7] == [
+        "| case | what | runs | median ms | p95 ms | ratio to (a) | target | met |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| a | `docker run --rm --network none` seed program (CLI) "
+        "| 2 | 400.0 | 600.0 | 1.000 |  |  |",
+    ]
+    assert (
+        "| c | the same, warm pool on (pool full before each request) "
+        "| 2 | 40.0 | 60.0 | 0.100 | <= 0.15 x a = 60 ms | **yes** |" in lines
+    )
+    assert (
+        "| d | `requests==2.32.3` imported, cache warm, pool on "
+        "| 2 | 60.0 | 90.0 | 0.150 | <= 1.3 x c = 52 ms | **no** |" in lines
+    )
+    assert (
+        lines[-1] == "| f | warm pool on (2 ready at start) | 4 | 2.00 | 2.0 | 400 | 500 | 1.00 |"
+    )
