@@ -1,8 +1,8 @@
-#!/usr/bin/env python3
 """Execution benchmark: ``docker run`` against POST /execute-connector, cold and warm.
 
 Run as ``python -m benchmarks.execution``; ``--help`` gives the method (``METHOD``). Every
-count and wait is bounded; raw figures go to .bench/exec-last-run.json.
+count and wait is bounded; raw figures go to .bench/exec-last-run.json. One module for
+all the cases (a-f), their table and notes, so a run reads top to bottom.
 """
 
 from __future__ import annotations

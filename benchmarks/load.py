@@ -1,7 +1,8 @@
 """Load test: connector executions and chat streams at once, every answer checked.
 
 Run as ``python -m benchmarks.load``; ``--help`` gives the method (``METHOD``). It exits 1
-if any answer was wrong or anything leaked, and a watchdog bounds the whole run.
+if any answer was wrong or anything leaked, and a watchdog bounds the whole run. One
+module, in the order a run goes: requests and their checks, processes, figures, main.
 """
 
 from __future__ import annotations
