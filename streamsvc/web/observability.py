@@ -38,19 +38,10 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from starlette.requests import Request
-from starlette.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streamsvc.settings import Settings
+from streamsvc.settings import ServerSettings
 
 access_log = logging.getLogger("streamsvc.access")
 content_log = logging.getLogger("streamsvc.content")
@@ -140,7 +131,11 @@ async def observe_chat(source: AsyncIterator[T]) -> AsyncIterator[T]:
 class Metrics:
     """The app's Prometheus registry (one per app, no process-wide state)."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(
+        self, open_streams: Callable[[], int], admission: Callable[[], object | None]
+    ) -> None:
+        """``open_streams`` counts the open SSE streams; ``admission`` is the sandbox's
+        admission control (``running``, ``queue``), None while there is none."""
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -179,9 +174,9 @@ class Metrics:
         def gauge(name: str, documentation: str, read: Callable[[], float]) -> None:
             Gauge(name, documentation, registry=registry).set_function(read)
 
-        def admission(attribute: str) -> Callable[[], float]:
+        def admitted(attribute: str) -> Callable[[], float]:
             def read() -> float:
-                control = getattr(getattr(state, "sandbox", None), "admission", None)
+                control = admission()
                 if control is None:
                     return 0.0
                 value = getattr(control, attribute)
@@ -189,9 +184,9 @@ class Metrics:
 
             return read
 
-        gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(state.streams.active))
-        gauge("streamsvc_active_runs", "Connector runs executing", admission("running"))
-        gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admission("queue"))
+        gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(open_streams()))
+        gauge("streamsvc_active_runs", "Connector runs executing", admitted("running"))
+        gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admitted("queue"))
 
     def observe(
         self, route: str, status: int, error: str | None, duration: float, facts: RequestFacts
@@ -207,11 +202,6 @@ class Metrics:
             self.tokens.labels("prompt").inc(facts.prompt_tokens)
         if facts.completion_tokens:
             self.tokens.labels("completion").inc(facts.completion_tokens)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---- the middleware ---------------------------------------------------------------------------
@@ -393,12 +383,12 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: ServerSettings) -> None:
     """Root logger: level and format from the settings, one stream handler."""
     handler = logging.StreamHandler()
-    json_format = settings.streamsvc_log_format == "json"
+    json_format = settings.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
-    level = logging.getLevelName(settings.streamsvc_log_level.upper())
+    level = logging.getLevelName(settings.log_level.upper())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The HTTP client logs every upstream request at info; the access log says enough.
     for name in _CHATTY:
