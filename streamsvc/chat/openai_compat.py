@@ -114,7 +114,6 @@ def error_envelope(exc: ServiceError) -> OpenAIErrorEnvelope:
 
 
 def error_response(exc: ServiceError) -> Response:
-    observability.current().failed(exc.code)  # metrics count our codes, not the upstream's
     return Response(
         _encoder.encode(error_envelope(exc)),
         status_code=error_status(exc),
@@ -277,7 +276,6 @@ def _data_frame(event: sse.Event) -> bytes:
 
 
 def _error_event(exc: ServiceError) -> sse.Event:
-    observability.current().failed(exc.code)
     return sse.Event("error", error_envelope(exc))
 
 

@@ -34,6 +34,7 @@ from streamsvc.connectors.endpoint import execute_endpoint
 from streamsvc.errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
+from streamsvc.web import observability
 from streamsvc.web.observability import Metrics, ObservabilityMiddleware
 from streamsvc.web.openapi import openapi_endpoint
 from streamsvc.web.pages import docs, playground, static_files
@@ -50,6 +51,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_response(exc: ServiceError, path: str = "") -> Response:
+    """The error's answer; its code (ours, even where /v1 shows the upstream's) is
+    recorded on the request's facts for the access log and the metrics."""
+    observability.current().failed(exc.code)
     if path.startswith(openai_compat.PREFIX):
         return openai_compat.error_response(exc)
     return Response(

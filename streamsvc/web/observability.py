@@ -17,9 +17,10 @@ Endpoints record what only they know on this request's ``RequestFacts``
     facts.first_token(); facts.tokens(usage); facts.answered(completion)  # POST /v1/...
     current().execution(result.exit_code, result.ok)
 
-A stream that fails after its headers still answers 200; the middleware
-reads the error code from its last frame (``error_code``), whatever the
-framing: an ``error`` event, or /v1's data-only ``{"error": ...}``.
+Every error's code is recorded the same way, by ``facts.failed(code)``: an
+error answer where it is rendered (``app.error_response``), and a stream that
+fails after its headers (it still answers 200) where its last frame is written
+(``sse``). The middleware never reads the bytes it sends for it.
 
 ``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
 (the default, for people) or ``json`` (one object per line, for collectors);
@@ -50,7 +51,6 @@ T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_ERROR_PEEK_BYTES = 8192
 
 
 class RequestFacts(msgspec.Struct):
@@ -79,7 +79,7 @@ class RequestFacts(msgspec.Struct):
         self.total_tokens = getattr(usage, "total_tokens", None)
 
     def failed(self, code: str) -> None:
-        """Record our error code when the answer carries the upstream's (/v1 does)."""
+        """Record our error code: an error answer, or a stream that failed after its headers."""
         self.error = code
 
     def answered(self, answer: Any) -> None:
@@ -207,32 +207,6 @@ class Metrics:
 # ---- the middleware ---------------------------------------------------------------------------
 
 
-class _ErrorBody(msgspec.Struct):
-    code: str
-
-
-class _ErrorEnvelope(msgspec.Struct):
-    error: _ErrorBody
-
-
-_error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
-
-
-def error_code(body: bytes, streamed: bool) -> str | None:
-    """The ``error.code`` of a JSON error body, or of a stream's last frame when that
-    is an error: an ``error`` event, or a frame with no event name (/v1's) whose data
-    is an error object. Other named events (a ``done`` result, ...) never count."""
-    if streamed:
-        head, _, data = body.rpartition(b"data: ")
-        if b"event: " in head and b"event: error\n" not in head:
-            return None
-        body = data.split(b"\n", 1)[0]
-    try:
-        return _error_decoder.decode(body).error.code
-    except msgspec.DecodeError:
-        return None
-
-
 def request_id_from(scope: Scope) -> str:
     name: bytes
     value: bytes
@@ -265,19 +239,12 @@ class ObservabilityMiddleware:
         status = 0
         streamed = False
         sent = 0
-        tail = b""  # an error body, or a stream's last chunk (its error event, if any)
         header = (b"x-request-id", request_id.encode())
 
         async def watch(message: Message) -> None:
-            nonlocal status, streamed, sent, tail
+            nonlocal status, streamed, sent
             if message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                sent += len(body)
-                if streamed:
-                    if body:
-                        tail = body
-                elif status >= 400 and len(tail) < _ERROR_PEEK_BYTES:
-                    tail += body
+                sent += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
@@ -296,7 +263,7 @@ class ObservabilityMiddleware:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             final = status or 500  # no response: the app raised; Starlette answers 500
-            error = facts.error or (error_code(tail, streamed) if tail else None)
+            error = facts.error
             self.metrics.observe(route, final, error, duration, facts)
             access_log.info(
                 "%s %s %d",
