@@ -116,7 +116,7 @@ def params_for(request: ChatRequest, settings: ChatSettings) -> ChatParams:
             path="$.messages",
         )
     deployment = request.model or settings.deployment
-    assert deployment is not None  # chat_configured checked it
+    assert deployment is not None  # chat.configured checked it
     return ChatParams(
         deployment=deployment,
         messages=request.messages,

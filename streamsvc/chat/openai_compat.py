@@ -134,7 +134,7 @@ def upstream_bodies(
 ) -> list[UpstreamBody]:
     """The client's body for each deployment to try, streamed with usage, defaults filled in."""
     requested = request.model or settings.deployment
-    assert requested is not None  # chat_configured checked it
+    assert requested is not None  # chat.configured checked it
     options = body.get("stream_options") if request.stream else None
     stream_options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     attempts = []
