@@ -48,10 +48,14 @@ def _with_overrides(settings: Settings, host: str | None, port: int | None) -> S
 
     changes: dict[str, object] = {}
     if host:
-        changes["streamsvc_host"] = host
+        changes["host"] = host
     if port is not None:
-        changes["streamsvc_port"] = port
-    return msgspec.structs.replace(settings, **changes) if changes else settings
+        changes["port"] = port
+    if not changes:
+        return settings
+    return msgspec.structs.replace(
+        settings, server=msgspec.structs.replace(settings.server, **changes)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,11 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     try:
         settings = _with_overrides(load_settings(), args.host, args.port)
-        configure_logging(settings)
-        if settings.streamsvc_workers > 1 and args.listen_fd is None:
+        configure_logging(settings.server)
+        if settings.server.workers > 1 and args.listen_fd is None:
             from streamsvc.serving.workers import supervise
 
-            return supervise(settings)
+            return supervise(settings.server)
         from streamsvc.serving.server import backend_options, serve
 
         anyio.run(serve, settings, args.listen_fd, backend_options=backend_options())
@@ -87,7 +91,7 @@ def _deps(args: argparse.Namespace) -> int:
     from streamsvc.sandbox.docker import deps_cache
 
     try:
-        return anyio.run(deps_cache.command, args, load_settings())
+        return anyio.run(deps_cache.command, args, load_settings().sandbox)
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2

@@ -1,10 +1,9 @@
-"""Settings: one frozen struct, built once from the environment and ``.env``.
+"""Settings: frozen structs per subsystem, built once from the environment and ``.env``.
 
-Every field is named by the environment variable that sets it. The seed's
-names (``AZURE_OPENAI_*``, ``OPENAI_*``) keep working; the service's own
-settings start with ``STREAMSVC_``. The environment wins over ``.env``.
-A malformed value raises ``SettingsError`` naming the variable, so start-up
-fails with a message instead of a traceback. ``.env.example`` documents each.
+``Settings`` holds one group each for the HTTP server, chat and the sandbox; each
+component receives only its group. ``ENV_NAMES`` maps every environment variable
+(the seed's ``AZURE_OPENAI_*``/``OPENAI_*``, our ``STREAMSVC_*``) to its group and
+field; the environment wins over ``.env``, and a malformed value names its variable.
 """
 
 from __future__ import annotations
@@ -18,7 +17,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "ENV_NAMES",
+    "ChatSettings",
     "ClientSettings",
+    "SandboxSettings",
+    "ServerSettings",
     "Settings",
     "SettingsError",
     "load_client_settings",
@@ -32,6 +35,191 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 
+_DEFAULT_CA_CANDIDATES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the variable."""
+
+
+class ServerSettings(msgspec.Struct, frozen=True):
+    """The HTTP server: listening, auth, CORS, bodies, streams, logging."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    #: Server processes sharing the listening socket; each has its own limits and warm pool.
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    api_keys: tuple[str, ...] = ()
+    allow_insecure: bool = False
+    #: Origins whose pages may call the API from a browser (CORS); ``*`` for any. None: off.
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: Positive = 4 * 1024 * 1024
+    keepalive_seconds: Seconds = 15.0
+    shutdown_grace_seconds: Seconds = 10.0
+    log_level: str = "info"
+    #: ``text`` (readable; the default) or ``json`` (one object per line, for collectors).
+    log_format: Literal["text", "json"] = "text"
+    #: Log chat content at debug level; never by default.
+    log_content: bool = False
+
+
+class ChatSettings(msgspec.Struct, frozen=True):
+    """The chat upstream: provider, credentials, defaults, fallbacks and timeouts."""
+
+    #: ``azure`` (Azure OpenAI) or ``openai`` (any OpenAI-compatible base URL).
+    provider: Literal["azure", "openai"] = "azure"
+    azure_api_key: str | None = None
+    azure_endpoint: str | None = None
+    azure_deployment: str | None = None
+    azure_api_version: str = "2024-10-21"
+    #: ``key`` (AZURE_OPENAI_API_KEY) or ``entra`` (Microsoft Entra ID, needs azure-identity).
+    azure_auth: Literal["key", "entra"] = "key"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = None
+    #: The ``openai`` provider's default model (Azure's is AZURE_OPENAI_DEPLOYMENT).
+    openai_model: str | None = None
+    max_tokens: Positive = 2000
+    temperature: Temperature = 0.7
+    #: Model-name prefixes that take ``max_completion_tokens`` and no temperature.
+    reasoning_models: tuple[str, ...] = ("gpt-5", "o1", "o3", "o4")
+    #: Deployments (models) tried in order when the one asked for answers 429 or 5xx.
+    fallback_deployments: tuple[str, ...] = ()
+    #: The SDK's HTTP client for the upstream: ``aiohttp`` (its C parser and pool cost less
+    #: CPU per streamed chunk) or ``httpx`` (the SDK's default).
+    http_client: Literal["aiohttp", "httpx"] = "aiohttp"
+    #: Most upstream connections open at once (each open stream holds one).
+    max_connections: Positive = 1000
+    connect_timeout_seconds: Seconds = 10.0
+    first_token_timeout_seconds: Seconds = 60.0
+    idle_timeout_seconds: Seconds = 60.0
+    retry_max_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 20.0
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
+
+    @property
+    def deployment(self) -> str | None:
+        """The default deployment (Azure) or model (``openai`` provider)."""
+        if self.provider == "openai":
+            return self.openai_model
+        return self.azure_deployment
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The settings chat still needs, by name (empty when chat is configured)."""
+        if self.provider == "openai":
+            needed: dict[str, str | None] = {"OPENAI_MODEL": self.openai_model}
+        else:
+            needed = {
+                "AZURE_OPENAI_ENDPOINT": self.azure_endpoint,
+                "AZURE_OPENAI_DEPLOYMENT": self.azure_deployment,
+            }
+            if self.azure_auth == "key":
+                needed = {"AZURE_OPENAI_API_KEY": self.azure_api_key, **needed}
+        return tuple(name for name, value in needed.items() if not value)
+
+    @property
+    def configured(self) -> bool:
+        return not self.missing
+
+
+class SandboxSettings(msgspec.Struct, frozen=True):
+    """Connector runs: the Docker engine, the image, per-run limits, admission, caches."""
+
+    docker_host: str | None = None
+    image: str = "streamsvc-sandbox:latest"
+    allow_bridge: bool = True
+    max_timeout_ms: Positive = 300_000
+    min_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 32
+    max_memory_mb: Positive = 2048
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=64)] = 1.0
+    pids_limit: Positive = 128
+    tmpfs_mb: Positive = 64
+    output_cap_bytes: Positive = 1024 * 1024
+    install_timeout_seconds: Seconds = 180.0
+    max_concurrent_runs: Positive = 4
+    queue_size: NonNegative = 16
+    #: Longest wait in that queue; past it the request gets ``busy`` (429, or its stream's error).
+    queue_timeout_seconds: Seconds = 120.0
+    #: CA bundle the dependency-install step trusts (copied in through stdin). Unset or
+    #: empty: the host's pip/SSL bundle (``_default_ca_bundle``); ``none``: no bundle (None).
+    ca_bundle: str | None = None
+    deps_cache_mb: Positive = 4096
+    #: Warm sandboxes kept ready per key (image, network, dependency set, memory); 0 = off.
+    warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    #: Most keys kept warm at once (least recently used dropped first).
+    warm_pool_keys: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    max_files: Positive = 200
+    max_file_bytes: Positive = 1024 * 1024
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """All the server's settings, one group per subsystem."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    chat: ChatSettings = msgspec.field(default_factory=ChatSettings)
+    sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
+
+
+#: Every environment variable, by the group and field it sets.
+ENV_NAMES: dict[str, tuple[str, str]] = {
+    # the seed's names
+    "AZURE_OPENAI_API_KEY": ("chat", "azure_api_key"),
+    "AZURE_OPENAI_ENDPOINT": ("chat", "azure_endpoint"),
+    "AZURE_OPENAI_DEPLOYMENT": ("chat", "azure_deployment"),
+    "AZURE_OPENAI_API_VERSION": ("chat", "azure_api_version"),
+    "AZURE_OPENAI_AUTH": ("chat", "azure_auth"),
+    "OPENAI_MAX_TOKENS": ("chat", "max_tokens"),
+    "OPENAI_TEMPERATURE": ("chat", "temperature"),
+    "OPENAI_REASONING_MODELS": ("chat", "reasoning_models"),
+    "OPENAI_BASE_URL": ("chat", "openai_base_url"),
+    "OPENAI_API_KEY": ("chat", "openai_api_key"),
+    "OPENAI_MODEL": ("chat", "openai_model"),
+    # chat
+    "STREAMSVC_CHAT_PROVIDER": ("chat", "provider"),
+    "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS": ("chat", "fallback_deployments"),
+    "STREAMSVC_CHAT_HTTP_CLIENT": ("chat", "http_client"),
+    "STREAMSVC_CHAT_MAX_CONNECTIONS": ("chat", "max_connections"),
+    "STREAMSVC_CONNECT_TIMEOUT_SECONDS": ("chat", "connect_timeout_seconds"),
+    "STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS": ("chat", "first_token_timeout_seconds"),
+    "STREAMSVC_IDLE_TIMEOUT_SECONDS": ("chat", "idle_timeout_seconds"),
+    "STREAMSVC_RETRY_MAX_WAIT_SECONDS": ("chat", "retry_max_wait_seconds"),
+    "STREAMSVC_MAX_RETRIES": ("chat", "max_retries"),
+    # the HTTP server
+    "STREAMSVC_HOST": ("server", "host"),
+    "STREAMSVC_PORT": ("server", "port"),
+    "STREAMSVC_WORKERS": ("server", "workers"),
+    "STREAMSVC_API_KEYS": ("server", "api_keys"),
+    "STREAMSVC_ALLOW_INSECURE": ("server", "allow_insecure"),
+    "STREAMSVC_CORS_ORIGINS": ("server", "cors_origins"),
+    "STREAMSVC_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "STREAMSVC_KEEPALIVE_SECONDS": ("server", "keepalive_seconds"),
+    "STREAMSVC_SHUTDOWN_GRACE_SECONDS": ("server", "shutdown_grace_seconds"),
+    "STREAMSVC_LOG_LEVEL": ("server", "log_level"),
+    "STREAMSVC_LOG_FORMAT": ("server", "log_format"),
+    "STREAMSVC_LOG_CONTENT": ("server", "log_content"),
+    # the sandbox
+    "DOCKER_HOST": ("sandbox", "docker_host"),
+    "STREAMSVC_SANDBOX_IMAGE": ("sandbox", "image"),
+    "STREAMSVC_ALLOW_BRIDGE": ("sandbox", "allow_bridge"),
+    "STREAMSVC_MAX_TIMEOUT_MS": ("sandbox", "max_timeout_ms"),
+    "STREAMSVC_MIN_MEMORY_MB": ("sandbox", "min_memory_mb"),
+    "STREAMSVC_MAX_MEMORY_MB": ("sandbox", "max_memory_mb"),
+    "STREAMSVC_CPUS": ("sandbox", "cpus"),
+    "STREAMSVC_PIDS_LIMIT": ("sandbox", "pids_limit"),
+    "STREAMSVC_TMPFS_MB": ("sandbox", "tmpfs_mb"),
+    "STREAMSVC_OUTPUT_CAP_BYTES": ("sandbox", "output_cap_bytes"),
+    "STREAMSVC_INSTALL_TIMEOUT_SECONDS": ("sandbox", "install_timeout_seconds"),
+    "STREAMSVC_MAX_CONCURRENT_RUNS": ("sandbox", "max_concurrent_runs"),
+    "STREAMSVC_QUEUE_SIZE": ("sandbox", "queue_size"),
+    "STREAMSVC_QUEUE_TIMEOUT_SECONDS": ("sandbox", "queue_timeout_seconds"),
+    "STREAMSVC_SANDBOX_CA_BUNDLE": ("sandbox", "ca_bundle"),
+    "STREAMSVC_DEPS_CACHE_MB": ("sandbox", "deps_cache_mb"),
+    "STREAMSVC_WARM_POOL_SIZE": ("sandbox", "warm_pool_size"),
+    "STREAMSVC_WARM_POOL_KEYS": ("sandbox", "warm_pool_keys"),
+    "STREAMSVC_MAX_FILES": ("sandbox", "max_files"),
+    "STREAMSVC_MAX_FILE_BYTES": ("sandbox", "max_file_bytes"),
+}
+_VARIABLES = {place: name for name, place in ENV_NAMES.items()}
+
 #: Settings that hold comma-separated lists in the environment.
 _LIST_FIELDS = frozenset(
     {
@@ -41,121 +229,6 @@ _LIST_FIELDS = frozenset(
         "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS",
     }
 )
-_DEFAULT_CA_CANDIDATES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
-
-
-class SettingsError(ValueError):
-    """A setting is malformed; the message names the variable."""
-
-
-class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=False, rename="upper"):
-    # --- Azure OpenAI (names from the original contract) ---------------------
-    azure_openai_api_key: str | None = None
-    azure_openai_endpoint: str | None = None
-    azure_openai_deployment: str | None = None
-    azure_openai_api_version: str = "2024-10-21"
-    openai_max_tokens: Positive = 2000
-    openai_temperature: Temperature = 0.7
-    #: Model-name prefixes that take ``max_completion_tokens`` and no temperature.
-    openai_reasoning_models: tuple[str, ...] = ("gpt-5", "o1", "o3", "o4")
-    #: ``key`` (AZURE_OPENAI_API_KEY) or ``entra`` (Microsoft Entra ID, needs azure-identity).
-    azure_openai_auth: Literal["key", "entra"] = "key"
-
-    # --- chat provider ----------------------------------------------------------
-    #: ``azure`` (Azure OpenAI) or ``openai`` (any OpenAI-compatible base URL).
-    streamsvc_chat_provider: Literal["azure", "openai"] = "azure"
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: str | None = None
-    #: The ``openai`` provider's default model (Azure's is AZURE_OPENAI_DEPLOYMENT).
-    openai_model: str | None = None
-    #: Deployments (models) tried in order when the one asked for answers 429 or 5xx.
-    streamsvc_chat_fallback_deployments: tuple[str, ...] = ()
-    #: The SDK's HTTP client for the upstream: ``aiohttp`` (its C parser and pool cost less
-    #: CPU per streamed chunk) or ``httpx`` (the SDK's default).
-    streamsvc_chat_http_client: Literal["aiohttp", "httpx"] = "aiohttp"
-    #: Most upstream connections open at once (each open stream holds one).
-    streamsvc_chat_max_connections: Positive = 1000
-
-    # --- HTTP server ----------------------------------------------------------
-    streamsvc_host: str = "127.0.0.1"
-    streamsvc_port: Port = 8000
-    #: Server processes sharing the listening socket; each has its own limits and warm pool.
-    streamsvc_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
-    streamsvc_api_keys: tuple[str, ...] = ()
-    streamsvc_allow_insecure: bool = False
-    #: Origins whose pages may call the API from a browser (CORS); ``*`` for any. None: off.
-    streamsvc_cors_origins: tuple[str, ...] = ()
-    streamsvc_max_body_bytes: Positive = 4 * 1024 * 1024
-    streamsvc_keepalive_seconds: Seconds = 15.0
-    streamsvc_shutdown_grace_seconds: Seconds = 10.0
-    streamsvc_log_level: str = "info"
-    #: ``text`` (readable; the default) or ``json`` (one object per line, for collectors).
-    streamsvc_log_format: Literal["text", "json"] = "text"
-    #: Log chat content at debug level; never by default.
-    streamsvc_log_content: bool = False
-
-    # --- chat upstream timeouts -------------------------------------------------
-    streamsvc_connect_timeout_seconds: Seconds = 10.0
-    streamsvc_first_token_timeout_seconds: Seconds = 60.0
-    streamsvc_idle_timeout_seconds: Seconds = 60.0
-    streamsvc_retry_max_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 20.0
-    streamsvc_max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 3
-
-    # --- sandbox ----------------------------------------------------------------
-    docker_host: str | None = None
-    streamsvc_sandbox_image: str = "streamsvc-sandbox:latest"
-    streamsvc_allow_bridge: bool = True
-    streamsvc_max_timeout_ms: Positive = 300_000
-    streamsvc_min_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 32
-    streamsvc_max_memory_mb: Positive = 2048
-    streamsvc_cpus: Annotated[float, msgspec.Meta(gt=0, le=64)] = 1.0
-    streamsvc_pids_limit: Positive = 128
-    streamsvc_tmpfs_mb: Positive = 64
-    streamsvc_output_cap_bytes: Positive = 1024 * 1024
-    streamsvc_install_timeout_seconds: Seconds = 180.0
-    streamsvc_max_concurrent_runs: Positive = 4
-    streamsvc_queue_size: NonNegative = 16
-    #: Longest wait in that queue; past it the request gets ``busy`` (429, or its stream's error).
-    streamsvc_queue_timeout_seconds: Seconds = 120.0
-    #: CA bundle the dependency-install step trusts (copied in through stdin). Unset or
-    #: empty: the host's pip/SSL bundle (``_default_ca_bundle``); ``none``: no bundle.
-    streamsvc_sandbox_ca_bundle: str | None = None
-    streamsvc_deps_cache_mb: Positive = 4096
-    #: Warm sandboxes kept ready per key (image, network, dependency set, memory); 0 = off.
-    streamsvc_warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
-    #: Most keys kept warm at once (least recently used dropped first).
-    streamsvc_warm_pool_keys: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
-    streamsvc_max_files: Positive = 200
-    streamsvc_max_file_bytes: Positive = 1024 * 1024
-
-    @property
-    def chat_deployment(self) -> str | None:
-        """The default deployment (Azure) or model (``openai`` provider)."""
-        if self.streamsvc_chat_provider == "openai":
-            return self.openai_model
-        return self.azure_openai_deployment
-
-    @property
-    def chat_missing(self) -> tuple[str, ...]:
-        """The settings chat still needs, by name (empty when chat is configured)."""
-        if self.streamsvc_chat_provider == "openai":
-            needed: dict[str, str | None] = {"OPENAI_MODEL": self.openai_model}
-        else:
-            needed = {
-                "AZURE_OPENAI_ENDPOINT": self.azure_openai_endpoint,
-                "AZURE_OPENAI_DEPLOYMENT": self.azure_openai_deployment,
-            }
-            if self.azure_openai_auth == "key":
-                needed = {"AZURE_OPENAI_API_KEY": self.azure_openai_api_key, **needed}
-        return tuple(name for name, value in needed.items() if not value)
-
-    @property
-    def chat_configured(self) -> bool:
-        return not self.chat_missing
-
-    @property
-    def ca_bundle(self) -> str | None:
-        return self.streamsvc_sandbox_ca_bundle or None
 
 
 class ClientSettings(msgspec.Struct, frozen=True, rename="upper"):
@@ -201,10 +274,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-_FIELDS = frozenset(f.encode_name for f in msgspec.structs.fields(Settings))
-
-
-def _default_ca_bundle(source: Mapping[str, str]) -> str:
+def _default_ca_bundle(source: Mapping[str, str]) -> str | None:
     """The host's pip/SSL CA bundle, so pip in the sandbox trusts what the host trusts."""
     for name in _DEFAULT_CA_CANDIDATES:
         candidate = source.get(name)
@@ -216,7 +286,7 @@ def _default_ca_bundle(source: Mapping[str, str]) -> str:
                 key, sep, value = line.partition("=")
                 if sep and key.strip() == "cert" and Path(value.strip()).is_file():
                     return value.strip()
-    return ""
+    return None
 
 
 def load_settings(
@@ -226,21 +296,20 @@ def load_settings(
     env = dict(os.environ if environ is None else environ)
     merged = read_dotenv(dotenv) if dotenv is not None else {}
     merged.update(env)
-    raw: dict[str, Any] = {}
+    raw: dict[str, dict[str, Any]] = {"server": {}, "chat": {}, "sandbox": {}}
     for key, value in merged.items():
-        if key not in _FIELDS:
-            continue
-        if value == "":
-            continue  # an empty assignment means "use the default"
+        if key not in ENV_NAMES or value == "":
+            continue  # not ours, or an empty assignment: "use the default"
+        group, field = ENV_NAMES[key]
         if key in _LIST_FIELDS:
-            raw[key] = [item.strip() for item in value.split(",") if item.strip()]
+            raw[group][field] = [item.strip() for item in value.split(",") if item.strip()]
         else:
-            raw[key] = value
-    ca_bundle = raw.get("STREAMSVC_SANDBOX_CA_BUNDLE")
+            raw[group][field] = value
+    ca_bundle = raw["sandbox"].get("ca_bundle")
     if ca_bundle is None:
-        raw["STREAMSVC_SANDBOX_CA_BUNDLE"] = _default_ca_bundle(merged)
+        raw["sandbox"]["ca_bundle"] = _default_ca_bundle(merged)
     elif ca_bundle.strip().lower() == "none":
-        raw["STREAMSVC_SANDBOX_CA_BUNDLE"] = ""
+        raw["sandbox"]["ca_bundle"] = None
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -252,30 +321,33 @@ def load_settings(
 def _explain(exc: msgspec.ValidationError) -> str:
     message = str(exc)
     head, _, where = message.rpartition(" - at `$.")
-    if where:
-        return f"invalid setting {where.rstrip('`')}: {head}"
+    group, _, field = where.rstrip("`").partition(".")
+    name = _VARIABLES.get((group, field.split("[", 1)[0]))
+    if name is not None:
+        return f"invalid setting {name}: {head}"
     return f"invalid settings: {message}"
 
 
 def _check(settings: Settings) -> None:
-    if settings.streamsvc_min_memory_mb > settings.streamsvc_max_memory_mb:
+    server, chat, sandbox = settings.server, settings.chat, settings.sandbox
+    if sandbox.min_memory_mb > sandbox.max_memory_mb:
         raise SettingsError(
             "invalid setting STREAMSVC_MIN_MEMORY_MB: larger than STREAMSVC_MAX_MEMORY_MB"
         )
-    ca_bundle = settings.ca_bundle
-    if ca_bundle is not None and not Path(ca_bundle).is_file():
-        raise SettingsError(f"invalid setting STREAMSVC_SANDBOX_CA_BUNDLE: no file {ca_bundle}")
-    for origin in settings.streamsvc_cors_origins:
+    if sandbox.ca_bundle is not None and not Path(sandbox.ca_bundle).is_file():
+        raise SettingsError(
+            f"invalid setting STREAMSVC_SANDBOX_CA_BUNDLE: no file {sandbox.ca_bundle}"
+        )
+    for origin in server.cors_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise SettingsError(
                 f"invalid setting STREAMSVC_CORS_ORIGINS: {origin!r} is not scheme://host[:port]"
             )
-    endpoint = settings.azure_openai_endpoint
-    if endpoint and not endpoint.startswith(("http://", "https://")):
+    if chat.azure_endpoint and not chat.azure_endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")
-    if not settings.openai_base_url.startswith(("http://", "https://")):
+    if not chat.openai_base_url.startswith(("http://", "https://")):
         raise SettingsError("invalid setting OPENAI_BASE_URL: expected an http(s) URL")
-    if settings.streamsvc_log_level.lower() not in {"debug", "info", "warning", "error"}:
+    if server.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise SettingsError(
             "invalid setting STREAMSVC_LOG_LEVEL: expected debug, info, warning or error"
         )

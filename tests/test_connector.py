@@ -22,11 +22,11 @@ from streamsvc.connectors.dependencies import Dependency
 from streamsvc.connectors.request import MAX_ENV_BYTES, MAX_JSON_DEPTH, decode_request, plan
 from streamsvc.errors import RequestError, ValidationFailed
 from streamsvc.sandbox.types import RunSpec
-from streamsvc.settings import Settings
+from streamsvc.settings import SandboxSettings
 from tests.harness import ServerProcess
 from tests.test_execute import seed_request
 
-SETTINGS = Settings()
+SETTINGS = SandboxSettings()
 
 
 def request(
@@ -43,11 +43,11 @@ def request(
     return {"connector": connector, **top}
 
 
-def planned(body: dict[str, Any], settings: Settings = SETTINGS) -> RunSpec:
+def planned(body: dict[str, Any], settings: SandboxSettings = SETTINGS) -> RunSpec:
     return plan(decode_request(json.dumps(body).encode()), settings)
 
 
-def rejected(body: dict[str, Any], settings: Settings = SETTINGS) -> RequestError:
+def rejected(body: dict[str, Any], settings: SandboxSettings = SETTINGS) -> RequestError:
     with pytest.raises(RequestError) as caught:
         planned(body, settings)
     assert caught.value.status == 400
@@ -248,7 +248,7 @@ def test_the_entry_point_must_be_one_of_the_files() -> None:
 
 
 def test_file_count_and_size_are_bounded_by_settings() -> None:
-    small = msgspec.structs.replace(SETTINGS, streamsvc_max_files=2, streamsvc_max_file_bytes=10)
+    small = msgspec.structs.replace(SETTINGS, max_files=2, max_file_bytes=10)
     files = {"main.py": "print(1)", "a.py": "x" * 11, "b.py": "é" * 6}
     error = rejected(request(files=files), small)
     assert sorted(problems(error)) == [
@@ -264,9 +264,9 @@ def test_file_count_and_size_are_bounded_by_settings() -> None:
 def test_timeout_and_memory_bounds_come_from_settings() -> None:
     narrow = msgspec.structs.replace(
         SETTINGS,
-        streamsvc_max_timeout_ms=5000,
-        streamsvc_min_memory_mb=64,
-        streamsvc_max_memory_mb=512,
+        max_timeout_ms=5000,
+        min_memory_mb=64,
+        max_memory_mb=512,
     )
     ok = planned(request(runtime={"timeoutMs": 5000, "memoryMb": 64}), narrow)
     assert (ok.timeout_ms, ok.memory_mb) == (5000, 64)
@@ -284,7 +284,7 @@ def test_timeout_and_memory_bounds_come_from_settings() -> None:
 
 
 def test_bridge_can_be_disabled() -> None:
-    closed = msgspec.structs.replace(SETTINGS, streamsvc_allow_bridge=False)
+    closed = msgspec.structs.replace(SETTINGS, allow_bridge=False)
     assert planned(request(network_mode="none"), closed).network == "none"
     error = rejected(request(network_mode="bridge"), closed)
     assert error.code == "network_not_allowed"

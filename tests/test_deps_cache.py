@@ -375,7 +375,7 @@ async def test_removing_a_set_from_an_engine_that_breaks_is_a_quiet_false() -> N
             tg.start_soon(listener.serve, answer)
             engine = aiodocker.Docker(url=f"unix://{path}")
             try:
-                cache = DependencyCache(engine, load_settings({}, None), "test")
+                cache = DependencyCache(engine, load_settings({}, None).sandbox, "test")
                 with anyio.fail_after(60):
                     assert await cache.remove("streamsvc-deps-not-there") is False
             finally:
@@ -396,7 +396,7 @@ async def test_a_later_request_joins_an_install_whose_first_requester_left(
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
     }
-    settings = load_settings({**env, "STREAMSVC_SANDBOX_IMAGE": own_image}, None)
+    settings = load_settings({**env, "STREAMSVC_SANDBOX_IMAGE": own_image}, None).sandbox
     me = f"test-deps-{uuid.uuid4().hex[:12]}"
     dependencies = (Dependency("requests", specifier="==2.32.3"),)
     since = int(time.time())

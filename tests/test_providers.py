@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
 
 import aiohttp
 import httpx
@@ -21,10 +20,10 @@ import httpx2
 import pytest
 from openai import AsyncOpenAI
 
-from streamsvc.chat.endpoint import Chunk
 from streamsvc.chat.provider import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
+from streamsvc.chat.types import UpstreamChunk
 from streamsvc.errors import UpstreamAuth
-from streamsvc.settings import load_settings
+from streamsvc.settings import ChatSettings, load_settings
 from tests.conftest import AZURE_KEY, server_env
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
 from tests.harness import ROOT, ServerProcess, read_sse
@@ -66,7 +65,7 @@ def entra_fake() -> Iterator[FakeAzure]:
         yield fake
 
 
-def entra_settings(fake: FakeAzure) -> Any:
+def entra_settings(fake: FakeAzure) -> ChatSettings:
     return load_settings(
         {
             "AZURE_OPENAI_AUTH": "entra",
@@ -74,10 +73,10 @@ def entra_settings(fake: FakeAzure) -> Any:
             "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
         },
         None,
-    )
+    ).chat
 
 
-async def drain(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+async def drain(chunks: AsyncIterator[UpstreamChunk]) -> list[UpstreamChunk]:
     return [chunk async for chunk in chunks]
 
 
@@ -86,7 +85,7 @@ async def test_entra_auth_sends_the_token_providers_bearer_token_and_no_key(
 ) -> None:
     entra_fake.reset()
     settings = entra_settings(entra_fake)
-    assert settings.chat_configured  # no API key needed
+    assert settings.configured  # no API key needed
     calls = []
 
     async def token() -> str:

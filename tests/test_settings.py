@@ -36,32 +36,32 @@ def test_the_environment_wins_over_dotenv(tmp_path: Path) -> None:
         "UNRELATED=ignored\n"
     )
     settings = load_settings({"OPENAI_TEMPERATURE": "1.5", "STREAMSVC_PORT": "9002"}, dotenv)
-    assert settings.openai_temperature == 1.5  # environment
-    assert settings.streamsvc_port == 9002  # environment
-    assert settings.openai_max_tokens == 123  # .env, quotes stripped
-    assert settings.azure_openai_deployment == "from-dotenv"
-    assert not settings.chat_configured
+    assert settings.chat.temperature == 1.5  # environment
+    assert settings.server.port == 9002  # environment
+    assert settings.chat.max_tokens == 123  # .env, quotes stripped
+    assert settings.chat.azure_deployment == "from-dotenv"
+    assert not settings.chat.configured
 
 
 def test_defaults_and_empty_values(tmp_path: Path) -> None:
     settings = load_settings({"OPENAI_MAX_TOKENS": "", "STREAMSVC_HOST": ""}, None)
-    assert settings.openai_max_tokens == 2000
-    assert settings.openai_temperature == 0.7
-    assert settings.streamsvc_host == "127.0.0.1"
-    assert settings.streamsvc_port == 8000
-    assert settings.azure_openai_api_version == "2024-10-21"
-    assert settings.openai_reasoning_models == ("gpt-5", "o1", "o3", "o4")
-    assert not settings.chat_configured
+    assert settings.chat.max_tokens == 2000
+    assert settings.chat.temperature == 0.7
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8000
+    assert settings.chat.azure_api_version == "2024-10-21"
+    assert settings.chat.reasoning_models == ("gpt-5", "o1", "o3", "o4")
+    assert not settings.chat.configured
     # A missing .env file is no error.
     assert load_settings({}, tmp_path / "absent.env") == load_settings({}, None)
 
 
 def test_lists_and_chat_configuration() -> None:
     settings = load_settings({**AZURE, "OPENAI_REASONING_MODELS": " r1, ,thinker ,"}, None)
-    assert settings.openai_reasoning_models == ("r1", "thinker")
-    assert settings.chat_configured
+    assert settings.chat.reasoning_models == ("r1", "thinker")
+    assert settings.chat.configured
     for name in AZURE:
-        assert not load_settings({**AZURE, name: ""}, None).chat_configured
+        assert not load_settings({**AZURE, name: ""}, None).chat.configured
 
 
 @pytest.mark.parametrize(
@@ -95,17 +95,17 @@ def test_the_sandbox_ca_bundle_defaults_to_the_hosts_pip_bundle(tmp_path: Path) 
     dotenv = tmp_path / ".env"
     dotenv.write_text("STREAMSVC_SANDBOX_CA_BUNDLE=\n")
     host_env = {"PIP_CERT": str(host)}
-    assert load_settings(host_env, None).ca_bundle == str(host)
-    assert load_settings(host_env, dotenv).ca_bundle == str(host)
-    assert load_settings({"SSL_CERT_FILE": str(host)}, dotenv).ca_bundle == str(host)
+    assert load_settings(host_env, None).sandbox.ca_bundle == str(host)
+    assert load_settings(host_env, dotenv).sandbox.ca_bundle == str(host)
+    assert load_settings({"SSL_CERT_FILE": str(host)}, dotenv).sandbox.ca_bundle == str(host)
     # A bundle named by a candidate that is not a file is passed over.
-    assert load_settings({"PIP_CERT": str(tmp_path / "gone.pem")}, None).ca_bundle != str(
+    assert load_settings({"PIP_CERT": str(tmp_path / "gone.pem")}, None).sandbox.ca_bundle != str(
         tmp_path / "gone.pem"
     )
     chosen = {**host_env, "STREAMSVC_SANDBOX_CA_BUNDLE": str(own)}
-    assert load_settings(chosen, dotenv).ca_bundle == str(own)
+    assert load_settings(chosen, dotenv).sandbox.ca_bundle == str(own)
     off = {**host_env, "STREAMSVC_SANDBOX_CA_BUNDLE": "none"}
-    assert load_settings(off, dotenv).ca_bundle is None
+    assert load_settings(off, dotenv).sandbox.ca_bundle is None
 
 
 def test_a_sandbox_ca_bundle_that_is_not_a_file_names_its_variable(tmp_path: Path) -> None:

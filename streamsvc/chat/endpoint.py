@@ -1,33 +1,26 @@
-"""POST /chat: the contract, the chat provider protocol, and the endpoint.
+"""POST /chat: the contract and the endpoint.
 
-The body is the original contract's (``messages``, ``model``, ``temperature``,
-``max_tokens``) plus ``stream``. The answer is one ``ChatResult``; the stream is
-one ``delta`` event per content delta, then a ``done`` event whose data is
-exactly that ``ChatResult``. Failures after the headers end the stream with one
-``error`` event.
-
-Every upstream (``streamsvc.chat.provider``: Azure OpenAI, any OpenAI-compatible
-base URL) is a ``ChatProvider``: it streams the upstream's chunks as JSON
-objects, holding them back until the first token. This module also holds what
-both chat endpoints (this one and ``streamsvc.chat.openai_compat``) share: the
-deployments to try (``deployments_for``), the reasoning-model rule
-(``token_limits``) and what counts as a token (``has_token``).
+The body is the original contract's plus ``stream``; the answer is one ``ChatResult``,
+streamed as ``delta`` events then a ``done`` event holding it (or one ``error`` event
+after the headers). Both chat endpoints share ``deployments_for`` and ``token_limits``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Annotated, Any, Literal, Protocol
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from streamsvc.chat.types import ChatProvider, UpstreamBody, UpstreamChunk, Usage
 from streamsvc.errors import NotConfigured, ValidationFailed
-from streamsvc.settings import Settings
+from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body, wants_stream
+from streamsvc.web.services import Services, services
 
 MAX_MESSAGES = 512
 MAX_TOTAL_CHARS = 1_000_000
@@ -63,12 +56,6 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool | None = None
 
 
-class Usage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ChatResult(msgspec.Struct):
     """The JSON answer, and the data of the stream's final ``done`` event."""
 
@@ -92,28 +79,7 @@ class ChatParams(msgspec.Struct, frozen=True):
     max_tokens: int
 
 
-Chunk = dict[str, Any]
-
-
-class ChatProvider(Protocol):
-    """One upstream chat-completions API.
-
-    ``completion`` streams one completion as the upstream's chunks (the JSON
-    object of each SSE ``data:``, untouched). ``attempts`` are whole request
-    bodies, one per deployment, tried in order: a 429, 5xx, unreachable
-    upstream or timeout before the first token moves on to the next one, each
-    attempt with its own retries and first-token deadline. Nothing is yielded
-    before the first token (``has_token``): earlier chunks are held and come
-    with it, so the first ``anext`` returns at the first token, and failures
-    before it are ``ServiceError``s raised from there (real HTTP statuses).
-    """
-
-    def completion(self, attempts: Sequence[Chunk]) -> AsyncGenerator[Chunk, None]: ...
-
-    async def aclose(self) -> None: ...
-
-
-def deployments_for(requested: str, settings: Settings) -> list[str]:
+def deployments_for(requested: str, settings: ChatSettings) -> list[str]:
     """The deployments to try, in order.
 
     The configured ones (the default deployment, then
@@ -121,7 +87,7 @@ def deployments_for(requested: str, settings: Settings) -> list[str]:
     of them tries the others next. A request for any other deployment gets
     no fallback (another model family is never substituted unasked).
     """
-    group = [settings.chat_deployment, *settings.streamsvc_chat_fallback_deployments]
+    group = [settings.deployment, *settings.fallback_deployments]
     configured = list(dict.fromkeys(name for name in group if name))
     if requested not in configured:
         return [requested]
@@ -129,30 +95,12 @@ def deployments_for(requested: str, settings: Settings) -> list[str]:
 
 
 def token_limits(
-    deployment: str, max_tokens: int, temperature: float, settings: Settings
+    deployment: str, max_tokens: int, temperature: float, settings: ChatSettings
 ) -> dict[str, Any]:
     """``max_tokens`` and ``temperature``; only ``max_completion_tokens`` for reasoning models."""
-    if deployment.lower().startswith(settings.openai_reasoning_models):
+    if deployment.lower().startswith(settings.reasoning_models):
         return {"max_completion_tokens": max_tokens}
     return {"max_tokens": max_tokens, "temperature": temperature}
-
-
-def has_token(chunk: Chunk) -> bool:
-    """Whether a chunk carries output: a delta with more than a role, or a finish reason.
-
-    Azure's prompt-filter chunk, the role-only first chunk and content-filter
-    annotations (a choice with no ``delta``) carry none.
-    """
-    choices = chunk.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("finish_reason"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role"):
-            return True
-    return False
 
 
 # ---- POST /chat ---------------------------------------------------------------------------------
@@ -160,26 +108,24 @@ def has_token(chunk: Chunk) -> bool:
 _decoder = JsonDecoder(ChatRequest)
 
 
-def params_for(request: ChatRequest, settings: Settings) -> ChatParams:
+def params_for(request: ChatRequest, settings: ChatSettings) -> ChatParams:
     total = sum(len(message.text()) for message in request.messages)
     if total > MAX_TOTAL_CHARS:
         raise ValidationFailed(
             f"messages hold {total} characters; the limit is {MAX_TOTAL_CHARS}",
             path="$.messages",
         )
-    deployment = request.model or settings.chat_deployment
-    assert deployment is not None  # chat_configured checked it
+    deployment = request.model or settings.deployment
+    assert deployment is not None  # chat.configured checked it
     return ChatParams(
         deployment=deployment,
         messages=request.messages,
-        temperature=(
-            settings.openai_temperature if request.temperature is None else request.temperature
-        ),
-        max_tokens=settings.openai_max_tokens if request.max_tokens is None else request.max_tokens,
+        temperature=(settings.temperature if request.temperature is None else request.temperature),
+        max_tokens=settings.max_tokens if request.max_tokens is None else request.max_tokens,
     )
 
 
-def upstream_body(params: ChatParams, deployment: str, settings: Settings) -> Chunk:
+def upstream_body(params: ChatParams, deployment: str, settings: ChatSettings) -> UpstreamBody:
     """The upstream request for one deployment: always streamed, with usage."""
     messages = [
         {"role": m.role, "content": m.text()}
@@ -187,7 +133,7 @@ def upstream_body(params: ChatParams, deployment: str, settings: Settings) -> Ch
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})
         for m in params.messages
     ]
-    body: Chunk = {
+    body: UpstreamBody = {
         "model": deployment,
         "messages": messages,
         "stream": True,
@@ -197,7 +143,7 @@ def upstream_body(params: ChatParams, deployment: str, settings: Settings) -> Ch
 
 
 async def answer(
-    provider: ChatProvider, params: ChatParams, settings: Settings
+    provider: ChatProvider, params: ChatParams, settings: ChatSettings
 ) -> AsyncIterator[ChatDelta | ChatResult]:
     """One completion as ``ChatDelta`` items, then exactly one ``ChatResult``."""
     attempts = [
@@ -218,7 +164,7 @@ async def answer(
     yield result
 
 
-def _absorb(chunk: Chunk, result: ChatResult) -> list[str]:
+def _absorb(chunk: UpstreamChunk, result: ChatResult) -> list[str]:
     """Fold one chunk into ``result``; return its content deltas.
 
     Azure sends chunks with empty ``choices`` (prompt filter results, usage)
@@ -270,32 +216,31 @@ async def collect(source: AsyncIterator[ChatDelta | ChatResult]) -> ChatResult:
 _result_encoder = msgspec.json.Encoder()
 
 
-def configured_provider(request: Request) -> ChatProvider:
+def configured_provider(found: Services) -> ChatProvider:
     """The app's chat provider, or a 503 naming the settings it still needs."""
-    provider: ChatProvider | None = request.app.state.chat_provider
-    if provider is None:
-        missing = request.app.state.settings.chat_missing
+    if found.chat is None:
+        missing = found.settings.chat.missing
         raise NotConfigured(
             f"chat is not configured: set {', '.join(missing)}", code="chat_not_configured"
         )
-    return provider
+    return found.chat
 
 
 async def chat_endpoint(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    body = _decoder.decode_body(await read_body(request, settings.streamsvc_max_body_bytes))
-    provider = configured_provider(request)
-    params = params_for(body, settings)
+    found = services(request)
+    settings = found.settings
+    body = _decoder.decode_body(await read_body(request, settings.server.max_body_bytes))
+    provider = configured_provider(found)
+    params = params_for(body, settings.chat)
     try:
         if not wants_stream(request, body.stream):
-            whole = collect(observability.observe_chat(answer(provider, params, settings)))
-            result = await sse.before_headers(request, state.streams, whole)
+            whole = collect(observability.observe_chat(answer(provider, params, settings.chat)))
+            result = await sse.before_headers(request, found.streams, whole)
             return Response(_result_encoder.encode(result), media_type="application/json")
-        events = _events(observability.observe_chat(answer(provider, params, settings)))
-        first = await sse.before_headers(request, state.streams, sse.start(events))
+        events = _events(observability.observe_chat(answer(provider, params, settings.chat)))
+        first = await sse.before_headers(request, found.streams, sse.start(events))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
     return sse.event_response(
-        first, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
+        first, events, found.streams, keepalive=settings.server.keepalive_seconds
     )

@@ -36,18 +36,13 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.chat.endpoint import (
-    ChatProvider,
-    Chunk,
-    Usage,
-    configured_provider,
-    deployments_for,
-    token_limits,
-)
+from streamsvc.chat.endpoint import configured_provider, deployments_for, token_limits
+from streamsvc.chat.types import ChatProvider, JsonObject, UpstreamBody, Usage
 from streamsvc.errors import ServiceError, UpstreamRejected
-from streamsvc.settings import Settings
+from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body
+from streamsvc.web.services import services
 
 PREFIX = "/v1/"
 
@@ -119,7 +114,6 @@ def error_envelope(exc: ServiceError) -> OpenAIErrorEnvelope:
 
 
 def error_response(exc: ServiceError) -> Response:
-    observability.current().failed(exc.code)  # metrics count our codes, not the upstream's
     return Response(
         _encoder.encode(error_envelope(exc)),
         status_code=error_status(exc),
@@ -135,17 +129,17 @@ _decoder = JsonDecoder(CompletionRequest)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def upstream_bodies(body: Chunk, request: CompletionRequest, settings: Settings) -> list[Chunk]:
+def upstream_bodies(
+    body: JsonObject, request: CompletionRequest, settings: ChatSettings
+) -> list[UpstreamBody]:
     """The client's body for each deployment to try, streamed with usage, defaults filled in."""
-    requested = request.model or settings.chat_deployment
-    assert requested is not None  # chat_configured checked it
+    requested = request.model or settings.deployment
+    assert requested is not None  # chat.configured checked it
     options = body.get("stream_options") if request.stream else None
     stream_options = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     attempts = []
     for deployment in deployments_for(requested, settings):
-        defaults = token_limits(
-            deployment, settings.openai_max_tokens, settings.openai_temperature, settings
-        )
+        defaults = token_limits(deployment, settings.max_tokens, settings.temperature, settings)
         if _TOKEN_FIELDS & body.keys():
             defaults = {k: v for k, v in defaults.items() if k not in _TOKEN_FIELDS}
         fixed = {"model": deployment, "stream": True, "stream_options": stream_options}
@@ -154,7 +148,7 @@ def upstream_bodies(body: Chunk, request: CompletionRequest, settings: Settings)
 
 
 async def _chunks(
-    provider: ChatProvider, attempts: list[Chunk], include_usage: bool
+    provider: ChatProvider, attempts: list[UpstreamBody], include_usage: bool
 ) -> AsyncGenerator[sse.Event, None]:
     """The upstream's chunks for the client, observed as /chat's answer is: the first
     token, the usage (dropped for the client unless asked for) and, only with
@@ -191,7 +185,7 @@ def _present(value: Any) -> bool:
     return value is not None and value != "" and value != [] and value != {}
 
 
-def _merge(target: Chunk, delta: Chunk) -> None:
+def _merge(target: JsonObject, delta: JsonObject) -> None:
     """Fold a delta into what it continues: strings concatenate, objects merge, lists
     extend, and list items with an ``index`` (tool calls) merge into that item."""
     for key, value in delta.items():
@@ -218,7 +212,7 @@ def _extend(target: list[Any], items: list[Any]) -> None:
         if isinstance(index, int) and 0 <= index < len(target):
             _merge(target[index], {k: v for k, v in item.items() if k != "index"})
         elif isinstance(index, int):
-            fresh: Chunk = {}
+            fresh: JsonObject = {}
             _merge(fresh, {k: v for k, v in item.items() if k != "index"})
             target.append(fresh)
         else:
@@ -229,10 +223,10 @@ class CompletionBuilder:
     """Merges streamed chunks into the ``chat.completion`` a non-streaming call answers."""
 
     def __init__(self) -> None:
-        self.top: Chunk = {"id": "", "object": "chat.completion", "created": 0, "model": ""}
-        self.choices: dict[int, Chunk] = {}
+        self.top: JsonObject = {"id": "", "object": "chat.completion", "created": 0, "model": ""}
+        self.choices: dict[int, JsonObject] = {}
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: JsonObject) -> None:
         for key, value in chunk.items():
             if key not in _STREAM_ONLY and _present(value):
                 self.top[key] = value
@@ -257,11 +251,11 @@ class CompletionBuilder:
             rest.pop("content_filter_offsets", None)  # where a streamed annotation applies
             _merge(target, {k: v for k, v in rest.items() if _present(v)})
 
-    def completion(self) -> Chunk:
+    def completion(self) -> JsonObject:
         return {**self.top, "choices": [self.choices[i] for i in sorted(self.choices)]}
 
 
-async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> Chunk:
+async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> JsonObject:
     builder = CompletionBuilder()
     try:
         async for event in chunks:
@@ -282,7 +276,6 @@ def _data_frame(event: sse.Event) -> bytes:
 
 
 def _error_event(exc: ServiceError) -> sse.Event:
-    observability.current().failed(exc.code)
     return sse.Event("error", error_envelope(exc))
 
 
@@ -290,28 +283,28 @@ def _error_event(exc: ServiceError) -> sse.Event:
 
 
 async def completions_endpoint(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    raw = await read_body(request, settings.streamsvc_max_body_bytes)
+    found = services(request)
+    settings = found.settings
+    raw = await read_body(request, settings.server.max_body_bytes)
     core = _decoder.decode_body(raw)
     body = _object_decoder.decode(raw)
-    provider = configured_provider(request)
-    attempts = upstream_bodies(body, core, settings)
+    provider = configured_provider(found)
+    attempts = upstream_bodies(body, core, settings.chat)
     streaming = core.stream is True
     asked = core.stream_options is not None and core.stream_options.include_usage is True
     chunks = _chunks(provider, attempts, include_usage=asked or not streaming)
     try:
         if not streaming:
-            completion = await sse.before_headers(request, state.streams, _whole(chunks))
+            completion = await sse.before_headers(request, found.streams, _whole(chunks))
             return Response(_encoder.encode(completion), media_type="application/json")
-        first = await sse.before_headers(request, state.streams, sse.start(chunks))
+        first = await sse.before_headers(request, found.streams, sse.start(chunks))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
     return sse.event_response(
         first,
         chunks,
-        state.streams,
-        keepalive=settings.streamsvc_keepalive_seconds,
+        found.streams,
+        keepalive=settings.server.keepalive_seconds,
         encode=_data_frame,
         failure=_error_event,
         end=_DONE,

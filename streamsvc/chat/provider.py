@@ -5,7 +5,7 @@ into ``streamsvc.errors``. ``create_provider`` picks the client from the
 settings: Azure OpenAI with an API key or a Microsoft Entra ID token
 (azure-identity's ``DefaultAzureCredential``, imported only then), or any
 OpenAI-compatible base URL (OpenAI, Ollama, vLLM, a llama.cpp server).
-Behind either, ``Provider`` implements ``chat.ChatProvider``: it posts the
+Behind either, ``Provider`` implements ``chat.types.ChatProvider``: it posts the
 request bodies as they are and yields the upstream's chunks as plain JSON
 objects (nothing parsed into SDK models, nothing dropped).
 
@@ -45,7 +45,7 @@ import msgspec
 import openai
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
 
-from streamsvc.chat.endpoint import Chunk, has_token
+from streamsvc.chat.types import UpstreamBody, UpstreamChunk, has_token
 from streamsvc.errors import (
     RequestError,
     ServiceError,
@@ -55,7 +55,7 @@ from streamsvc.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from streamsvc.settings import Settings, SettingsError
+from streamsvc.settings import ChatSettings, SettingsError
 
 log = logging.getLogger("streamsvc.providers")
 
@@ -73,9 +73,9 @@ _NO_IDENTITY = (
 )
 
 
-def check_settings(settings: Settings) -> None:
+def check_settings(settings: ChatSettings) -> None:
     """Fail start-up, naming the setting, when Entra ID auth lacks its optional package."""
-    entra = settings.streamsvc_chat_provider == "azure" and settings.azure_openai_auth == "entra"
+    entra = settings.provider == "azure" and settings.azure_auth == "entra"
     if entra and not has_azure_identity():
         raise SettingsError(_NO_IDENTITY)
 
@@ -87,14 +87,14 @@ def has_azure_identity() -> bool:
         return False
 
 
-def create_provider(settings: Settings, token_provider: TokenProvider | None = None) -> Provider:
+def create_provider(
+    settings: ChatSettings, token_provider: TokenProvider | None = None
+) -> Provider:
     """The configured provider; ``token_provider`` replaces Entra ID's (for tests)."""
-    backstop = max(
-        settings.streamsvc_first_token_timeout_seconds, settings.streamsvc_idle_timeout_seconds
-    )
-    timeout = openai.Timeout(backstop + 5, connect=settings.streamsvc_connect_timeout_seconds)
+    backstop = max(settings.first_token_timeout_seconds, settings.idle_timeout_seconds)
+    timeout = openai.Timeout(backstop + 5, connect=settings.connect_timeout_seconds)
     http_client = _http_client(settings, timeout)
-    if settings.streamsvc_chat_provider == "openai":
+    if settings.provider == "openai":
         client: AsyncOpenAI = AsyncOpenAI(
             api_key=settings.openai_api_key or _NO_KEY,
             base_url=settings.openai_base_url,
@@ -104,14 +104,14 @@ def create_provider(settings: Settings, token_provider: TokenProvider | None = N
         )
         return Provider(client, settings)
     closers: list[Callable[[], object]] = []
-    if settings.azure_openai_auth == "entra" and token_provider is None:
+    if settings.azure_auth == "entra" and token_provider is None:
         token_provider, close = _entra_token_provider()
         closers.append(close)
     client = AsyncAzureOpenAI(
-        api_key=settings.azure_openai_api_key if token_provider is None else None,
+        api_key=settings.azure_api_key if token_provider is None else None,
         azure_ad_token_provider=token_provider,
-        azure_endpoint=settings.azure_openai_endpoint or "",
-        api_version=settings.azure_openai_api_version,
+        azure_endpoint=settings.azure_endpoint or "",
+        api_version=settings.azure_api_version,
         max_retries=0,
         timeout=timeout,
         http_client=http_client,
@@ -119,16 +119,16 @@ def create_provider(settings: Settings, token_provider: TokenProvider | None = N
     return Provider(client, settings, closers)
 
 
-def _http_client(settings: Settings, timeout: openai.Timeout) -> httpx2.AsyncClient:
+def _http_client(settings: ChatSettings, timeout: openai.Timeout) -> httpx2.AsyncClient:
     """The SDK's HTTP client: its aiohttp flavour by default, with room for every stream.
 
     Every open stream holds a connection, so the pool keeps as many as it may
     open; httpx's pool also scans all of them on each request and release,
     which is why aiohttp (a dict-keyed pool and a C HTTP parser) is the default.
     """
-    most = settings.streamsvc_chat_max_connections
+    most = settings.max_connections
     limits = httpx2.Limits(max_connections=most, max_keepalive_connections=most)
-    if settings.streamsvc_chat_http_client == "aiohttp":
+    if settings.http_client == "aiohttp":
         return openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
     return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
@@ -255,12 +255,12 @@ class UpstreamChunks:
     def __init__(self, response: httpx2.Response) -> None:
         self._response = response
         self._body: AsyncIterator[bytes] = response.aiter_bytes()
-        self._ready: deque[Chunk] = deque()
+        self._ready: deque[UpstreamChunk] = deque()
         self._partial = b""
         self._data: list[bytes] = []
         self._done = False
 
-    async def next(self) -> Chunk | None:
+    async def next(self) -> UpstreamChunk | None:
         """The next chunk, ``None`` at the end of the stream."""
         while not self._ready:
             try:
@@ -304,7 +304,7 @@ class UpstreamChunks:
 _chunk_decoder = msgspec.json.Decoder()
 
 
-def _decode_chunk(data: bytes) -> Chunk:
+def _decode_chunk(data: bytes) -> UpstreamChunk:
     try:
         chunk = _chunk_decoder.decode(data)
     except msgspec.DecodeError:
@@ -316,16 +316,16 @@ def _decode_chunk(data: bytes) -> Chunk:
     return chunk
 
 
-Opened = tuple[UpstreamChunks, list[Chunk], bool]
+Opened = tuple[UpstreamChunks, list[UpstreamChunk], bool]
 
 
 class Provider:
-    """``chat.ChatProvider`` over an ``AsyncOpenAI`` or ``AsyncAzureOpenAI`` client."""
+    """``chat.types.ChatProvider`` over an ``AsyncOpenAI`` or ``AsyncAzureOpenAI`` client."""
 
     def __init__(
         self,
         client: AsyncOpenAI,
-        settings: Settings,
+        settings: ChatSettings,
         closers: Sequence[Callable[[], object]] = (),
     ) -> None:
         self._client = client
@@ -337,12 +337,14 @@ class Provider:
         for close in self._closers:
             close()
 
-    async def completion(self, attempts: Sequence[Chunk]) -> AsyncGenerator[Chunk, None]:
+    async def completion(
+        self, attempts: Sequence[UpstreamBody]
+    ) -> AsyncGenerator[UpstreamChunk, None]:
         upstream, held, ended = await self._first_token(attempts)
         try:
             for chunk in held:
                 yield chunk
-            idle = self._settings.streamsvc_idle_timeout_seconds
+            idle = self._settings.idle_timeout_seconds
             while not ended:
                 following = await _next_chunk(upstream, anyio.current_time() + idle, _SILENT)
                 if following is None:
@@ -352,7 +354,7 @@ class Provider:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
 
-    async def _first_token(self, attempts: Sequence[Chunk]) -> Opened:
+    async def _first_token(self, attempts: Sequence[UpstreamBody]) -> Opened:
         """The first attempt (deployment) that reaches its first token, in order."""
         for number, body in enumerate(attempts, 1):
             try:
@@ -368,18 +370,18 @@ class Provider:
                 )
         raise ValueError("no attempts")
 
-    async def _start(self, body: Chunk) -> Opened:
+    async def _start(self, body: UpstreamBody) -> Opened:
         """Open one attempt and read up to its first token, all within the first-token deadline.
 
         Returns the open stream, the chunks read so far (the last one carries
         the token) and whether the stream already ended (no token at all).
         """
-        deadline = anyio.current_time() + self._settings.streamsvc_first_token_timeout_seconds
+        deadline = anyio.current_time() + self._settings.first_token_timeout_seconds
         with anyio.CancelScope(deadline=deadline) as scope:
             upstream = await self._open(body, deadline)
         if scope.cancelled_caught:
             raise UpstreamTimeout(_LATE)
-        held: list[Chunk] = []
+        held: list[UpstreamChunk] = []
         try:
             while (first := await _next_chunk(upstream, deadline, _LATE)) is not None:
                 held.append(first)
@@ -391,7 +393,7 @@ class Provider:
             raise
         return upstream, held, True
 
-    async def _open(self, body: Chunk, deadline: float) -> UpstreamChunks:
+    async def _open(self, body: UpstreamBody, deadline: float) -> UpstreamChunks:
         """Open the upstream stream, retrying 429/5xx/connection errors within the budget."""
         waited, attempt = 0.0, 0
         while True:
@@ -421,12 +423,12 @@ class Provider:
         self, exc: Exception, error: ServiceError, attempt: int, waited: float, deadline: float
     ) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` to give up with ``error``."""
-        if not _retryable(exc) or attempt >= self._settings.streamsvc_max_retries:
+        if not _retryable(exc) or attempt >= self._settings.max_retries:
             return None
         wait = error.retry_after
         if wait is None:
             wait = _BACKOFF_BASE * 2**attempt
-        over_budget = waited + wait > self._settings.streamsvc_retry_max_wait_seconds
+        over_budget = waited + wait > self._settings.retry_max_wait_seconds
         if over_budget or anyio.current_time() + wait >= deadline:
             if isinstance(error, UpstreamRateLimited) and error.retry_after is None:
                 error.retry_after = wait  # tell the client what we would have waited
@@ -436,7 +438,7 @@ class Provider:
 
 async def _next_chunk(
     upstream: UpstreamChunks, deadline: float, timeout_message: str
-) -> Chunk | None:
+) -> UpstreamChunk | None:
     """The next upstream chunk, ``None`` at the end; the deadline becomes ``UpstreamTimeout``."""
     with anyio.CancelScope(deadline=deadline):
         return await upstream.next()

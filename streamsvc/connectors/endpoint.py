@@ -23,10 +23,10 @@ from streamsvc.connectors.redact import MIN_SECRET_LENGTH
 from streamsvc.connectors.request import decode_request, plan
 from streamsvc.connectors.transcript import ExecutionResult, Transcript
 from streamsvc.errors import SandboxError
-from streamsvc.sandbox.types import Exited, Output, Sandbox, SandboxEvent, Status
-from streamsvc.settings import Settings
+from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import read_body, wants_stream
+from streamsvc.web.services import services
 
 log = logging.getLogger("streamsvc.execute")
 
@@ -79,28 +79,28 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
 
 
 async def execute_endpoint(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
-    body = decode_request(await read_body(request, settings.streamsvc_max_body_bytes))
-    spec = plan(body, settings)
-    sandbox: Sandbox | None = state.sandbox
+    found = services(request)
+    settings = found.settings
+    body = decode_request(await read_body(request, settings.server.max_body_bytes))
+    spec = plan(body, settings.sandbox)
+    sandbox = found.sandbox
     if sandbox is None:
         raise SandboxError("connector execution is not available on this server")
     secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
-    transcript = Transcript(secrets, settings.streamsvc_output_cap_bytes)
+    transcript = Transcript(secrets, settings.sandbox.output_cap_bytes)
     runs = sandbox.run(spec)
     try:
         # Engine down, busy: a real status before any header. A hang-up or a shutdown
         # while waiting stops the run (sse.before_headers).
-        first = await sse.before_headers(request, state.streams, sse.start(runs))
+        first = await sse.before_headers(request, found.streams, sse.start(runs))
         if first is None:
             raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
         events = _events(first, runs, transcript)
         if wants_stream(request, body.stream):
             return sse.event_response(
-                None, events, state.streams, keepalive=settings.streamsvc_keepalive_seconds
+                None, events, found.streams, keepalive=settings.server.keepalive_seconds
             )
-        result = await sse.before_headers(request, state.streams, _collect(events))
+        result = await sse.before_headers(request, found.streams, _collect(events))
     except ClientDisconnect:
         log.info("client disconnected before the answer; the run was stopped")
         return Response(status_code=499)  # nobody is listening; for the access log

@@ -40,7 +40,7 @@ from streamsvc.connectors.analysis import (
 from streamsvc.connectors.dependencies import parse_dependencies
 from streamsvc.errors import Problem, RequestError, ValidationFailed
 from streamsvc.sandbox.types import RunSpec
-from streamsvc.settings import Settings
+from streamsvc.settings import SandboxSettings
 from streamsvc.web.bodies import JsonDecoder
 
 SUPPORTED_LANGUAGES = ("python",)
@@ -141,22 +141,20 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
-def _file_problems(core: ConnectorCore, settings: Settings) -> list[Problem]:
+def _file_problems(core: ConnectorCore, settings: SandboxSettings) -> list[Problem]:
     problems: list[Problem] = []
-    if len(core.files) > settings.streamsvc_max_files:
+    if len(core.files) > settings.max_files:
         problems.append(
-            Problem("too_many_files", "connector.files", f"at most {settings.streamsvc_max_files}")
+            Problem("too_many_files", "connector.files", f"at most {settings.max_files}")
         )
     for name, text in core.files.items():
         path = f"connector.files.{name}"
         reason = file_name_problem(name)
         if reason:
             problems.append(Problem("unsafe_file_name", path, f"file name {reason}"))
-        if len(text.encode()) > settings.streamsvc_max_file_bytes:
+        if len(text.encode()) > settings.max_file_bytes:
             problems.append(
-                Problem(
-                    "file_too_large", path, f"larger than {settings.streamsvc_max_file_bytes} bytes"
-                )
+                Problem("file_too_large", path, f"larger than {settings.max_file_bytes} bytes")
             )
     for name in sorted(_directories(core.files) & core.files.keys()):
         problems.append(
@@ -187,7 +185,7 @@ def _directories(files: dict[str, str]) -> set[str]:
 
 
 def _runtime_problems(
-    runtime: Runtime, request: ExecuteRequest, settings: Settings
+    runtime: Runtime, request: ExecuteRequest, settings: SandboxSettings
 ) -> list[Problem]:
     problems: list[Problem] = []
     if runtime.language not in SUPPORTED_LANGUAGES:
@@ -200,11 +198,11 @@ def _runtime_problems(
             )
         )
     bounds = {
-        "timeoutMs": (runtime.timeout_ms, 1, settings.streamsvc_max_timeout_ms),
+        "timeoutMs": (runtime.timeout_ms, 1, settings.max_timeout_ms),
         "memoryMb": (
             runtime.memory_mb,
-            settings.streamsvc_min_memory_mb,
-            settings.streamsvc_max_memory_mb,
+            settings.min_memory_mb,
+            settings.max_memory_mb,
         ),
     }
     for name, (value, low, high) in bounds.items():
@@ -212,7 +210,7 @@ def _runtime_problems(
             problems.append(
                 Problem("out_of_range", f"connector.runtime.{name}", f"must be {low} to {high}")
             )
-    if request.network_mode == "bridge" and not settings.streamsvc_allow_bridge:
+    if request.network_mode == "bridge" and not settings.allow_bridge:
         problems.append(
             Problem(
                 "network_not_allowed",
@@ -253,7 +251,7 @@ def _depth_problems(request: ExecuteRequest) -> list[Problem]:
     ]
 
 
-def plan(request: ExecuteRequest, settings: Settings) -> RunSpec:
+def plan(request: ExecuteRequest, settings: SandboxSettings) -> RunSpec:
     """Validate a request completely and turn it into a ``RunSpec``."""
     core = _core(request.connector)
     problems = _file_problems(core, settings)

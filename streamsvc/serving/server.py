@@ -26,8 +26,9 @@ import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 
-from streamsvc.settings import Settings, SettingsError
+from streamsvc.settings import ServerSettings, Settings, SettingsError
 from streamsvc.web.app import create_app
+from streamsvc.web.services import installed
 
 log = logging.getLogger("streamsvc")
 
@@ -39,23 +40,23 @@ GC_THRESHOLDS = (10_000, 10, 10)
 BACKLOG = 2048
 
 
-def check_exposure(settings: Settings) -> None:
+def check_exposure(settings: ServerSettings) -> None:
     """Refuse a non-loopback address without API keys, unless explicitly insecure."""
-    host = settings.streamsvc_host
+    host = settings.host
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback and not settings.streamsvc_api_keys and not settings.streamsvc_allow_insecure:
+    if not loopback and not settings.api_keys and not settings.allow_insecure:
         raise SettingsError(
             f"invalid setting STREAMSVC_HOST: refusing to listen on {host} without "
             "STREAMSVC_API_KEYS (set STREAMSVC_ALLOW_INSECURE=true to override)"
         )
 
 
-def listen_socket(settings: Settings) -> socket.socket:
+def listen_socket(settings: ServerSettings) -> socket.socket:
     """The listening socket, as hypercorn would open it; a taken address is a message."""
-    address = (settings.streamsvc_host, settings.streamsvc_port)
+    address = (settings.host, settings.port)
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     dualstack = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
     try:
@@ -71,15 +72,15 @@ def listen_socket(settings: Settings) -> socket.socket:
     return sock
 
 
-def check_bindable(settings: Settings) -> None:
+def check_bindable(settings: ServerSettings) -> None:
     """Fail start-up with a message, not a traceback, when the address is taken."""
     listen_socket(settings).close()
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def hypercorn_config(settings: ServerSettings) -> Config:
     config = Config()
-    config.bind = [f"{settings.streamsvc_host}:{settings.streamsvc_port}"]
-    config.graceful_timeout = settings.streamsvc_shutdown_grace_seconds
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     # hypercorn holds a connection the client closed until this timer ends, so a long
@@ -95,10 +96,10 @@ def backend_options() -> dict[str, bool]:
 
 
 async def serve(settings: Settings, listen_fd: int | None = None) -> None:
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings.server)
     if listen_fd is None:
-        check_exposure(settings)
-        check_bindable(settings)
+        check_exposure(settings.server)
+        check_bindable(settings.server)
     else:
         config.bind = [f"fd://{listen_fd}"]
     app = create_app(settings)
@@ -111,12 +112,13 @@ async def serve(settings: Settings, listen_fd: int | None = None) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     stop = anyio.Event()
-    grace = settings.streamsvc_shutdown_grace_seconds
+    grace = settings.server.shutdown_grace_seconds
 
     async def drain_then_interrupt() -> None:
+        streams = installed(app).streams
         with anyio.move_on_after(grace / 2):
-            await app.state.streams.drained()
-        app.state.streams.close_all()
+            await streams.drained()
+        streams.close_all()
 
     async with anyio.create_task_group() as tg:
 

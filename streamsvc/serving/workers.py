@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from streamsvc.serving.server import check_exposure, listen_socket
-from streamsvc.settings import Settings
+from streamsvc.settings import ServerSettings
 
 log = logging.getLogger("streamsvc")
 
@@ -47,7 +47,7 @@ _PR_SET_PDEATHSIG = 1
 Worker = subprocess.Popen[bytes]
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: ServerSettings) -> int:
     """Run ``STREAMSVC_WORKERS`` workers until a signal; the process's exit code."""
     check_exposure(settings)
     listener = listen_socket(settings)
@@ -56,7 +56,7 @@ def supervise(settings: Settings) -> int:
         signal.signal(signum, lambda signum, _frame: signals.append(signum))
     command = [
         *(sys.executable, "-m", "streamsvc", "serve"),
-        *("--host", settings.streamsvc_host, "--port", str(settings.streamsvc_port)),
+        *("--host", settings.host, "--port", str(settings.port)),
         *("--listen-fd", str(listener.fileno())),
     ]
 
@@ -69,11 +69,11 @@ def supervise(settings: Settings) -> int:
             preexec_fn=_die_with_parent(),
         )
 
-    workers = [start() for _ in range(settings.streamsvc_workers)]
+    workers = [start() for _ in range(settings.workers)]
     log.info(
         "streamsvc listening on http://%s:%d (%d workers: %s)",
-        settings.streamsvc_host,
-        settings.streamsvc_port,
+        settings.host,
+        settings.port,
         len(workers),
         " ".join(str(worker.pid) for worker in workers),
     )
@@ -95,7 +95,7 @@ def supervise(settings: Settings) -> int:
     if signals:
         log.info("received %s; stopping the workers", signal.Signals(signals[0]).name)
     listener.close()  # once the workers close theirs, new connections are refused
-    _stop(workers, settings.streamsvc_shutdown_grace_seconds + STOP_MARGIN, signals)
+    _stop(workers, settings.shutdown_grace_seconds + STOP_MARGIN, signals)
     return code
 
 

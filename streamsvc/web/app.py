@@ -1,8 +1,8 @@
 """The Starlette application: factory, lifespan, routes, error rendering.
 
 ``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
-(the chat provider, the Docker sandbox) and closes them; routes find them on
-``app.state``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
+(the chat provider, the Docker sandbox) and closes them; routes find them in
+``web.services``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
 status (in OpenAI's shape under /v1/, see ``streamsvc.chat.openai_compat``);
 anything else is a 500 ``internal_error`` with no stack trace.
 """
@@ -10,6 +10,7 @@ anything else is a 500 ``internal_error`` with no stack trace.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -27,12 +29,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamsvc.chat import openai_compat
 from streamsvc.chat.endpoint import chat_endpoint
+from streamsvc.chat.types import ChatProvider
 from streamsvc.connectors.endpoint import execute_endpoint
 from streamsvc.errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
-from streamsvc.settings import Settings
-from streamsvc.web.observability import Metrics, ObservabilityMiddleware, metrics_endpoint
+from streamsvc.sandbox.types import Sandbox
+from streamsvc.settings import SandboxSettings, Settings
+from streamsvc.web import observability
+from streamsvc.web.observability import Metrics, ObservabilityMiddleware
 from streamsvc.web.openapi import openapi_endpoint
 from streamsvc.web.pages import docs, playground, static_files
+from streamsvc.web.services import Services, install, installed, services
 from streamsvc.web.sse import StreamRegistry
 
 log = logging.getLogger("streamsvc")
@@ -45,6 +51,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_response(exc: ServiceError, path: str = "") -> Response:
+    """The error's answer; its code (ours, even where /v1 shows the upstream's) is
+    recorded on the request's facts for the access log and the metrics."""
+    observability.current().failed(exc.code)
     if path.startswith(openai_compat.PREFIX):
         return openai_compat.error_response(exc)
     return Response(
@@ -83,18 +92,21 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def health(request: Request) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
+    found = services(request)
     chat = {
-        "state": "configured" if state.chat_provider is not None else "not_configured",
-        "deployment": settings.chat_deployment,
+        "state": "configured" if found.chat is not None else "not_configured",
+        "deployment": found.settings.chat.deployment,
     }
     components: dict[str, Any] = {"chat": chat}
-    sandbox = getattr(state, "sandbox", None)
-    if sandbox is not None:
-        components["sandbox"] = await sandbox.health()
+    if found.sandbox is not None:
+        components["sandbox"] = await found.sandbox.health()
     healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
     return json_response({"status": "ok" if healthy else "degraded", "components": components})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    registry = services(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class ApiKeyMiddleware:
@@ -141,22 +153,22 @@ class ApiKeyMiddleware:
 
 
 def create_app(settings: Settings) -> Starlette:
-    if settings.chat_configured:
+    if settings.chat.configured:
         from streamsvc.chat.provider import check_settings
 
-        check_settings(settings)  # e.g. Entra ID auth without azure-identity: a start-up error
+        check_settings(settings.chat)  # e.g. Entra ID auth without azure-identity: a start-up error
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            app.state.chat_provider = None
-            if settings.chat_configured:
+            provider: ChatProvider | None = None
+            if settings.chat.configured:
                 from streamsvc.chat.provider import create_provider
 
-                provider = create_provider(settings)
+                provider = create_provider(settings.chat)
                 stack.push_async_callback(provider.aclose)
-                app.state.chat_provider = provider
-            await _start_sandbox(app, settings, stack)
+            sandbox = await _start_sandbox(settings.sandbox, stack)
+            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox))
             yield
 
     app = Starlette(
@@ -178,45 +190,42 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.streams = StreamRegistry()
-    app.state.chat_provider = None
-    app.state.sandbox = None
+    streams = StreamRegistry()
+
+    def admission() -> object | None:
+        return getattr(installed(app).sandbox, "admission", None)
+
+    metrics = Metrics(lambda: streams.active, admission)
+    # Without I/O clients until the lifespan opens them (an app served without one, as
+    # in-process tests do, still answers, with chat and runs unavailable).
+    base = Services(settings, streams, metrics)
+    install(app, base)
+    server = settings.server
     app.add_middleware(
         ApiKeyMiddleware,
-        keys=settings.streamsvc_api_keys,
+        keys=server.api_keys,
         protected=("/chat", "/execute-connector", "/v1/"),
     )
-    if settings.streamsvc_cors_origins:
+    if server.cors_origins:
         # Outside the key check: a browser's preflight carries no key. Pure ASGI, so
         # streams pass through unbuffered.
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.streamsvc_cors_origins,
+            allow_origins=server.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=CORS_REQUEST_HEADERS,
             expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,
         )
     # Outermost of ours: 401s get a request id and an access-log line too.
-    app.state.metrics = Metrics(app.state)
-    app.add_middleware(
-        ObservabilityMiddleware,
-        metrics=app.state.metrics,
-        log_content=settings.streamsvc_log_content,
-    )
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_content=server.log_content)
     return app
 
 
-async def _start_sandbox(
-    app: Starlette, settings: Settings, stack: contextlib.AsyncExitStack
-) -> None:
+async def _start_sandbox(settings: SandboxSettings, stack: contextlib.AsyncExitStack) -> Sandbox:
     """The Docker sandbox; an engine that is down now is reported by /health."""
     from streamsvc.sandbox.docker.api import connect
     from streamsvc.sandbox.docker.sandbox import DockerSandbox
 
     # Entered, not just started: it owns the task group that enforces run deadlines.
-    sandbox = await stack.enter_async_context(
-        DockerSandbox(connect(settings.docker_host), settings)
-    )
-    app.state.sandbox = sandbox
+    return await stack.enter_async_context(DockerSandbox(connect(settings.docker_host), settings))

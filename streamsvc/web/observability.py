@@ -17,9 +17,10 @@ Endpoints record what only they know on this request's ``RequestFacts``
     facts.first_token(); facts.tokens(usage); facts.answered(completion)  # POST /v1/...
     current().execution(result.exit_code, result.ok)
 
-A stream that fails after its headers still answers 200; the middleware
-reads the error code from its last frame (``error_code``), whatever the
-framing: an ``error`` event, or /v1's data-only ``{"error": ...}``.
+Every error's code is recorded the same way, by ``facts.failed(code)``: an
+error answer where it is rendered (``app.error_response``), and a stream that
+fails after its headers (it still answers 200) where its last frame is written
+(``sse``). The middleware never reads the bytes it sends for it.
 
 ``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
 (the default, for people) or ``json`` (one object per line, for collectors);
@@ -38,19 +39,10 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from starlette.requests import Request
-from starlette.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streamsvc.settings import Settings
+from streamsvc.settings import ServerSettings
 
 access_log = logging.getLogger("streamsvc.access")
 content_log = logging.getLogger("streamsvc.content")
@@ -59,7 +51,6 @@ T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_ERROR_PEEK_BYTES = 8192
 
 
 class RequestFacts(msgspec.Struct):
@@ -88,7 +79,7 @@ class RequestFacts(msgspec.Struct):
         self.total_tokens = getattr(usage, "total_tokens", None)
 
     def failed(self, code: str) -> None:
-        """Record our error code when the answer carries the upstream's (/v1 does)."""
+        """Record our error code: an error answer, or a stream that failed after its headers."""
         self.error = code
 
     def answered(self, answer: Any) -> None:
@@ -140,7 +131,11 @@ async def observe_chat(source: AsyncIterator[T]) -> AsyncIterator[T]:
 class Metrics:
     """The app's Prometheus registry (one per app, no process-wide state)."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(
+        self, open_streams: Callable[[], int], admission: Callable[[], object | None]
+    ) -> None:
+        """``open_streams`` counts the open SSE streams; ``admission`` is the sandbox's
+        admission control (``running``, ``queue``), None while there is none."""
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -179,9 +174,9 @@ class Metrics:
         def gauge(name: str, documentation: str, read: Callable[[], float]) -> None:
             Gauge(name, documentation, registry=registry).set_function(read)
 
-        def admission(attribute: str) -> Callable[[], float]:
+        def admitted(attribute: str) -> Callable[[], float]:
             def read() -> float:
-                control = getattr(getattr(state, "sandbox", None), "admission", None)
+                control = admission()
                 if control is None:
                     return 0.0
                 value = getattr(control, attribute)
@@ -189,9 +184,9 @@ class Metrics:
 
             return read
 
-        gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(state.streams.active))
-        gauge("streamsvc_active_runs", "Connector runs executing", admission("running"))
-        gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admission("queue"))
+        gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(open_streams()))
+        gauge("streamsvc_active_runs", "Connector runs executing", admitted("running"))
+        gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admitted("queue"))
 
     def observe(
         self, route: str, status: int, error: str | None, duration: float, facts: RequestFacts
@@ -209,38 +204,7 @@ class Metrics:
             self.tokens.labels("completion").inc(facts.completion_tokens)
 
 
-async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
 # ---- the middleware ---------------------------------------------------------------------------
-
-
-class _ErrorBody(msgspec.Struct):
-    code: str
-
-
-class _ErrorEnvelope(msgspec.Struct):
-    error: _ErrorBody
-
-
-_error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
-
-
-def error_code(body: bytes, streamed: bool) -> str | None:
-    """The ``error.code`` of a JSON error body, or of a stream's last frame when that
-    is an error: an ``error`` event, or a frame with no event name (/v1's) whose data
-    is an error object. Other named events (a ``done`` result, ...) never count."""
-    if streamed:
-        head, _, data = body.rpartition(b"data: ")
-        if b"event: " in head and b"event: error\n" not in head:
-            return None
-        body = data.split(b"\n", 1)[0]
-    try:
-        return _error_decoder.decode(body).error.code
-    except msgspec.DecodeError:
-        return None
 
 
 def request_id_from(scope: Scope) -> str:
@@ -275,19 +239,12 @@ class ObservabilityMiddleware:
         status = 0
         streamed = False
         sent = 0
-        tail = b""  # an error body, or a stream's last chunk (its error event, if any)
         header = (b"x-request-id", request_id.encode())
 
         async def watch(message: Message) -> None:
-            nonlocal status, streamed, sent, tail
+            nonlocal status, streamed, sent
             if message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                sent += len(body)
-                if streamed:
-                    if body:
-                        tail = body
-                elif status >= 400 and len(tail) < _ERROR_PEEK_BYTES:
-                    tail += body
+                sent += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
@@ -306,7 +263,7 @@ class ObservabilityMiddleware:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             final = status or 500  # no response: the app raised; Starlette answers 500
-            error = facts.error or (error_code(tail, streamed) if tail else None)
+            error = facts.error
             self.metrics.observe(route, final, error, duration, facts)
             access_log.info(
                 "%s %s %d",
@@ -393,12 +350,12 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: ServerSettings) -> None:
     """Root logger: level and format from the settings, one stream handler."""
     handler = logging.StreamHandler()
-    json_format = settings.streamsvc_log_format == "json"
+    json_format = settings.log_format == "json"
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
-    level = logging.getLevelName(settings.streamsvc_log_level.upper())
+    level = logging.getLevelName(settings.log_level.upper())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The HTTP client logs every upstream request at info; the access log says enough.
     for name in _CHATTY:

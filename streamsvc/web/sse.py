@@ -25,6 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 
 from streamsvc.errors import ErrorEnvelope, ServiceError
+from streamsvc.web import observability
 
 log = logging.getLogger("streamsvc.sse")
 
@@ -134,7 +135,13 @@ async def _pump(
     end: bytes,
 ) -> AsyncIterator[bytes]:
     """Each event as one ``encode``d frame, then ``end``; a failure or shutdown
-    ends the stream with the ``failure`` event of its error instead."""
+    ends the stream with the ``failure`` event of its error instead, its code
+    recorded on the request's facts (the access log and metrics read it there)."""
+
+    def failed(exc: ServiceError) -> bytes:
+        observability.current().failed(exc.code)
+        return encode(failure(exc))
+
     registry.opened()
     try:
         if first is not None:
@@ -143,15 +150,15 @@ async def _pump(
             try:
                 event = await registry.next(source)
             except ServiceError as exc:
-                yield encode(failure(exc))
+                yield failed(exc)
                 return
             except Exception:
                 log.exception("stream failed")
-                yield encode(failure(ServiceError("internal error")))
+                yield failed(ServiceError("internal error"))
                 return
             if event is None:
                 if registry.closing:
-                    yield encode(failure(shutting_down()))
+                    yield failed(shutting_down())
                 elif end:
                     yield end
                 return

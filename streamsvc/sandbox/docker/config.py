@@ -27,7 +27,7 @@ import msgspec
 from streamsvc.sandbox.docker.api import NETWORK_NAME, SANDBOX_UID, labels
 from streamsvc.sandbox.runner.runner import BOOTSTRAP
 from streamsvc.sandbox.types import NetworkMode, RunSpec
-from streamsvc.settings import Settings
+from streamsvc.settings import SandboxSettings
 
 CONTEXT_FILE = "/work/.streamsvc/context.json"
 NOFILE_LIMIT = 256
@@ -43,7 +43,7 @@ class PoolKey(msgspec.Struct, frozen=True):
 
 
 def cold_config(
-    settings: Settings, owner: str, spec: RunSpec, deps_volume: str | None
+    settings: SandboxSettings, owner: str, spec: RunSpec, deps_volume: str | None
 ) -> dict[str, Any]:
     """The engine's create request for a cold run: the request's env, files by archive."""
     mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
@@ -61,7 +61,7 @@ def cold_config(
 
 
 def warm_config(
-    settings: Settings, owner: str, key: PoolKey, preload: list[str] | None = None
+    settings: SandboxSettings, owner: str, key: PoolKey, preload: list[str] | None = None
 ) -> dict[str, Any]:
     """The engine's create request for a warm sandbox: nothing of any request in it."""
     env = {**fixed_env(key.deps_volume), "STREAMSVC_DELIVERY": "stdin"}
@@ -104,7 +104,7 @@ def run_env(spec: RunSpec, deps_volume: str | None) -> dict[str, str]:
 
 
 def hardened(
-    settings: Settings,
+    settings: SandboxSettings,
     owner: str,
     *,
     network: NetworkMode,
@@ -118,10 +118,9 @@ def hardened(
     """Every hardening setting is here, the same for cold and warm sandboxes."""
     s = settings
     memory = memory_mb * 1024 * 1024
-    tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024
+    tmpfs_bytes = s.tmpfs_mb * 1024 * 1024
     tmpfs = (
-        f"rw,nosuid,nodev,noexec,size={s.streamsvc_tmpfs_mb}m,"
-        f"uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"
+        f"rw,nosuid,nodev,noexec,size={s.tmpfs_mb}m,uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"
     )
     mounts = list(mounts)
     if deps_volume is not None:
@@ -129,7 +128,7 @@ def hardened(
             {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
         )
     return {
-        "Image": s.streamsvc_sandbox_image,
+        "Image": s.image,
         "Cmd": cmd,
         "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
         "WorkingDir": "/work",
@@ -142,8 +141,8 @@ def hardened(
             "NetworkMode": "none" if network == "none" else NETWORK_NAME,
             "Memory": memory,
             "MemorySwap": memory,  # memory + swap: no swap at all
-            "NanoCpus": int(s.streamsvc_cpus * 1e9),
-            "PidsLimit": s.streamsvc_pids_limit,
+            "NanoCpus": int(s.cpus * 1e9),
+            "PidsLimit": s.pids_limit,
             "ReadonlyRootfs": True,
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],

@@ -81,7 +81,7 @@ from streamsvc.sandbox.docker.api import (
     labels,
     remove_container,
 )
-from streamsvc.settings import Settings
+from streamsvc.settings import SandboxSettings
 
 log = logging.getLogger("streamsvc.deps")
 
@@ -169,7 +169,7 @@ class DependencyCache:
     def __init__(
         self,
         docker: aiodocker.Docker,
-        settings: Settings,
+        settings: SandboxSettings,
         owner: str,
     ) -> None:
         self._docker = docker
@@ -225,7 +225,7 @@ class DependencyCache:
         return {
             "sets": len(self._sets),
             "size_kb": sum(entry.size_kb for entry in self._sets.values()),
-            "cap_mb": self._settings.streamsvc_deps_cache_mb,
+            "cap_mb": self._settings.deps_cache_mb,
             "installs": self.installs,
         }
 
@@ -296,7 +296,7 @@ class DependencyCache:
 
     def _install_wait(self) -> float:
         """How long the host lock is waited for, and then an install's answer."""
-        return self._settings.streamsvc_install_timeout_seconds + 60
+        return self._settings.install_timeout_seconds + 60
 
     async def _installed(
         self,
@@ -511,7 +511,7 @@ class DependencyCache:
                 }
             )
         config: dict[str, Any] = {
-            "Image": s.streamsvc_sandbox_image,
+            "Image": s.image,
             "Cmd": cmd,
             "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
             "Env": [f"{k}={v}" for k, v in env.items()],
@@ -544,7 +544,7 @@ class DependencyCache:
                 await docker_call("start a helper container", container.start())
                 if stdin is not None:
                     await docker_call("write to a helper container", stream.write_in(stdin))
-                with anyio.fail_after(s.streamsvc_install_timeout_seconds):
+                with anyio.fail_after(s.install_timeout_seconds):
                     while (message := await stream.read_out()) is not None:
                         if len(output) < 256 * 1024:
                             output += message.data
@@ -570,7 +570,7 @@ class DependencyCache:
                 await remove_container(container)
 
     async def _evict(self, keep: str) -> None:
-        cap_kb = self._settings.streamsvc_deps_cache_mb * 1024
+        cap_kb = self._settings.deps_cache_mb * 1024
         total = sum(entry.size_kb for entry in self._sets.values())
         for entry in sorted(self._sets.values(), key=lambda e: e.last_used):
             if total <= cap_kb:
@@ -639,10 +639,10 @@ async def disk_usage(docker: aiodocker.Docker) -> list[dict[str, Any]]:
     return [v for v in volumes if LABEL_DEPS in (v.get("Labels") or {})]
 
 
-async def entries(docker: aiodocker.Docker, settings: Settings) -> list[CacheEntry]:
+async def entries(docker: aiodocker.Docker, settings: SandboxSettings) -> list[CacheEntry]:
     """Every cached set on the engine, newest first."""
     try:
-        image = await docker.images.inspect(settings.streamsvc_sandbox_image)
+        image = await docker.images.inspect(settings.image)
         current: str | None = image["Id"]
     except aiodocker.DockerError:
         current = None
@@ -667,7 +667,7 @@ async def entries(docker: aiodocker.Docker, settings: Settings) -> list[CacheEnt
 
 
 async def clear(
-    docker: aiodocker.Docker, settings: Settings, every_image: bool = False
+    docker: aiodocker.Docker, settings: SandboxSettings, every_image: bool = False
 ) -> tuple[list[str], list[str]]:
     """Remove the cached sets no container uses (of the current image, or all); (removed, kept)."""
     removed, kept = [], []
@@ -682,7 +682,9 @@ async def clear(
     return removed, kept
 
 
-async def command(args: argparse.Namespace, settings: Settings, out: TextIO = sys.stdout) -> int:
+async def command(
+    args: argparse.Namespace, settings: SandboxSettings, out: TextIO = sys.stdout
+) -> int:
     """``streamsvc deps list|clear``: the cache as the engine holds it."""
     docker = connect(settings.docker_host)
     try:

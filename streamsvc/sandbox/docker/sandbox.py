@@ -108,7 +108,7 @@ from streamsvc.sandbox.docker.warm_protocol import (
 from streamsvc.sandbox.runner.runner import PIDS_MARKER
 from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
 from streamsvc.sandbox.warm_pool import WarmPool
-from streamsvc.settings import Settings
+from streamsvc.settings import SandboxSettings
 
 log = logging.getLogger("streamsvc.sandbox")
 
@@ -152,7 +152,7 @@ class _Warm:
 class DockerSandbox:
     """``Sandbox`` on a Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker, settings: Settings) -> None:
+    def __init__(self, docker: aiodocker.Docker, settings: SandboxSettings) -> None:
         self._docker = docker
         self._settings = settings
         self._owner = owner_label()
@@ -163,14 +163,14 @@ class DockerSandbox:
         self._unremoved = False
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
-            settings.streamsvc_max_concurrent_runs,
-            settings.streamsvc_queue_size,
-            max_wait=settings.streamsvc_queue_timeout_seconds,
+            settings.max_concurrent_runs,
+            settings.queue_size,
+            max_wait=settings.queue_timeout_seconds,
         )
         self.deps = DependencyCache(docker, settings, self._owner)
         self.pool: WarmPool[PoolKey, _Warm] = WarmPool(
-            settings.streamsvc_warm_pool_size,
-            settings.streamsvc_warm_pool_keys,
+            settings.warm_pool_size,
+            settings.warm_pool_keys,
             fill=self._fill,
             discard=self._discard,
             watch=_watch,
@@ -206,7 +206,7 @@ class DockerSandbox:
     async def _prepare(self) -> None:
         image = await docker_call(
             "inspect the sandbox image",
-            self._docker.images.inspect(self._settings.streamsvc_sandbox_image),
+            self._docker.images.inspect(self._settings.image),
         )
         self.image_id = image["Id"]
         self.deps.image_id = image["Id"]
@@ -238,10 +238,10 @@ class DockerSandbox:
                 if self.image_id is None:
                     await self._prepare()
         except (*ENGINE_ERRORS, TimeoutError, SandboxError):
-            return {"state": "unavailable", "image": self._settings.streamsvc_sandbox_image}
+            return {"state": "unavailable", "image": self._settings.image}
         return {
             "state": "ready",
-            "image": self._settings.streamsvc_sandbox_image,
+            "image": self._settings.image,
             "running": self.admission.running,
             "queued": len(self.admission.queue),
             "warm": self.pool.stats(),
@@ -360,7 +360,7 @@ class DockerSandbox:
         run: _Run | None = None
         try:
             async with _attached(container) as stream:
-                run = _Run(container, stream, self._settings.streamsvc_output_cap_bytes)
+                run = _Run(container, stream, self._settings.output_cap_bytes)
                 yield Status("starting", "starting the sandbox")
                 await self._start(run, spec.timeout_ms)
                 yield Status("running", f"running {spec.entry_point}")
@@ -394,7 +394,7 @@ class DockerSandbox:
             run = _Run(
                 warm.container,
                 warm.stream,
-                self._settings.streamsvc_output_cap_bytes,
+                self._settings.output_cap_bytes,
                 nonce=new_nonce(),
             )
             await self._deliver(run, spec, key)
