@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AZURE_KEY
 from tests.fake_azure import (
     FakeAzure,
     Reply,
@@ -23,7 +22,7 @@ from tests.fake_azure import (
     server_error,
     unauthorized,
 )
-from tests.harness import ServerProcess, free_port, read_sse
+from tests.harness import AZURE_KEY, ServerProcess, free_port, read_sse
 
 USER = [{"role": "user", "content": "Hello"}]
 STREAM = {"messages": USER, "stream": True}

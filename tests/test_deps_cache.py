@@ -37,9 +37,9 @@ from streamsvc.connectors.dependencies import Dependency
 from streamsvc.errors import SandboxError
 from streamsvc.sandbox.docker.deps_cache import DependencyCache, disk_usage, host_lock
 from streamsvc.settings import load_settings
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
     IMAGE,
+    ServerProcess,
     assert_no_sandboxes,
     body,
     docker,

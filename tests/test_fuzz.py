@@ -27,9 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from streamsvc.connectors.analysis import deep_merge
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, server_env
 
 BODY_CAP = 64 * 1024
 JSON = {"content-type": "application/json"}

@@ -13,9 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import AZURE_KEY
 from tests.fake_azure import FakeAzure, Reply, unauthorized
-from tests.harness import ServerProcess, read_sse
+from tests.harness import AZURE_KEY, ServerProcess, read_sse
 
 API_KEY = "client-api-key-abcdef0123456789"
 SECRET_TEXT = "the-launch-code-is-7f3a9c"  # message content: never in the log

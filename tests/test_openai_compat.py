@@ -19,7 +19,6 @@ import pytest
 from openai import AsyncOpenAI
 
 from streamsvc.chat.openai_compat import CompletionBuilder
-from tests.conftest import server_env
 from tests.fake_azure import (
     NOT_FOUND,
     FakeAzure,
@@ -27,8 +26,7 @@ from tests.fake_azure import (
     content_filter_error,
     rate_limited,
 )
-from tests.harness import ServerProcess
-from tests.test_openapi import check_answer
+from tests.harness import ServerProcess, check_answer, server_env
 
 USER = [{"role": "user", "content": "Hello"}]
 WEATHER_TOOL = {

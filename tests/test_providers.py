@@ -25,9 +25,8 @@ from streamsvc.chat.endpoint import Chunk
 from streamsvc.chat.provider import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
 from streamsvc.errors import UpstreamAuth
 from streamsvc.settings import load_settings
-from tests.conftest import AZURE_KEY, server_env
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
-from tests.harness import ROOT, ServerProcess, read_sse
+from tests.harness import AZURE_KEY, ROOT, ServerProcess, read_sse, server_env
 
 USER = [{"role": "user", "content": "Hello"}]
 PLAIN = {"messages": USER}
