@@ -17,7 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +275,7 @@ def check_answer(path: str, method: str, response: httpx.Response) -> None:
 
 def check_stream(text: str, frame_schema: dict[str, Any]) -> None:
     blocks = [block.split("\n") for block in text.replace("\r\n", "\n").split("\n\n")]
-    frames = []
+    frames: list[dict[str, Any]] = []
     for lines in blocks:
         fields, _ = parse_sse_lines([line for line in lines if line])
         if "data" in fields:
@@ -287,9 +287,9 @@ def check_stream(text: str, frame_schema: dict[str, Any]) -> None:
         validate(frame, frame_schema)
     if all(f["id"] is None and f["event"] == "message" for f in frames):
         # OpenAI's format (/v1): data only, ending with [DONE] or with an error object
-        data = [f["data"] for f in frames]
-        assert data[-1] == "[DONE]" or "error" in data[-1], text
-        assert all(d != "[DONE]" and "error" not in d for d in data[:-1]), text
+        payloads = [f["data"] for f in frames]
+        assert payloads[-1] == "[DONE]" or "error" in payloads[-1], text
+        assert all(d != "[DONE]" and "error" not in d for d in payloads[:-1]), text
         return
     assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
     assert frames[-1]["event"] in {"done", "error"}
@@ -366,7 +366,7 @@ async def stream(client: httpx.AsyncClient, server: ServerProcess, payload: Any)
 
 async def sse_events(
     client: httpx.AsyncClient, server: ServerProcess, payload: Any
-) -> AsyncIterator[tuple[str, Any]]:
+) -> AsyncGenerator[tuple[str, Any], None]:
     """``(event, data)`` pairs as they arrive; closing the generator hangs up."""
     headers = {"accept": "text/event-stream"}
     url = server.url + "/execute-connector"

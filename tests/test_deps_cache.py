@@ -137,7 +137,8 @@ async def test_a_set_that_cannot_install_is_an_error_and_leaves_nothing(
 
 
 def image_id(image: str = IMAGE) -> str:
-    return json.loads(docker("image", "inspect", image))[0]["Id"]
+    found: str = json.loads(docker("image", "inspect", image))[0]["Id"]
+    return found
 
 
 def python_version(image: str = IMAGE) -> str:

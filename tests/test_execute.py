@@ -143,7 +143,7 @@ SECRET = "s3cret-value-42"
 async def test_the_program_gets_env_overrides_and_substituted_placeholders(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
-    body = {
+    body: dict[str, Any] = {
         "connector": {
             "runtime": {"language": "python", "entryPoint": "main.py", "timeoutMs": 20000},
             "configuration": {

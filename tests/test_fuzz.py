@@ -264,7 +264,8 @@ timeouts = st.integers(min_value=-5, max_value=10**12).filter(lambda t: t != 1)
 @st.composite
 def execute_bodies(draw: st.DrawFn) -> dict[str, Any]:
     files = draw(st.dictionaries(file_names, code, max_size=4))
-    entry = draw(st.sampled_from(sorted(files)) if files and draw(st.booleans()) else file_names)
+    one_of_them = bool(files) and draw(st.booleans())
+    entry = draw(st.sampled_from(sorted(files)) if one_of_them else file_names)
     runtime: dict[str, Any] = {"entryPoint": entry}
     optional = {
         "language": st.sampled_from(["python", "python", "Python", "node", ""]),

@@ -17,6 +17,11 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionMessageToolCallParam,
+    ChatCompletionToolParam,
+)
 
 from streamsvc.chat.openai_compat import CompletionBuilder
 from tests.fake_azure import (
@@ -28,8 +33,8 @@ from tests.fake_azure import (
 )
 from tests.harness import ServerProcess, check_answer, server_env
 
-USER = [{"role": "user", "content": "Hello"}]
-WEATHER_TOOL = {
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
+WEATHER_TOOL: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -41,7 +46,7 @@ WEATHER_TOOL = {
         },
     },
 }
-CALL = {
+CALL: ChatCompletionMessageToolCallParam = {
     "id": "call_abc123",
     "type": "function",
     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -132,7 +137,7 @@ async def test_sdk_streaming_with_include_usage_ends_with_the_usage_chunk(
 async def test_sdk_tool_calls_round_trip(
     sdk: AsyncOpenAI, azure: FakeAzure, streaming: bool
 ) -> None:
-    azure.push(Reply(tool_calls=[CALL]), Reply(text_chunks=["It is sunny."]))
+    azure.push(Reply(tool_calls=[dict(CALL)]), Reply(text_chunks=["It is sunny."]))
     extra: dict[str, Any] = {
         "tools": [WEATHER_TOOL],
         "tool_choice": "auto",
@@ -143,7 +148,7 @@ async def test_sdk_tool_calls_round_trip(
         "stop": ["\n\n"],
         "user": "ada",
     }
-    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather in Paris?"}]
     if streaming:
         stream = await sdk.chat.completions.create(
             model="gpt-4o", messages=ask, stream=True, **extra
@@ -177,7 +182,7 @@ async def test_sdk_tool_calls_round_trip(
     assert first["messages"] == ask
 
     # The answer goes back: the assistant's tool call and the tool's result, untouched.
-    history = [
+    history: list[ChatCompletionMessageParam] = [
         *ask,
         {"role": "assistant", "content": None, "tool_calls": [CALL]},
         {"role": "tool", "tool_call_id": "call_abc123", "content": '{"sky": "sunny"}'},
@@ -458,7 +463,9 @@ async def test_unconfigured_chat_is_a_503_naming_the_missing_settings(
 def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: FakeAzure) -> None:
     path = "/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": USER}
-    azure.push(Reply(), Reply(), Reply(tool_calls=[CALL]), Reply(text_chunks=["a"], drop_after=0))
+    azure.push(
+        Reply(), Reply(), Reply(tool_calls=[dict(CALL)]), Reply(text_chunks=["a"], drop_after=0)
+    )
     with httpx.Client(base_url=server.url, timeout=30) as http:
         check_answer(path, "post", http.post(path, json=body))
         check_answer(path, "post", http.post(path, json={**body, "stream": True}))

@@ -155,7 +155,7 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     if "anyOf" in schema or "oneOf" in schema:
-        return st.one_of([from_schema(s) for s in schema.get("anyOf", schema.get("oneOf"))])
+        return st.one_of([from_schema(s) for s in schema.get("anyOf") or schema["oneOf"]])
     kind = schema.get("type")
     if kind == "null":
         return st.none()

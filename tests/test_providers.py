@@ -20,6 +20,7 @@ import httpx
 import httpx2
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from streamsvc.chat.endpoint import Chunk
 from streamsvc.chat.provider import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
@@ -28,7 +29,7 @@ from streamsvc.settings import load_settings
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
 from tests.harness import AZURE_KEY, ROOT, ServerProcess, read_sse, server_env
 
-USER = [{"role": "user", "content": "Hello"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 PLAIN = {"messages": USER}
 STREAM = {"messages": USER, "stream": True}
 

@@ -78,7 +78,7 @@ def pool_full(server: ServerProcess, timeout: float = 30.0) -> None:
 
     def full() -> bool:
         found = pool(server)
-        return found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"]
+        return bool(found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"])
 
     wait_until(full, timeout)
 
