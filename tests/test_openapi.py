@@ -28,7 +28,16 @@ from starlette.routing import Mount, Route
 from streamsvc.settings import load_settings
 from streamsvc.web.app import create_app
 from tests.fake_azure import FakeAzure
-from tests.harness import DOC, ROOT, SCHEMAS, ServerProcess, check_answer, inline
+from tests.harness import (
+    DOC,
+    ROOT,
+    SCHEMAS,
+    ServerProcess,
+    asgi_client,
+    check_answer,
+    inline,
+    server_env,
+)
 
 KEY = "fuzz-key-0123456789"
 STATIC = ROOT / "streamsvc" / "web" / "static"
@@ -89,20 +98,21 @@ def test_document_describes_bodies_streams_and_errors() -> None:
     assert "entryPoint" in SCHEMAS["Runtime"]["properties"]
 
 
-def test_served_document_docs_page_and_no_external_assets(server: ServerProcess) -> None:
-    served = httpx.get(server.url + "/openapi.json", timeout=10)
-    assert served.status_code == 200
-    assert served.headers["content-type"] == "application/json"
-    assert served.json() == json.loads(json.dumps(DOC))
+async def test_served_document_docs_page_and_no_external_assets(fake_azure: FakeAzure) -> None:
+    async with asgi_client(server_env(fake_azure)) as app:
+        served = await app.get("/openapi.json")
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "application/json"
+        assert served.json() == json.loads(json.dumps(DOC))
 
-    for path, marker in (("/docs", "/static/docs.js"), ("/", "/static/app.js")):
-        page = httpx.get(server.url + path, timeout=10)
-        assert page.status_code == 200
-        assert page.headers["content-type"].startswith("text/html")
-        assert marker in page.text
-        assert "default-src 'self'" in page.headers["content-security-policy"]
-    for name in ("app.js", "docs.js", "style.css", "seed-example.json"):
-        assert httpx.get(f"{server.url}/static/{name}", timeout=10).status_code == 200
+        for path, marker in (("/docs", "/static/docs.js"), ("/", "/static/app.js")):
+            page = await app.get(path)
+            assert page.status_code == 200
+            assert page.headers["content-type"].startswith("text/html")
+            assert marker in page.text
+            assert "default-src 'self'" in page.headers["content-security-policy"]
+        for name in ("app.js", "docs.js", "style.css", "seed-example.json"):
+            assert (await app.get(f"/static/{name}")).status_code == 200
     # The machine is offline and the pages use no CDN: nothing outside this origin.
     for file in STATIC.iterdir():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", file.read_text()), file.name
