@@ -11,9 +11,7 @@ import psutil
 import pytest
 
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess
-
-AZURE_KEY = "azure-test-key-0123456789"
+from tests.harness import AZURE_KEY, ServerProcess, server_env
 
 
 def docker_available() -> bool:
@@ -86,20 +84,6 @@ def azure(fake_azure: FakeAzure) -> FakeAzure:
     """The session's fake upstream, emptied for this test."""
     fake_azure.reset()
     return fake_azure
-
-
-def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
-    return {
-        "AZURE_OPENAI_API_KEY": AZURE_KEY,
-        "AZURE_OPENAI_ENDPOINT": fake.url,
-        "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
-        "STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS": "3",
-        "STREAMSVC_IDLE_TIMEOUT_SECONDS": "2",
-        "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
-        "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
-        "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
-        **extra,
-    }
 
 
 @pytest.fixture(scope="session")

@@ -190,7 +190,7 @@ def _tool_call_deltas(calls: list[Json]) -> list[Json]:
 def _completion(
     model: str, text: str, finish: str, usage: Json, tool_calls: list[Json] | None = None
 ) -> Json:
-    message = {"annotations": [], "content": text, "refusal": None, "role": "assistant"}
+    message: Json = {"annotations": [], "content": text, "refusal": None, "role": "assistant"}
     if tool_calls:
         message |= {"content": text or None, "tool_calls": tool_calls}
     choice = {"content_filter_results": _filter_results(finish == "content_filter"),

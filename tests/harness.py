@@ -1,13 +1,13 @@
-"""Test harness: the real server in its own process, and a real SSE client.
+"""The tests' one kit: the real server process, an SSE client, in-process apps and helpers.
 
-``ServerProcess`` starts ``python -m streamsvc`` on a free loopback port with
-an explicit environment (in an empty working directory, so no developer
-``.env`` leaks in) and waits for /health. ``read_sse`` reads a streamed
-response off the socket with httpx and records when each event arrived.
+Real-process tests use ``ServerProcess`` (``python -m streamsvc`` in an empty
+directory, explicit environment); pure HTTP tests use ``asgi_client`` (the app
+in-process over httpx's ASGI transport). No test module imports another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,13 +15,22 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import jsonschema
 import psutil
+
+from streamsvc.settings import load_settings
+from streamsvc.web.app import create_app
+from streamsvc.web.openapi import openapi_document
+from tests.fake_azure import FakeAzure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,3 +188,300 @@ async def read_sse(
                 if stop_after is not None and len(result.events) >= stop_after:
                     return result
         return result
+
+
+#: The original contract's example request; the playground and the CLI serve this file.
+SEED_EXAMPLE = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
+
+
+def seed_request() -> dict[str, Any]:
+    """A fresh copy of the seed's example request body."""
+    body: dict[str, Any] = json.loads(SEED_EXAMPLE.read_text())
+    return body
+
+
+AZURE_KEY = "azure-test-key-0123456789"
+
+
+def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
+    """The environment of a server pointed at the fake upstream ``fake``."""
+    return {
+        "AZURE_OPENAI_API_KEY": AZURE_KEY,
+        "AZURE_OPENAI_ENDPOINT": fake.url,
+        "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
+        "STREAMSVC_FIRST_TOKEN_TIMEOUT_SECONDS": "3",
+        "STREAMSVC_IDLE_TIMEOUT_SECONDS": "2",
+        "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
+        "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
+        "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        **extra,
+    }
+
+
+#: Where an in-process app looks for a Docker engine: nowhere, so it never starts containers.
+NO_DOCKER = "unix:///nonexistent/docker.sock"
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app in-process (lifespan run), with settings from ``env`` and no Docker engine."""
+    app = create_app(load_settings({"DOCKER_HOST": NO_DOCKER, **env}, None))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        yield client
+
+
+# -- the OpenAPI document as a checker of real answers ------------------------------------
+
+DOC = openapi_document()
+SCHEMAS = DOC["components"]["schemas"]
+
+
+def inline(schema: Any) -> Any:
+    """``schema`` with every ``#/components/schemas/X`` reference replaced by X itself."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            target = inline(SCHEMAS[schema["$ref"].rsplit("/", 1)[1]])
+            rest = {k: inline(v) for k, v in schema.items() if k != "$ref"}
+            return {**target, **rest} if rest else target
+        return {key: inline(value) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [inline(item) for item in schema]
+    return schema
+
+
+def validate(instance: Any, schema: dict[str, Any]) -> None:
+    jsonschema.Draft202012Validator(inline(schema)).validate(instance)
+
+
+def check_answer(path: str, method: str, response: httpx.Response) -> None:
+    """The status, content type and body are ones the document gives for this operation."""
+    responses = DOC["paths"][path][method]["responses"]
+    status = str(response.status_code)
+    assert status != "500", response.text
+    assert status in responses, f"{method} {path}: undocumented {status}: {response.text[:300]}"
+    media = response.headers.get("content-type", "").split(";")[0]
+    content = responses[status]["content"]
+    assert media in content, f"{method} {path} {status}: undocumented {media}"
+    schema = content[media]["schema"]
+    if media == "application/json":
+        validate(response.json(), schema)
+    elif media == "text/event-stream":
+        check_stream(response.text, schema)
+
+
+def check_stream(text: str, frame_schema: dict[str, Any]) -> None:
+    blocks = [block.split("\n") for block in text.replace("\r\n", "\n").split("\n\n")]
+    frames: list[dict[str, Any]] = []
+    for lines in blocks:
+        fields, _ = parse_sse_lines([line for line in lines if line])
+        if "data" in fields:
+            data = fields["data"]
+            frames.append({"event": fields.get("event", "message"), "id": fields.get("id"),
+                           "data": data if data == "[DONE]" else json.loads(data)})  # fmt: skip
+    assert frames, text
+    for frame in frames:
+        validate(frame, frame_schema)
+    if all(f["id"] is None and f["event"] == "message" for f in frames):
+        # OpenAI's format (/v1): data only, ending with [DONE] or with an error object
+        payloads = [f["data"] for f in frames]
+        assert payloads[-1] == "[DONE]" or "error" in payloads[-1], text
+        assert all(d != "[DONE]" and "error" not in d for d in payloads[:-1]), text
+        return
+    assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+    assert frames[-1]["event"] in {"done", "error"}
+    assert all(f["event"] not in {"done", "error"} for f in frames[:-1])
+
+
+# -- the Docker sandbox: request bodies, the engine's view, waiting -------------------------
+#
+# The engine is asked through the ``docker`` CLI (the tests' own view, independent of the
+# code under test). Containers are found by the owner label a server puts on everything
+# it creates (``host:pid`` of the server process).
+
+IMAGE = os.environ.get("STREAMSVC_SANDBOX_IMAGE", "streamsvc-sandbox:latest")
+
+
+#: Forks children that sleep until a fork is refused, then reports how many it made and why.
+FORK_UNTIL_REFUSED = """
+        import json, os, time
+        children = 0
+        try:
+            while True:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                children += 1
+        except OSError as exc:
+            failure = type(exc).__name__
+        print(json.dumps({"ok": True, "result": {"children": children, "failure": failure}}))
+"""
+
+
+def connector(
+    code: str,
+    *,
+    timeout_ms: int = 20_000,
+    memory_mb: int = 128,
+    dependencies: Any = None,
+    configuration: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    runtime: dict[str, Any] = {
+        "language": "python",
+        "entryPoint": "main.py",
+        "timeoutMs": timeout_ms,
+        "memoryMb": memory_mb,
+    }
+    if dependencies is not None:
+        runtime["dependencies"] = dependencies
+    return {
+        "runtime": runtime,
+        "configuration": configuration or {},
+        "files": {"main.py": textwrap.dedent(code), **(files or {})},
+    }
+
+
+def body(code: str, *, network: str = "none", env: dict[str, str] | None = None, **kw: Any) -> Any:
+    return {"connector": connector(code, **kw), "env": env or {}, "network_mode": network}
+
+
+async def execute(client: httpx.AsyncClient, server: ServerProcess, payload: Any) -> Any:
+    """The unstreamed answer (asserting a 200)."""
+    response = await client.post(server.url + "/execute-connector", json=payload)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def stream(client: httpx.AsyncClient, server: ServerProcess, payload: Any) -> SSEResponse:
+    """The streamed answer, every event; it must end with ``done``."""
+    answer = await read_sse(client, server.url + "/execute-connector", payload)
+    assert answer.status == 200, answer.body
+    assert answer.events[-1].event == "done", [e.event for e in answer.events]
+    return answer
+
+
+async def sse_events(
+    client: httpx.AsyncClient, server: ServerProcess, payload: Any
+) -> AsyncGenerator[tuple[str, Any], None]:
+    """``(event, data)`` pairs as they arrive; closing the generator hangs up."""
+    headers = {"accept": "text/event-stream"}
+    url = server.url + "/execute-connector"
+    async with client.stream("POST", url, json=payload, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        block: list[str] = []
+        async for line in response.aiter_lines():
+            if line:
+                block.append(line)
+                continue
+            fields, _ = parse_sse_lines(block)
+            block = []
+            if "event" in fields:
+                yield fields["event"], json.loads(fields.get("data") or "null")
+
+
+def owner(server: ServerProcess) -> str:
+    return f"{socket.gethostname()}:{server.process.pid}"
+
+
+def docker(*args: str, host: str | None = None, check: bool = True) -> str:
+    env = dict(os.environ)
+    if host:
+        env["DOCKER_HOST"] = host
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {result.stderr}")
+    return result.stdout
+
+
+def sandboxes(server: ServerProcess, host: str | None = None) -> list[str]:
+    """Ids of every container (any state) the server labelled as its own."""
+    out = docker(
+        "ps", "-aq", "--no-trunc", "--filter", f"label=streamsvc.owner={owner(server)}", host=host
+    )
+    return out.split()
+
+
+def inspect(container: str, host: str | None = None) -> Any:
+    return json.loads(docker("inspect", container, host=host))[0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
+    """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true after {timeout} s: {predicate}")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+async def eventually(predicate: Callable[[], bool], limit: float) -> float:
+    """``wait_until`` for async tests: the predicate runs in a thread, the loop keeps going."""
+    started = time.monotonic()
+    while not await anyio.to_thread.run_sync(predicate):
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"not true after {limit} s: {predicate}")
+        await anyio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def assert_no_sandboxes(server: ServerProcess, timeout: float = 10.0) -> None:
+    """Every container of this server is gone (removal follows the answer closely)."""
+    wait_until(lambda: not sandboxes(server), timeout)
+
+
+def assert_healthy(server: ServerProcess) -> None:
+    assert server.process.poll() is None, server.log()
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    assert health["components"]["sandbox"]["state"] == "ready", health
+
+
+def result_line(answer: Any) -> Any:
+    """The program's own result object (runs print ``{"ok": true, "result": ...}``)."""
+    assert answer["ok"] is True, answer
+    return answer["result"]
+
+
+HARDENING_REPORT = """
+    import json, os, resource, socket, time
+
+    def read(path):
+        try:
+            return open(path).read().strip()
+        except OSError:
+            return None
+
+    status = dict(line.split(":", 1) for line in read("/proc/self/status").splitlines())
+    mounts = {}
+    for line in read("/proc/mounts").splitlines():
+        device, target, fstype, options = line.split()[:4]
+        mounts[target] = {"type": fstype, "options": options.split(",")}
+    sizes = {}
+    for place in ("/work", "/tmp", "/dev/shm"):
+        stat = os.statvfs(place)
+        sizes[place] = stat.f_blocks * stat.f_frsize
+    cpu = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    report = {
+        "hostname": socket.gethostname(),
+        "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
+        "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+        "no_new_privs": status["NoNewPrivs"].strip(),
+        "seccomp": status["Seccomp"].strip(),
+        "mounts": mounts,
+        "sizes": sizes,
+        "pids_max": read("/sys/fs/cgroup/pids/pids.max") or read("/sys/fs/cgroup/pids.max"),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
+        "cpu": cpu if cpu[0] else read("/sys/fs/cgroup/cpu.max"),
+        "sockets": [p for p in ("/var/run/docker.sock", "/run/docker.sock", "/docker.sock")
+                    if os.path.exists(p)],
+    }
+    print(json.dumps(report), flush=True)
+    time.sleep(30)  # the test reads the engine's record, then hangs up
+"""

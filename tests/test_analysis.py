@@ -50,7 +50,7 @@ identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True).filt
     lambda name: not keyword.iskeyword(name) and name not in DICT_METHODS
 )
 plain_keys = st.text(
-    st.characters(codec="utf-8", exclude_characters="\"'\\\r\n", exclude_categories=("Cs",)),
+    st.characters(codec="utf-8", exclude_characters="\"'\\\r\n", exclude_categories=["Cs"]),
     max_size=8,
 )
 

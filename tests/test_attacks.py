@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 from streamsvc.sandbox.runner.runner import PIDS_MARKER
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
     FORK_UNTIL_REFUSED,
+    ServerProcess,
     assert_healthy,
     assert_no_sandboxes,
     body,

@@ -1,4 +1,8 @@
-"""Access control: API keys on a real server, and the refusal to listen exposed without them."""
+"""Access control: API keys and CORS on the app in-process, and on a real server where it matters.
+
+The gate's answers are checked over ASGI; streams through the gate, the refusal
+to listen exposed without keys and listening exposed use a real server process.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 
 import httpx
 import pytest
 
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess, free_port, read_sse
+from tests.harness import ServerProcess, asgi_client, free_port, read_sse, server_env
 
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
 CHAT = {"messages": [{"role": "user", "content": "Hello"}]}
@@ -26,6 +30,11 @@ def keyed(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
     process = ServerProcess(server_env(fake_azure, STREAMSVC_API_KEYS=" , ".join(KEYS)))
     yield process
     process.close()
+
+
+def keyed_app(fake: FakeAzure) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    """The app in-process with the two keys, as ``keyed`` runs it."""
+    return asgi_client(server_env(fake, STREAMSVC_API_KEYS=" , ".join(KEYS)))
 
 
 def assert_unauthorized(response: httpx.Response) -> None:
@@ -54,40 +63,37 @@ def assert_unauthorized(response: httpx.Response) -> None:
     ],
 )
 async def test_protected_routes_refuse_a_missing_or_wrong_key(
-    keyed: ServerProcess, client: httpx.AsyncClient, headers: dict[str, str]
+    fake_azure: FakeAzure, headers: dict[str, str]
 ) -> None:
-    for path, body in (("/chat", CHAT), ("/execute-connector", INVALID_CONNECTOR)):
-        assert_unauthorized(await client.post(keyed.url + path, json=body, headers=headers))
+    async with keyed_app(fake_azure) as gate:
+        for path, body in (("/chat", CHAT), ("/execute-connector", INVALID_CONNECTOR)):
+            assert_unauthorized(await gate.post(path, json=body, headers=headers))
 
 
-async def test_refusal_comes_before_reading_or_validating_the_body(
-    keyed: ServerProcess, client: httpx.AsyncClient
-) -> None:
-    for path in ("/chat", "/execute-connector", "/chat/", "/%63hat", "/execute-connector?x=1"):
-        assert_unauthorized(await client.post(keyed.url + path, content=b"{not json"))
-    # A method other than POST on a protected path is refused too, not described.
-    assert_unauthorized(await client.get(keyed.url + "/chat"))
-    sneaky = await client.post(keyed.url + "//chat", json=CHAT)
-    assert sneaky.status_code in {401, 404}
+async def test_refusal_comes_before_reading_or_validating_the_body(fake_azure: FakeAzure) -> None:
+    async with keyed_app(fake_azure) as gate:
+        for path in ("/chat", "/execute-connector", "/chat/", "/%63hat", "/execute-connector?x=1"):
+            assert_unauthorized(await gate.post(path, content=b"{not json"))
+        # A method other than POST on a protected path is refused too, not described.
+        assert_unauthorized(await gate.get("/chat"))
+        sneaky = await gate.post("http://testserver//chat", json=CHAT)  # not "//host"
+        assert sneaky.status_code in {401, 404}
 
 
-async def test_each_configured_key_is_accepted_either_way(
-    keyed: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
-) -> None:
-    for headers in (
-        {"authorization": f"Bearer {KEYS[0]}"},
-        {"authorization": f"bearer {KEYS[1]}"},
-        {"x-api-key": KEYS[1]},
-        {"x-api-key": KEYS[0]},
-    ):
-        response = await client.post(keyed.url + "/chat", json=CHAT, headers=headers)
-        assert response.status_code == 200, headers
-        assert response.json()["content"] == "echo: Hello"
-        checked = await client.post(
-            keyed.url + "/execute-connector", json=INVALID_CONNECTOR, headers=headers
-        )
-        assert checked.status_code == 400  # past the gate, into validation
-        assert checked.json()["error"]["code"] == "invalid_connector"
+async def test_each_configured_key_is_accepted_either_way(azure: FakeAzure) -> None:
+    async with keyed_app(azure) as gate:
+        for headers in (
+            {"authorization": f"Bearer {KEYS[0]}"},
+            {"authorization": f"bearer {KEYS[1]}"},
+            {"x-api-key": KEYS[1]},
+            {"x-api-key": KEYS[0]},
+        ):
+            response = await gate.post("/chat", json=CHAT, headers=headers)
+            assert response.status_code == 200, headers
+            assert response.json()["content"] == "echo: Hello"
+            checked = await gate.post("/execute-connector", json=INVALID_CONNECTOR, headers=headers)
+            assert checked.status_code == 400  # past the gate, into validation
+            assert checked.json()["error"]["code"] == "invalid_connector"
 
 
 async def test_streams_pass_the_gate_untouched(
@@ -104,10 +110,11 @@ async def test_streams_pass_the_gate_untouched(
     assert response.last.data["content"] == "echo: Hello"
 
 
-async def test_health_stays_open(keyed: ServerProcess, client: httpx.AsyncClient) -> None:
-    response = await client.get(keyed.url + "/health")
-    assert response.status_code == 200
-    assert response.json()["components"]["chat"]["state"] == "configured"
+async def test_health_stays_open(fake_azure: FakeAzure) -> None:
+    async with keyed_app(fake_azure) as gate:
+        response = await gate.get("/health")
+        assert response.status_code == 200
+        assert response.json()["components"]["chat"]["state"] == "configured"
 
 
 async def test_without_keys_nothing_is_asked(
@@ -176,26 +183,35 @@ def cors(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
     process.close()
 
 
-async def test_an_allowed_origin_gets_its_preflight_answered_without_a_key(
-    cors: ServerProcess, client: httpx.AsyncClient
-) -> None:
-    preflight = {
-        "origin": ORIGIN,
-        "access-control-request-method": "POST",
-        "access-control-request-headers": "authorization, content-type, x-request-id",
-    }
-    for path in ("/chat", "/execute-connector", "/v1/chat/completions"):
-        answer = await client.options(cors.url + path, headers=preflight)
-        assert answer.status_code == 200, answer.text
-        assert answer.headers["access-control-allow-origin"] == ORIGIN
-        assert "POST" in answer.headers["access-control-allow-methods"]
-        allowed = answer.headers["access-control-allow-headers"].lower()
-        assert {"authorization", "content-type", "x-request-id"} <= set(allowed.split(", "))
-    stranger = await client.options(
-        cors.url + "/chat", headers={**preflight, "origin": "https://evil.example"}
+def cors_app(fake: FakeAzure) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    """The app in-process with one key and two origins, as ``cors`` runs it."""
+    env = server_env(
+        fake, STREAMSVC_API_KEYS=KEYS[0], STREAMSVC_CORS_ORIGINS=f"{ORIGIN}, http://x:81"
     )
-    assert stranger.status_code == 400
-    assert "access-control-allow-origin" not in stranger.headers
+    return asgi_client(env)
+
+
+async def test_an_allowed_origin_gets_its_preflight_answered_without_a_key(
+    fake_azure: FakeAzure,
+) -> None:
+    async with cors_app(fake_azure) as cors_gate:
+        preflight = {
+            "origin": ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type, x-request-id",
+        }
+        for path in ("/chat", "/execute-connector", "/v1/chat/completions"):
+            answer = await cors_gate.options(path, headers=preflight)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["access-control-allow-origin"] == ORIGIN
+            assert "POST" in answer.headers["access-control-allow-methods"]
+            allowed = answer.headers["access-control-allow-headers"].lower()
+            assert {"authorization", "content-type", "x-request-id"} <= set(allowed.split(", "))
+        stranger = await cors_gate.options(
+            "/chat", headers={**preflight, "origin": "https://evil.example"}
+        )
+        assert stranger.status_code == 400
+        assert "access-control-allow-origin" not in stranger.headers
 
 
 async def test_an_allowed_origin_reads_streams_errors_and_the_request_id(
@@ -215,11 +231,10 @@ async def test_an_allowed_origin_reads_streams_errors_and_the_request_id(
     assert refused.headers["x-request-id"]
 
 
-async def test_without_origins_no_cors_header_is_sent(
-    keyed: ServerProcess, client: httpx.AsyncClient
-) -> None:
-    preflight = {"origin": ORIGIN, "access-control-request-method": "POST"}
-    answer = await client.options(keyed.url + "/chat", headers=preflight)
-    assert "access-control-allow-origin" not in answer.headers
-    plain = await client.post(keyed.url + "/chat", json=CHAT, headers={"origin": ORIGIN})
-    assert "access-control-allow-origin" not in plain.headers
+async def test_without_origins_no_cors_header_is_sent(fake_azure: FakeAzure) -> None:
+    async with keyed_app(fake_azure) as gate:
+        preflight = {"origin": ORIGIN, "access-control-request-method": "POST"}
+        answer = await gate.options("/chat", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+        plain = await gate.post("/chat", json=CHAT, headers={"origin": ORIGIN})
+        assert "access-control-allow-origin" not in plain.headers

@@ -1,7 +1,7 @@
 """Azure OpenAI behaviours, end to end: real server process, real SDK, fake upstream.
 
 The session server runs with a 3 s first-token timeout, a 2 s idle timeout and
-a 3 s total retry wait (see ``conftest.server_env``).
+a 3 s total retry wait (see ``harness.server_env``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AZURE_KEY
 from tests.fake_azure import (
     FakeAzure,
     Reply,
@@ -23,7 +22,7 @@ from tests.fake_azure import (
     server_error,
     unauthorized,
 )
-from tests.harness import ServerProcess, free_port, read_sse
+from tests.harness import AZURE_KEY, ServerProcess, free_port, read_sse
 
 USER = [{"role": "user", "content": "Hello"}]
 STREAM = {"messages": USER, "stream": True}

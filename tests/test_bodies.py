@@ -1,7 +1,8 @@
 """Request bodies: malformed JSON (400 with a position) and the size cap (413).
 
-Through the real server, except the decoder's error translation, which is
-checked directly on the cases that are awkward to send over HTTP.
+The 400s are checked on the app in-process; the 413s on a real server from a
+raw socket (answered before the body is all sent); the decoder's error
+translation directly, on the cases that are awkward to send over HTTP.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from streamsvc.errors import RequestError, ValidationFailed
 from streamsvc.web.bodies import JsonDecoder
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, asgi_client, server_env
 
 HEADERS = {"content-type": "application/json"}
 
@@ -36,13 +37,10 @@ HEADERS = {"content-type": "application/json"}
     ids=["bad-character", "truncated", "empty", "trailing", "not-utf8"],
 )
 async def test_malformed_json_is_400_with_the_byte_position(
-    server: ServerProcess,
-    azure: FakeAzure,
-    client: httpx.AsyncClient,
-    raw: bytes,
-    position: int,
+    azure: FakeAzure, raw: bytes, position: int
 ) -> None:
-    response = await client.post(server.url + "/chat", content=raw, headers=HEADERS)
+    async with asgi_client(server_env(azure)) as app:
+        response = await app.post("/chat", content=raw, headers=HEADERS)
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]

@@ -158,7 +158,7 @@ async def test_defaults_and_reasoning_families_come_from_settings(
 async def test_every_role_and_text_parts_are_accepted(
     server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "developer", "content": "Answer in English."},
         {

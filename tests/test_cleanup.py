@@ -20,9 +20,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
     IMAGE,
+    ServerProcess,
     assert_no_sandboxes,
     body,
     docker,

@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from streamsvc.client import ClientError, Frame, build_request, parse_set, parse_sse
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ROOT, ServerProcess, free_port
+from tests.harness import ROOT, ServerProcess, free_port, server_env
 
 SEED = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
 _SCRIPT = Path(sys.executable).with_name("streamsvc")

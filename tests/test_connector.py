@@ -23,8 +23,7 @@ from streamsvc.connectors.request import MAX_ENV_BYTES, MAX_JSON_DEPTH, decode_r
 from streamsvc.errors import RequestError, ValidationFailed
 from streamsvc.sandbox.types import RunSpec
 from streamsvc.settings import SandboxSettings
-from tests.harness import ServerProcess
-from tests.test_execute import seed_request
+from tests.harness import ServerProcess, seed_request
 
 SETTINGS = SandboxSettings()
 

@@ -37,9 +37,9 @@ from streamsvc.connectors.dependencies import Dependency
 from streamsvc.errors import SandboxError
 from streamsvc.sandbox.docker.deps_cache import DependencyCache, disk_usage, host_lock
 from streamsvc.settings import load_settings
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
     IMAGE,
+    ServerProcess,
     assert_no_sandboxes,
     body,
     docker,
@@ -137,7 +137,8 @@ async def test_a_set_that_cannot_install_is_an_error_and_leaves_nothing(
 
 
 def image_id(image: str = IMAGE) -> str:
-    return json.loads(docker("image", "inspect", image))[0]["Id"]
+    found: str = json.loads(docker("image", "inspect", image))[0]["Id"]
+    return found
 
 
 def python_version(image: str = IMAGE) -> str:

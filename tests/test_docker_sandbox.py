@@ -19,8 +19,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
+    HARDENING_REPORT,
+    ServerProcess,
     assert_healthy,
     assert_no_sandboxes,
     body,
@@ -29,37 +30,14 @@ from tests.sandbox_kit import (
     inspect,
     result_line,
     sandboxes,
+    seed_request,
     sse_events,
     stream,
 )
 
 pytestmark = pytest.mark.docker
 
-SEED = {
-    "connector": {
-        "runtime": {
-            "language": "python",
-            "entryPoint": "runner_entrypoint.py",
-            "timeoutMs": 30000,
-            "memoryMb": 256,
-            "dependencies": [{"name": "requests", "version": "2.32.3"}],
-        },
-        "configuration": {
-            "spreadsheetId": "SPREADSHEET_ID",
-            "sheetName": "Sheet1",
-            "columnIndex": 3,
-            "valueToInsert": "Hello",
-        },
-        "files": {
-            "runner_entrypoint.py": (
-                "import json\nprint(json.dumps({'ok': True, 'result': {'hello': 'world'}}))"
-            )
-        },
-    },
-    "env": {"CLIENT_ID": "...", "CLIENT_SECRET": "..."},
-    "configuration_overrides": {"valueToInsert": "Value set at execution time"},
-    "network_mode": "bridge",
-}
+SEED = seed_request()
 
 
 async def test_seed_example_streamed_and_unstreamed(
@@ -285,45 +263,6 @@ async def test_bridge_is_the_service_network_and_sandboxes_cannot_reach_each_oth
     assert verdict in ("timeout", "TimeoutError", "ConnectionRefusedError"), verdict
     peers = seen["answer"]["result"]
     assert len(peers) == 2 and peers[0] == peers[1] == network["IPAM"]["Config"][0]["Gateway"]
-
-
-HARDENING_REPORT = """
-    import json, os, resource, socket, time
-
-    def read(path):
-        try:
-            return open(path).read().strip()
-        except OSError:
-            return None
-
-    status = dict(line.split(":", 1) for line in read("/proc/self/status").splitlines())
-    mounts = {}
-    for line in read("/proc/mounts").splitlines():
-        device, target, fstype, options = line.split()[:4]
-        mounts[target] = {"type": fstype, "options": options.split(",")}
-    sizes = {}
-    for place in ("/work", "/tmp", "/dev/shm"):
-        stat = os.statvfs(place)
-        sizes[place] = stat.f_blocks * stat.f_frsize
-    cpu = read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-    report = {
-        "hostname": socket.gethostname(),
-        "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
-        "caps": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-        "no_new_privs": status["NoNewPrivs"].strip(),
-        "seccomp": status["Seccomp"].strip(),
-        "mounts": mounts,
-        "sizes": sizes,
-        "pids_max": read("/sys/fs/cgroup/pids/pids.max") or read("/sys/fs/cgroup/pids.max"),
-        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-        "fsize": resource.getrlimit(resource.RLIMIT_FSIZE),
-        "cpu": cpu if cpu[0] else read("/sys/fs/cgroup/cpu.max"),
-        "sockets": [p for p in ("/var/run/docker.sock", "/run/docker.sock", "/docker.sock")
-                    if os.path.exists(p)],
-    }
-    print(json.dumps(report), flush=True)
-    time.sleep(30)  # the test reads the engine's record, then hangs up
-"""
 
 
 async def test_hardening_seen_from_inside_and_by_the_engine(

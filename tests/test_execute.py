@@ -7,64 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.harness import ServerProcess, read_sse
-
-ROOT = Path(__file__).resolve().parent.parent
-
-#: The seed's example request, exactly as the seed file gives it.
-SEED_BODY = """\
-{
-  "connector": {
-    "runtime": {
-      "language": "python",
-      "entryPoint": "runner_entrypoint.py",
-      "timeoutMs": 30000,
-      "memoryMb": 256,
-      "dependencies": [
-        { "name": "requests", "version": "2.32.3" }
-      ]
-    },
-    "configuration": {
-      "spreadsheetId": "SPREADSHEET_ID",
-      "sheetName": "Sheet1",
-      "columnIndex": 3,
-      "valueToInsert": "Hello"
-    },
-    "files": {
-      "runner_entrypoint.py": "import json\\nprint(json.dumps({'ok': True, 'result': {'hello': 'world'}}))"
-    }
-  },
-  "env": {
-    "CLIENT_ID": "...",
-    "CLIENT_SECRET": "..."
-  },
-  "configuration_overrides": {
-    "valueToInsert": "Value set at execution time"
-  },
-  "network_mode": "bridge"
-}
-"""  # noqa: E501 - verbatim
-
-
-def seed_request() -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(SEED_BODY)
-    return body
-
-
-def test_the_playground_and_cli_example_is_the_seed_body() -> None:
-    # SEED_BODY is copied verbatim from the original contract's README ("Body (minimal)").
-    shipped = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
-    assert json.loads(shipped.read_text()) == json.loads(SEED_BODY)
+from tests.harness import SEED_EXAMPLE, ServerProcess, read_sse, seed_request
 
 
 def without_duration(answer: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +30,9 @@ async def test_the_seed_example_answers_hello_world(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
     url = server.url + "/execute-connector"
-    plain = await client.post(url, content=SEED_BODY, headers={"content-type": "application/json"})
+    plain = await client.post(
+        url, content=SEED_EXAMPLE.read_bytes(), headers={"content-type": "application/json"}
+    )
     assert plain.status_code == 200
     assert plain.headers["content-type"] == "application/json"
     answer = plain.json()
@@ -190,7 +143,7 @@ SECRET = "s3cret-value-42"
 async def test_the_program_gets_env_overrides_and_substituted_placeholders(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
-    body = {
+    body: dict[str, Any] = {
         "connector": {
             "runtime": {"language": "python", "entryPoint": "main.py", "timeoutMs": 20000},
             "configuration": {

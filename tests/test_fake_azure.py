@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from openai import AsyncAzureOpenAI, AzureOpenAI
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from tests.fake_azure import (
     FakeAzure,
@@ -27,7 +27,7 @@ from tests.fake_azure import (
 
 KEY = "test-key"
 API_VERSION = "2024-10-21"
-USER = [{"role": "user", "content": "hello there world"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there world"}]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -28,8 +28,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import ServerProcess
-from tests.sandbox_kit import IMAGE, body, docker, eventually, execute, result_line, sse_events
+from tests.harness import (
+    IMAGE,
+    ServerProcess,
+    body,
+    docker,
+    eventually,
+    execute,
+    result_line,
+    sse_events,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -27,9 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from streamsvc.connectors.analysis import deep_merge
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess
+from tests.harness import ServerProcess, server_env
 
 BODY_CAP = 64 * 1024
 JSON = {"content-type": "application/json"}
@@ -265,7 +264,8 @@ timeouts = st.integers(min_value=-5, max_value=10**12).filter(lambda t: t != 1)
 @st.composite
 def execute_bodies(draw: st.DrawFn) -> dict[str, Any]:
     files = draw(st.dictionaries(file_names, code, max_size=4))
-    entry = draw(st.sampled_from(sorted(files)) if files and draw(st.booleans()) else file_names)
+    one_of_them = bool(files) and draw(st.booleans())
+    entry = draw(st.sampled_from(sorted(files)) if one_of_them else file_names)
     runtime: dict[str, Any] = {"entryPoint": entry}
     optional = {
         "language": st.sampled_from(["python", "python", "Python", "node", ""]),

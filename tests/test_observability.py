@@ -13,9 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import AZURE_KEY
 from tests.fake_azure import FakeAzure, Reply, unauthorized
-from tests.harness import ServerProcess, read_sse
+from tests.harness import AZURE_KEY, ServerProcess, asgi_client, read_sse, server_env
 
 API_KEY = "client-api-key-abcdef0123456789"
 SECRET_TEXT = "the-launch-code-is-7f3a9c"  # message content: never in the log
@@ -75,26 +74,27 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 async def test_request_id_is_echoed_when_valid_and_generated_otherwise(
-    server: ServerProcess, client: httpx.AsyncClient
+    fake_azure: FakeAzure,
 ) -> None:
-    offered = "req-2024.abc_DEF-" + "x" * 100
-    echoed = await client.get(server.url + "/health", headers={"X-Request-ID": offered})
-    assert echoed.headers["x-request-id"] == offered
+    async with asgi_client(server_env(fake_azure)) as app:  # headers only: in-process
+        offered = "req-2024.abc_DEF-" + "x" * 100
+        echoed = await app.get("/health", headers={"X-Request-ID": offered})
+        assert echoed.headers["x-request-id"] == offered
 
-    generated = (await client.get(server.url + "/health")).headers["x-request-id"]
-    assert len(generated) == 32 and int(generated, 16) >= 0
-    other = (await client.get(server.url + "/health")).headers["x-request-id"]
-    assert other != generated
+        generated = (await app.get("/health")).headers["x-request-id"]
+        assert len(generated) == 32 and int(generated, 16) >= 0
+        other = (await app.get("/health")).headers["x-request-id"]
+        assert other != generated
 
-    for bad in ("has space", "x" * 129, "semi;colon", "ünïcode"):
-        answer = await client.get(server.url + "/health", headers={"X-Request-ID": bad.encode()})
-        replaced = answer.headers["x-request-id"]
-        assert replaced != bad and len(replaced) == 32
-        assert answer.headers.get_list("x-request-id") == [replaced]
+        for bad in ("has space", "x" * 129, "semi;colon", "ünïcode"):
+            answer = await app.get("/health", headers=[(b"X-Request-ID", bad.encode())])
+            replaced = answer.headers["x-request-id"]
+            assert replaced != bad and len(replaced) == 32
+            assert answer.headers.get_list("x-request-id") == [replaced]
 
-    # Errors carry it too (404 from the router, 401 from the API-key check).
-    missing = await client.get(server.url + "/nope", headers={"X-Request-ID": "r404"})
-    assert missing.status_code == 404 and missing.headers["x-request-id"] == "r404"
+        # Errors carry it too (404 from the router, 401 from the API-key check).
+        missing = await app.get("/nope", headers={"X-Request-ID": "r404"})
+        assert missing.status_code == 404 and missing.headers["x-request-id"] == "r404"
 
 
 async def test_access_log_is_json_with_facts_and_without_content_or_secrets(

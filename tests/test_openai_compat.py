@@ -3,7 +3,7 @@
 The SDK (``AsyncOpenAI(base_url=<server>/v1)``) talks to a real server process,
 which talks to the fake Azure upstream through the SDK again: both ends are
 the real thing. The session server runs with a 3 s first-token timeout and a
-3 s retry budget (``conftest.server_env``). The merge of streamed chunks into
+3 s retry budget (``harness.server_env``). The merge of streamed chunks into
 one ``chat.completion`` is also checked on its own, with chunks spelled out.
 """
 
@@ -17,9 +17,13 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionMessageToolCallParam,
+    ChatCompletionToolParam,
+)
 
 from streamsvc.chat.openai_compat import CompletionBuilder
-from tests.conftest import server_env
 from tests.fake_azure import (
     NOT_FOUND,
     FakeAzure,
@@ -27,11 +31,10 @@ from tests.fake_azure import (
     content_filter_error,
     rate_limited,
 )
-from tests.harness import ServerProcess
-from tests.test_openapi import check_answer
+from tests.harness import ServerProcess, check_answer, server_env
 
-USER = [{"role": "user", "content": "Hello"}]
-WEATHER_TOOL = {
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
+WEATHER_TOOL: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -43,7 +46,7 @@ WEATHER_TOOL = {
         },
     },
 }
-CALL = {
+CALL: ChatCompletionMessageToolCallParam = {
     "id": "call_abc123",
     "type": "function",
     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -134,7 +137,7 @@ async def test_sdk_streaming_with_include_usage_ends_with_the_usage_chunk(
 async def test_sdk_tool_calls_round_trip(
     sdk: AsyncOpenAI, azure: FakeAzure, streaming: bool
 ) -> None:
-    azure.push(Reply(tool_calls=[CALL]), Reply(text_chunks=["It is sunny."]))
+    azure.push(Reply(tool_calls=[dict(CALL)]), Reply(text_chunks=["It is sunny."]))
     extra: dict[str, Any] = {
         "tools": [WEATHER_TOOL],
         "tool_choice": "auto",
@@ -145,7 +148,7 @@ async def test_sdk_tool_calls_round_trip(
         "stop": ["\n\n"],
         "user": "ada",
     }
-    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather in Paris?"}]
     if streaming:
         stream = await sdk.chat.completions.create(
             model="gpt-4o", messages=ask, stream=True, **extra
@@ -179,7 +182,7 @@ async def test_sdk_tool_calls_round_trip(
     assert first["messages"] == ask
 
     # The answer goes back: the assistant's tool call and the tool's result, untouched.
-    history = [
+    history: list[ChatCompletionMessageParam] = [
         *ask,
         {"role": "assistant", "content": None, "tool_calls": [CALL]},
         {"role": "tool", "tool_call_id": "call_abc123", "content": '{"sky": "sunny"}'},
@@ -460,7 +463,9 @@ async def test_unconfigured_chat_is_a_503_naming_the_missing_settings(
 def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: FakeAzure) -> None:
     path = "/v1/chat/completions"
     body = {"model": "gpt-4o", "messages": USER}
-    azure.push(Reply(), Reply(), Reply(tool_calls=[CALL]), Reply(text_chunks=["a"], drop_after=0))
+    azure.push(
+        Reply(), Reply(), Reply(tool_calls=[dict(CALL)]), Reply(text_chunks=["a"], drop_after=0)
+    )
     with httpx.Client(base_url=server.url, timeout=30) as http:
         check_answer(path, "post", http.post(path, json=body))
         check_answer(path, "post", http.post(path, json={**body, "stream": True}))

@@ -27,34 +27,23 @@ from starlette.routing import Mount, Route
 
 from streamsvc.settings import load_settings
 from streamsvc.web.app import create_app
-from streamsvc.web.openapi import openapi_document
 from tests.fake_azure import FakeAzure
-from tests.harness import ROOT, ServerProcess, parse_sse_lines
+from tests.harness import (
+    DOC,
+    ROOT,
+    SCHEMAS,
+    ServerProcess,
+    asgi_client,
+    check_answer,
+    inline,
+    server_env,
+)
 
-DOC = openapi_document()
-SCHEMAS = DOC["components"]["schemas"]
 KEY = "fuzz-key-0123456789"
 STATIC = ROOT / "streamsvc" / "web" / "static"
 
 #: Routes that are pages for people, not API operations.
 PAGES = {"/", "/docs"}
-
-
-def inline(schema: Any) -> Any:
-    """``schema`` with every ``#/components/schemas/X`` reference replaced by X itself."""
-    if isinstance(schema, dict):
-        if "$ref" in schema:
-            target = inline(SCHEMAS[schema["$ref"].rsplit("/", 1)[1]])
-            rest = {k: inline(v) for k, v in schema.items() if k != "$ref"}
-            return {**target, **rest} if rest else target
-        return {key: inline(value) for key, value in schema.items()}
-    if isinstance(schema, list):
-        return [inline(item) for item in schema]
-    return schema
-
-
-def validate(instance: Any, schema: dict[str, Any]) -> None:
-    jsonschema.Draft202012Validator(inline(schema)).validate(instance)
 
 
 def operations() -> list[tuple[str, str, dict[str, Any]]]:
@@ -109,65 +98,27 @@ def test_document_describes_bodies_streams_and_errors() -> None:
     assert "entryPoint" in SCHEMAS["Runtime"]["properties"]
 
 
-def test_served_document_docs_page_and_no_external_assets(server: ServerProcess) -> None:
-    served = httpx.get(server.url + "/openapi.json", timeout=10)
-    assert served.status_code == 200
-    assert served.headers["content-type"] == "application/json"
-    assert served.json() == json.loads(json.dumps(DOC))
+async def test_served_document_docs_page_and_no_external_assets(fake_azure: FakeAzure) -> None:
+    async with asgi_client(server_env(fake_azure)) as app:
+        served = await app.get("/openapi.json")
+        assert served.status_code == 200
+        assert served.headers["content-type"] == "application/json"
+        assert served.json() == json.loads(json.dumps(DOC))
 
-    for path, marker in (("/docs", "/static/docs.js"), ("/", "/static/app.js")):
-        page = httpx.get(server.url + path, timeout=10)
-        assert page.status_code == 200
-        assert page.headers["content-type"].startswith("text/html")
-        assert marker in page.text
-        assert "default-src 'self'" in page.headers["content-security-policy"]
-    for name in ("app.js", "docs.js", "style.css", "seed-example.json"):
-        assert httpx.get(f"{server.url}/static/{name}", timeout=10).status_code == 200
+        for path, marker in (("/docs", "/static/docs.js"), ("/", "/static/app.js")):
+            page = await app.get(path)
+            assert page.status_code == 200
+            assert page.headers["content-type"].startswith("text/html")
+            assert marker in page.text
+            assert "default-src 'self'" in page.headers["content-security-policy"]
+        for name in ("app.js", "docs.js", "style.css", "seed-example.json"):
+            assert (await app.get(f"/static/{name}")).status_code == 200
     # The machine is offline and the pages use no CDN: nothing outside this origin.
     for file in STATIC.iterdir():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", file.read_text()), file.name
 
 
 # ---------------------------------------------------------------- real answers match
-
-
-def check_answer(path: str, method: str, response: httpx.Response) -> None:
-    """The status, content type and body are ones the document gives for this operation."""
-    responses = DOC["paths"][path][method]["responses"]
-    status = str(response.status_code)
-    assert status != "500", response.text
-    assert status in responses, f"{method} {path}: undocumented {status}: {response.text[:300]}"
-    media = response.headers.get("content-type", "").split(";")[0]
-    content = responses[status]["content"]
-    assert media in content, f"{method} {path} {status}: undocumented {media}"
-    schema = content[media]["schema"]
-    if media == "application/json":
-        validate(response.json(), schema)
-    elif media == "text/event-stream":
-        check_stream(response.text, schema)
-
-
-def check_stream(text: str, frame_schema: dict[str, Any]) -> None:
-    blocks = [block.split("\n") for block in text.replace("\r\n", "\n").split("\n\n")]
-    frames = []
-    for lines in blocks:
-        fields, _ = parse_sse_lines([line for line in lines if line])
-        if "data" in fields:
-            data = fields["data"]
-            frames.append({"event": fields.get("event", "message"), "id": fields.get("id"),
-                           "data": data if data == "[DONE]" else json.loads(data)})  # fmt: skip
-    assert frames, text
-    for frame in frames:
-        validate(frame, frame_schema)
-    if all(f["id"] is None and f["event"] == "message" for f in frames):
-        # OpenAI's format (/v1): data only, ending with [DONE] or with an error object
-        data = [f["data"] for f in frames]
-        assert data[-1] == "[DONE]" or "error" in data[-1], text
-        assert all(d != "[DONE]" and "error" not in d for d in data[:-1]), text
-        return
-    assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
-    assert frames[-1]["event"] in {"done", "error"}
-    assert all(f["event"] not in {"done", "error"} for f in frames[:-1])
 
 
 def test_real_chat_answers_match_the_document(server: ServerProcess, azure: FakeAzure) -> None:
@@ -214,7 +165,7 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     if "anyOf" in schema or "oneOf" in schema:
-        return st.one_of([from_schema(s) for s in schema.get("anyOf", schema.get("oneOf"))])
+        return st.one_of([from_schema(s) for s in schema.get("anyOf") or schema["oneOf"]])
     kind = schema.get("type")
     if kind == "null":
         return st.none()

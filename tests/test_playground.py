@@ -104,7 +104,8 @@ class Browser:
     def screenshot(self, name: str, selector: str | None = None) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / name
-        self.call("screenshot", path=str(path), **({"selector": selector} if selector else {}))
+        where: dict[str, Any] = {"selector": selector} if selector else {}
+        self.call("screenshot", path=str(path), **where)
         assert path.stat().st_size > 1000
 
     def close(self) -> None:

@@ -19,16 +19,16 @@ import httpx
 import httpx2
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from streamsvc.chat.provider import ENTRA_SCOPE, create_provider, has_azure_identity, timed_out
 from streamsvc.chat.types import UpstreamChunk
 from streamsvc.errors import UpstreamAuth
 from streamsvc.settings import ChatSettings, load_settings
-from tests.conftest import AZURE_KEY, server_env
 from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
-from tests.harness import ROOT, ServerProcess, read_sse
+from tests.harness import AZURE_KEY, ROOT, ServerProcess, read_sse, server_env
 
-USER = [{"role": "user", "content": "Hello"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 PLAIN = {"messages": USER}
 STREAM = {"messages": USER, "stream": True}
 

@@ -14,9 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ServerProcess, SSEResponse, free_port, read_sse
+from tests.harness import ServerProcess, SSEResponse, free_port, read_sse, server_env
 
 STREAM = {"messages": [{"role": "user", "content": "Hello"}], "stream": True}
 

@@ -1,4 +1,8 @@
-"""SSE plumbing on the real socket: wire format, headers, keep-alives, disconnects."""
+"""SSE plumbing: wire format and headers in-process; keep-alives and disconnects on a socket.
+
+The framing needs no socket (the app runs over ASGI); the timing of keep-alives
+and a client hanging up are checked against a real server process.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,18 @@ import httpx
 import pytest
 
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ServerProcess, read_sse
+from tests.harness import ServerProcess, asgi_client, read_sse, server_env
 
 STREAM = {"messages": [{"role": "user", "content": "Hello"}], "stream": True}
 
 
 async def test_events_are_framed_with_increasing_ids_and_one_json_data_line(
-    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+    azure: FakeAzure,
 ) -> None:
     azure.push(Reply(text_chunks=["a\nb", "c"]))
-    async with client.stream("POST", server.url + "/chat", json=STREAM) as response:
-        raw = (await response.aread()).decode()
+    async with asgi_client(server_env(azure)) as app:
+        response = await app.post("/chat", json=STREAM)
+    raw = response.text
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["cache-control"] == "no-cache"

@@ -31,11 +31,11 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from tests.conftest import server_env
 from tests.fake_azure import FakeAzure
-from tests.harness import ServerProcess
-from tests.sandbox_kit import (
+from tests.harness import (
     FORK_UNTIL_REFUSED,
+    HARDENING_REPORT,
+    ServerProcess,
     assert_healthy,
     body,
     docker,
@@ -43,11 +43,11 @@ from tests.sandbox_kit import (
     inspect,
     result_line,
     sandboxes,
+    server_env,
     sse_events,
     stream,
     wait_until,
 )
-from tests.test_docker_sandbox import HARDENING_REPORT
 
 pytestmark = pytest.mark.docker
 
@@ -78,7 +78,7 @@ def pool_full(server: ServerProcess, timeout: float = 30.0) -> None:
 
     def full() -> bool:
         found = pool(server)
-        return found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"]
+        return bool(found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"])
 
     wait_until(full, timeout)
 
