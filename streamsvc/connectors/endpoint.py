@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from streamsvc.connectors.redact import MIN_SECRET_LENGTH
-from streamsvc.connectors.request import decode_request, plan
+from streamsvc.connectors.request import decode_request, plan_off_loop
 from streamsvc.connectors.transcript import ExecutionResult, Transcript
 from streamsvc.errors import SandboxError
 from streamsvc.sandbox.types import Exited, Output, Sandbox, SandboxEvent, Status
@@ -81,8 +81,9 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
 async def execute_endpoint(request: Request) -> Response:
     state = request.app.state
     settings: Settings = state.settings
-    body = decode_request(await read_body(request, settings.streamsvc_max_body_bytes))
-    spec = plan(body, settings)
+    raw = await read_body(request, settings.streamsvc_max_body_bytes)
+    body = decode_request(raw)
+    spec = await plan_off_loop(body, raw, settings)
     sandbox: Sandbox | None = state.sandbox
     if sandbox is None:
         raise SandboxError("connector execution is not available on this server")
