@@ -150,7 +150,7 @@ async def test_analysing_large_code_does_not_hold_the_event_loop(
     payload = {
         "connector": {
             "runtime": {"language": "python", "entryPoint": "absent.py"},
-            "files": {"a.py": "x[0]\n" * 120_000, "b.py": "connector.a.b\n" * 60_000},
+            "files": {"a.py": "x[0]\n" * 60_000, "b.py": "connector.a.b\n" * 20_000},
         }
     }
     response, _, slowest = await watching_health(server, lambda: post(client, server, payload))
@@ -199,7 +199,7 @@ _ENCODED_SECRETS = {
     "BACKSLASH": "se\\cret-back-2",
     "UNICODE": "sécret-ünïcode-3",
     "CONTROL": "se\tcret\x01ctl-4",
-    "ALL": "a\"b\\c\u00e9d\nefgh-5",
+    "ALL": 'a"b\\c\u00e9d\nefgh-5',
 }
 
 
