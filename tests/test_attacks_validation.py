@@ -59,7 +59,7 @@ async def post(client: httpx.AsyncClient, server: ServerProcess, payload: Any) -
 
 
 def codes(response: httpx.Response) -> set[tuple[str, str]]:
-    return {(p["code"], p["path"]) for p in response.json()["details"]["problems"]}
+    return {(p["code"], p["path"]) for p in response.json()["error"]["details"]["problems"]}
 
 
 @pytest.mark.docker
@@ -73,7 +73,7 @@ async def test_many_distinct_references_are_refused_fast(
         server, lambda: post(client, server, payload)
     )
     assert response.status_code == 400, response.text
-    assert response.json()["code"] == "too_many_references"
+    assert response.json()["error"]["code"] == "too_many_references"
     assert ("too_many_references", "connector.files") in codes(response)
     assert elapsed < 5, elapsed
     assert slowest < HEALTH_LIMIT, slowest
@@ -90,7 +90,7 @@ async def test_many_missing_paths_under_the_cap_are_listed_fast(
         server, lambda: post(client, server, payload)
     )
     assert response.status_code == 400, response.text
-    missing = response.json()["details"]["missing_connector_paths"]
+    missing = response.json()["error"]["details"]["missing_connector_paths"]
     assert len(missing) == 9_000
     assert "k2.v.w" in missing and "k2.v" not in missing and "k1" not in missing
     assert elapsed < 5, elapsed
@@ -126,8 +126,8 @@ async def test_expansion_is_checked_after_substitution_in_the_configuration_too(
     payload = body("print(1)", env={"A": "v" * 60_000}, configuration=config)
     response = await post(client, server, payload)
     assert response.status_code == 400, response.text
-    assert response.json()["code"] == "expanded_too_large"
-    assert response.json()["path"] == "connector"
+    assert response.json()["error"]["code"] == "expanded_too_large"
+    assert response.json()["error"]["path"] == "connector"
 
 
 @pytest.mark.docker
@@ -171,8 +171,8 @@ async def test_refused_files_are_not_analysed(
         server, lambda: post(client, server, payload)
     )
     assert response.status_code == 400, response.text
-    assert response.json()["code"] == "file_too_large"
-    assert response.json()["path"] == "connector.files.big.py"
+    assert response.json()["error"]["code"] == "file_too_large"
+    assert response.json()["error"]["path"] == "connector.files.big.py"
     assert elapsed < 3, elapsed
     assert slowest < HEALTH_LIMIT, slowest
 
@@ -191,7 +191,7 @@ async def test_a_huge_hex_index_is_a_400_not_a_500(
         }
         response = await post(client, server, payload)
         assert response.status_code == 400, response.text
-        assert response.json()["code"] == "entry_point_not_found"
+        assert response.json()["error"]["code"] == "entry_point_not_found"
 
 
 _ENCODED_SECRETS = {
