@@ -1,13 +1,8 @@
-"""Best-effort redaction of secrets from a program's output.
+"""Best-effort redaction of secrets (``env`` values of 8+ characters) from output.
 
-Every ``env`` value of 8 characters or more is a secret, and so are the forms a
-program prints it in (``secret_forms``: JSON-escaped, ``repr``/``ascii``, and
-each JSON form escaped again or repr'd). ``Redactor`` masks every occurrence
-with ``[REDACTED]`` in a stream of chunks, in one Aho-Corasick scan over all
-forms at once: linear in the output, whatever the number of secrets or the
-size of the writes. It holds back only an end that could begin a secret,
-released as soon as the next chunk shows it does not (or at ``flush``). It
-cannot catch a secret the program transforms otherwise (encodes, reverses).
+``secret_forms`` adds the forms a program prints a value in (JSON-escaped, once
+or twice, ``repr``/``ascii``); ``Redactor`` masks them all in one Aho-Corasick
+scan, linear in the output, holding back only an end that could begin a form.
 """
 
 from __future__ import annotations
