@@ -1,5 +1,8 @@
+"""``python -m streamsvc``: the command line (guarded, so worker processes can import it)."""
+
 import sys
 
 from streamsvc.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

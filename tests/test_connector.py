@@ -22,10 +22,11 @@ from streamsvc.connectors.dependencies import Dependency
 from streamsvc.connectors.request import MAX_ENV_BYTES, MAX_JSON_DEPTH, decode_request, plan
 from streamsvc.errors import RequestError, ValidationFailed
 from streamsvc.sandbox.types import RunSpec
-from streamsvc.settings import SandboxSettings
+from streamsvc.settings import SandboxSettings, ServerSettings
 from tests.harness import ServerProcess, seed_request
 
 SETTINGS = SandboxSettings()
+MAX_BODY_BYTES = ServerSettings().max_body_bytes
 
 
 def request(
@@ -43,7 +44,7 @@ def request(
 
 
 def planned(body: dict[str, Any], settings: SandboxSettings = SETTINGS) -> RunSpec:
-    return plan(decode_request(json.dumps(body).encode()), settings)
+    return plan(decode_request(json.dumps(body).encode()), settings, MAX_BODY_BYTES)
 
 
 def rejected(body: dict[str, Any], settings: SandboxSettings = SETTINGS) -> RequestError:

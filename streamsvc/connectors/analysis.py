@@ -71,7 +71,8 @@ Required environment variables (``required_env``)
 Substitution (``substitute_env``, ``substitute_env_text``)
     Every ``{{env:KEY}}`` whose key is in the given env map is replaced by its
     value in one pass (replacements are not rescanned); unknown keys are left
-    as they are.
+    as they are. ``placeholder_growth`` tells the size of the result first, so
+    a caller can refuse it before building it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ __all__ = [
     "ConnectorPath",
     "connector_paths",
     "deep_merge",
+    "json_strings",
     "missing_connector_paths",
+    "placeholder_growth",
     "required_env",
     "substitute_env",
     "substitute_env_text",
@@ -155,6 +158,7 @@ _SCAN_STEP: Final = re.compile(
 _SCAN_CALL: Final = re.compile(r"\s*\(")
 _DECIMAL: Final = re.compile(r"[0-9]+")
 _ENV_KEY: Final = re.compile(_KEY)
+_MAX_INDEX: Final = 2**63 - 1
 
 
 # ---------------------------------------------------------------- connector paths
@@ -264,8 +268,8 @@ def _constant_segment(value: object) -> str | None:
     """A subscript constant as a path segment: a string, or a list index."""
     if isinstance(value, str):
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INDEX:
+        return str(value)  # a larger index is never in range (and may not print: 4,300 digits)
     return None
 
 
@@ -304,8 +308,7 @@ def missing_connector_paths(
         for path in paths
         if path and path[0] not in METADATA_KEYS and not _resolves(connector, path)
     }
-    reported = {path for path in missing if not _extended_by_any(path, missing)}
-    return sorted(".".join(path) for path in reported)
+    return sorted(".".join(path) for path in _not_extended(missing))
 
 
 def _resolves(value: Any, path: ConnectorPath) -> bool:
@@ -323,8 +326,15 @@ def _resolves(value: Any, path: ConnectorPath) -> bool:
     return True
 
 
-def _extended_by_any(path: ConnectorPath, others: Iterable[ConnectorPath]) -> bool:
-    return any(len(other) > len(path) and other[: len(path)] == path for other in others)
+def _not_extended(paths: Iterable[ConnectorPath]) -> list[ConnectorPath]:
+    """The paths no other path extends. Sorted, a path's extensions follow it
+    directly, so each path is compared with its successor only (not with all)."""
+    ordered = sorted(paths)
+    return [
+        path
+        for index, path in enumerate(ordered)
+        if index + 1 == len(ordered) or ordered[index + 1][: len(path)] != path
+    ]
 
 
 # ---------------------------------------------------------------- environment
@@ -332,7 +342,9 @@ def _extended_by_any(path: ConnectorPath, others: Iterable[ConnectorPath]) -> bo
 
 def required_env(files: Mapping[str, str], values: Any) -> set[str]:
     """Environment variables the connector needs (see the module docstring)."""
-    keys = {match["key"] for text in _strings(values) for match in ENV_PLACEHOLDER.finditer(text)}
+    keys = {
+        match["key"] for text in json_strings(values) for match in ENV_PLACEHOLDER.finditer(text)
+    }
     for name, text in files.items():
         keys.update(match["key"] for match in ENV_PLACEHOLDER.finditer(text))
         keys.update(match["name"] or match["quoted"] for match in _PROCESS_ENV.finditer(text))
@@ -341,7 +353,7 @@ def required_env(files: Mapping[str, str], values: Any) -> set[str]:
     return keys
 
 
-def _strings(value: Any) -> Iterator[str]:
+def json_strings(value: Any) -> Iterator[str]:
     """Every string in a JSON value (not dict keys), without recursion."""
     pending = [value]
     while pending:
@@ -382,6 +394,19 @@ def substitute_env(value: Any, env: Mapping[str, str]) -> Any:
     if isinstance(value, list | tuple):
         return [substitute_env(item, env) for item in value]
     return value
+
+
+def placeholder_growth(text: str, sizes: Mapping[str, int]) -> tuple[int, int]:
+    """How many known ``{{env:KEY}}`` a text holds, and how many UTF-8 bytes
+    substituting them adds (``sizes`` maps each key to its value's size),
+    computed without building the substituted text."""
+    count = growth = 0
+    for match in ENV_PLACEHOLDER.finditer(text):
+        size = sizes.get(match["key"])
+        if size is not None:
+            count += 1
+            growth += size - len(match[0].encode())
+    return count, growth
 
 
 def substitute_env_text(text: str, env: Mapping[str, str]) -> str:

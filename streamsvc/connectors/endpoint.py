@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from streamsvc.connectors.redact import MIN_SECRET_LENGTH
-from streamsvc.connectors.request import decode_request, plan
+from streamsvc.connectors.request import decode_request, plan_off_loop
 from streamsvc.connectors.transcript import ExecutionResult, Transcript
 from streamsvc.errors import SandboxError
 from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
@@ -31,6 +31,8 @@ from streamsvc.web.services import services
 log = logging.getLogger("streamsvc.execute")
 
 _encoder = msgspec.json.Encoder()
+#: Output chunks (and secrets) larger than this are redacted in a worker thread.
+REDACT_INLINE_CHARS = 4096
 
 
 async def _events(
@@ -48,7 +50,10 @@ async def _events(
                     "the sandbox ended without an exit status", code="sandbox_failed"
                 )
             if isinstance(event, Output):
-                forwarded = transcript.output(event)
+                if len(event.text) > REDACT_INLINE_CHARS:  # CPU-bound: off the event loop
+                    forwarded = await anyio.to_thread.run_sync(transcript.output, event)
+                else:
+                    forwarded = transcript.output(event)
                 if forwarded is not None:
                     yield sse.Event(forwarded.stream, {"text": forwarded.text})
             elif isinstance(event, Status):
@@ -81,13 +86,18 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
 async def execute_endpoint(request: Request) -> Response:
     found = services(request)
     settings = found.settings
-    body = decode_request(await read_body(request, settings.server.max_body_bytes))
-    spec = plan(body, settings.sandbox)
+    raw = await read_body(request, settings.server.max_body_bytes)
+    body = decode_request(raw)
+    spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
     sandbox = found.sandbox
     if sandbox is None:
         raise SandboxError("connector execution is not available on this server")
     secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
-    transcript = Transcript(secrets, settings.sandbox.output_cap_bytes)
+    cap = settings.sandbox.output_cap_bytes
+    if sum(map(len, secrets)) > REDACT_INLINE_CHARS:  # building the scanner is CPU-bound too
+        transcript = await anyio.to_thread.run_sync(Transcript, secrets, cap)
+    else:
+        transcript = Transcript(secrets, cap)
     runs = sandbox.run(spec)
     try:
         # Engine down, busy: a real status before any header. A hang-up or a shutdown

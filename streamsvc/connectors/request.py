@@ -13,6 +13,10 @@ stable ``code`` and its ``path``), not just the first:
 over ``MAX_ENV_BYTES`` in all), ``too_deeply_nested`` (``connector`` or
 ``configuration_overrides`` nested deeper than ``MAX_JSON_DEPTH``),
 ``network_not_allowed``, ``missing_connector_paths`` and ``missing_env``
+(not looked for in files refused as too many, too large or unsafe),
+``too_many_references`` (over ``MAX_REFERENCES`` distinct paths),
+``too_many_placeholders`` and ``expanded_too_large`` (``{{env:KEY}}``
+substitution over ``MAX_PLACEHOLDERS`` or past the file or body cap)
 (variables the sandbox sets itself, ``SANDBOX_ENV`` and ``STREAMSVC_*``, are
 never missing). When every problem has one code, that is the error's code; otherwise it is
 ``invalid_connector``; ``details.problems`` lists them all and
@@ -23,22 +27,27 @@ names. Wrong JSON types are a 422 with the JSON path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from typing import Annotated, Any, Literal
 
+import anyio
 import msgspec
+from anyio import to_process
 
 from streamsvc.connectors.analysis import (
     connector_paths,
     deep_merge,
     json_depth,
+    json_strings,
     missing_connector_paths,
+    placeholder_growth,
     required_env,
     substitute_env,
     substitute_env_text,
 )
 from streamsvc.connectors.dependencies import parse_dependencies
-from streamsvc.errors import Problem, RequestError, ValidationFailed
+from streamsvc.errors import Problem, RequestError, ServiceError, ValidationFailed
 from streamsvc.sandbox.types import RunSpec
 from streamsvc.settings import SandboxSettings
 from streamsvc.web.bodies import JsonDecoder
@@ -49,6 +58,11 @@ DEFAULT_MEMORY_MB = 256
 MAX_ENV = 200
 MAX_ENV_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
+#: Distinct connector paths the files may reference, and ``{{env:KEY}}`` placeholders.
+MAX_REFERENCES = 10_000
+MAX_PLACEHOLDERS = 10_000
+#: A body up to this size is planned on the event loop; a larger one in a worker process.
+INLINE_PLAN_BYTES = 64 * 1024
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RESERVED_ENV = ("STREAMSVC_", "PYTHONPATH", "PYTHONHOME", "LD_")
 #: Set in every sandbox, so code reading them needs nothing from ``env``
@@ -251,10 +265,15 @@ def _depth_problems(request: ExecuteRequest) -> list[Problem]:
     ]
 
 
-def plan(request: ExecuteRequest, settings: SandboxSettings) -> RunSpec:
-    """Validate a request completely and turn it into a ``RunSpec``."""
+def plan(request: ExecuteRequest, settings: SandboxSettings, max_body_bytes: int) -> RunSpec:
+    """Validate a request completely and turn it into a ``RunSpec``.
+
+    Its cost is linear in the body, but parsing megabytes of code takes
+    seconds: the server calls ``plan_body`` in a worker process instead.
+    """
     core = _core(request.connector)
     problems = _file_problems(core, settings)
+    analysed = _analysed_files(core.files, settings)
     problems += _runtime_problems(core.runtime, request, settings)
     problems += _env_problems(request.env)
     dependencies, dependency_problems = parse_dependencies(core.runtime.dependencies)
@@ -265,18 +284,32 @@ def plan(request: ExecuteRequest, settings: SandboxSettings) -> RunSpec:
 
     connector = dict(request.connector)
     connector["configuration"] = deep_merge(core.configuration, request.configuration_overrides)
-    missing_paths = missing_connector_paths(connector, connector_paths(core.files))
+    paths = connector_paths(analysed)
+    missing_paths: list[str] = []
+    if len(paths) > MAX_REFERENCES:
+        problems.append(
+            Problem(
+                "too_many_references",
+                "connector.files",
+                f"{len(paths)} distinct connector paths referenced; at most {MAX_REFERENCES}",
+            )
+        )
+    else:
+        missing_paths = missing_connector_paths(connector, paths)
     for path in missing_paths:
         problems.append(
             Problem("missing_connector_paths", f"connector.{path}", "referenced by the code")
         )
     without_files = {key: value for key, value in connector.items() if key != "files"}
-    required = required_env(core.files, without_files) - SANDBOX_ENV
+    required = required_env(analysed, without_files) - SANDBOX_ENV
     missing_env = sorted(
         key for key in required - request.env.keys() if not key.startswith("STREAMSVC_")
     )
     for key in missing_env:
         problems.append(Problem("missing_env", f"env.{key}", "required by the connector"))
+    problems += _expansion_problems(
+        core.files, without_files, request.env, settings, max_body_bytes
+    )
     if problems:
         raise _rejection(problems, missing_paths, missing_env)
 
@@ -290,6 +323,110 @@ def plan(request: ExecuteRequest, settings: SandboxSettings) -> RunSpec:
         timeout_ms=core.runtime.timeout_ms,
         network=request.network_mode,
     )
+
+
+def _analysed_files(files: dict[str, str], settings: SandboxSettings) -> dict[str, str]:
+    """The files worth analysing: none when there are too many, and never one
+    refused already (an unsafe name, over the size cap)."""
+    if len(files) > settings.max_files:
+        return {}
+    return {
+        name: text
+        for name, text in files.items()
+        if file_name_problem(name) is None and len(text.encode()) <= settings.max_file_bytes
+    }
+
+
+def _expansion_problems(
+    files: dict[str, str],
+    values: dict[str, Any],
+    env: dict[str, str],
+    settings: SandboxSettings,
+    max_body_bytes: int,
+) -> list[Problem]:
+    """The caps ``{{env:KEY}}`` substitution must respect, checked before it is done:
+    ``MAX_PLACEHOLDERS`` in all, each file within the per-file cap after it, and
+    files and connector JSON together within the body cap."""
+    sizes = {key: len(value.encode()) for key, value in env.items()}
+    problems: list[Problem] = []
+    placeholders = total = 0
+    for name, text in files.items():
+        count, growth = placeholder_growth(text, sizes)
+        size = len(text.encode()) + growth
+        placeholders += count
+        total += size
+        if count and size > settings.max_file_bytes:
+            problems.append(
+                Problem(
+                    "expanded_too_large",
+                    f"connector.files.{name}",
+                    f"{size} bytes once {{{{env:...}}}} is substituted; "
+                    f"at most {settings.max_file_bytes}",
+                )
+            )
+    for text in json_strings(values):
+        count, growth = placeholder_growth(text, sizes)
+        placeholders += count
+        total += len(text.encode()) + growth
+    if placeholders > MAX_PLACEHOLDERS:
+        problems.append(
+            Problem(
+                "too_many_placeholders",
+                "connector",
+                f"{placeholders} {{{{env:...}}}} placeholders; at most {MAX_PLACEHOLDERS}",
+            )
+        )
+    if placeholders and total > max_body_bytes:
+        problems.append(
+            Problem(
+                "expanded_too_large",
+                "connector",
+                f"{total} bytes once {{{{env:...}}}} is substituted; at most {max_body_bytes}",
+            )
+        )
+    return problems
+
+
+def plan_body(body: bytes, settings: SandboxSettings, max_body_bytes: int) -> RunSpec | _Refusal:
+    """``plan`` of a raw body, for a worker process: a refusal comes back as data
+    (an exception's keyword arguments do not survive pickling)."""
+    try:
+        return plan(decode_request(body), settings, max_body_bytes)
+    except ServiceError as exc:
+        return _Refusal(type(exc), exc.message, exc.code, exc.status, exc.path, exc.details)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refusal:
+    kind: type[ServiceError]
+    message: str
+    code: str
+    status: int
+    path: str | None
+    details: Any
+
+    def error(self) -> ServiceError:
+        return self.kind(
+            self.message, code=self.code, status=self.status, path=self.path, details=self.details
+        )
+
+
+_planners = anyio.CapacityLimiter(2)
+
+
+async def plan_off_loop(
+    request: ExecuteRequest, body: bytes, settings: SandboxSettings, max_body_bytes: int
+) -> RunSpec:
+    """``plan``, in a worker process when the body is large enough that it could
+    hold the event loop (and so ``/health`` and every stream) for long."""
+    if len(body) <= INLINE_PLAN_BYTES:
+        return plan(request, settings, max_body_bytes)
+    outcome = await to_process.run_sync(
+        plan_body, body, settings, max_body_bytes, cancellable=True, limiter=_planners
+    )
+    if isinstance(outcome, _Refusal):
+        raise outcome.error()
+    return outcome
 
 
 def _rejection(

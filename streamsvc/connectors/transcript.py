@@ -116,7 +116,8 @@ class _Capped:
 class Transcript:
     def __init__(self, secrets: list[str], cap: int) -> None:
         self._streams = {"stdout": _Capped(cap), "stderr": _Capped(cap)}
-        self._redactors = {"stdout": Redactor(secrets), "stderr": Redactor(secrets)}
+        redactor = Redactor(secrets)
+        self._redactors = {"stdout": redactor, "stderr": redactor.sibling()}
 
     def output(self, event: Output) -> Output | None:
         """Record one chunk; the redacted chunk to forward, if any text is left."""
