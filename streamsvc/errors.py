@@ -4,7 +4,7 @@ Every error the service reports is a ``ServiceError``. Each subclass fixes an
 HTTP status; each instance carries a stable machine-readable ``code``, a human
 message, the offending ``path`` in the request (when there is one) and optional
 structured ``details``. SDK and Docker errors are translated into this tree at
-one boundary each (``streamsvc.chat.provider`` and ``streamsvc.sandbox.docker.sandbox``).
+one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``).
 
     ServiceError
     ├── RequestError            400  malformed JSON, invalid connector, ...
@@ -18,7 +18,11 @@ one boundary each (``streamsvc.chat.provider`` and ``streamsvc.sandbox.docker.sa
     │   ├── UpstreamRejected    400  e.g. content_filter on the prompt
     │   └── UpstreamTimeout     504
     ├── NotConfigured           503
-    └── SandboxError            503  sandbox_unavailable / 500 sandbox_failed
+    └── SandboxError                  any failure of the sandbox
+        ├── SandboxUnavailable        503  sandbox_unavailable: engine down, slow, or busy
+        ├── SandboxFailed             500  sandbox_failed: the sandbox broke
+        │   └── EngineRefused         500  the engine answered an error (engine_status)
+        └── DependencyInstallFailed   400  dependency_install_failed
 """
 
 from __future__ import annotations
@@ -137,5 +141,30 @@ class NotConfigured(ServiceError):
 
 
 class SandboxError(ServiceError):
+    """Base of the sandbox's failures; raised only as one of its subclasses."""
+
     status = 503
     code = "sandbox_unavailable"
+
+
+class SandboxUnavailable(SandboxError):
+    status = 503
+    code = "sandbox_unavailable"
+
+
+class SandboxFailed(SandboxError):
+    status = 500
+    code = "sandbox_failed"
+
+
+class EngineRefused(SandboxFailed):
+    """The Docker engine answered a call with an error; its HTTP status is ``engine_status``."""
+
+    def __init__(self, message: str, *, engine_status: int) -> None:
+        super().__init__(message)
+        self.engine_status = engine_status
+
+
+class DependencyInstallFailed(SandboxError):
+    status = 400
+    code = "dependency_install_failed"

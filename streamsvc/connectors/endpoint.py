@@ -22,7 +22,7 @@ from starlette.responses import Response
 from streamsvc.connectors.redact import MIN_SECRET_LENGTH
 from streamsvc.connectors.request import decode_request, plan
 from streamsvc.connectors.transcript import ExecutionResult, Transcript
-from streamsvc.errors import SandboxError
+from streamsvc.errors import SandboxFailed, SandboxUnavailable
 from streamsvc.sandbox.types import Exited, Output, Sandbox, SandboxEvent, Status
 from streamsvc.settings import Settings
 from streamsvc.web import observability, sse
@@ -44,9 +44,7 @@ async def _events(
             event = pending if pending is not None else await anext(runs, None)
             pending = None
             if event is None:
-                raise SandboxError(
-                    "the sandbox ended without an exit status", code="sandbox_failed"
-                )
+                raise SandboxFailed("the sandbox ended without an exit status")
             if isinstance(event, Output):
                 forwarded = transcript.output(event)
                 if forwarded is not None:
@@ -75,7 +73,7 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()  # type: ignore[attr-defined]
-    raise SandboxError("the run ended without an answer", code="sandbox_failed", status=500)
+    raise SandboxFailed("the run ended without an answer")
 
 
 async def execute_endpoint(request: Request) -> Response:
@@ -85,7 +83,7 @@ async def execute_endpoint(request: Request) -> Response:
     spec = plan(body, settings)
     sandbox: Sandbox | None = state.sandbox
     if sandbox is None:
-        raise SandboxError("connector execution is not available on this server")
+        raise SandboxUnavailable("connector execution is not available on this server")
     secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
     transcript = Transcript(secrets, settings.streamsvc_output_cap_bytes)
     runs = sandbox.run(spec)
@@ -94,7 +92,7 @@ async def execute_endpoint(request: Request) -> Response:
         # while waiting stops the run (sse.before_headers).
         first = await sse.before_headers(request, state.streams, sse.start(runs))
         if first is None:
-            raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
+            raise SandboxFailed("the sandbox produced nothing")
         events = _events(first, runs, transcript)
         if wants_stream(request, body.stream):
             return sse.event_response(

@@ -1,7 +1,8 @@
-"""The engine's create request for a sandbox container: every hardening setting.
+"""The engine's create request for every container: every hardening setting.
 
-``hardened`` is the one place they are set, the same for cold and warm
-sandboxes: a non-root user, all capabilities dropped, ``no-new-privileges``,
+``locked_down`` is the one place they are set, for run sandboxes and
+dependency helpers alike; ``hardened`` adds the run limits, the same for cold
+and warm sandboxes: a non-root user, all capabilities dropped, ``no-new-privileges``,
 a read-only root filesystem, size-capped tmpfs at ``/work``, ``/tmp`` and
 ``/dev/shm``, memory = memory+swap = ``memoryMb``, a CPU quota, a pids limit,
 nofile and fsize ulimits, no host mounts, no log driver (output is read
@@ -31,6 +32,12 @@ from streamsvc.settings import Settings
 
 CONTEXT_FILE = "/work/.streamsvc/context.json"
 NOFILE_LIMIT = 256
+#: On helper containers: ``install``, ``check`` (adopting a volume) or ``python`` (the probe).
+LABEL_ACTION = "streamsvc.deps.action"
+#: A dependency helper's limits: an install (pip, uv, compiling) needs more than a run.
+HELPER_MEMORY_MB = 1024
+HELPER_PIDS_LIMIT = 512
+HELPER_TMPFS_MB = 1024
 
 
 class PoolKey(msgspec.Struct, frozen=True):
@@ -115,7 +122,7 @@ def hardened(
     mounts: list[dict[str, Any]],
     role: str,
 ) -> dict[str, Any]:
-    """Every hardening setting is here, the same for cold and warm sandboxes."""
+    """A run sandbox: ``locked_down`` plus every run limit, the same for cold and warm."""
     s = settings
     memory = memory_mb * 1024 * 1024
     tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024
@@ -128,37 +135,101 @@ def hardened(
         mounts.append(
             {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
         )
+    config = locked_down(
+        settings,
+        labels(owner, role),
+        cmd=cmd,
+        env=env,
+        network_mode="none" if network == "none" else NETWORK_NAME,
+        memory=memory,
+        pids_limit=s.streamsvc_pids_limit,
+        tmpfs={"/work": tmpfs, "/tmp": tmpfs},
+        mounts=mounts,
+    )
+    config["WorkingDir"] = "/work"
+    config["NetworkDisabled"] = network == "none"
+    config["HostConfig"] |= {
+        "MemorySwap": memory,  # memory + swap: no swap at all
+        "NanoCpus": int(s.streamsvc_cpus * 1e9),
+        "Privileged": False,
+        "ShmSize": tmpfs_bytes,
+        "IpcMode": "private",
+        "Binds": [],
+        "Ulimits": [
+            {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
+            {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
+        ],
+        "AutoRemove": False,
+    }
+    return config
+
+
+def helper_config(
+    settings: Settings,
+    owner: str,
+    *,
+    action: str,
+    cmd: list[str],
+    env: dict[str, str],
+    volume: str | None,
+    writable: bool,
+    stdin: bool,
+) -> dict[str, Any]:
+    """A dependency helper (``install``, ``check``, ``python``): ``locked_down``, looser limits.
+
+    Only an install (``writable``) gets the network and a writable ``/opt/deps``.
+    """
+    mounts: list[dict[str, Any]] = []
+    if volume is not None:
+        mounts.append(
+            {"Type": "volume", "Source": volume, "Target": "/opt/deps", "ReadOnly": not writable}
+        )
+    config = locked_down(
+        settings,
+        {**labels(owner, "deps"), LABEL_ACTION: action},
+        cmd=cmd,
+        env=env,
+        network_mode=NETWORK_NAME if writable else "none",
+        memory=HELPER_MEMORY_MB * 1024 * 1024,
+        pids_limit=HELPER_PIDS_LIMIT,
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={HELPER_TMPFS_MB}m"},
+        mounts=mounts,
+    )
+    config |= {"AttachStdin": stdin, "OpenStdin": stdin, "StdinOnce": stdin}
+    return config
+
+
+def locked_down(
+    settings: Settings,
+    container_labels: dict[str, str],
+    *,
+    cmd: list[str],
+    env: dict[str, str],
+    network_mode: str,
+    memory: int,
+    pids_limit: int,
+    tmpfs: dict[str, str],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What every container the service makes has: the one place hardening is set."""
     return {
-        "Image": s.streamsvc_sandbox_image,
+        "Image": settings.streamsvc_sandbox_image,
         "Cmd": cmd,
         "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
-        "WorkingDir": "/work",
         "Env": [f"{key}={value}" for key, value in env.items()],
-        "Labels": labels(owner, role),
+        "Labels": container_labels,
         "AttachStdout": True,
         "AttachStderr": True,
-        "NetworkDisabled": network == "none",
         "HostConfig": {
-            "NetworkMode": "none" if network == "none" else NETWORK_NAME,
+            "NetworkMode": network_mode,
             "Memory": memory,
-            "MemorySwap": memory,  # memory + swap: no swap at all
-            "NanoCpus": int(s.streamsvc_cpus * 1e9),
-            "PidsLimit": s.streamsvc_pids_limit,
+            "PidsLimit": pids_limit,
             "ReadonlyRootfs": True,
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],
-            "Privileged": False,
-            "Tmpfs": {"/work": tmpfs, "/tmp": tmpfs},
-            "ShmSize": tmpfs_bytes,
-            "IpcMode": "private",
+            "Tmpfs": tmpfs,
             "Mounts": mounts,
-            "Binds": [],
-            "Ulimits": [
-                {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
-                {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
-            ],
             "LogConfig": {"Type": "none", "Config": {}},
             "Init": True,
-            "AutoRemove": False,
         },
     }

@@ -72,7 +72,12 @@ from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
 
 from streamsvc.connectors.dependencies import Dependency
-from streamsvc.errors import SandboxError
+from streamsvc.errors import (
+    DependencyInstallFailed,
+    SandboxError,
+    SandboxFailed,
+    SandboxUnavailable,
+)
 from streamsvc.sandbox.admission import Admission
 from streamsvc.sandbox.docker import config as sandbox_config
 from streamsvc.sandbox.docker.api import (
@@ -209,7 +214,7 @@ class DockerSandbox:
             self._docker.images.inspect(self._settings.streamsvc_sandbox_image),
         )
         self.image_id = image["Id"]
-        self.deps.image_id = image["Id"]
+        self.deps.use_image(image["Id"])
 
     async def remove_leftovers(self) -> int:
         """Remove run containers of dead earlier processes, and ours that a lost engine kept."""
@@ -339,7 +344,7 @@ class DockerSandbox:
         except BaseException:
             for warm in early:
                 await self._discard(warm)
-            if isinstance(failure, SandboxError) and failure.code == "dependency_install_failed":
+            if isinstance(failure, DependencyInstallFailed):
                 with anyio.CancelScope(shield=True):  # the sandbox above kept it in use
                     await self.deps.remove(self.deps.name_of(spec.dependencies))
             raise
@@ -517,7 +522,7 @@ class DockerSandbox:
             names = None
         if volume is not None and not await self.deps.exists(volume):
             # Removed since it was checked (Docker would make an empty one in its place).
-            raise SandboxError("the dependency set was removed meanwhile; try again")
+            raise SandboxUnavailable("the dependency set was removed meanwhile; try again")
         if key.network == "bridge":
             await ensure_network(self._docker)
         container = await create_container(self._docker, self.warm_config(key, names))
@@ -624,7 +629,7 @@ class _Run:
         except ENGINE_ERRORS as exc:
             if self.stopped_at is not None:
                 return None  # we closed the stream ourselves
-            raise SandboxError("lost the connection to the Docker engine") from exc
+            raise SandboxUnavailable("lost the connection to the Docker engine") from exc
         return message
 
     def count(self, stream: int, size: int) -> bool:
@@ -691,7 +696,7 @@ async def _ready(stream: Stream) -> ReadyReport:
     report = ready_report(data)
     if report is not None:
         return report
-    raise SandboxError("a new sandbox did not start its runner", code="sandbox_failed", status=500)
+    raise SandboxFailed("a new sandbox did not start its runner")
 
 
 async def _watch(warm: _Warm) -> None:
