@@ -6,23 +6,26 @@ message, the offending ``path`` in the request (when there is one) and optional
 structured ``details``. SDK and Docker errors are translated into this tree at
 one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``).
 
-    ServiceError
-    ├── RequestError            400  malformed JSON, invalid connector, ...
-    │   └── ValidationFailed    422  well-formed JSON of the wrong shape
-    ├── Unauthorized            401
-    ├── PayloadTooLarge         413
-    ├── Busy                    429  (with retry_after)
-    ├── UpstreamError           502  chat upstream failed
-    │   ├── UpstreamAuth        502
-    │   ├── UpstreamRateLimited 429  (with retry_after)
-    │   ├── UpstreamRejected    400  e.g. content_filter on the prompt
-    │   └── UpstreamTimeout     504
-    ├── NotConfigured           503
-    └── SandboxError                  any failure of the sandbox
-        ├── SandboxUnavailable        503  sandbox_unavailable: engine down, slow, or busy
+    ServiceError                      500  internal_error
+    ├── RequestError                  400  invalid_request (malformed JSON, invalid connector, ...)
+    │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
+    ├── Unauthorized                  401  unauthorized
+    ├── PayloadTooLarge               413  payload_too_large
+    ├── Busy                          429  busy (with retry_after)
+    ├── UpstreamError                 502  upstream_error: the chat upstream failed
+    │   ├── UpstreamAuth              502  upstream_auth
+    │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
+    │   ├── UpstreamRejected          400  upstream_rejected, e.g. content_filter on the prompt
+    │   └── UpstreamTimeout           504  upstream_timeout
+    ├── NotConfigured                 503  not_configured
+    └── SandboxError                       (raised only as one of these)
+        ├── SandboxUnavailable        503  sandbox_unavailable: engine down, late, or busy
         ├── SandboxFailed             500  sandbox_failed: the sandbox broke
-        │   └── EngineRefused         500  the engine answered an error (engine_status)
+        │   └── EngineRefused         500  the engine answered an error (its ``engine_status``)
         └── DependencyInstallFailed   400  dependency_install_failed
+
+A ``code=`` given to an instance stands for a finer code a caller reports
+as data (a validator's problem code, an upstream's, an HTTP error's status).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from anyio.abc import TaskGroup
 from streamsvc.connectors.dependencies import Dependency
 from streamsvc.errors import DependencyInstallFailed, SandboxError
 from streamsvc.sandbox.admission import Admission
-from streamsvc.sandbox.docker import config as sandbox_config
 from streamsvc.sandbox.docker.api import ENGINE_ERRORS, docker_call, owner_label, ping
 from streamsvc.sandbox.docker.config import PoolKey
 from streamsvc.sandbox.docker.containers import Containers
@@ -232,16 +231,6 @@ class DockerSandbox:
         if not self.pool.enabled or self.image_id is None or _needs_cold(spec.env):
             return None
         return PoolKey(self.image_id, spec.network, deps_volume, spec.memory_mb)
-
-    # -- the container -------------------------------------------------------------
-
-    def container_config(self, spec: RunSpec, deps_volume: str | None) -> dict[str, Any]:
-        """The engine's create request for a cold run (``sandbox_config.cold_config``)."""
-        return sandbox_config.cold_config(self._settings, self._owner, spec, deps_volume)
-
-    def warm_config(self, key: PoolKey, preload: list[str] | None = None) -> dict[str, Any]:
-        """The engine's create request for a warm sandbox (``sandbox_config.warm_config``)."""
-        return sandbox_config.warm_config(self._settings, self._owner, key, preload)
 
 
 def _describe(dependencies: tuple[Dependency, ...]) -> str:
