@@ -1,22 +1,9 @@
-"""The engine's create request for every container: every hardening setting.
+"""The engine's create request for every container the service makes.
 
-``locked_down`` is the one place they are set, for run sandboxes and
-dependency helpers alike; ``hardened`` adds the run limits, the same for cold
-and warm sandboxes: a non-root user, all capabilities dropped, ``no-new-privileges``,
-a read-only root filesystem, size-capped tmpfs at ``/work``, ``/tmp`` and
-``/dev/shm``, memory = memory+swap = ``memoryMb``, a CPU quota, a pids limit,
-nofile and fsize ulimits, no host mounts, no log driver (output is read
-through attach, so a flood never reaches the host's disk), tini as PID 1 (so
-whatever the program leaves behind dies with it), the service's labels, and
-either no network at all or the service's own bridge network (made by
-``docker_api.ensure_network`` with inter-container traffic disabled).
-Dependencies come from ``DependencyCache`` as a read-only volume at
-``/opt/deps``, so they work under ``network_mode: none``.
-
-``cold_config`` adds the request's env and an anonymous volume at ``/bundle``
-for the files; ``warm_config`` adds nothing of any request (the env and files
-come later over stdin, see ``warm_protocol``) and keeps stdin open.
-Plain data in, plain dicts out: nothing here talks to the engine.
+``locked_down`` is the one place the hardening is set (non-root, no
+capabilities, no-new-privileges, read-only root, no log driver, tini); run
+sandboxes (``hardened``: cold and warm alike) and dependency helpers add their
+limits to it. Plain data in, plain dicts out: nothing here talks to the engine.
 """
 
 from __future__ import annotations
@@ -122,7 +109,13 @@ def hardened(
     mounts: list[dict[str, Any]],
     role: str,
 ) -> dict[str, Any]:
-    """A run sandbox: ``locked_down`` plus every run limit, the same for cold and warm."""
+    """A run sandbox: ``locked_down`` plus every run limit, the same for cold and warm.
+
+    Memory = memory+swap = ``memory_mb``, a CPU quota, a pids limit, nofile and
+    fsize ulimits, size-capped ``noexec`` tmpfs at ``/work``, ``/tmp`` and
+    ``/dev/shm``, private IPC, no host mounts, and either no network or the
+    service's bridge (inter-container traffic off); dependencies read-only.
+    """
     s = settings
     memory = memory_mb * 1024 * 1024
     tmpfs_bytes = s.streamsvc_tmpfs_mb * 1024 * 1024

@@ -1,11 +1,8 @@
-"""One run loop over a sandbox, cold or warm: start, stream the output, report the end.
+"""One run loop over a sandbox: start, stream the output, report the end.
 
-``ColdStart`` creates the container with the request in it (files by
-``put_archive``) and the run ends when Docker reports it stopped; ``WarmStart``
-takes a started sandbox and sends one delivery, and the run ends at the
-runner's end lines. Limits are reported, never silent: a watchdog in the
-sandbox's task group kills the run at ``timeoutMs`` however slow its client
-(``timed_out``), past the output cap likewise (``output_capped``).
+``ColdStart`` creates a container with the request in it (files by archive);
+``WarmStart`` sends one delivery to a started sandbox. Limits are reported,
+never silent: a watchdog kills the run at its deadline or past the output cap.
 """
 
 from __future__ import annotations

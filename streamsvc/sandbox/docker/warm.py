@@ -1,10 +1,8 @@
 """Warm sandboxes: started ahead of a request, their runner waiting on stdin.
 
-A warm sandbox is created with nothing of any request in it (``PoolKey``:
-image, network, dependency volume, memory), attached and started; the run
-arrives later as one delivery (``warm_protocol``). Those of a dependency set
-*preload* it when that import is clean; a set whose import is not is never
-preloaded again, and the env variables an import read are recorded (``fits``).
+Made with nothing of any request in them (``PoolKey``); the run comes later as
+one delivery (``warm_protocol``). A dependency set is preloaded when its import
+is clean, and a sandbox whose imports read a variable the request sets never fits.
 """
 
 from __future__ import annotations
