@@ -7,7 +7,9 @@ structured ``details``. SDK and Docker errors are translated into this tree at
 one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``).
 
     ServiceError                      500  internal_error
-    ├── RequestError                  400  invalid_request (malformed JSON, invalid connector, ...)
+    ├── RequestError                  400  invalid_request (or a connector problem's code)
+    │   ├── MalformedJson             400  malformed_json (with details.position)
+    │   ├── TooDeeplyNested           400  too_deeply_nested
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
     ├── PayloadTooLarge               413  payload_too_large
@@ -15,17 +17,21 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
     │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
-    │   ├── UpstreamRejected          400  upstream_rejected, e.g. content_filter on the prompt
-    │   └── UpstreamTimeout           504  upstream_timeout
+    │   ├── UpstreamRejected          400  upstream_rejected
+    │   │   └── ContentFiltered       400  content_filter: the prompt was filtered
+    │   ├── UpstreamTimeout           504  upstream_timeout
+    │   └── UpstreamUnreachable       502  upstream_unreachable
     ├── NotConfigured                 503  not_configured
+    │   └── ChatNotConfigured         503  chat_not_configured
+    ├── ShuttingDown                  503  shutting_down
     └── SandboxError                       (raised only as one of these)
         ├── SandboxUnavailable        503  sandbox_unavailable: engine down, late, or busy
         ├── SandboxFailed             500  sandbox_failed: the sandbox broke
         │   └── EngineRefused         500  the engine answered an error (its ``engine_status``)
         └── DependencyInstallFailed   400  dependency_install_failed
 
-A ``code=`` given to an instance stands for a finer code a caller reports
-as data (a validator's problem code, an upstream's, an HTTP error's status).
+``code=`` and ``status=`` on an instance are for facts that arrive as data: a
+connector problem's code, and the status of an HTTP error starlette raises.
 """
 
 from __future__ import annotations
@@ -94,6 +100,14 @@ class RequestError(ServiceError):
     code = "invalid_request"
 
 
+class MalformedJson(RequestError):
+    code = "malformed_json"
+
+
+class TooDeeplyNested(RequestError):
+    code = "too_deeply_nested"
+
+
 class ValidationFailed(RequestError):
     status = 422
     code = "validation_error"
@@ -133,14 +147,31 @@ class UpstreamRejected(UpstreamError):
     code = "upstream_rejected"
 
 
+class ContentFiltered(UpstreamRejected):
+    code = "content_filter"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
 
 
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
 class NotConfigured(ServiceError):
     status = 503
     code = "not_configured"
+
+
+class ChatNotConfigured(NotConfigured):
+    code = "chat_not_configured"
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    code = "shutting_down"
 
 
 class SandboxError(ServiceError):

@@ -24,7 +24,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.errors import NotConfigured, ValidationFailed
+from streamsvc.errors import ChatNotConfigured, ValidationFailed
 from streamsvc.settings import Settings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body, wants_stream
@@ -275,9 +275,7 @@ def configured_provider(request: Request) -> ChatProvider:
     provider: ChatProvider | None = request.app.state.chat_provider
     if provider is None:
         missing = request.app.state.settings.chat_missing
-        raise NotConfigured(
-            f"chat is not configured: set {', '.join(missing)}", code="chat_not_configured"
-        )
+        raise ChatNotConfigured(f"chat is not configured: set {', '.join(missing)}")
     return provider
 
 
