@@ -6,7 +6,7 @@ port (``streamsvc.serving.workers``). ``streamsvc run CONNECTOR.json`` and
 ``streamsvc chat "prompt"`` are the client of a running server
 (``streamsvc.client``).
 ``streamsvc deps list|clear`` shows or empties the dependency cache on the
-Docker engine directly (``streamsvc.sandbox.docker.deps_cache``).
+Docker engine directly (``streamsvc.sandbox.docker.deps_inventory``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 import anyio
 
 from streamsvc import client
-from streamsvc.settings import Settings, SettingsError, load_settings
+from streamsvc.settings import SandboxSettings, Settings, SettingsError, load_settings
 from streamsvc.web.observability import configure_logging
 
 
@@ -88,13 +89,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _deps(args: argparse.Namespace) -> int:
     """``streamsvc deps list|clear``: the Docker engine's cache, with the server's settings."""
     from streamsvc.errors import SandboxError
-    from streamsvc.sandbox.docker import deps_cache
 
     try:
-        return anyio.run(deps_cache.command, args, load_settings().sandbox)
+        return anyio.run(_deps_command, args, load_settings().sandbox)
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2
     except SandboxError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 1
+
+
+async def _deps_command(
+    args: argparse.Namespace, settings: SandboxSettings, out: TextIO = sys.stdout
+) -> int:
+    """List or clear the sets as the engine holds them (``clear``: those no container uses)."""
+    import msgspec
+
+    from streamsvc.sandbox.docker.api import connect
+    from streamsvc.sandbox.docker.deps_inventory import clear, entries
+
+    docker = connect(settings.docker_host)
+    try:
+        if args.deps_command == "clear":
+            removed, kept = await clear(docker, settings, every_image=args.all)
+            for name in removed:
+                print(f"removed {name}", file=out)
+            for name in kept:
+                print(f"kept {name} (in use)", file=out)
+            print(f"{len(removed)} removed, {len(kept)} in use", file=out)
+            return 0
+        found = await entries(docker, settings)
+        if args.json:
+            print(msgspec.json.encode(found).decode(), file=out)
+            return 0
+        print(f"{'VOLUME':36} {'PYTHON':8} {'SIZE':>9} {'USED BY':>7}  REQUIREMENTS", file=out)
+        for entry in found:
+            size = f"{entry.size_kb / 1024:.1f} MiB" if entry.size_kb is not None else "?"
+            stale = "" if entry.current else "  (another image)"
+            print(
+                f"{entry.volume:36} {entry.python or '?':8} {size:>9} "
+                f"{entry.containers if entry.containers is not None else '?':>7}  "
+                f"{' '.join(entry.requirements)}{stale}",
+                file=out,
+            )
+        return 0
+    finally:
+        await docker.close()

@@ -4,21 +4,34 @@ Every error the service reports is a ``ServiceError``. Each subclass fixes an
 HTTP status; each instance carries a stable machine-readable ``code``, a human
 message, the offending ``path`` in the request (when there is one) and optional
 structured ``details``. SDK and Docker errors are translated into this tree at
-one boundary each (``streamsvc.chat.provider`` and ``streamsvc.sandbox.docker.sandbox``).
+one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``).
 
-    ServiceError
-    ├── RequestError            400  malformed JSON, invalid connector, ...
-    │   └── ValidationFailed    422  well-formed JSON of the wrong shape
-    ├── Unauthorized            401
-    ├── PayloadTooLarge         413
-    ├── Busy                    429  (with retry_after)
-    ├── UpstreamError           502  chat upstream failed
-    │   ├── UpstreamAuth        502
-    │   ├── UpstreamRateLimited 429  (with retry_after)
-    │   ├── UpstreamRejected    400  e.g. content_filter on the prompt
-    │   └── UpstreamTimeout     504
-    ├── NotConfigured           503
-    └── SandboxError            503  sandbox_unavailable / 500 sandbox_failed
+    ServiceError                      500  internal_error
+    ├── RequestError                  400  invalid_request (or a connector problem's code)
+    │   ├── MalformedJson             400  malformed_json (with details.position)
+    │   ├── TooDeeplyNested           400  too_deeply_nested
+    │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
+    ├── Unauthorized                  401  unauthorized
+    ├── PayloadTooLarge               413  payload_too_large
+    ├── Busy                          429  busy (with retry_after)
+    ├── UpstreamError                 502  upstream_error: the chat upstream failed
+    │   ├── UpstreamAuth              502  upstream_auth
+    │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
+    │   ├── UpstreamRejected          400  upstream_rejected
+    │   │   └── ContentFiltered       400  content_filter: the prompt was filtered
+    │   ├── UpstreamTimeout           504  upstream_timeout
+    │   └── UpstreamUnreachable       502  upstream_unreachable
+    ├── NotConfigured                 503  not_configured
+    │   └── ChatNotConfigured         503  chat_not_configured
+    ├── ShuttingDown                  503  shutting_down
+    └── SandboxError                       (raised only as one of these)
+        ├── SandboxUnavailable        503  sandbox_unavailable: engine down, late, or busy
+        ├── SandboxFailed             500  sandbox_failed: the sandbox broke
+        │   └── EngineRefused         500  the engine answered an error (its ``engine_status``)
+        └── DependencyInstallFailed   400  dependency_install_failed
+
+``code=`` and ``status=`` on an instance are for facts that arrive as data: a
+connector problem's code, and the status of an HTTP error starlette raises.
 """
 
 from __future__ import annotations
@@ -87,6 +100,14 @@ class RequestError(ServiceError):
     code = "invalid_request"
 
 
+class MalformedJson(RequestError):
+    code = "malformed_json"
+
+
+class TooDeeplyNested(RequestError):
+    code = "too_deeply_nested"
+
+
 class ValidationFailed(RequestError):
     status = 422
     code = "validation_error"
@@ -126,9 +147,17 @@ class UpstreamRejected(UpstreamError):
     code = "upstream_rejected"
 
 
+class ContentFiltered(UpstreamRejected):
+    code = "content_filter"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
 
 
 class NotConfigured(ServiceError):
@@ -136,6 +165,40 @@ class NotConfigured(ServiceError):
     code = "not_configured"
 
 
+class ChatNotConfigured(NotConfigured):
+    code = "chat_not_configured"
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    code = "shutting_down"
+
+
 class SandboxError(ServiceError):
+    """Base of the sandbox's failures; raised only as one of its subclasses."""
+
     status = 503
     code = "sandbox_unavailable"
+
+
+class SandboxUnavailable(SandboxError):
+    status = 503
+    code = "sandbox_unavailable"
+
+
+class SandboxFailed(SandboxError):
+    status = 500
+    code = "sandbox_failed"
+
+
+class EngineRefused(SandboxFailed):
+    """The Docker engine answered a call with an error; its HTTP status is ``engine_status``."""
+
+    def __init__(self, message: str, *, engine_status: int) -> None:
+        super().__init__(message)
+        self.engine_status = engine_status
+
+
+class DependencyInstallFailed(SandboxError):
+    status = 400
+    code = "dependency_install_failed"

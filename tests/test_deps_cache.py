@@ -35,7 +35,9 @@ import pytest
 
 from streamsvc.connectors.dependencies import Dependency
 from streamsvc.errors import SandboxError
-from streamsvc.sandbox.docker.deps_cache import DependencyCache, disk_usage, host_lock
+from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.deps_inventory import disk_usage
+from streamsvc.sandbox.docker.host_lock import host_lock
 from streamsvc.settings import load_settings
 from tests.harness import (
     IMAGE,
@@ -409,7 +411,7 @@ async def test_a_later_request_joins_an_install_whose_first_requester_left(
 
     async with aiodocker.Docker() as engine, anyio.create_task_group() as tasks:
         cache = DependencyCache(engine, settings, me)
-        cache.image_id = image_id(own_image)
+        cache.use_image(image_id(own_image))
         cache.start(tasks)
         created = anyio.Event()
         with anyio.fail_after(240):

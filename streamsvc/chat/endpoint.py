@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from streamsvc.chat.types import ChatProvider, UpstreamBody, UpstreamChunk, Usage
-from streamsvc.errors import NotConfigured, ValidationFailed
+from streamsvc.errors import ChatNotConfigured, ValidationFailed
 from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body, wants_stream
@@ -220,9 +220,7 @@ def configured_provider(found: Services) -> ChatProvider:
     """The app's chat provider, or a 503 naming the settings it still needs."""
     if found.chat is None:
         missing = found.settings.chat.missing
-        raise NotConfigured(
-            f"chat is not configured: set {', '.join(missing)}", code="chat_not_configured"
-        )
+        raise ChatNotConfigured(f"chat is not configured: set {', '.join(missing)}")
     return found.chat
 
 

@@ -47,6 +47,7 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
 
 from streamsvc.chat.types import UpstreamBody, UpstreamChunk, has_token
 from streamsvc.errors import (
+    ContentFiltered,
     RequestError,
     ServiceError,
     UpstreamAuth,
@@ -54,6 +55,7 @@ from streamsvc.errors import (
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from streamsvc.settings import ChatSettings, SettingsError
 
@@ -179,9 +181,8 @@ def translate(exc: Exception) -> ServiceError:
             )
         if status == 400 and error.get("code") == "content_filter":
             inner = error.get("innererror") or {}
-            return UpstreamRejected(
+            return ContentFiltered(
                 message,
-                code="content_filter",
                 details={"content_filter_result": inner.get("content_filter_result")},
             )
         if 400 <= status < 500:
@@ -190,7 +191,7 @@ def translate(exc: Exception) -> ServiceError:
     if isinstance(exc, openai.APITimeoutError) and timed_out(exc):
         return UpstreamTimeout("the chat upstream did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
-        return UpstreamError("the chat upstream is unreachable", code="upstream_unreachable")
+        return UpstreamUnreachable("the chat upstream is unreachable")
     return UpstreamError("the chat upstream failed")
 
 

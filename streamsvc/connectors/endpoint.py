@@ -22,7 +22,7 @@ from starlette.responses import Response
 from streamsvc.connectors.redact import MIN_SECRET_LENGTH
 from streamsvc.connectors.request import decode_request, plan_off_loop
 from streamsvc.connectors.transcript import ExecutionResult, Transcript
-from streamsvc.errors import SandboxError
+from streamsvc.errors import SandboxFailed, SandboxUnavailable
 from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import read_body, wants_stream
@@ -46,9 +46,7 @@ async def _events(
             event = pending if pending is not None else await anext(runs, None)
             pending = None
             if event is None:
-                raise SandboxError(
-                    "the sandbox ended without an exit status", code="sandbox_failed"
-                )
+                raise SandboxFailed("the sandbox ended without an exit status")
             if isinstance(event, Output):
                 if len(event.text) > REDACT_INLINE_CHARS:  # CPU-bound: off the event loop
                     forwarded = await anyio.to_thread.run_sync(transcript.output, event)
@@ -80,7 +78,7 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
     finally:
         with anyio.CancelScope(shield=True):
             await events.aclose()  # type: ignore[attr-defined]
-    raise SandboxError("the run ended without an answer", code="sandbox_failed", status=500)
+    raise SandboxFailed("the run ended without an answer")
 
 
 async def execute_endpoint(request: Request) -> Response:
@@ -91,7 +89,7 @@ async def execute_endpoint(request: Request) -> Response:
     spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
     sandbox = found.sandbox
     if sandbox is None:
-        raise SandboxError("connector execution is not available on this server")
+        raise SandboxUnavailable("connector execution is not available on this server")
     secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
     cap = settings.sandbox.output_cap_bytes
     if sum(map(len, secrets)) > REDACT_INLINE_CHARS:  # building the scanner is CPU-bound too
@@ -104,7 +102,7 @@ async def execute_endpoint(request: Request) -> Response:
         # while waiting stops the run (sse.before_headers).
         first = await sse.before_headers(request, found.streams, sse.start(runs))
         if first is None:
-            raise SandboxError("the sandbox produced nothing", code="sandbox_failed", status=500)
+            raise SandboxFailed("the sandbox produced nothing")
         events = _events(first, runs, transcript)
         if wants_stream(request, body.stream):
             return sse.event_response(

@@ -5,8 +5,8 @@ A ``Sandbox`` turns a ``RunSpec`` into an async stream of our own events:
 them, and exactly one final ``Exited``. The first event is produced only once
 the engine has answered, so an unreachable engine is an exception from the
 first ``anext`` (a real 503), not an event. ``streamsvc.sandbox.docker.sandbox`` is
-the implementation; it, ``docker_api`` and ``deps_cache`` are the only
-modules that import ``aiodocker``.
+the implementation; only modules of ``streamsvc.sandbox.docker`` import
+``aiodocker``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 import msgspec
 from starlette.requests import Request
 
-from streamsvc.errors import PayloadTooLarge, RequestError, ValidationFailed
+from streamsvc.errors import MalformedJson, PayloadTooLarge, TooDeeplyNested, ValidationFailed
 
 T = TypeVar("T")
 
@@ -36,9 +36,7 @@ class JsonDecoder(Generic[T]):
         except msgspec.DecodeError as exc:
             raise _malformed(str(exc), len(body)) from None
         except RecursionError:  # nesting deeper than the decoder follows
-            raise RequestError(
-                "the JSON body is nested too deeply", code="too_deeply_nested", path="$"
-            ) from None
+            raise TooDeeplyNested("the JSON body is nested too deeply", path="$") from None
 
 
 def _validation_failed(message: str) -> ValidationFailed:
@@ -51,11 +49,11 @@ def _validation_failed(message: str) -> ValidationFailed:
     return ValidationFailed(text, path=path)
 
 
-def _malformed(message: str, size: int) -> RequestError:
+def _malformed(message: str, size: int) -> MalformedJson:
     """400 with the byte position; truncated input is wrong at its end."""
     match = _POSITION.search(message)
     position = int(match.group(1)) if match else size
-    return RequestError(message, code="malformed_json", path="$", details={"position": position})
+    return MalformedJson(message, path="$", details={"position": position})
 
 
 async def read_body(request: Request, limit: int) -> bytes:

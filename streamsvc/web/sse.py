@@ -24,7 +24,7 @@ import msgspec
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import ClientDisconnect, Request
 
-from streamsvc.errors import ErrorEnvelope, ServiceError
+from streamsvc.errors import ErrorEnvelope, ServiceError, ShuttingDown
 from streamsvc.web import observability
 
 log = logging.getLogger("streamsvc.sse")
@@ -95,7 +95,7 @@ class StreamRegistry:
 
 
 def shutting_down() -> ServiceError:
-    return ServiceError("server is shutting down", code="shutting_down", status=503)
+    return ShuttingDown("server is shutting down")
 
 
 def error_event(exc: ServiceError) -> Event:

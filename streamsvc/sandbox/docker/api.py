@@ -1,10 +1,10 @@
 """The boundary to the Docker engine: bounded calls, translated errors, archives.
 
 Every aiodocker call goes through ``docker_call``, which bounds it in time and
-turns Docker and aiohttp errors into ``SandboxError``: ``sandbox_unavailable``
-(503) when the engine cannot be reached (including aiodocker's own
-``DockerError(900, "Cannot connect ...")``) or does not answer in time,
-``sandbox_failed`` (500) when it refuses or breaks. Killing and removing are
+turns Docker and aiohttp errors into ``SandboxUnavailable`` (503) when the
+engine cannot be reached (aiodocker's ``DockerError(900, ...)`` included) or
+does not answer in time, and ``EngineRefused`` (500, with the engine's HTTP
+status as ``engine_status``) when it answers an error. Killing and removing are
 best effort, bounded and shielded (they run in ``finally`` blocks of
 cancelled runs). Labels mark every container, network and volume the service
 creates, with the owning process (``host:pid``), so start-up can tell a dead
@@ -26,7 +26,7 @@ import aiohttp
 import anyio
 from aiodocker.containers import DockerContainer
 
-from streamsvc.errors import SandboxError
+from streamsvc.errors import EngineRefused, SandboxError, SandboxUnavailable
 
 T = TypeVar("T")
 
@@ -40,6 +40,8 @@ CLEANUP_TIMEOUT = 15.0
 
 #: The status aiodocker gives a ``DockerError`` when it cannot connect at all.
 UNREACHABLE = 900
+#: The engine's answer for a container, network, volume or image it does not have.
+NOT_FOUND = 404
 #: What a lost or refused engine raises inside aiodocker and aiohttp (a closed
 #: client session raises RuntimeError).
 ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, RuntimeError)
@@ -86,16 +88,16 @@ async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT)
         with anyio.fail_after(limit):
             return await call
     except TimeoutError as exc:
-        raise SandboxError(f"the Docker engine did not answer ({what})") from exc
+        raise SandboxUnavailable(f"the Docker engine did not answer ({what})") from exc
     except aiodocker.DockerError as exc:
         if exc.status == UNREACHABLE:
-            raise SandboxError(f"the Docker engine is unreachable ({what})") from exc
+            raise SandboxUnavailable(f"the Docker engine is unreachable ({what})") from exc
         message = exc.message if isinstance(exc.message, str) else str(exc.message)
-        raise SandboxError(
-            f"the Docker engine refused to {what}: {message}", code="sandbox_failed", status=500
+        raise EngineRefused(
+            f"the Docker engine refused to {what}: {message}", engine_status=exc.status
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise SandboxError(f"the Docker engine is unreachable ({what})") from exc
+        raise SandboxUnavailable(f"the Docker engine is unreachable ({what})") from exc
 
 
 async def ping(docker: aiodocker.Docker) -> None:
@@ -113,8 +115,8 @@ async def ensure_network(docker: aiodocker.Docker) -> None:
     try:
         await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
         return
-    except SandboxError as exc:
-        if not isinstance(exc.__cause__, aiodocker.DockerError) or exc.__cause__.status != 404:
+    except EngineRefused as exc:
+        if exc.engine_status != NOT_FOUND:
             raise
     config = {
         "Name": NETWORK_NAME,
@@ -171,7 +173,7 @@ async def remove_container(container: DockerContainer) -> bool:
             await container.delete(force=True, v=True)
             return True
         except aiodocker.DockerError as exc:
-            return exc.status == 404
+            return exc.status == NOT_FOUND
         except ENGINE_ERRORS:
             return False
     return False

@@ -1,21 +1,9 @@
-"""The engine's create request for a sandbox container: every hardening setting.
+"""The engine's create request for every container the service makes.
 
-``hardened`` is the one place they are set, the same for cold and warm
-sandboxes: a non-root user, all capabilities dropped, ``no-new-privileges``,
-a read-only root filesystem, size-capped tmpfs at ``/work``, ``/tmp`` and
-``/dev/shm``, memory = memory+swap = ``memoryMb``, a CPU quota, a pids limit,
-nofile and fsize ulimits, no host mounts, no log driver (output is read
-through attach, so a flood never reaches the host's disk), tini as PID 1 (so
-whatever the program leaves behind dies with it), the service's labels, and
-either no network at all or the service's own bridge network (made by
-``docker_api.ensure_network`` with inter-container traffic disabled).
-Dependencies come from ``DependencyCache`` as a read-only volume at
-``/opt/deps``, so they work under ``network_mode: none``.
-
-``cold_config`` adds the request's env and an anonymous volume at ``/bundle``
-for the files; ``warm_config`` adds nothing of any request (the env and files
-come later over stdin, see ``warm_protocol``) and keeps stdin open.
-Plain data in, plain dicts out: nothing here talks to the engine.
+``locked_down`` is the one place the hardening is set (non-root, no
+capabilities, no-new-privileges, read-only root, no log driver, tini); run
+sandboxes (``hardened``: cold and warm alike) and dependency helpers add their
+limits to it. Plain data in, plain dicts out: nothing here talks to the engine.
 """
 
 from __future__ import annotations
@@ -31,6 +19,12 @@ from streamsvc.settings import SandboxSettings
 
 CONTEXT_FILE = "/work/.streamsvc/context.json"
 NOFILE_LIMIT = 256
+#: On helper containers: ``install``, ``check`` (adopting a volume) or ``python`` (the probe).
+LABEL_ACTION = "streamsvc.deps.action"
+#: A dependency helper's limits: an install (pip, uv, compiling) needs more than a run.
+HELPER_MEMORY_MB = 1024
+HELPER_PIDS_LIMIT = 512
+HELPER_TMPFS_MB = 1024
 
 
 class PoolKey(msgspec.Struct, frozen=True):
@@ -115,7 +109,13 @@ def hardened(
     mounts: list[dict[str, Any]],
     role: str,
 ) -> dict[str, Any]:
-    """Every hardening setting is here, the same for cold and warm sandboxes."""
+    """A run sandbox: ``locked_down`` plus every run limit, the same for cold and warm.
+
+    Memory = memory+swap = ``memory_mb``, a CPU quota, a pids limit, nofile and
+    fsize ulimits, size-capped ``noexec`` tmpfs at ``/work``, ``/tmp`` and
+    ``/dev/shm``, private IPC, no host mounts, and either no network or the
+    service's bridge (inter-container traffic off); dependencies read-only.
+    """
     s = settings
     memory = memory_mb * 1024 * 1024
     tmpfs_bytes = s.tmpfs_mb * 1024 * 1024
@@ -127,37 +127,101 @@ def hardened(
         mounts.append(
             {"Type": "volume", "Source": deps_volume, "Target": "/opt/deps", "ReadOnly": True}
         )
+    config = locked_down(
+        settings,
+        labels(owner, role),
+        cmd=cmd,
+        env=env,
+        network_mode="none" if network == "none" else NETWORK_NAME,
+        memory=memory,
+        pids_limit=s.pids_limit,
+        tmpfs={"/work": tmpfs, "/tmp": tmpfs},
+        mounts=mounts,
+    )
+    config["WorkingDir"] = "/work"
+    config["NetworkDisabled"] = network == "none"
+    config["HostConfig"] |= {
+        "MemorySwap": memory,  # memory + swap: no swap at all
+        "NanoCpus": int(s.cpus * 1e9),
+        "Privileged": False,
+        "ShmSize": tmpfs_bytes,
+        "IpcMode": "private",
+        "Binds": [],
+        "Ulimits": [
+            {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
+            {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
+        ],
+        "AutoRemove": False,
+    }
+    return config
+
+
+def helper_config(
+    settings: SandboxSettings,
+    owner: str,
+    *,
+    action: str,
+    cmd: list[str],
+    env: dict[str, str],
+    volume: str | None,
+    writable: bool,
+    stdin: bool,
+) -> dict[str, Any]:
+    """A dependency helper (``install``, ``check``, ``python``): ``locked_down``, looser limits.
+
+    Only an install (``writable``) gets the network and a writable ``/opt/deps``.
+    """
+    mounts: list[dict[str, Any]] = []
+    if volume is not None:
+        mounts.append(
+            {"Type": "volume", "Source": volume, "Target": "/opt/deps", "ReadOnly": not writable}
+        )
+    config = locked_down(
+        settings,
+        {**labels(owner, "deps"), LABEL_ACTION: action},
+        cmd=cmd,
+        env=env,
+        network_mode=NETWORK_NAME if writable else "none",
+        memory=HELPER_MEMORY_MB * 1024 * 1024,
+        pids_limit=HELPER_PIDS_LIMIT,
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={HELPER_TMPFS_MB}m"},
+        mounts=mounts,
+    )
+    config |= {"AttachStdin": stdin, "OpenStdin": stdin, "StdinOnce": stdin}
+    return config
+
+
+def locked_down(
+    settings: SandboxSettings,
+    container_labels: dict[str, str],
+    *,
+    cmd: list[str],
+    env: dict[str, str],
+    network_mode: str,
+    memory: int,
+    pids_limit: int,
+    tmpfs: dict[str, str],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What every container the service makes has: the one place hardening is set."""
     return {
-        "Image": s.image,
+        "Image": settings.image,
         "Cmd": cmd,
         "User": f"{SANDBOX_UID}:{SANDBOX_UID}",
-        "WorkingDir": "/work",
         "Env": [f"{key}={value}" for key, value in env.items()],
-        "Labels": labels(owner, role),
+        "Labels": container_labels,
         "AttachStdout": True,
         "AttachStderr": True,
-        "NetworkDisabled": network == "none",
         "HostConfig": {
-            "NetworkMode": "none" if network == "none" else NETWORK_NAME,
+            "NetworkMode": network_mode,
             "Memory": memory,
-            "MemorySwap": memory,  # memory + swap: no swap at all
-            "NanoCpus": int(s.cpus * 1e9),
-            "PidsLimit": s.pids_limit,
+            "PidsLimit": pids_limit,
             "ReadonlyRootfs": True,
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],
-            "Privileged": False,
-            "Tmpfs": {"/work": tmpfs, "/tmp": tmpfs},
-            "ShmSize": tmpfs_bytes,
-            "IpcMode": "private",
+            "Tmpfs": tmpfs,
             "Mounts": mounts,
-            "Binds": [],
-            "Ulimits": [
-                {"Name": "nofile", "Soft": NOFILE_LIMIT, "Hard": NOFILE_LIMIT},
-                {"Name": "fsize", "Soft": tmpfs_bytes, "Hard": tmpfs_bytes},
-            ],
             "LogConfig": {"Type": "none", "Config": {}},
             "Init": True,
-            "AutoRemove": False,
         },
     }

@@ -1,0 +1,328 @@
+"""One run loop over a sandbox: start, stream the output, report the end.
+
+``ColdStart`` creates a container with the request in it (files by archive);
+``WarmStart`` sends one delivery to a started sandbox. Limits are reported,
+never silent: a watchdog kills the run at its deadline or past the output cap.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol
+
+import aiodocker
+import anyio
+from aiodocker.containers import DockerContainer
+from aiodocker.stream import Message, Stream
+from anyio.abc import TaskGroup
+
+from streamsvc.errors import SandboxUnavailable
+from streamsvc.sandbox.docker import config as sandbox_config
+from streamsvc.sandbox.docker.api import (
+    CLEANUP_TIMEOUT,
+    ENGINE_ERRORS,
+    create_container,
+    docker_call,
+    ensure_network,
+    kill_container,
+    tar_bytes,
+)
+from streamsvc.sandbox.docker.config import PoolKey, run_env
+from streamsvc.sandbox.docker.containers import Containers
+from streamsvc.sandbox.docker.warm import WarmMaker, WarmSandbox
+from streamsvc.sandbox.docker.warm_protocol import (
+    STREAMS,
+    EndLines,
+    bundle_files,
+    delivery,
+    frame,
+    new_nonce,
+)
+from streamsvc.sandbox.runner.runner import PIDS_MARKER
+from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
+from streamsvc.sandbox.warm_pool import WarmPool
+from streamsvc.settings import SandboxSettings
+
+
+class Start(Protocol):
+    """How a run gets a sandbox, starts its program, and lets the sandbox go."""
+
+    @property
+    def nonce(self) -> str | None:
+        """Warm runs: the runner's end lines carry this nonce."""
+        ...
+
+    async def choose(self) -> str:
+        """Prepare what fails before the first event may; what ``starting`` says."""
+        ...
+
+    async def ready(self) -> tuple[DockerContainer, Stream]:
+        """The sandbox and its attached output stream."""
+        ...
+
+    async def launch(self, spec: RunSpec, stream: Stream) -> float:
+        """Start the program; when its wall clock starts."""
+        ...
+
+    def release(self) -> None:
+        """Let the sandbox go (it is removed in the background); called once, always."""
+        ...
+
+
+async def execute(
+    start: Start, spec: RunSpec, settings: SandboxSettings, tasks: TaskGroup
+) -> AsyncGenerator[SandboxEvent, None]:
+    """The run's events: ``starting``, ``running``, its output, then its ``Exited``."""
+    run: Run | None = None
+    try:
+        yield Status("starting", await start.choose())
+        container, stream = await start.ready()
+        run = Run(container, stream, settings.output_cap_bytes, start.nonce)
+        started = await start.launch(spec, stream)
+        run.started = started
+        run.deadline = started + spec.timeout_ms / 1000
+        tasks.start_soon(_watchdog, run)
+        yield Status("running", f"running {spec.entry_point}")
+        async for output in _pump(run):
+            yield output
+        yield await _exited(run)
+    finally:
+        if run is not None:
+            run.watchdog.cancel()
+        start.release()
+
+
+class ColdStart:
+    """A container made for this request: its env in the config, its files by archive."""
+
+    nonce = None
+
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        settings: SandboxSettings,
+        owner: str,
+        containers: Containers,
+        spec: RunSpec,
+        deps_volume: str | None,
+    ) -> None:
+        self._docker = docker
+        self._config = sandbox_config.cold_config(settings, owner, spec, deps_volume)
+        self._containers = containers
+        self._spec = spec
+        self._deps_volume = deps_volume
+        self._container: DockerContainer | None = None
+        self._stream: Stream | None = None
+
+    async def choose(self) -> str:
+        if self._spec.network == "bridge":
+            await ensure_network(self._docker)
+        container = await create_container(self._docker, self._config)
+        self._containers.adopt(container, self._deps_volume)
+        self._container = container
+        await docker_call("copy the files", container.put_archive("/bundle", _bundle(self._spec)))
+        # Attached before it starts, so nothing is missed.
+        stream = container.attach(stdout=True, stderr=True, logs=False)
+        await docker_call("attach to the sandbox", stream.__aenter__())
+        self._stream = stream
+        return "starting the sandbox"
+
+    async def ready(self) -> tuple[DockerContainer, Stream]:
+        assert self._container is not None and self._stream is not None
+        return self._container, self._stream
+
+    async def launch(self, spec: RunSpec, stream: Stream) -> float:
+        assert self._container is not None
+        await docker_call("start the sandbox", self._container.start())
+        return anyio.current_time()
+
+    def release(self) -> None:
+        if self._container is not None:
+            self._containers.dispose(self._container, self._stream)
+
+
+class WarmStart:
+    """A started sandbox from the pool (else made now) that gets the run as one delivery."""
+
+    def __init__(
+        self,
+        maker: WarmMaker,
+        pool: WarmPool[PoolKey, WarmSandbox],
+        containers: Containers,
+        key: PoolKey,
+        env: dict[str, str],
+        early: WarmSandbox | None,
+    ) -> None:
+        self._maker = maker
+        self._pool = pool
+        self._containers = containers
+        self._key = key
+        self._env = env
+        self._warm = early
+        self.nonce = new_nonce()
+
+    async def choose(self) -> str:
+        key, env = self._key, self._env
+        warm = self._warm if self._warm is not None else await self._pool.take(key, refill=False)
+        if warm is not None and not warm.fits(env):
+            # Its preloaded imports read a variable this request sets: they would
+            # have seen another value in a cold run. Stop preloading this set.
+            if key.deps_volume is not None:
+                self._maker.stop_preloading(key.deps_volume)
+            self._containers.dispose(warm.container, warm.stream)
+            warm = None
+        self._warm = warm
+        return "using a warm sandbox" if warm is not None else "starting a sandbox (none was warm)"
+
+    async def ready(self) -> tuple[DockerContainer, Stream]:
+        if self._warm is None:
+            self._warm = await self._maker.make(self._key, preload=False)
+        return self._warm.container, self._warm.stream
+
+    async def launch(self, spec: RunSpec, stream: Stream) -> float:
+        """Send the run to the waiting runner; the wall clock starts now."""
+        message = frame(delivery(spec, run_env(spec, self._key.deps_volume), self.nonce))
+        started = anyio.current_time()
+        await docker_call("deliver the run", stream.write_in(message))
+        return started
+
+    def release(self) -> None:
+        if self._warm is not None:
+            self._containers.dispose(self._warm.container, self._warm.stream)
+        self._pool.touch(self._key)  # refilled now that the run no longer needs the CPU
+
+
+class Run:
+    """One started sandbox: its container, its output stream, and why it stopped."""
+
+    def __init__(
+        self, container: DockerContainer, stream: Stream, cap: int, nonce: str | None = None
+    ) -> None:
+        self.container = container
+        self.stream = stream
+        self.cap = cap
+        self.ends = EndLines(nonce) if nonce is not None else None
+        self.ended_at: float | None = None
+        self.sizes = dict.fromkeys(STREAMS, 0)
+        self.started = 0.0
+        self.deadline = 0.0
+        self.watchdog = anyio.CancelScope()
+        self.timed_out = False
+        self.capped = False
+        self.pids_limited = False
+        self.stopped_at: float | None = None
+        self._stderr_tail = ""
+
+    async def read(self) -> Message | None:
+        """The next chunk of output, or ``None`` at the end (or once stopped)."""
+        try:
+            message: Message | None = await self.stream.read_out()
+        except ENGINE_ERRORS as exc:
+            if self.stopped_at is not None:
+                return None  # we closed the stream ourselves
+            raise SandboxUnavailable("lost the connection to the Docker engine") from exc
+        return message
+
+    def count(self, stream: int, size: int) -> bool:
+        """Count ``size`` bytes of ``stream``; true once it is past the cap.
+
+        The chunk that passes the cap is still passed on (the transcript cuts
+        its copy at the cap and flags it), so a stream carries at most one
+        chunk (32 KiB) more than the cap.
+        """
+        self.sizes[stream] += size
+        return self.sizes[stream] > self.cap
+
+    def note(self, stream: int, text: str) -> str:
+        """Watch stderr for the runner's process-limit line; ``text`` unchanged."""
+        if stream == 2 and not self.pids_limited:
+            seen = self._stderr_tail + text
+            self.pids_limited = PIDS_MARKER.strip() in seen
+            self._stderr_tail = seen[-len(PIDS_MARKER) :]
+        return text
+
+    async def stop(self) -> None:
+        """Close the output stream first (an engine with unread output hangs a kill), then kill."""
+        if self.stopped_at is not None:
+            return
+        self.stopped_at = anyio.current_time()
+        with contextlib.suppress(*ENGINE_ERRORS):
+            await self.stream.close()
+        await kill_container(self.container)
+
+
+async def _watchdog(run: Run) -> None:
+    """Kill the run at its deadline, whatever its consumer is doing."""
+    with run.watchdog:
+        await anyio.sleep_until(run.deadline)
+        run.timed_out = True
+        await run.stop()
+
+
+async def _pump(run: Run) -> AsyncIterator[Output]:
+    """The program's output as it comes, until it ends or is stopped."""
+    decoders = {number: _decoder() for number in STREAMS}
+    while (message := await run.read()) is not None:
+        if message.stream not in STREAMS:
+            continue
+        data = message.data if run.ends is None else run.ends.feed(message.stream, message.data)
+        passed_cap = run.count(message.stream, len(data))
+        text = decoders[message.stream].decode(data)
+        if text:
+            yield Output(STREAMS[message.stream], run.note(message.stream, text))
+        if passed_cap:
+            run.capped = True
+            await run.stop()
+            break
+        if run.ends is not None and run.ends.complete:
+            run.ended_at = anyio.current_time()
+            break
+    for number, decoder in decoders.items():
+        held = b"" if run.ends is None else run.ends.leftover(number)
+        tail = decoder.decode(held, final=True)
+        if tail:
+            yield Output(STREAMS[number], run.note(number, tail))
+
+
+async def _exited(run: Run) -> Exited:
+    """The run's end: from the runner's end lines (warm), else from Docker."""
+    end = run.ends.verdict() if run.ends is not None else None
+    if end is not None and run.ended_at is not None and not (run.timed_out or run.capped):
+        run.watchdog.cancel()
+        oom = end.oom_killed
+        if oom is None:
+            info = await docker_call("inspect the sandbox", run.container.show())
+            oom = bool(info.get("State", {}).get("OOMKilled"))
+        return Exited(
+            exit_code=end.exit_code,
+            timed_out=False,
+            oom_killed=oom,
+            duration_ms=int((run.ended_at - run.started) * 1000),
+            pids_limited=run.pids_limited,
+        )
+    # Wait for the container to stop (the watchdog bounds that), then read its state.
+    limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT
+    await docker_call("wait for the sandbox", run.container.wait(), limit=limit)
+    run.watchdog.cancel()
+    duration_ms = int(((run.stopped_at or anyio.current_time()) - run.started) * 1000)
+    info = await docker_call("inspect the sandbox", run.container.show())
+    state = info.get("State", {})
+    killed = run.timed_out or run.capped
+    return Exited(
+        exit_code=None if killed else state.get("ExitCode"),
+        timed_out=run.timed_out,
+        oom_killed=bool(state.get("OOMKilled")),
+        duration_ms=duration_ms,
+        output_capped=run.capped,
+        pids_limited=run.pids_limited,
+    )
+
+
+def _decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _bundle(spec: RunSpec) -> bytes:
+    return tar_bytes({name: text.encode() for name, text in bundle_files(spec).items()})
