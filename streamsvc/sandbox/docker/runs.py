@@ -14,6 +14,7 @@ from typing import Protocol
 
 import aiodocker
 import anyio
+import anyio.lowlevel
 from aiodocker.containers import DockerContainer
 from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
@@ -44,6 +45,9 @@ from streamsvc.sandbox.runner.runner import PIDS_MARKER
 from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
 from streamsvc.sandbox.warm_pool import WarmPool
 from streamsvc.settings import SandboxSettings
+
+#: Output frames handled between two returns to the event loop.
+YIELD_EVERY_FRAMES = 32
 
 
 class Start(Protocol):
@@ -264,7 +268,13 @@ async def _watchdog(run: Run) -> None:
 async def _pump(run: Run) -> AsyncIterator[Output]:
     """The program's output as it comes, until it ends or is stopped."""
     decoders = {number: _decoder() for number in STREAMS}
+    frames = 0
     while (message := await run.read()) is not None:
+        frames += 1
+        if frames % YIELD_EVERY_FRAMES == 0:
+            # Frames already buffered are read without suspending: let the loop
+            # serve everyone else between batches of tiny writes.
+            await anyio.lowlevel.checkpoint()
         if message.stream not in STREAMS:
             continue
         data = message.data if run.ends is None else run.ends.feed(message.stream, message.data)
