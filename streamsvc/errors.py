@@ -10,7 +10,11 @@ one boundary each (``streamsvc.chat.provider`` and ``streamsvc.sandbox.docker.sa
     ├── RequestError            400  malformed JSON, invalid connector, ...
     │   └── ValidationFailed    422  well-formed JSON of the wrong shape
     ├── Unauthorized            401
+    ├── Forbidden               403  origin_not_allowed
+    ├── BodyTimeout             408  the body did not arrive in time
     ├── PayloadTooLarge         413
+    ├── UnsupportedMediaType    415  a POST body that is not application/json
+    ├── MisdirectedRequest      421  host_not_allowed
     ├── Busy                    429  (with retry_after)
     ├── UpstreamError           502  chat upstream failed
     │   ├── UpstreamAuth        502
@@ -97,9 +101,29 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    code = "origin_not_allowed"
+
+
+class BodyTimeout(ServiceError):
+    status = 408
+    code = "body_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(ServiceError):
+    status = 421
+    code = "host_not_allowed"
 
 
 class Busy(ServiceError):
