@@ -28,7 +28,7 @@ from tests.fake_azure import (
     rate_limited,
 )
 from tests.harness import ServerProcess
-from tests.test_openapi import check_answer
+from tests.test_openapi import JSON_TYPE, check_answer
 
 USER = [{"role": "user", "content": "Hello"}]
 WEATHER_TOOL = {
@@ -359,7 +359,11 @@ async def test_wrong_shapes_are_422_in_openais_error_shape(
 async def test_malformed_json_is_400_and_the_sdk_maps_statuses_to_its_errors(
     sdk: AsyncOpenAI, server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    response = await client.post(server.url + "/v1/chat/completions", content=b'{"messages": [')
+    response = await client.post(
+        server.url + "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"
     with pytest.raises(openai.UnprocessableEntityError) as invalid:
@@ -467,7 +471,8 @@ def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: F
         check_answer(path, "post", http.post(path, json={**body, "tools": [WEATHER_TOOL]}))
         check_answer(path, "post", http.post(path, json={**body, "stream": True}))  # an error
         check_answer(path, "post", http.post(path, json={"messages": []}))
-        check_answer(path, "post", http.post(path, content=b"{"))
+        check_answer(path, "post", http.post(path, content=b"{", headers=JSON_TYPE))
+        check_answer(path, "post", http.post(path, content=b"{"))  # 415: not JSON
 
 
 # ---- merging streamed chunks into one chat.completion --------------------------------------------
