@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import server_env
-from tests.fake_azure import FakeAzure
+from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess
 
 BODY_TIMEOUT = 1.0
@@ -258,3 +258,23 @@ def test_clients_that_never_read_give_their_run_slots_back(
             sock.close()
     assert max(latencies) < HEALTH_LIMIT, [round(x, 3) for x in latencies]
     assert server.log().count("it was dropped") == slots, server.log()[-3000:]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_chat_client_that_never_reads_is_dropped(
+    guarded: ServerProcess, azure: FakeAzure, stream: bool
+) -> None:
+    """Streamed, the upstream call is stopped; unstreamed, the 8 MiB answer is let go."""
+    # Streamed, the upstream then stays open (silent) until the server lets it go.
+    azure.push(Reply(text_chunks=["x" * 65536] * 128, hang_after=64 if stream else None))
+    payload = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    mark = len(guarded.log())
+    with connect(guarded, rcvbuf=1024) as sock:
+        sock.sendall(head(guarded, "/chat", len(payload)) + payload.encode())
+        started = time.monotonic()
+        while "it was dropped" not in guarded.log()[mark:]:
+            assert time.monotonic() - started < SEND_TIMEOUT + 10, guarded.log()[mark:]
+            time.sleep(0.1)
+    if stream:
+        assert azure.wait_disconnect(timeout=5)
+    assert "Traceback" not in guarded.log()[mark:]
