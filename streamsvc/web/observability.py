@@ -18,7 +18,7 @@ Endpoints record what only they know on this request's ``RequestFacts``
     current().execution(result.exit_code, result.ok)
 
 Every error's code is recorded the same way, by ``facts.failed(code)``: an
-error answer where it is rendered (``app.error_response``), and a stream that
+error answer where it is rendered (``rendering.error_response``), and a stream that
 fails after its headers (it still answers 200) where its last frame is written
 (``sse``). The middleware never reads the bytes it sends for it.
 
