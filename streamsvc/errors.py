@@ -12,7 +12,11 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   ├── TooDeeplyNested           400  too_deeply_nested
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
+    ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
+    ├── BodyTimeout                   408  body_timeout: the body did not arrive in time
     ├── PayloadTooLarge               413  payload_too_large
+    ├── UnsupportedMediaType          415  unsupported_media_type: a POST that is not JSON
+    ├── MisdirectedRequest            421  host_not_allowed: a Host header not allowed
     ├── Busy                          429  busy (with retry_after)
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
@@ -118,9 +122,29 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    code = "origin_not_allowed"
+
+
+class BodyTimeout(ServiceError):
+    status = 408
+    code = "body_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(ServiceError):
+    status = 421
+    code = "host_not_allowed"
 
 
 class Busy(ServiceError):

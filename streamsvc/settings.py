@@ -53,7 +53,13 @@ class ServerSettings(msgspec.Struct, frozen=True):
     allow_insecure: bool = False
     #: Origins whose pages may call the API from a browser (CORS); ``*`` for any. None: off.
     cors_origins: tuple[str, ...] = ()
+    #: Names a request's ``Host`` may carry besides loopback and ``host``; ``*`` for any.
+    allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: Positive = 4 * 1024 * 1024
+    #: Longest time a request body may take to arrive, whole.
+    body_timeout_seconds: Seconds = 30.0
+    #: Longest wait for a client to take one piece of an answer; past it, it is dropped.
+    send_timeout_seconds: Seconds = 30.0
     keepalive_seconds: Seconds = 15.0
     shutdown_grace_seconds: Seconds = 10.0
     log_level: str = "info"
@@ -190,7 +196,10 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_API_KEYS": ("server", "api_keys"),
     "STREAMSVC_ALLOW_INSECURE": ("server", "allow_insecure"),
     "STREAMSVC_CORS_ORIGINS": ("server", "cors_origins"),
+    "STREAMSVC_ALLOWED_HOSTS": ("server", "allowed_hosts"),
     "STREAMSVC_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "STREAMSVC_BODY_TIMEOUT_SECONDS": ("server", "body_timeout_seconds"),
+    "STREAMSVC_SEND_TIMEOUT_SECONDS": ("server", "send_timeout_seconds"),
     "STREAMSVC_KEEPALIVE_SECONDS": ("server", "keepalive_seconds"),
     "STREAMSVC_SHUTDOWN_GRACE_SECONDS": ("server", "shutdown_grace_seconds"),
     "STREAMSVC_LOG_LEVEL": ("server", "log_level"),
@@ -225,6 +234,7 @@ _LIST_FIELDS = frozenset(
     {
         "STREAMSVC_API_KEYS",
         "STREAMSVC_CORS_ORIGINS",
+        "STREAMSVC_ALLOWED_HOSTS",
         "OPENAI_REASONING_MODELS",
         "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS",
     }
@@ -342,6 +352,11 @@ def _check(settings: Settings) -> None:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise SettingsError(
                 f"invalid setting STREAMSVC_CORS_ORIGINS: {origin!r} is not scheme://host[:port]"
+            )
+    for name in server.allowed_hosts:
+        if name != "*" and not re.fullmatch(r"[A-Za-z0-9.:\[\]_-]+", name):
+            raise SettingsError(
+                f"invalid setting STREAMSVC_ALLOWED_HOSTS: {name!r} is not a host name or address"
             )
     if chat.azure_endpoint and not chat.azure_endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")

@@ -229,12 +229,15 @@ async def asgi_client(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client,
     ):
         yield client
 
 
 # -- the OpenAPI document as a checker of real answers ------------------------------------
+
+#: The content type every POST must carry (anything else is 415).
+JSON_TYPE = {"content-type": "application/json"}
 
 DOC = openapi_document()
 SCHEMAS = DOC["components"]["schemas"]

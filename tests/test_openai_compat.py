@@ -31,7 +31,7 @@ from tests.fake_azure import (
     content_filter_error,
     rate_limited,
 )
-from tests.harness import ServerProcess, check_answer, server_env
+from tests.harness import JSON_TYPE, ServerProcess, check_answer, server_env
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 WEATHER_TOOL: ChatCompletionToolParam = {
@@ -362,7 +362,11 @@ async def test_wrong_shapes_are_422_in_openais_error_shape(
 async def test_malformed_json_is_400_and_the_sdk_maps_statuses_to_its_errors(
     sdk: AsyncOpenAI, server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    response = await client.post(server.url + "/v1/chat/completions", content=b'{"messages": [')
+    response = await client.post(
+        server.url + "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"
     with pytest.raises(openai.UnprocessableEntityError) as invalid:
@@ -472,7 +476,8 @@ def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: F
         check_answer(path, "post", http.post(path, json={**body, "tools": [WEATHER_TOOL]}))
         check_answer(path, "post", http.post(path, json={**body, "stream": True}))  # an error
         check_answer(path, "post", http.post(path, json={"messages": []}))
-        check_answer(path, "post", http.post(path, content=b"{"))
+        check_answer(path, "post", http.post(path, content=b"{", headers=JSON_TYPE))
+        check_answer(path, "post", http.post(path, content=b"{"))  # 415: not JSON
 
 
 # ---- merging streamed chunks into one chat.completion --------------------------------------------

@@ -30,6 +30,7 @@ from streamsvc.web.app import create_app
 from tests.fake_azure import FakeAzure
 from tests.harness import (
     DOC,
+    JSON_TYPE,
     ROOT,
     SCHEMAS,
     ServerProcess,
@@ -127,7 +128,8 @@ def test_real_chat_answers_match_the_document(server: ServerProcess, azure: Fake
         check_answer("/chat", "post", http.post("/chat", json=body))
         check_answer("/chat", "post", http.post("/chat", json={**body, "stream": True}))
         check_answer("/chat", "post", http.post("/chat", json={"messages": []}))
-        check_answer("/chat", "post", http.post("/chat", content=b"{"))
+        check_answer("/chat", "post", http.post("/chat", content=b"{", headers=JSON_TYPE))
+        check_answer("/chat", "post", http.post("/chat", content=b"{"))  # 415: not JSON
         check_answer("/health", "get", http.get("/health"))
 
 
@@ -243,8 +245,8 @@ def keeps_connections_usable(http: httpx.Client) -> None:
     request on it failed with "Server disconnected without sending a response".
     """
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    auth = {"authorization": f"Bearer {KEY}"}
-    for refused, headers in ((b"{}" * 100_000, {}), (b"x" * 700_000, auth)):
+    auth = {"authorization": f"Bearer {KEY}", **JSON_TYPE}
+    for refused, headers in ((b"{}" * 100_000, JSON_TYPE), (b"x" * 700_000, auth)):
         for _ in range(5):
             answer = http.post("/chat", content=refused, headers=headers)
             assert answer.status_code in (401, 413)

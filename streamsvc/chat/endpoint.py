@@ -227,18 +227,23 @@ def configured_provider(found: Services) -> ChatProvider:
 async def chat_endpoint(request: Request) -> Response:
     found = services(request)
     settings = found.settings
-    body = _decoder.decode_body(await read_body(request, settings.server.max_body_bytes))
+    body = _decoder.decode_body(await read_body(request, settings.server))
     provider = configured_provider(found)
     params = params_for(body, settings.chat)
     try:
         if not wants_stream(request, body.stream):
             whole = collect(observability.observe_chat(answer(provider, params, settings.chat)))
             result = await sse.before_headers(request, found.streams, whole)
-            return Response(_result_encoder.encode(result), media_type="application/json")
+            encoded = _result_encoder.encode(result)
+            return sse.JsonAnswer(encoded, settings.server.send_timeout_seconds)
         events = _events(observability.observe_chat(answer(provider, params, settings.chat)))
         first = await sse.before_headers(request, found.streams, sse.start(events))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
     return sse.event_response(
-        first, events, found.streams, keepalive=settings.server.keepalive_seconds
+        first,
+        events,
+        found.streams,
+        keepalive=settings.server.keepalive_seconds,
+        send_timeout=settings.server.send_timeout_seconds,
     )

@@ -285,7 +285,7 @@ def _error_event(exc: ServiceError) -> sse.Event:
 async def completions_endpoint(request: Request) -> Response:
     found = services(request)
     settings = found.settings
-    raw = await read_body(request, settings.server.max_body_bytes)
+    raw = await read_body(request, settings.server)
     core = _decoder.decode_body(raw)
     body = _object_decoder.decode(raw)
     provider = configured_provider(found)
@@ -296,7 +296,8 @@ async def completions_endpoint(request: Request) -> Response:
     try:
         if not streaming:
             completion = await sse.before_headers(request, found.streams, _whole(chunks))
-            return Response(_encoder.encode(completion), media_type="application/json")
+            encoded = _encoder.encode(completion)
+            return sse.JsonAnswer(encoded, settings.server.send_timeout_seconds)
         first = await sse.before_headers(request, found.streams, sse.start(chunks))
     except ClientDisconnect:
         return Response(status_code=499)  # nobody is listening any more
@@ -305,6 +306,7 @@ async def completions_endpoint(request: Request) -> Response:
         chunks,
         found.streams,
         keepalive=settings.server.keepalive_seconds,
+        send_timeout=settings.server.send_timeout_seconds,
         encode=_data_frame,
         failure=_error_event,
         end=_DONE,

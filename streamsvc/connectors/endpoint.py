@@ -84,7 +84,7 @@ async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
 async def execute_endpoint(request: Request) -> Response:
     found = services(request)
     settings = found.settings
-    raw = await read_body(request, settings.server.max_body_bytes)
+    raw = await read_body(request, settings.server)
     body = decode_request(raw)
     spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
     sandbox = found.sandbox
@@ -106,10 +106,14 @@ async def execute_endpoint(request: Request) -> Response:
         events = _events(first, runs, transcript)
         if wants_stream(request, body.stream):
             return sse.event_response(
-                None, events, found.streams, keepalive=settings.server.keepalive_seconds
+                None,
+                events,
+                found.streams,
+                keepalive=settings.server.keepalive_seconds,
+                send_timeout=settings.server.send_timeout_seconds,
             )
         result = await sse.before_headers(request, found.streams, _collect(events))
     except ClientDisconnect:
         log.info("client disconnected before the answer; the run was stopped")
         return Response(status_code=499)  # nobody is listening; for the access log
-    return Response(_encoder.encode(result), media_type="application/json")
+    return sse.JsonAnswer(_encoder.encode(result), settings.server.send_timeout_seconds)

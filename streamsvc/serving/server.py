@@ -40,14 +40,17 @@ GC_THRESHOLDS = (10_000, 10, 10)
 BACKLOG = 2048
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_exposure(settings: ServerSettings) -> None:
     """Refuse a non-loopback address without API keys, unless explicitly insecure."""
     host = settings.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not settings.api_keys and not settings.allow_insecure:
+    if not _loopback(host) and not settings.api_keys and not settings.allow_insecure:
         raise SettingsError(
             f"invalid setting STREAMSVC_HOST: refusing to listen on {host} without "
             "STREAMSVC_API_KEYS (set STREAMSVC_ALLOW_INSECURE=true to override)"
@@ -133,5 +136,11 @@ async def serve(settings: Settings, listen_fd: int | None = None) -> None:
         tg.start_soon(watch_signals)
         if listen_fd is None:
             log.info("streamsvc listening on http://%s", config.bind[0])
+            if not _loopback(settings.server.host) and not settings.server.allowed_hosts:
+                log.warning(
+                    "a Host header other than a loopback name or address (or a specific "
+                    "STREAMSVC_HOST) gets 421 host_not_allowed: set STREAMSVC_ALLOWED_HOSTS "
+                    "to the names and addresses clients use"
+                )
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         tg.cancel_scope.cancel()

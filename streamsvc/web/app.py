@@ -1,43 +1,39 @@
-"""The Starlette application: factory, lifespan, routes, error rendering.
+"""The Starlette application: factory, lifespan, routes, middlewares, error handlers.
 
-``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
-(the chat provider, the Docker sandbox) and closes them; routes find them in
-``web.services``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
-status (in OpenAI's shape under /v1/, see ``streamsvc.chat.openai_compat``);
-anything else is a 500 ``internal_error`` with no stack trace.
+``create_app(settings)`` builds the app; its lifespan opens the I/O clients (chat
+provider, Docker sandbox) that routes find in ``web.services``. Every ``ServiceError``
+renders as its JSON error (``web.rendering``); anything else is a 500 ``internal_error``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamsvc.chat import openai_compat
 from streamsvc.chat.endpoint import chat_endpoint
 from streamsvc.chat.types import ChatProvider
 from streamsvc.connectors.endpoint import execute_endpoint
-from streamsvc.errors import ErrorEnvelope, PayloadTooLarge, ServiceError, Unauthorized
+from streamsvc.errors import BodyTimeout, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
-from streamsvc.web import observability
-from streamsvc.web.observability import Metrics, ObservabilityMiddleware
+from streamsvc.web.auth import ApiKeyMiddleware
+from streamsvc.web.hosts import HostOriginMiddleware, allowed_hosts
+from streamsvc.web.observability import Metrics, ObservabilityMiddleware, printable
 from streamsvc.web.openapi import openapi_endpoint
 from streamsvc.web.pages import docs, playground, static_files
+from streamsvc.web.rendering import error_response, json_response
 from streamsvc.web.services import Services, install, installed, services
 from streamsvc.web.sse import StreamRegistry
 
@@ -47,34 +43,14 @@ log = logging.getLogger("streamsvc")
 CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request-id", "accept"]
 CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
 
-_encoder = msgspec.json.Encoder()
-
-
-def error_response(exc: ServiceError, path: str = "") -> Response:
-    """The error's answer; its code (ours, even where /v1 shows the upstream's) is
-    recorded on the request's facts for the access log and the metrics."""
-    observability.current().failed(exc.code)
-    if path.startswith(openai_compat.PREFIX):
-        return openai_compat.error_response(exc)
-    return Response(
-        _encoder.encode(ErrorEnvelope(exc.body())),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=exc.headers(),
-    )
-
-
-def json_response(payload: Any, status_code: int = 200) -> Response:
-    return Response(
-        _encoder.encode(payload), status_code=status_code, media_type="application/json"
-    )
+#: Errors answered before the body was all read: the connection cannot be reused.
+_BODY_LEFT_UNREAD = (PayloadTooLarge, BodyTimeout, UnsupportedMediaType)
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     response = error_response(exc, request.url.path)
-    if isinstance(exc, PayloadTooLarge):
-        # Refused before the body was all read: the connection cannot be reused.
+    if isinstance(exc, _BODY_LEFT_UNREAD):
         response.headers["Connection"] = "close"
     return response
 
@@ -86,8 +62,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error, request.url.path)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: one line, no traceback."""
+    log.info("client disconnected during %s %s", request.method, printable(request.url.path))
+    return Response(status_code=499)  # nobody is listening; for the access log
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    path = printable(request.url.path)
+    log.error("unhandled error on %s %s", request.method, path, exc_info=exc)
     return error_response(ServiceError("internal error"), request.url.path)
 
 
@@ -107,49 +90,6 @@ async def health(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     registry = services(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class ApiKeyMiddleware:
-    """Require one of the configured API keys on the protected paths.
-
-    Keys are accepted as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` and
-    compared in constant time. Pure ASGI: streaming responses pass untouched.
-    """
-
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], protected: tuple[str, ...]) -> None:
-        self.app = app
-        # Digests, so every comparison is between equal lengths: no length leaks either.
-        self.keys = [hashlib.sha256(key.encode()).digest() for key in keys]
-        self.protected = protected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.keys
-            and scope["path"].startswith(self.protected)
-            and not self._authorized(scope)
-        ):
-            response = error_response(Unauthorized("a valid API key is required"), scope["path"])
-            response.headers["WWW-Authenticate"] = "Bearer"
-            # The body is left unread, so the connection cannot be reused: say so,
-            # or a keep-alive client may send its next request into a closed socket.
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        offered = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                offered = value[7:].strip()
-            elif name == b"x-api-key":
-                offered = value.strip()
-        digest = hashlib.sha256(offered).digest()
-        found = False
-        for key in self.keys:  # no early exit: the time does not depend on which key
-            found |= hmac.compare_digest(digest, key)
-        return found and bool(offered)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -186,6 +126,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             ServiceError: _service_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _internal_error,
         },
         lifespan=lifespan,
@@ -217,7 +158,13 @@ def create_app(settings: Settings) -> Starlette:
             expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,
         )
-    # Outermost of ours: 401s get a request id and an access-log line too.
+    # Before CORS and keys: a foreign Host (DNS rebinding) or Origin does no work at all.
+    app.add_middleware(
+        HostOriginMiddleware,
+        hosts=allowed_hosts(server.host, server.allowed_hosts),
+        cors_origins=server.cors_origins,
+    )
+    # Outermost of ours: 401s, 403s and 421s get a request id and an access-log line too.
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_content=server.log_content)
     return app
 

@@ -1,8 +1,9 @@
-"""Reading request bodies: size cap, msgspec decoding, errors with a path.
+"""Reading request bodies: media type, deadline, size cap, msgspec decoding.
 
-Malformed JSON is a 400 ``malformed_json`` carrying the byte position; JSON of
-the wrong shape is a 422 ``validation_error`` carrying the JSON path, e.g.
-``$.messages[0].role``. A body over the cap is a 413 before it is all read.
+A body that is not ``application/json`` is a 415 before it is read, one over the
+cap a 413, one slower than the deadline a 408 ``body_timeout``. Malformed JSON
+is a 400 ``malformed_json`` carrying the byte position; JSON of the wrong shape
+is a 422 ``validation_error`` carrying the JSON path, e.g. ``$.messages[0].role``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ from __future__ import annotations
 import re
 from typing import Generic, TypeVar
 
+import anyio
 import msgspec
 from starlette.requests import Request
 
-from streamsvc.errors import MalformedJson, PayloadTooLarge, TooDeeplyNested, ValidationFailed
+from streamsvc.errors import (
+    BodyTimeout,
+    MalformedJson,
+    PayloadTooLarge,
+    TooDeeplyNested,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from streamsvc.settings import ServerSettings
 
 T = TypeVar("T")
 
@@ -56,18 +66,35 @@ def _malformed(message: str, size: int) -> MalformedJson:
     return MalformedJson(message, path="$", details={"position": position})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the whole body, refusing more than ``limit`` bytes with a 413."""
+def is_json(content_type: str) -> bool:
+    """``application/json``, with parameters (``; charset=utf-8``) or without."""
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+async def read_body(request: Request, server: ServerSettings) -> bytes:
+    """Read the whole JSON body, at most ``max_body_bytes`` within ``body_timeout_seconds``.
+
+    Only ``application/json`` is read: a browser page of any site may send other
+    types (``text/plain``) without asking first (no CORS preflight).
+    """
+    if not is_json(request.headers.get("content-type", "")):
+        raise UnsupportedMediaType("the request body must be application/json")
+    limit, timeout = server.max_body_bytes, server.body_timeout_seconds
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        chunks.clear()
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} seconds") from None
     return b"".join(chunks)
 
 

@@ -18,17 +18,20 @@ Endpoints record what only they know on this request's ``RequestFacts``
     current().execution(result.exit_code, result.ok)
 
 Every error's code is recorded the same way, by ``facts.failed(code)``: an
-error answer where it is rendered (``app.error_response``), and a stream that
+error answer where it is rendered (``rendering.error_response``), and a stream that
 fails after its headers (it still answers 200) where its last frame is written
 (``sse``). The middleware never reads the bytes it sends for it.
 
 ``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
 (the default, for people) or ``json`` (one object per line, for collectors);
 a record's ``fields`` extra is merged into the object (or appended as JSON).
+A text line's message has its control characters escaped (``printable``): a
+path with ``%0a`` cannot forge a second line.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -50,6 +53,14 @@ content_log = logging.getLogger("streamsvc.content")
 T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (CR, LF, ESC, ...) as ``\\xNN``/``\\uNNNN`` escapes."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -337,10 +348,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic line, with a record's ``fields`` appended as JSON."""
+    """The classic line, with a record's ``fields`` appended as JSON; one line per
+    message (its control characters escaped), a traceback's own lines after it."""
 
     def __init__(self) -> None:
         super().__init__(_TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record = copy.copy(record)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -108,8 +108,12 @@ EXECUTE_EVENTS = {
 ERRORS = {
     "400": "Malformed JSON (`malformed_json`) or a request that cannot be served as asked.",
     "401": "A valid API key is required (`unauthorized`), when the server has keys.",
+    "403": "A browser page of another origin (`origin_not_allowed`), see STREAMSVC_CORS_ORIGINS.",
     "404": "The upstream has no such model or deployment.",
+    "408": "The body did not arrive within STREAMSVC_BODY_TIMEOUT_SECONDS (`body_timeout`).",
     "413": "The body is larger than STREAMSVC_MAX_BODY_BYTES (`payload_too_large`).",
+    "415": "The body is not `application/json` (`unsupported_media_type`).",
+    "421": "A Host header this server does not answer for (`host_not_allowed`).",
     "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
     "429": "Too many requests (`busy`, `upstream_rate_limited`); see Retry-After.",
     "500": "An unexpected failure (`internal_error`, `sandbox_failed`).",
@@ -117,9 +121,10 @@ ERRORS = {
     "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
     "504": "The chat upstream did not answer in time (`upstream_timeout`).",
 }
-CHAT_ERRORS = ("400", "401", "413", "422", "429", "500", "502", "503", "504")
-EXECUTE_ERRORS = ("400", "401", "413", "422", "429", "500", "503")
-COMPLETIONS_ERRORS = ("400", "401", "404", "413", "422", "429", "500", "502", "503", "504")
+_GUARDS = ("401", "403", "408", "413", "415", "421", "422", "429", "500")
+CHAT_ERRORS = ("400", *_GUARDS, "502", "503", "504")
+EXECUTE_ERRORS = ("400", *_GUARDS, "503")
+COMPLETIONS_ERRORS = ("400", *_GUARDS[:2], "404", *_GUARDS[2:], "502", "503", "504")
 
 _CONNECTOR_NOTE = (
     "The connector definition. `runtime`, `files` and `configuration` are read "

@@ -10,7 +10,9 @@ the server stops, every open stream is interrupted and ends with an
 
 Before the headers, ``start`` pulls the first event (so early failures are
 real HTTP statuses) and ``before_headers`` awaits it, or a whole JSON answer,
-while watching for the client hanging up and for shutdown.
+while watching for the client hanging up and for shutdown. A client that takes
+no piece of an answer (stream or ``JsonAnswer``) within ``send_timeout`` is
+dropped: the stream's source is closed, which stops its run or upstream call.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from streamsvc.errors import ErrorEnvelope, ServiceError, ShuttingDown
 from streamsvc.web import observability
@@ -223,6 +227,45 @@ async def before_headers(request: Request, registry: StreamRegistry, work: Await
     raise ClientDisconnect()
 
 
+def _dropped(timeout: float) -> None:
+    """One line for a client that stopped reading (no traceback: it is not our fault)."""
+    observability.current().failed("send_timeout")
+    log.info("the client took nothing for %g seconds; it was dropped", timeout)
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's response, ending quietly when its ``send_timeout`` drops the client.
+
+    The body iterator has been closed by then (its run or upstream call stopped).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            _dropped(self.send_timeout or 0.0)
+
+
+class JsonAnswer(Response):
+    """A JSON answer whose client must take it within ``send_timeout`` seconds, or is dropped."""
+
+    media_type = "application/json"
+
+    def __init__(self, content: bytes, send_timeout: float) -> None:
+        super().__init__(content)
+        self.send_timeout = send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            with anyio.fail_after(self.send_timeout):
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, bounded)
+        except TimeoutError:
+            _dropped(self.send_timeout)
+
+
 def event_response(
     first: Event | None,
     source: AsyncIterator[Event],
@@ -230,15 +273,18 @@ def event_response(
     keepalive: float,
     headers: dict[str, str] | None = None,
     *,
+    send_timeout: float,
     encode: Callable[[Event], bytes] | None = None,
     failure: Callable[[ServiceError], Event] = error_event,
     end: bytes = b"",
 ) -> EventSourceResponse:
     """The SSE response; ``encode``, ``failure`` and ``end`` change the framing
-    (default: ``numbered`` frames, ``error_event``, nothing after the last event)."""
-    return EventSourceResponse(
+    (default: ``numbered`` frames, ``error_event``, nothing after the last event).
+    A client that takes no frame (or ping) for ``send_timeout`` seconds is dropped."""
+    return _EventStream(
         _pump(first, source, registry, encode or numbered(), failure, end),
         headers={**SSE_HEADERS, **(headers or {})},
         ping=keepalive,
         sep=_SEP,
+        send_timeout=send_timeout,
     )
