@@ -1,12 +1,7 @@
-"""The ``streamsvc`` command (also ``python -m streamsvc``).
+"""The ``streamsvc`` command (also ``python -m streamsvc``): serve, run, chat, deps.
 
-``streamsvc serve [--host H] [--port P]`` starts the server (the default when
-no sub-command is given), or ``STREAMSVC_WORKERS`` server processes on one
-port (``streamsvc.serving.workers``). ``streamsvc run CONNECTOR.json`` and
-``streamsvc chat "prompt"`` are the client of a running server
-(``streamsvc.client``).
-``streamsvc deps list|clear`` shows or empties the dependency cache on the
-Docker engine directly (``streamsvc.sandbox.docker.deps_inventory``).
+``serve`` starts the server or its workers; ``run`` and ``chat`` are clients of a running
+server (``client``); ``deps list|clear`` reads the engine directly. It parses, then delegates.
 """
 
 from __future__ import annotations

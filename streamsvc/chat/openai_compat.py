@@ -1,29 +1,8 @@
 """POST /v1/chat/completions: OpenAI's chat-completions API, passed through.
 
-Any OpenAI client (the official SDKs, LangChain, ...) works with its base URL
-set to ``<server>/v1``. Only the core of the body is checked here
-(``CompletionRequest``: ``messages`` a non-empty list of objects with a
-``role``, ``model`` a string, ``stream`` a boolean); every other field (tools,
-tool_choice, functions, response_format, n, seed, stop, ...) and every message
-field (tool_calls, tool_call_id, content parts, ...) goes to the upstream
-untouched, and the upstream's answer comes back untouched. ``model`` names the
-deployment (the default one when left out), fallback deployments are tried as
-for /chat (``chat.deployments_for``), and the OPENAI_MAX_TOKENS and
-OPENAI_TEMPERATURE defaults (with the reasoning-model rule) fill only fields
-the client left out.
-
-The upstream is always streamed (with usage), so both modes share the
-first-token and idle timeouts, retries and fallback. Streaming answers one
-``data: <chunk>`` per upstream chunk as the upstream sent it (Azure's extras
-too), then ``data: [DONE]``; the usage chunk only when the client asked for it
-(``stream_options.include_usage``). The first token is awaited before the
-headers, so early failures are real statuses; a failure after them is a final
-``data: {"error": ...}``. The JSON answer is the chunks merged into one
-``chat.completion`` (``CompletionBuilder``).
-
-Errors are OpenAI's ``{"error": {message, type, param, code}}`` with our
-stable code (or the upstream's, when the upstream rejected the request);
-app.py renders every error under /v1/ with ``error_response``.
+Only the core of the body is checked; every other field goes upstream untouched, and the
+upstream's chunks come back untouched. Errors are OpenAI's shape with our stable codes.
+Design notes: docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations

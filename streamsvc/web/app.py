@@ -1,10 +1,8 @@
 """The Starlette application: factory, lifespan, routes, error rendering.
 
-``create_app(settings)`` builds the app. Its lifespan creates the I/O clients
-(the chat provider, the Docker sandbox) and closes them; routes find them in
-``web.services``. Every ``ServiceError`` renders as ``{"error": {...}}`` with its
-status (in OpenAI's shape under /v1/, see ``streamsvc.chat.openai_compat``);
-anything else is a 500 ``internal_error`` with no stack trace.
+The lifespan opens the I/O clients into ``web.services``; every ``ServiceError`` renders as
+``{"error": {...}}`` with its status (OpenAI's shape under /v1/), anything else as a 500.
+The rule: the only module that imports the endpoints to route them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Reading request bodies: size cap, msgspec decoding, errors with a path.
 
-Malformed JSON is a 400 ``malformed_json`` carrying the byte position; JSON of
-the wrong shape is a 422 ``validation_error`` carrying the JSON path, e.g.
-``$.messages[0].role``. A body over the cap is a 413 before it is all read.
+413 before a body over the cap is all read; 400 ``malformed_json`` with the byte position;
+422 ``validation_error`` with the JSON path (e.g. ``$.messages[0].role``).
 """
 
 from __future__ import annotations
