@@ -2,7 +2,7 @@
 
 The rule: ``plan`` checks everything before any container exists and returns a ``RunSpec`` or
 raises one 400 listing every problem (codes in docs/architecture.md, "Module notes"). Over 400
-lines because each check and its bound lives next to the others, in request order.
+lines because the shape, every check with its bound and the off-loop plan are one concern.
 """
 
 from __future__ import annotations
