@@ -1,7 +1,8 @@
 """The ``streamsvc`` command (also ``python -m streamsvc``): serve, run, chat, deps.
 
-``serve`` starts the server or its workers; ``run`` and ``chat`` are clients of a running
-server (``client``); ``deps list|clear`` reads the engine directly. It parses, then delegates.
+``serve`` starts the server (the default), or ``STREAMSVC_WORKERS`` processes on one port;
+``run`` and ``chat`` are clients of a running server; ``deps list|clear`` shows or empties
+the dependency cache on the Docker engine directly.
 """
 
 from __future__ import annotations
