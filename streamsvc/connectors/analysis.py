@@ -95,7 +95,7 @@ _MAX_INDEX: Final = 2**63 - 1
 
 
 def connector_paths(files: Mapping[str, str]) -> set[ConnectorPath]:
-    """The connector paths the files reference (see the module docstring)."""
+    """The connector paths the files reference (specified in docs/architecture.md)."""
     found: set[ConnectorPath] = set()
     for name, text in files.items():
         found |= _python_paths(text) if _is_python(name) else _scanned_paths(text)
@@ -232,7 +232,7 @@ def _scan_segment(step: re.Match[str]) -> str | None:
 def missing_connector_paths(
     connector: Mapping[str, Any], paths: Iterable[ConnectorPath]
 ) -> list[str]:
-    """Dotted paths the connector JSON lacks (see the module docstring)."""
+    """Dotted paths the connector JSON lacks (specified in docs/architecture.md)."""
     missing = {
         path
         for path in paths
@@ -271,7 +271,7 @@ def _not_extended(paths: Iterable[ConnectorPath]) -> list[ConnectorPath]:
 
 
 def required_env(files: Mapping[str, str], values: Any) -> set[str]:
-    """Environment variables the connector needs (see the module docstring)."""
+    """Environment variables the connector needs (specified in docs/architecture.md)."""
     keys = {
         match["key"] for text in json_strings(values) for match in ENV_PLACEHOLDER.finditer(text)
     }
