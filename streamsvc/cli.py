@@ -1,12 +1,8 @@
-"""The ``streamsvc`` command (also ``python -m streamsvc``).
+"""The ``streamsvc`` command (also ``python -m streamsvc``): serve, run, chat, deps.
 
-``streamsvc serve [--host H] [--port P]`` starts the server (the default when
-no sub-command is given), or ``STREAMSVC_WORKERS`` server processes on one
-port (``streamsvc.serving.workers``). ``streamsvc run CONNECTOR.json`` and
-``streamsvc chat "prompt"`` are the client of a running server
-(``streamsvc.client``).
-``streamsvc deps list|clear`` shows or empties the dependency cache on the
-Docker engine directly (``streamsvc.sandbox.docker.deps_inventory``).
+``serve`` starts the server (the default), or ``STREAMSVC_WORKERS`` processes on one port;
+``run`` and ``chat`` are clients of a running server; ``deps list|clear`` shows or empties
+the dependency cache on the Docker engine directly.
 """
 
 from __future__ import annotations

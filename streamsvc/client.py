@@ -1,28 +1,8 @@
 """The command-line client: ``streamsvc run`` and ``streamsvc chat`` against a server.
 
-``streamsvc run CONNECTOR.json [--env-file F] [--set key=value ...]
-[--network none|bridge] [--json]`` posts the connector to
-``/execute-connector`` and streams the run: the program's stdout to stdout
-and its stderr to stderr as they are written, a progress line on stderr for
-each phase (validated, queued, installing dependencies, starting, running) and
-a summary line at the end. ``CONNECTOR.json`` is either a connector or a
-whole request body (``{"connector": ..., "env": ..., ...}``, like the seed's
-example); ``--env-file`` adds ``KEY=VALUE`` lines to ``env``; ``--set
-a.b=value`` sets ``configuration_overrides`` (the value is JSON when it parses
-as JSON, else a string); ``--network`` sets ``network_mode``. ``--json``
-prints only the final object (the ``ExecutionResult``, or the error body).
-
-``streamsvc chat "prompt"`` streams a reply to stdout (``-`` reads the prompt
-from stdin); ``--json`` prints only the final ``ChatResult``.
-
-The server is ``--url`` (default ``STREAMSVC_URL``, else
-``http://127.0.0.1:8000``) and the key ``--api-key`` (default
-``STREAMSVC_API_KEY``), sent as ``Authorization: Bearer``.
-
-Exit status: ``run`` exits with the program's exit code (124 when it was
-killed for its time limit without one); both exit 2 when the server refused
-the request (4xx) or the input is unusable, 1 when the server failed or could
-not be reached, 130 when interrupted (closing the stream stops the run).
+It streams the server's events to stdout/stderr and exits with the program's code (124 on
+timeout, 2 refused, 1 failed or unreachable, 130 interrupted). The rule: it only speaks HTTP.
+Options and exit codes in full: the README and docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Settings: frozen structs per subsystem, built once from the environment and ``.env``.
 
-``Settings`` holds one group each for the HTTP server, chat and the sandbox; each
-component receives only its group. ``ENV_NAMES`` maps every environment variable
-(the seed's ``AZURE_OPENAI_*``/``OPENAI_*``, our ``STREAMSVC_*``) to its group and
-field; the environment wins over ``.env``, and a malformed value names its variable.
+``Settings`` holds the ``server``, ``chat`` and ``sandbox`` groups; each component receives
+only its group. The rule: the only module that reads the environment (``ENV_NAMES``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """POST /chat: the contract and the endpoint.
 
-The body is the original contract's plus ``stream``; the answer is one ``ChatResult``,
-streamed as ``delta`` events then a ``done`` event holding it (or one ``error`` event
-after the headers). Both chat endpoints share ``deployments_for`` and ``token_limits``.
+The answer is one ``ChatResult``, streamed as ``delta`` events then ``done`` (or one
+``error`` after the headers). The rule: every failure before the first token is a real status.
 """
 
 from __future__ import annotations

@@ -1,29 +1,8 @@
 """POST /v1/chat/completions: OpenAI's chat-completions API, passed through.
 
-Any OpenAI client (the official SDKs, LangChain, ...) works with its base URL
-set to ``<server>/v1``. Only the core of the body is checked here
-(``CompletionRequest``: ``messages`` a non-empty list of objects with a
-``role``, ``model`` a string, ``stream`` a boolean); every other field (tools,
-tool_choice, functions, response_format, n, seed, stop, ...) and every message
-field (tool_calls, tool_call_id, content parts, ...) goes to the upstream
-untouched, and the upstream's answer comes back untouched. ``model`` names the
-deployment (the default one when left out), fallback deployments are tried as
-for /chat (``chat.deployments_for``), and the OPENAI_MAX_TOKENS and
-OPENAI_TEMPERATURE defaults (with the reasoning-model rule) fill only fields
-the client left out.
-
-The upstream is always streamed (with usage), so both modes share the
-first-token and idle timeouts, retries and fallback. Streaming answers one
-``data: <chunk>`` per upstream chunk as the upstream sent it (Azure's extras
-too), then ``data: [DONE]``; the usage chunk only when the client asked for it
-(``stream_options.include_usage``). The first token is awaited before the
-headers, so early failures are real statuses; a failure after them is a final
-``data: {"error": ...}``. The JSON answer is the chunks merged into one
-``chat.completion`` (``CompletionBuilder``).
-
-Errors are OpenAI's ``{"error": {message, type, param, code}}`` with our
-stable code (or the upstream's, when the upstream rejected the request);
-app.py renders every error under /v1/ with ``error_response``.
+Only the core of the body is checked; every other field goes upstream untouched, and the
+upstream's chunks come back untouched. Errors are OpenAI's shape with our stable codes.
+Design notes: docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations
@@ -37,14 +16,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from streamsvc.chat.endpoint import configured_provider, deployments_for, token_limits
+from streamsvc.chat.openai_errors import error_envelope
 from streamsvc.chat.types import ChatProvider, JsonObject, UpstreamBody, Usage
-from streamsvc.errors import ServiceError, UpstreamRejected
+from streamsvc.errors import ServiceError
 from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body
 from streamsvc.web.services import services
-
-PREFIX = "/v1/"
 
 
 class CoreMessage(msgspec.Struct):
@@ -66,66 +44,11 @@ class CompletionRequest(msgspec.Struct):
     stream_options: StreamOptions | None = None
 
 
-class OpenAIError(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIErrorEnvelope(msgspec.Struct):
-    """Every error of /v1/*, in OpenAI's shape; ``code`` is our stable code."""
-
-    error: OpenAIError
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-}
-_encoder = msgspec.json.Encoder()
-
-
-def error_status(exc: ServiceError) -> int:
-    """Our status, except that an upstream's 404 (no such model) stays a 404."""
-    details = exc.details if isinstance(exc.details, dict) else {}
-    if isinstance(exc, UpstreamRejected) and details.get("upstream_status") == 404:
-        return 404
-    return exc.status
-
-
-def error_envelope(exc: ServiceError) -> OpenAIErrorEnvelope:
-    details = exc.details if isinstance(exc.details, dict) else {}
-    status = error_status(exc)
-    default_type = "invalid_request_error" if status < 500 else "server_error"
-    path = exc.path[2:] if exc.path and exc.path.startswith("$.") else None
-    return OpenAIErrorEnvelope(
-        OpenAIError(
-            message=exc.message,
-            type=details.get("upstream_type") or _TYPES.get(status, default_type),
-            param=details.get("upstream_param") or path,
-            code=details.get("upstream_code") or exc.code,
-        )
-    )
-
-
-def error_response(exc: ServiceError) -> Response:
-    return Response(
-        _encoder.encode(error_envelope(exc)),
-        status_code=error_status(exc),
-        media_type="application/json",
-        headers=exc.headers(),
-    )
-
-
 # ---- the request --------------------------------------------------------------------------------
 
 _TOKEN_FIELDS = frozenset({"max_tokens", "max_completion_tokens"})
 _decoder = JsonDecoder(CompletionRequest)
+_encoder = msgspec.json.Encoder()
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 

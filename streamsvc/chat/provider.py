@@ -1,31 +1,8 @@
-"""The chat providers, on the official ``openai`` SDK: Azure OpenAI and any OpenAI-compatible API.
+"""The chat providers on the official ``openai`` SDK: Azure OpenAI or any OpenAI-compatible API.
 
-This is the one place that imports ``openai``: SDK errors are translated here
-into ``streamsvc.errors``. ``create_provider`` picks the client from the
-settings: Azure OpenAI with an API key or a Microsoft Entra ID token
-(azure-identity's ``DefaultAzureCredential``, imported only then), or any
-OpenAI-compatible base URL (OpenAI, Ollama, vLLM, a llama.cpp server).
-Behind either, ``Provider`` implements ``chat.types.ChatProvider``: it posts the
-request bodies as they are and yields the upstream's chunks as plain JSON
-objects (nothing parsed into SDK models, nothing dropped).
-
-The SDK builds, authenticates and sends the request (``client.post(...,
-stream=True)``, its public low-level call) and raises its status errors; the
-body is then read off the SDK's public ``AsyncStream.response`` by
-``UpstreamChunks``, which splits the SSE ``data:`` lines itself and decodes
-them with msgspec (the SDK's pure-Python SSE decoder and ``json.loads`` cost
-about a third of the server's CPU per chunk).
-
-The SDK sends through its own aiohttp client by default (``_http_client``;
-``STREAMSVC_CHAT_HTTP_CLIENT=httpx`` for its httpx one), whose pool and C
-parser cost less per stream; ``timed_out`` undoes that transport's habit of
-reporting a refused or dropped connection as a timeout.
-
-The SDK's own retries are off. Each attempt (one deployment) retries 429, 5xx
-and connection failures within its own bounded total wait, honouring
-``retry-after-ms`` and then ``retry-after``, and has its own first-token
-deadline; a 429, 5xx, unreachable upstream or timeout before the first token
-moves on to the next deployment, a 4xx (or 401/403) does not.
+The rule: the one module that imports ``openai``; SDK errors become ``streamsvc.errors`` here.
+Over 400 lines because the whole SDK boundary (client, retries, fallback, SSE reading) is one
+concern; design notes in docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,78 +1,8 @@
-"""Static analysis of connector code, and the JSON helpers that go with it.
+"""Static analysis of connector code: the paths and env it needs, and ``{{env:KEY}}`` substitution.
 
-The engine reads a connector's ``files`` to find out what the code needs from
-the request before running it, so a missing value becomes a 400 instead of a
-crash inside the sandbox. Nothing here executes or imports user code.
-
-Connector paths (``connector_paths``)
-    A path is the tuple of keys below the connector root, e.g.
-    ``("configuration", "sheetName")``. Each reference yields its longest
-    constant path; the bare root yields nothing.
-
-    Python files (``*.py``) are parsed with ``ast``, so strings and comments
-    never count. A chain starts at one of these roots::
-
-        connector   context.connector   context["connector"]   context.get("connector", ...)
-
-    and goes on through any mix of these steps::
-
-        .name   ["key"]   [0]   .get("key")   .get("key", default)
-
-    The chain stops at the first other step: a dynamic or negative index
-    (``connector[key]``, ``connector[-1]``), a ``get`` without a constant
-    string key, any other call (a called attribute is a method, not a key:
-    ``connector.auth.strip()`` references ``auth``), or an attribute named
-    like a dict method (``get``, ``items``, ``keys``, ``values``, ``copy``,
-    ``pop``, ``popitem``, ``setdefault``, ``update``, ``clear``,
-    ``fromkeys``). An assigned or deleted last step (``connector["x"] = 1``,
-    ``del connector["x"]``) is not required; the rest of its chain is. Only
-    the names ``connector`` and ``context`` are roots: ``x.connector.a``
-    does not count, and aliases (``cfg = connector.auth``) are not followed.
-    A Python file that does not parse is scanned as text instead.
-
-    Every other file (JS, TS, JSON, anything) is scanned as text, comments and
-    strings included. A chain starts at ``connector``, ``context.connector``,
-    ``context?.connector``, ``context["connector"]`` or
-    ``context['connector']`` when not preceded by a word character, ``$`` or
-    ``.`` and not followed by a word character or ``$``. It goes on, with no
-    whitespace between steps, through any mix of ``.name`` and ``?.name``
-    (``name`` is ``[A-Za-z_$][\\w$]*``), ``["key"]``, ``['key']`` and ``[0]``
-    (each optionally ``?.[...]``; the key holds no quote, backslash or line
-    break). It stops before a step followed by ``(`` (a method call) and
-    before a dotted dict-method name (``connector.get("auth")`` yields
-    nothing in the text scan).
-
-Missing paths (``missing_connector_paths``)
-    A path is present when every key exists in the connector JSON (a ``null``
-    value counts as present); in a list, a decimal index within range counts.
-    A path that goes on below a scalar (string, number, ``null``) is missing.
-    Paths starting with a metadata key (``METADATA_KEYS``) are ignored. Each
-    missing path is reported in full, dotted, sorted, once; a missing path
-    that is a prefix of another reported one is left out (if code reads both
-    ``connector.auth`` and ``connector.auth.clientId`` and ``auth`` is absent,
-    only ``auth.clientId`` is reported, since adding it satisfies both).
-
-Required environment variables (``required_env``)
-    ``KEY`` is ``[A-Za-z_][A-Za-z0-9_]*``. Required are:
-
-    * ``{{env:KEY}}`` placeholders (whitespace allowed inside the braces and
-      around the colon) in any file and in any string value of the connector
-      JSON (dict keys are not scanned);
-    * ``process.env.KEY``, ``process.env?.KEY``, ``process.env["KEY"]`` and
-      ``process.env['KEY']`` anywhere in any file (text scan);
-    * in Python files (``ast``): reading ``os.environ["KEY"]`` or
-      ``environ["KEY"]``; for a Python file that does not parse, the same two
-      forms found by a text scan.
-
-    Optional reads are not required: ``os.environ.get("KEY")``,
-    ``os.getenv("KEY")``, ``"KEY" in os.environ``. Destructuring
-    (``const { KEY } = process.env``) and dynamic keys are not detected.
-
-Substitution (``substitute_env``, ``substitute_env_text``)
-    Every ``{{env:KEY}}`` whose key is in the given env map is replaced by its
-    value in one pass (replacements are not rescanned); unknown keys are left
-    as they are. ``placeholder_growth`` tells the size of the result first, so
-    a caller can refuse it before building it.
+The rule: nothing here executes or imports user code (Python is parsed with ``ast``, other
+files scanned as text). What counts as a reference is specified in docs/architecture.md
+("Module notes", ``connectors/analysis.py``).
 """
 
 from __future__ import annotations
@@ -165,7 +95,7 @@ _MAX_INDEX: Final = 2**63 - 1
 
 
 def connector_paths(files: Mapping[str, str]) -> set[ConnectorPath]:
-    """The connector paths the files reference (see the module docstring)."""
+    """The connector paths the files reference (specified in docs/architecture.md)."""
     found: set[ConnectorPath] = set()
     for name, text in files.items():
         found |= _python_paths(text) if _is_python(name) else _scanned_paths(text)
@@ -302,7 +232,7 @@ def _scan_segment(step: re.Match[str]) -> str | None:
 def missing_connector_paths(
     connector: Mapping[str, Any], paths: Iterable[ConnectorPath]
 ) -> list[str]:
-    """Dotted paths the connector JSON lacks (see the module docstring)."""
+    """Dotted paths the connector JSON lacks (specified in docs/architecture.md)."""
     missing = {
         path
         for path in paths
@@ -341,7 +271,7 @@ def _not_extended(paths: Iterable[ConnectorPath]) -> list[ConnectorPath]:
 
 
 def required_env(files: Mapping[str, str], values: Any) -> set[str]:
-    """Environment variables the connector needs (see the module docstring)."""
+    """Environment variables the connector needs (specified in docs/architecture.md)."""
     keys = {
         match["key"] for text in json_strings(values) for match in ENV_PLACEHOLDER.finditer(text)
     }

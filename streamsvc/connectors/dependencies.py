@@ -1,36 +1,8 @@
-"""Parsing and validation of ``connector.runtime.dependencies``.
+"""Parsing and validation of ``connector.runtime.dependencies`` (three accepted forms).
 
-Three forms are accepted (``null`` or absent means no dependencies)::
-
-    ["requests==2.32.3", "foo[bar]>=1,<2", "six"]        requirement strings
-    [{"name": "requests", "version": "2.32.3"}]          objects; version optional
-    {"requests": "2.32.3", "six": "*"}                   map of name to version
-
-A requirement string is ``name``, optional ``[extra,...]`` and an optional
-specifier set (``==2.32.3``, ``>=2,<3``, ``~=2.3``, ``!=1.*``); spaces are
-allowed between the parts. In the object and map forms the name may carry
-extras, and the version is either absent, ``null``, ``""`` or ``"*"`` (any
-version), a bare PEP 440 version (``"2.32.3"`` means ``==2.32.3``) or a
-specifier set.
-
-The contract is deliberately narrow. Rejected with ``invalid_dependency``:
-pip options (``--index-url x``, ``-e .``, ``-r file``), direct references and
-URLs (``pkg @ https://...``, ``git+https://...``), paths (``./x``, ``/x``,
-``..``), environment markers (``; python_version < "3.12"``), arbitrary
-equality (``===``), any character outside ASCII letters, digits, space and
-``._-[],<>=!~*+`` (which covers newlines, tabs, shell metacharacters and
-look-alike Unicode), leading or trailing spaces, empty names, names longer than
-100 characters, strings longer than 200, unknown keys in the object form, and
-values of the wrong JSON type. More than ``max_count`` entries (50) is
-``too_many_dependencies``; only the first ``max_count`` are examined further.
-Two entries whose names canonicalise alike is ``duplicate_dependency``. Every
-problem is reported, not just the first.
-
-Names are canonicalised (``packaging.utils.canonicalize_name``), extras are
-canonicalised and sorted, and specifiers normalised (``>=2.0,<3`` and
-``< 3, >= 2.0`` both become ``<3,>=2.0``), so the sorted result, rendered by
-``dependency_key``, can serve as a cache key. ``Dependency.requirement`` is
-rebuilt from those parts: no input text reaches pip verbatim.
+The contract is deliberately narrow and every problem is reported; the normalised result is a
+cache key. The rule: no input text reaches pip verbatim. The full contract is in
+docs/architecture.md ("Module notes", ``connectors/dependencies.py``).
 """
 
 from __future__ import annotations

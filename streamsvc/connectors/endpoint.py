@@ -1,12 +1,7 @@
 """POST /execute-connector: validate, run in the sandbox, stream or answer.
 
-Streamed, the events are: ``status`` (one per phase: validated, queued,
-installing_dependencies, starting, running), ``stdout`` and ``stderr`` chunks
-in the order written, then ``done`` whose data is exactly the JSON answer
-(an ``ExecutionResult``), or a single ``error`` event if the run could not
-finish. Unstreamed, the answer is that ``ExecutionResult``; a client that
-disconnects before it is ready stops the run (its container is removed) just
-as a streaming client does.
+Events: ``status`` per phase, ``stdout``/``stderr`` in order, then ``done`` (the
+``ExecutionResult``) or one ``error``. The rule: a client that hangs up stops the run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Best-effort redaction of secrets (``env`` values of 8+ characters) from output.
 
-``secret_forms`` adds the forms a program prints a value in (JSON-escaped, once
-or twice, ``repr``/``ascii``); ``Redactor`` masks them all in one Aho-Corasick
-scan, linear in the output, holding back only an end that could begin a form.
+``secret_forms`` adds the escaped and ``repr`` forms; ``Redactor`` masks them all in one
+Aho-Corasick scan. The rule: linear in the output, holding back only a possible form's start.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
 """POST /execute-connector requests: their shape, their validation, their plan.
 
-``plan`` checks everything before any container exists and either returns a
-``RunSpec`` or raises one 400 that lists every problem found (each with a
-stable ``code`` and its ``path``), not just the first:
-
-``unsupported_language``, ``unsafe_file_name``, ``file_name_conflict``
-(a file that is also a directory, ``a`` and ``a/b.py``), ``too_many_files``,
-``file_too_large``, ``entry_point_not_found``, ``out_of_range``,
-``invalid_dependency`` (and ``too_many_dependencies``,
-``duplicate_dependency``), ``invalid_env_name``, ``reserved_env_name``,
-``invalid_env_value`` (a NUL character), ``env_too_large`` (keys and values
-over ``MAX_ENV_BYTES`` in all), ``too_deeply_nested`` (``connector`` or
-``configuration_overrides`` nested deeper than ``MAX_JSON_DEPTH``),
-``network_not_allowed``, ``missing_connector_paths`` and ``missing_env``
-(not looked for in files refused as too many, too large or unsafe),
-``too_many_references`` (over ``MAX_REFERENCES`` distinct paths),
-``too_many_placeholders`` and ``expanded_too_large`` (``{{env:KEY}}``
-substitution over ``MAX_PLACEHOLDERS`` or past the file or body cap)
-(variables the sandbox sets itself, ``SANDBOX_ENV`` and ``STREAMSVC_*``, are
-never missing). When every problem has one code, that is the error's code; otherwise it is
-``invalid_connector``; ``details.problems`` lists them all and
-``details.missing_connector_paths`` / ``details.missing_env`` the bare
-names. Wrong JSON types are a 422 with the JSON path.
+The rule: ``plan`` checks everything before any container exists and returns a ``RunSpec`` or
+raises one 400 listing every problem (codes in docs/architecture.md, "Module notes"). Over 400
+lines because the shape, every check with its bound and the off-loop plan are one concern.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
-"""From sandbox events to the final answer of a run.
+"""From sandbox events to the final answer of a run (``ExecutionResult``).
 
-``Transcript`` keeps what the program wrote (secrets redacted; each stream
-capped at ``STREAMSVC_OUTPUT_CAP_BYTES``, with ``stdout_truncated`` /
-``stderr_truncated`` set when cut, and ``output_limit_exceeded`` when the
-sandbox killed the run for it) and turns the ``Exited`` event into the
-``ExecutionResult`` the JSON answer and the stream's ``done`` event both carry.
-
-Result rule (applied to the redacted, capped stdout):
-
-1. the whole stdout, stripped, when it is one JSON document (any JSON value,
-   pretty-printed over several lines or not);
-2. otherwise the last stdout line that, stripped, is a JSON object;
-3. otherwise there is no result: ``ok: false``, error code ``no_result``.
-
-A value nested deeper than ``MAX_RESULT_DEPTH`` levels does not count. When
-the value is an object whose ``ok`` is a boolean (the original contract's
-``{"ok": ..., "result": ..., "error": ...}``), ``ok``, ``result`` and
-``error`` come from it; any other value is the result itself. ``ok`` is true
-only when the program exited 0 within its limits and did not report
-``ok: false`` (error code ``connector_failed``, with the program's ``error``).
-The error codes, first match wins: ``timeout``, ``out_of_memory``,
-``output_limit``, ``process_limit``, ``nonzero_exit``, ``no_result``,
-``connector_failed``; the result is kept whenever one was found.
+``Transcript`` keeps the output (redacted, capped per stream) and applies the result rule to
+stdout. The rule: the JSON answer and the stream's ``done`` carry the same object. The result
+rule and its error codes: docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Admission control: at most N runs at once, a bounded FIFO queue behind them.
 
-``Admission.enter()`` either admits at once, queues the caller, or raises
-``Busy`` (429 with ``Retry-After``) when the queue is full. A queued ticket
-reports its 1-based position as it moves up, so a stream can tell its client,
-and leaves the queue with ``Busy`` once it has waited ``max_wait`` seconds.
+``Admission.enter()`` admits, queues (reporting the 1-based position) or raises ``Busy``
+(429 with ``Retry-After``). The rule: no wait is unbounded (``max_wait``, then ``Busy``).
 """
 
 from __future__ import annotations

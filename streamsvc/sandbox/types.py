@@ -1,12 +1,7 @@
 """The sandbox protocol: what the execute endpoint needs from a container engine.
 
-A ``Sandbox`` turns a ``RunSpec`` into an async stream of our own events:
-``Status`` for each phase, ``Output`` chunks in the order the program wrote
-them, and exactly one final ``Exited``. The first event is produced only once
-the engine has answered, so an unreachable engine is an exception from the
-first ``anext`` (a real 503), not an event. ``streamsvc.sandbox.docker.sandbox`` is
-the implementation; only modules of ``streamsvc.sandbox.docker`` import
-``aiodocker``.
+A ``Sandbox`` turns a ``RunSpec`` into ``Status`` events, ``Output`` chunks and one final
+``Exited``. The rule: the first event comes only once the engine answered (down = 503).
 """
 
 from __future__ import annotations

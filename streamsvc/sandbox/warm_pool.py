@@ -1,29 +1,8 @@
 """Warm sandboxes: started ahead of time, used for one run each, refilled in the background.
 
-A ``WarmPool`` keeps up to ``size`` ready sandboxes for each of the
-``max_keys`` keys used most recently. A key names everything a sandbox is
-created with that differs between requests (for Docker: image, network mode,
-dependency volume and memory limit), so a ready sandbox fits a request of its
-key exactly and nothing is changed on it at run time.
-
-``take(key)`` makes ``key`` the most recently used (dropping the least recently
-used key past ``max_keys``, and its ready sandboxes), hands out one ready
-sandbox or ``None``, and starts refilling ``key`` up to ``size`` (``touch(key)``
-does the same without taking one). The sandbox owner takes with ``refill=False``
-and touches the key once the run is over: fills are CPU-heavy (a container
-start, imports), and one that competes with the run it replaces slows it. A sandbox
-handed out is the caller's: it is used for one run and destroyed by the
-caller. The pool never hands one out twice.
-
-The pool knows nothing of containers. Its owner gives it three functions:
-``fill(key)`` makes a ready sandbox, ``discard(sandbox)`` destroys one that was
-never handed out, and ``watch(sandbox)`` returns when an idle sandbox has gone
-bad (its container died, or the engine went away): the pool watches every
-idle sandbox and drops the bad ones, so ``take`` never hands out a dead one.
-Fills run in the owner's task group, at most ``FILL_CONCURRENCY`` at once (they
-compete with runs for the engine), and after a failed fill the next one for
-that key waits, doubling up to ``MAX_BACKOFF`` seconds, so an engine that is
-down is not hammered.
+A generic LRU pool of ready sandboxes per key; it knows nothing of containers (its owner gives
+``fill``, ``discard`` and ``watch``). The rule: a sandbox is never handed out twice, nor dead.
+Design notes: docs/architecture.md ("The warm pool", "Module notes").
 """
 
 from __future__ import annotations

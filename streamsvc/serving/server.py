@@ -1,16 +1,7 @@
 """Serving the app with hypercorn, with graceful shutdown on SIGTERM/SIGINT.
 
-On a signal the server stops accepting connections and lets open streams run
-for half the grace period; then every stream still open is interrupted and
-ends with a final ``error`` event (code ``shutting_down``) well within the
-grace period, and the lifespan closes the clients.
-
-With ``listen_fd`` the process is one worker of several sharing the socket
-that their parent opened (``streamsvc.serving.workers``, setting ``STREAMSVC_WORKERS``):
-the parent checked the address, and reports it, so the worker only serves.
-
-``backend_options`` picks uvloop's event loop when it is installed (a dependency on
-CPython/Linux): its C transports and loop cost less CPU per streamed event.
+On a signal, streams drain for half the grace period, then end with ``shutting_down``.
+With ``listen_fd`` the process is one worker of several sharing the socket (``workers``).
 """
 
 from __future__ import annotations
@@ -32,8 +23,8 @@ from streamsvc.web.services import installed
 
 log = logging.getLogger("streamsvc")
 
-#: ``gc.set_threshold`` while serving. In bench-chat (2 workers, 300 streams) the server's
-#: CPU per 1000 chunks went 0.43 -> 0.34 against (700, 10, 10), and 500 streams held.
+#: ``gc.set_threshold`` while serving: fewer young collections than CPython's (700, 10, 10)
+#: with hundreds of streams open (measured in docs/benchmarks.md, "Figures behind the code").
 GC_THRESHOLDS = (10_000, 10, 10)
 
 #: Bursts of hundreds of connections overflowed hypercorn's default backlog of 100.
@@ -108,7 +99,7 @@ async def serve(settings: Settings, listen_fd: int | None = None) -> None:
     app = create_app(settings)
     # What imports and the app built so far lives as long as the process: freeze it out
     # of the cyclic collector, whose full collections otherwise walk it all again (pauses
-    # of up to 117 ms under 300 open streams in bench-chat; 66 ms with it frozen). And
+    # under hundreds of open streams; docs/benchmarks.md, "Figures behind the code"). And
     # collect the young generation less often than CPython's every 700 allocations:
     # each collection walks every young object of hundreds of open streams.
     gc.collect()

@@ -1,24 +1,8 @@
 """Several server processes on one port (``STREAMSVC_WORKERS`` > 1).
 
-The parent checks the address as a single server would, opens the listening
-socket once and starts the workers: ``python -m streamsvc serve --listen-fd N``
-with the socket inherited. Each worker is a whole server (``server.serve``:
-its own app, lifespan, clients, stream registry, run limits and warm pool)
-accepting from the one shared queue: a connection goes to whichever worker
-accepts first (under load the least busy; when all are idle one tends to win
-every race), and none still queued is lost when a worker dies.
-
-- **Stopping**: on SIGTERM or SIGINT the parent closes its copy of the socket
-  and sends SIGTERM to every worker, which shuts down as a single server does
-  (streams drain for half the grace period, then end with ``shutting_down``).
-  It waits the grace period and ``STOP_MARGIN`` seconds more (a second signal
-  cuts that short), kills what is left and exits 0. Workers run in their own
-  process group, so a terminal's Ctrl-C reaches the parent alone.
-- **A worker that dies** is logged and started again, at most
-  ``RESTART_LIMIT`` times in ``RESTART_WINDOW`` seconds; beyond that the
-  parent stops the others and exits 1, for the service manager to act.
-- **No orphans**: on Linux each worker asks the kernel for SIGTERM when the
-  parent dies (``PR_SET_PDEATHSIG``), so even a killed parent leaves no worker.
+The parent opens the socket once and starts whole servers on it; it restarts a dead one
+(within ``RESTART_LIMIT``), stops all on a signal, and leaves no orphans (``PR_SET_PDEATHSIG``).
+Design notes: docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations

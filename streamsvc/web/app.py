@@ -1,8 +1,8 @@
 """The Starlette application: factory, lifespan, routes, middlewares, error handlers.
 
-``create_app(settings)`` builds the app; its lifespan opens the I/O clients (chat
-provider, Docker sandbox) that routes find in ``web.services``. Every ``ServiceError``
-renders as its JSON error (``web.rendering``); anything else is a 500 ``internal_error``.
+The lifespan opens the I/O clients into ``web.services``; every ``ServiceError`` renders as
+its JSON error (``web.rendering``), anything else as a 500 ``internal_error``.
+The rule: the only module that imports the endpoints to route them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Reading request bodies: media type, deadline, size cap, msgspec decoding.
 
-A body that is not ``application/json`` is a 415 before it is read, one over the
-cap a 413, one slower than the deadline a 408 ``body_timeout``. Malformed JSON
-is a 400 ``malformed_json`` carrying the byte position; JSON of the wrong shape
-is a 422 ``validation_error`` carrying the JSON path, e.g. ``$.messages[0].role``.
+415 before a body that is not ``application/json`` is read; 413 before one over the cap is
+all read; 408 ``body_timeout`` past the deadline; 400 ``malformed_json`` with the byte
+position; 422 ``validation_error`` with the JSON path (e.g. ``$.messages[0].role``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The Host/Origin gate: a pure-ASGI middleware against DNS rebinding and cross-site calls.
 
-``Host`` must name an allowed host (loopback names and addresses, the bind
-address, ``STREAMSVC_ALLOWED_HOSTS``), else 421 ``host_not_allowed``; an
-``Origin``, when sent, must be the same origin or in ``STREAMSVC_CORS_ORIGINS``,
-else 403 ``origin_not_allowed``. Both before any other work, body unread.
+``Host`` must be allowed (loopback, the bind address, ``STREAMSVC_ALLOWED_HOSTS``), else 421
+``host_not_allowed``; an ``Origin`` must be the same origin or in ``STREAMSVC_CORS_ORIGINS``,
+else 403 ``origin_not_allowed``. Both before any other work, the body unread.
 """
 
 from __future__ import annotations

@@ -1,32 +1,7 @@
-"""Observability: request ids, the access log, Prometheus metrics, log format.
-
-``ObservabilityMiddleware`` (pure ASGI: it only watches ``send``, so streams
-pass through unbuffered) gives every HTTP request an id -- the caller's
-``X-Request-ID`` when it is 1-128 characters of ``[A-Za-z0-9._-]``, else a
-new one -- and returns it as ``X-Request-ID``. When the response is over it
-writes one access-log record to the ``streamsvc.access`` logger (method,
-path, route, status, duration_ms, request_id, bytes_sent, streamed, and the
-facts below when known) and updates the metrics served at ``GET /metrics``.
-Message content and secrets are never in it; with ``STREAMSVC_LOG_CONTENT``
-the chat answer is logged separately, at debug level.
-
-Endpoints record what only they know on this request's ``RequestFacts``
-(also at ``request.state.facts``), without knowing who reads it::
-
-    source = observe_chat(answer(provider, params, settings))  # POST /chat
-    facts.first_token(); facts.tokens(usage); facts.answered(completion)  # POST /v1/...
-    current().execution(result.exit_code, result.ok)
-
-Every error's code is recorded the same way, by ``facts.failed(code)``: an
-error answer where it is rendered (``rendering.error_response``), and a stream that
-fails after its headers (it still answers 200) where its last frame is written
-(``sse``). The middleware never reads the bytes it sends for it.
-
-``configure_logging`` sets up the root logger: ``STREAMSVC_LOG_FORMAT=text``
-(the default, for people) or ``json`` (one object per line, for collectors);
-a record's ``fields`` extra is merged into the object (or appended as JSON).
-A text line's message has its control characters escaped (``printable``): a
-path with ``%0a`` cannot forge a second line.
+"""``ObservabilityMiddleware`` (pure ASGI, streams unbuffered) logs one record per request;
+endpoints record what only they know on ``RequestFacts``. The rule: the middleware never reads
+the bytes it sends, no message content or secret is logged, and text lines have their control
+characters escaped. Notes: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""The OpenAPI 3.1 document, generated from the msgspec types.
+"""The OpenAPI 3.1 document, generated from the msgspec types the routes use.
 
-Request bodies, answers and error bodies are the structs the routes decode and
-encode (``msgspec.json.schema_components``), so the document cannot drift from
-the code. Streams have no native OpenAPI form: a streamed answer is described
-as ``text/event-stream`` whose schema is one SSE frame (``{event, id, data}``
-with ``data`` decoded from JSON, one ``oneOf`` branch per event name), and the
-extension ``x-sse-events`` maps each event name to the schema of its data.
-Errors are ``{"error": {code, message, path, details}}`` under every status a
-route can answer with. ``/v1/chat/completions`` is OpenAI's API: its stream
-frames are ``data:`` lines only (a chunk, a final error, or ``[DONE]``) and its
-errors are OpenAI's ``{"error": {message, type, param, code}}``.
+The rule: built from the structs, so it cannot drift; streams are ``text/event-stream`` with
+one schema per event (``x-sse-events``). It imports the endpoints for their types only.
 """
 
 from __future__ import annotations
@@ -22,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from streamsvc.chat.endpoint import ChatDelta, ChatRequest, ChatResult
-from streamsvc.chat.openai_compat import CompletionRequest, OpenAIErrorEnvelope
+from streamsvc.chat.openai_compat import CompletionRequest
+from streamsvc.chat.openai_errors import OpenAIErrorEnvelope
 from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
 from streamsvc.connectors.transcript import ExecutionResult
 from streamsvc.errors import ErrorEnvelope

@@ -1,9 +1,7 @@
 """The browser-facing routes: the playground at ``/`` and the API docs at ``/docs``.
 
-Both are static files shipped in the package (``streamsvc/static``; plain
-JavaScript, no build step, no CDN) and served with a Content-Security-Policy
-that allows this origin only, so a page can neither load nor send anything
-elsewhere. ``/static`` serves the rest of the folder.
+Static files shipped in the package (no build step, no CDN). The rule: served with a
+Content-Security-Policy that allows this origin only.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rendering answers: every ``ServiceError`` as its JSON error, and plain JSON bodies.
 
 Errors render as ``{"error": {...}}`` with their status, in OpenAI's shape under
-/v1/ (``streamsvc.chat.openai_compat``). The app's handlers and the pure-ASGI
+/v1/ (``streamsvc.chat.openai_errors``). The app's handlers and the pure-ASGI
 middlewares (``web.auth``, ``web.hosts``) all answer through ``error_response``.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 from starlette.responses import Response
 
-from streamsvc.chat import openai_compat
+from streamsvc.chat import openai_errors
 from streamsvc.errors import ErrorEnvelope, ServiceError
 from streamsvc.web import observability
 
@@ -23,8 +23,8 @@ def error_response(exc: ServiceError, path: str = "") -> Response:
     """The error's answer; its code (ours, even where /v1 shows the upstream's) is
     recorded on the request's facts for the access log and the metrics."""
     observability.current().failed(exc.code)
-    if path.startswith(openai_compat.PREFIX):
-        return openai_compat.error_response(exc)
+    if path.startswith(openai_errors.PREFIX):
+        return openai_errors.error_response(exc)
     return Response(
         _encoder.encode(ErrorEnvelope(exc.body())),
         status_code=exc.status,

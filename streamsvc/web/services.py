@@ -1,8 +1,7 @@
 """The app's services: one typed object on ``app.state``, completed by the lifespan.
 
-``Services`` holds the settings, the stream registry, the metrics and what the
-lifespan opened (the chat provider, the sandbox). Routes reach it only through
-``services(request)``: no route reads an untyped ``app.state`` attribute.
+``Services`` holds the settings, stream registry, metrics, chat provider and sandbox.
+The rule: routes reach it only through ``services(request)``, never untyped ``app.state``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Server-Sent Events plumbing shared by the streaming routes.
 
-A route produces an async iterator of ``Event`` (our own type: a name and a
-msgspec-encodable payload). ``event_response`` turns it into an SSE response
-with increasing ids, keep-alive comments, anti-buffering headers, a terminal
-``error`` event for failures after the headers, and graceful shutdown: when
-the server stops, every open stream is interrupted and ends with an
-``error`` event whose code is ``shutting_down``. The framing is a parameter:
-/v1/chat/completions uses the same pump with OpenAI's (``openai_compat``).
-
-Before the headers, ``start`` pulls the first event (so early failures are
-real HTTP statuses) and ``before_headers`` awaits it, or a whole JSON answer,
-while watching for the client hanging up and for shutdown. A client that takes
-no piece of an answer (stream or ``JsonAnswer``) within ``send_timeout`` is
-dropped: the stream's source is closed, which stops its run or upstream call.
+``before_headers`` pulls the first event so early failures are real statuses; ``event_response``
+adds ids, keep-alives and the terminal ``error``, and drops a client that takes nothing within
+``send_timeout``. The rule: exactly one terminal event per stream, written here.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""The boundary to the Docker engine: bounded calls, translated errors, archives.
+"""The boundary to the Docker engine: bounded calls, translated errors, labels, archives.
 
-Every aiodocker call goes through ``docker_call``, which bounds it in time and
-turns Docker and aiohttp errors into ``SandboxUnavailable`` (503) when the
-engine cannot be reached (aiodocker's ``DockerError(900, ...)`` included) or
-does not answer in time, and ``EngineRefused`` (500, with the engine's HTTP
-status as ``engine_status``) when it answers an error. Killing and removing are
-best effort, bounded and shielded (they run in ``finally`` blocks of
-cancelled runs). Labels mark every container, network and volume the service
-creates, with the owning process (``host:pid``), so start-up can tell a dead
-process's leftovers from a live peer's.
+The rule: every aiodocker call goes through ``docker_call`` (bounded; ``SandboxUnavailable``
+or ``EngineRefused`` with ``engine_status``). Kill and remove are bounded and shielded; labels
+carry the owner (``host:pid``) so leftovers of dead processes can be told apart.
 """
 
 from __future__ import annotations

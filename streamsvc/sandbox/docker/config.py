@@ -1,9 +1,7 @@
 """The engine's create request for every container the service makes.
 
-``locked_down`` is the one place the hardening is set (non-root, no
-capabilities, no-new-privileges, read-only root, no log driver, tini); run
-sandboxes (``hardened``: cold and warm alike) and dependency helpers add their
-limits to it. Plain data in, plain dicts out: nothing here talks to the engine.
+The rule: ``locked_down`` is the one place the hardening is set; run sandboxes (``hardened``)
+and dependency helpers (``helper_config``) add limits to it. Plain data, no engine calls.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """The run containers this process made, tracked from creation until removed.
 
-Every container is removed when its run ends, however it ends (in the
-background, so the answer does not wait); one the engine could not remove is
-retried once it answers again; shutdown removes all, and a starting server
-removes what dead earlier processes left (all carry the owner label).
+The rule: every container is removed when its run ends (in the background), retried when the
+engine could not; shutdown removes all, and start-up removes dead processes' leftovers.
 """
 
 from __future__ import annotations

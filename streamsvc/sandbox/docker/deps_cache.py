@@ -1,9 +1,7 @@
 """The dependency cache: one Docker volume per (image, Python version, dependency set).
 
-Bookkeeping, eviction past ``STREAMSVC_DEPS_CACHE_MB`` (least recently used,
-never a set in use) and single-flight installs: one job per volume, under the
-``host_lock`` so the processes of a host install each set once. The helper
-containers are ``installer``'s; the engine's view is ``deps_inventory``'s.
+Bookkeeping, LRU eviction past ``STREAMSVC_DEPS_CACHE_MB`` and single-flight installs under
+``host_lock``. The rule: a set in use is never evicted (helpers: ``installer``, ``deps_inventory``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The dependency sets as the engine holds them: labels, disk usage, listing, clearing.
 
-Each set is a volume labelled with its requirements, image id and Python
-version. This is what ``streamsvc deps list|clear`` shows and removes, and what
-a starting cache reads to count the sets earlier processes left.
+Each set is a volume labelled with its requirements, image id and Python version; this is
+what ``streamsvc deps list|clear`` shows and a starting cache reads. No bookkeeping here.
 """
 
 from __future__ import annotations

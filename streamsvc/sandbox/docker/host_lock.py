@@ -1,8 +1,7 @@
 """A lock held among the processes of this host: an ``flock`` on a file per name.
 
-The dependency cache takes it around installing a set, so workers and peer
-servers on one host install each set once. The kernel drops the lock when its
-holder exits: a crashed process never leaves it taken.
+The dependency cache takes it around an install, so one host installs each set once.
+The rule: the kernel drops it when its holder exits, so a crash never leaves it taken.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """One-shot helper containers of the dependency cache: the install, the check, the probe.
 
-Each is made through ``config.helper_config`` (the one hardening config), run
-to its end or to its ``done`` line, and removed. Only an install has network
-access; none gets a connector's env. ``uv`` installs when the image has it,
-``pip`` otherwise; the host's CA bundle is copied in (TLS-intercepting proxies).
+The rule: each is made through ``config.helper_config`` (the one hardening), run to its end or
+``done`` line, and removed; only an install has network, none gets a connector's env.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """One run loop over a sandbox: start, stream the output, report the end.
 
-``ColdStart`` creates a container with the request in it (files by archive);
-``WarmStart`` sends one delivery to a started sandbox. Limits are reported,
-never silent: a watchdog kills the run at its deadline or past the output cap.
+``ColdStart`` creates a container with the request in it; ``WarmStart`` delivers to a
+started one. The rule: limits are reported, never silent (a watchdog enforces them).
 """
 
 from __future__ import annotations

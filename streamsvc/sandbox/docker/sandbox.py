@@ -1,9 +1,7 @@
-"""The Docker sandbox: one fresh, locked-down container per run, via aiodocker.
+"""The Docker sandbox: one fresh, locked-down container per run (an async context manager).
 
-``DockerSandbox`` is the front: lifecycle, health, admission, dependencies,
-and the choice of a cold or a warm start for each run (``runs``). The warm
-pool is filled by ``warm``, containers are tracked by ``containers``, and the
-dependency volumes are ``deps_cache``'s. Use it as an async context manager.
+``DockerSandbox`` is a thin front: lifecycle, health, admission, dependencies and the choice of
+a cold or warm start (``runs``); ``warm``, ``containers`` and ``deps_cache`` do the rest.
 """
 
 from __future__ import annotations

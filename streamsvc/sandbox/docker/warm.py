@@ -1,8 +1,7 @@
 """Warm sandboxes: started ahead of a request, their runner waiting on stdin.
 
-Made with nothing of any request in them (``PoolKey``); the run comes later as
-one delivery (``warm_protocol``). A dependency set is preloaded when its import
-is clean, and a sandbox whose imports read a variable the request sets never fits.
+The rule: nothing of any request is in them (``PoolKey``); the run is one delivery
+(``warm_protocol``), and a sandbox whose preload read a variable the request sets never fits.
 """
 
 from __future__ import annotations

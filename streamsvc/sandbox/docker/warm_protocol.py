@@ -1,21 +1,7 @@
-"""What the server and a warm sandbox's runner say to each other over the attach stream.
+"""What the server and a warm sandbox's runner say over the attach stream: frames and end lines.
 
-The other side is ``sandbox_runner`` (``BOOTSTRAP``, ``READY_MARKER``,
-``END_MARKER``). In order:
-
-1. The server writes the runner's source as one *frame* (``frame``: the
-   length in decimal, a newline, the bytes) to the bootstrap waiting on stdin.
-2. The runner writes ``READY_MARKER`` and a JSON ``ReadyReport`` (what it
-   preloaded, or why it would not) as one line on stdout (``ready_report``).
-3. A run is one more frame on stdin (``delivery``): JSON with the files
-   (``bundle_files``, the same files a cold run gets by archive), the env and
-   a per-run nonce (``new_nonce``).
-4. When the program has exited, the runner writes ``END_MARKER NONCE JSON``
-   (an ``EndLine``) as the last line of both stdout and stderr; ``EndLines``
-   finds them in the output and keeps them out of it. A line without the
-   run's nonce is only output, so the program cannot forge its own end.
-
-Plain bytes in, plain bytes out: nothing here talks to the engine.
+The rule: plain bytes in, plain bytes out, nothing here talks to the engine; a line without
+the run's nonce is only output. The protocol step by step: docs/architecture.md.
 """
 
 from __future__ import annotations

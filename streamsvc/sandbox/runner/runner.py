@@ -1,56 +1,8 @@
-"""The program that starts a connector inside its container (stdlib only).
+"""The program that starts a connector inside its container (standard library only).
 
-It runs under tini (PID 1), so when it ends the container ends, and every
-process the connector left behind dies with it. It gets the connector's
-files one of two ways:
-
-- **cold**: the server copies a bundle into ``/bundle`` with ``put_archive``
-  (this file as ``.streamsvc/runner.py``, the files, ``.streamsvc/context.json``)
-  and starts ``python3 /bundle/.streamsvc/runner.py``;
-- **warm** (``STREAMSVC_DELIVERY=stdin``): the container was started ahead
-  of time, with no request in it, as ``python3 -c BOOTSTRAP``; the server
-  writes this file's source on stdin (a decimal length line, then the bytes).
-  When ``STREAMSVC_PRELOAD`` names distributions of the dependency set, the
-  runner imports their top-level modules now, if that is clean (see
-  ``_preload``). It writes ``READY_MARKER`` and a JSON report (what it
-  preloaded, which env variables that read) on one stdout line and blocks on
-  stdin. A run is one *delivery* on the same stdin: a length line and a JSON
-  object ``{"files", "env", "nonce"}``. The runner writes the files into ``/work``
-  (same names, modes and layout as the cold copy), applies ``env`` with
-  ``os.environ`` (the request's env is never in the container's own config),
-  points its stdin at ``/dev/null``, and goes on like a cold run.
-
-1. The files land in the writable working directory ``/work`` (the
-   connector's files, plus ``.streamsvc/context.json``).
-2. It forks. The child, in its own process group, runs the entry point as
-   ``__main__`` in ``/work`` with stdout and stderr line-buffered. The context
-   (``{"connector": {...}}``, overrides merged, placeholders substituted) is
-   the JSON file named by ``$STREAMSVC_CONTEXT_FILE``. When the entry point
-   defines ``run(context)``, the child calls it (awaiting the result when it
-   is awaitable) and prints the return value as the last stdout line:
-   ``{"ok": true, "result": <value>}``, or the value itself when it is
-   already an object with an ``ok`` key. The child ends as the interpreter
-   would (uncaught exceptions and ``SystemExit`` reported the same way,
-   threads joined, ``atexit`` run, files flushed) but skips the teardown of
-   its modules (``_finish``); the runner's own objects are frozen before
-   the fork (``gc.freeze``), so neither touches the pages it shares.
-3. The parent supervises: it waits for the child, exits with the child's
-   status (``128 + N`` for a signal), and meanwhile watches the cgroup
-   counter ``pids.events`` (``max N``: forks or thread creations the pids
-   limit refused). The first time it is non-zero the parent writes
-   ``PIDS_MARKER`` to stderr, and the server flags the run ``pids_limited``.
-   The counter is the kernel's, so this does not depend on how the program
-   reports a failed fork. The program cannot see the supervisor among its
-   own children; it could forge the line or kill its parent, which only
-   changes its own report.
-4. Warm only: when the child has exited, the runner writes an *end line*,
-   ``\\x1estreamsvc-end NONCE {"exit_code": N, "oom_killed": B}``, to stdout
-   and then to stderr. Each stream's data before its end line is complete,
-   so the server knows the result without waiting for Docker to notice that
-   the container stopped (about 50 ms here). ``oom_killed`` is the memory
-   cgroup's own ``oom_kill`` counter (``null`` when unreadable: the server
-   then asks Docker). The nonce is per run and never in the environment; a
-   program that digs it out of its memory can only end its own run early.
+It runs under tini, gets the files cold (archive) or warm (stdin), forks the entry point and
+supervises it. The rule: it imports nothing of streamsvc. Its full specification is in
+docs/architecture.md ("Module notes", ``sandbox/runner/runner.py``).
 """
 
 import asyncio

@@ -1,0 +1,156 @@
+"""The layout rules of docs/architecture.md: short docstrings, the import rule, the README tree."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "streamsvc"
+
+#: Modules whose docstring may be longer than 5 lines, and why.
+LONG_DOCSTRINGS = {
+    "streamsvc.errors": "draws the error tree, as httpx's _exceptions.py does",
+}
+MAX_DOCSTRING_LINES = 5
+#: A module longer than this says why at its top (its docstring names "400 lines").
+MAX_MODULE_LINES = 400
+
+ENDPOINTS = {
+    "streamsvc.chat.endpoint",
+    "streamsvc.chat.openai_compat",
+    "streamsvc.connectors.endpoint",
+}
+#: Who may import an endpoint module: the app routes them, openapi reads their types, and
+#: /v1 shares /chat's deployment rules.
+ENDPOINT_IMPORTERS = {
+    "streamsvc.web.app": ENDPOINTS,
+    "streamsvc.web.openapi": ENDPOINTS,
+    "streamsvc.chat.openai_compat": {"streamsvc.chat.endpoint"},
+}
+#: Third-party clients and the only modules that may import them (a prefix ends in ".").
+BOUNDARIES = {
+    "openai": ("streamsvc.chat.provider",),
+    "aiodocker": ("streamsvc.sandbox.docker.",),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (lazy imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            found.add(node.module)
+            # ``from streamsvc.chat import openai_compat`` imports a module too.
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_import_scan_sees_lazy_and_from_package_imports() -> None:
+    """The rules below are only as good as this scan."""
+    app = imported(PACKAGE / "web" / "app.py")
+    assert app >= ENDPOINTS  # one of them as ``from streamsvc.chat import openai_compat``
+    assert "streamsvc.sandbox.docker.sandbox" in app  # imported in the lifespan
+    assert "openai" in imported(PACKAGE / "chat" / "provider.py")
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_every_module_opens_with_a_short_docstring(name: str) -> None:
+    path = modules()[name]
+    source = path.read_text()
+    if path.name == "__init__.py" and name != "streamsvc":
+        assert source == "", f"{path}: a sub-package's __init__.py stays empty"
+        return
+    docstring = ast.get_docstring(ast.parse(source))
+    assert docstring, f"{path} has no module docstring"
+    lines = len(docstring.strip().splitlines())
+    if name not in LONG_DOCSTRINGS:
+        assert lines <= MAX_DOCSTRING_LINES, (
+            f"{path}: {lines} docstring lines; move the design prose to docs/architecture.md"
+        )
+    if len(source.splitlines()) > MAX_MODULE_LINES:
+        stated = " ".join(docstring.split())
+        assert f"{MAX_MODULE_LINES} lines" in stated, f"{path}: say at its top why it is long"
+
+
+def test_only_the_app_and_openapi_import_an_endpoint_module() -> None:
+    offenders = {
+        name: sorted(reached)
+        for name, path in modules().items()
+        if (reached := (imported(path) & ENDPOINTS) - ENDPOINT_IMPORTERS.get(name, set()))
+    }
+    assert offenders == {}
+
+
+def test_sdk_imports_stay_at_their_boundary() -> None:
+    offenders = []
+    for name, path in modules().items():
+        for library, allowed in BOUNDARIES.items():
+            uses = any(m == library or m.startswith(library + ".") for m in imported(path))
+            if uses and not any(name == a or name.startswith(a) for a in allowed):
+                offenders.append(f"{name} imports {library}")
+    assert offenders == []
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """The README's Layout block: each folder of streamsvc/ and the entries listed for it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout") :]
+    block = section.split("```", 2)[1]
+    listed: dict[str, set[str]] = {}
+    stack: list[str] = []
+    folder = ""
+    for line in block.splitlines()[1:]:
+        head, entries = line[:15], line[15:]
+        if head.strip():
+            if not line.startswith(" ") and head.strip() != "streamsvc/":
+                break  # tests/, benchmarks/, ...: outside the package
+            depth = (len(head) - len(head.lstrip())) // 2
+            stack[depth:] = [head.strip().rstrip("/")]
+            folder = "/".join(stack)
+            listed[folder] = set()
+        listed[folder].update(re.findall(r"(?<![\w/])([\w.]+\.py|\w+/)(?=\s|$)", entries))
+    return listed
+
+
+def tree() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for directory in [PACKAGE, *sorted(p for p in PACKAGE.rglob("*") if p.is_dir())]:
+        if directory.name == "__pycache__" or "__pycache__" in directory.parts:
+            continue
+        if directory != PACKAGE and not (directory / "__init__.py").exists():
+            continue  # data folders (static/, image/) are entries of their parent
+        entries = set()
+        for child in directory.iterdir():
+            if child.suffix == ".py" and not (child.name == "__init__.py" and directory != PACKAGE):
+                entries.add(child.name)
+            elif child.is_dir() and child.name != "__pycache__":
+                entries.add(child.name + "/")
+        found[str(directory.relative_to(ROOT))] = entries
+    return found
+
+
+def test_readme_layout_matches_the_package_tree() -> None:
+    listed = readme_layout()
+    actual = tree()
+    assert sorted(listed) == sorted(actual), "every package folder has its row"
+    for folder, entries in actual.items():
+        children = {e for e in entries if e.endswith("/") and f"{folder}/{e[:-1]}" in actual}
+        # A sub-package has its own row; the row of its parent need not name it again.
+        assert listed[folder] | children == entries, folder
