@@ -29,7 +29,8 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   └── ChatNotConfigured         503  chat_not_configured
     ├── ShuttingDown                  503  shutting_down
     └── SandboxError                       (raised only as one of these)
-        ├── SandboxUnavailable        503  sandbox_unavailable: engine down, late, or busy
+        ├── SandboxUnavailable        503  sandbox_unavailable: not ready now, try again
+        │   └── EngineUnreachable     503  the engine did not answer, or was lost mid-run
         ├── SandboxFailed             500  sandbox_failed: the sandbox broke
         │   └── EngineRefused         500  the engine answered an error (its ``engine_status``)
         └── DependencyInstallFailed   400  dependency_install_failed
@@ -208,6 +209,10 @@ class SandboxError(ServiceError):
 class SandboxUnavailable(SandboxError):
     status = 503
     code = "sandbox_unavailable"
+
+
+class EngineUnreachable(SandboxUnavailable):
+    """The Docker engine did not answer, or the connection to it was lost."""
 
 
 class SandboxFailed(SandboxError):

@@ -20,7 +20,7 @@ import aiohttp
 import anyio
 from aiodocker.containers import DockerContainer
 
-from streamsvc.errors import EngineRefused, SandboxError, SandboxUnavailable
+from streamsvc.errors import EngineRefused, EngineUnreachable, SandboxError
 
 T = TypeVar("T")
 
@@ -82,16 +82,16 @@ async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT)
         with anyio.fail_after(limit):
             return await call
     except TimeoutError as exc:
-        raise SandboxUnavailable(f"the Docker engine did not answer ({what})") from exc
+        raise EngineUnreachable(f"the Docker engine did not answer ({what})") from exc
     except aiodocker.DockerError as exc:
         if exc.status == UNREACHABLE:
-            raise SandboxUnavailable(f"the Docker engine is unreachable ({what})") from exc
+            raise EngineUnreachable(f"the Docker engine is unreachable ({what})") from exc
         message = exc.message if isinstance(exc.message, str) else str(exc.message)
         raise EngineRefused(
             f"the Docker engine refused to {what}: {message}", engine_status=exc.status
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise SandboxUnavailable(f"the Docker engine is unreachable ({what})") from exc
+        raise EngineUnreachable(f"the Docker engine is unreachable ({what})") from exc
 
 
 async def ping(docker: aiodocker.Docker) -> None:

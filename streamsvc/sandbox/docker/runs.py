@@ -18,7 +18,7 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
 
-from streamsvc.errors import SandboxUnavailable
+from streamsvc.errors import EngineUnreachable
 from streamsvc.sandbox.docker import config as sandbox_config
 from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
@@ -225,7 +225,7 @@ class Run:
         except ENGINE_ERRORS as exc:
             if self.stopped_at is not None:
                 return None  # we closed the stream ourselves
-            raise SandboxUnavailable("lost the connection to the Docker engine") from exc
+            raise EngineUnreachable("lost the connection to the Docker engine") from exc
         return message
 
     def count(self, stream: int, size: int) -> bool:

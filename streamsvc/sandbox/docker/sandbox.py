@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from streamsvc.connectors.dependencies import Dependency
-from streamsvc.errors import DependencyInstallFailed, SandboxError
+from streamsvc.errors import DependencyInstallFailed, EngineUnreachable, SandboxError
 from streamsvc.sandbox.admission import Admission
 from streamsvc.sandbox.docker.api import ENGINE_ERRORS, docker_call, owner_label, ping
 from streamsvc.sandbox.docker.config import PoolKey
@@ -34,6 +34,8 @@ log = logging.getLogger("streamsvc.sandbox")
 #: Env names the interpreter reads at start-up: a request setting one runs cold.
 COLD_ENV_PREFIXES = ("PYTHON", "LC_")
 COLD_ENV_NAMES = frozenset({"LANG", "LANGUAGE"})
+#: How long /health trusts its last look at the engine before refreshing it.
+ENGINE_LOOK_SECONDS = 2.0
 
 
 class DockerSandbox:
@@ -60,6 +62,10 @@ class DockerSandbox:
             watch=watch,
         )
         self.image_id: str | None = None
+        # What /health reports of the engine: None until the first look.
+        self._engine_ok: bool | None = None
+        self._engine_seen_at = 0.0
+        self._engine_looking = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -101,12 +107,17 @@ class DockerSandbox:
         return await self.containers.remove_leftovers()
 
     async def health(self) -> dict[str, Any]:
-        try:
-            with anyio.fail_after(3):
-                await self._docker.version()
-                if self.image_id is None:
-                    await self._prepare()
-        except (*ENGINE_ERRORS, TimeoutError, SandboxError):
+        """The last look at the engine, refreshed in the background once stale: a probe
+        never waits on an engine that is slow under load (only the very first look does)."""
+        if self._engine_ok is None or self._tasks is None:
+            await self._look_at_engine()
+        elif (
+            anyio.current_time() - self._engine_seen_at > ENGINE_LOOK_SECONDS
+            and not self._engine_looking
+        ):
+            self._engine_looking = True
+            self._tasks.start_soon(self._look_at_engine)
+        if not self._engine_ok:
             return {"state": "unavailable", "image": self._settings.image}
         return {
             "state": "ready",
@@ -116,6 +127,19 @@ class DockerSandbox:
             "warm": self.pool.stats(),
             "deps": self.deps.stats(),
         }
+
+    async def _look_at_engine(self) -> None:
+        try:
+            with anyio.fail_after(3):
+                await self._docker.version()
+                if self.image_id is None:
+                    await self._prepare()
+            self._engine_ok = True
+        except (*ENGINE_ERRORS, TimeoutError, SandboxError):
+            self._engine_ok = False
+        finally:
+            self._engine_seen_at = anyio.current_time()
+            self._engine_looking = False
 
     async def aclose(self) -> None:
         """Kill and remove every sandbox (running, warm, finished), stop the tasks, close."""
@@ -133,6 +157,15 @@ class DockerSandbox:
     # -- one run -----------------------------------------------------------------
 
     async def run(self, spec: RunSpec) -> AsyncIterator[SandboxEvent]:
+        try:
+            async with contextlib.aclosing(self._run(spec)) as events:
+                async for event in events:
+                    yield event
+        except EngineUnreachable:
+            self._engine_ok = False  # /health says so now, not at its next look
+            raise
+
+    async def _run(self, spec: RunSpec) -> AsyncGenerator[SandboxEvent, None]:
         await ping(self._docker)
         if self.image_id is None:
             await self._prepare()
