@@ -12,7 +12,8 @@ stable ``code`` and its ``path``), not just the first:
 ``invalid_env_value`` (a NUL character), ``env_too_large`` (keys and values
 over ``MAX_ENV_BYTES`` in all), ``too_deeply_nested`` (``connector`` or
 ``configuration_overrides`` nested deeper than ``MAX_JSON_DEPTH``),
-``network_not_allowed``, ``missing_connector_paths`` and ``missing_env``
+``network_not_allowed``, ``install_network_not_allowed`` (dependencies with no
+bridge allowed), ``missing_connector_paths`` and ``missing_env``
 (not looked for in files refused as too many, too large or unsafe),
 ``too_many_references`` (over ``MAX_REFERENCES`` distinct paths),
 ``too_many_placeholders`` and ``expanded_too_large`` (``{{env:KEY}}``
@@ -278,6 +279,16 @@ def plan(request: ExecuteRequest, settings: SandboxSettings, max_body_bytes: int
     problems += _env_problems(request.env)
     dependencies, dependency_problems = parse_dependencies(core.runtime.dependencies)
     problems += dependency_problems
+    if dependencies and not settings.allow_bridge:
+        # An install needs the package index; with no bridge allowed it has no network.
+        problems.append(
+            Problem(
+                "install_network_not_allowed",
+                "connector.runtime.dependencies",
+                "installing dependencies needs network_mode 'bridge', which is disabled"
+                " on this server (STREAMSVC_ALLOW_BRIDGE)",
+            )
+        )
     too_deep = _depth_problems(request)
     if too_deep:  # merging and scanning recurse: report what is known and stop
         raise _rejection(problems + too_deep, [], [])

@@ -64,6 +64,9 @@ class _Install(msgspec.Struct):
 
     answered: anyio.Event = msgspec.field(default_factory=anyio.Event)
     result: CachedSet | Exception | None = None
+    #: Requests waiting for it: when the last one leaves, the job is cancelled.
+    waiters: int = 0
+    scope: anyio.CancelScope = msgspec.field(default_factory=anyio.CancelScope)
 
 
 class DependencyCache:
@@ -120,6 +123,9 @@ class DependencyCache:
             "size_kb": sum(entry.size_kb for entry in self._sets.values()),
             "cap_mb": self._settings.deps_cache_mb,
             "installs": self.installs,
+            "installing": self.installer.running,
+            "install_queued": self.installer.queued,
+            "install_slots": self.installer.slots,
         }
 
     def start(self, tasks: TaskGroup) -> None:
@@ -202,7 +208,8 @@ class DependencyCache:
         """The set, adopted or installed by the one job in flight for its volume.
 
         Without one, this request starts it: in the background tasks once
-        ``start`` gave them, so it outlives a caller that goes away.
+        ``start`` gave them, so every request for the set may wait for it; when
+        the last of them goes away, the job (and its install container) is stopped.
         """
         job = self._installing.get(name)
         if job is None:
@@ -212,12 +219,17 @@ class DependencyCache:
                 await self._adopt_or_install(*args)
             else:
                 self._tasks.start_soon(self._adopt_or_install, *args)
+        job.waiters += 1
         try:
             # The host lock, then the install.
             with anyio.fail_after(2 * self.installer.answer_wait() + 60):
                 await job.answered.wait()
         except TimeoutError as exc:
             raise SandboxUnavailable("the dependency install did not finish in time") from exc
+        finally:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.answered.is_set():
+                job.scope.cancel()  # nobody waits for it any more
         if isinstance(job.result, Exception):
             raise job.result
         assert job.result is not None
@@ -232,12 +244,13 @@ class DependencyCache:
         created: anyio.Event | None,
     ) -> None:
         try:
-            async with host_lock(name, self.installer.answer_wait()):
-                entry = await self._adopt(name, dependencies) or await self._install(
-                    name, dependencies, python, created
-                )
-            self._sets[name] = entry
-            job.result = entry
+            with job.scope:
+                async with host_lock(name, self.installer.answer_wait()):
+                    entry = await self._adopt(name, dependencies) or await self._install(
+                        name, dependencies, python, created
+                    )
+                self._sets[name] = entry
+                job.result = entry
         except Exception as exc:  # every waiter raises it
             job.result = exc
         finally:

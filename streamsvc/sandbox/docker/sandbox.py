@@ -168,9 +168,9 @@ class DockerSandbox:
         """Warm when the pool is on and the request allows it, else cold."""
         key = self.pool_key(spec, deps_volume)
         if key is None:
-            return ColdStart(
-                self._docker, self._settings, self._owner, self.containers, spec, deps_volume
-            )
+            image = self.image_id or self._settings.image
+            cold = PoolKey(image, spec.network, deps_volume, spec.memory_mb)
+            return ColdStart(self.warm, self.containers, cold, spec)
         return WarmStart(self.warm, self.pool, self.containers, key, spec.env, early)
 
     def _running_tasks(self) -> TaskGroup:

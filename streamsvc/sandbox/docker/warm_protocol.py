@@ -8,8 +8,8 @@ The other side is ``sandbox_runner`` (``BOOTSTRAP``, ``READY_MARKER``,
 2. The runner writes ``READY_MARKER`` and a JSON ``ReadyReport`` (what it
    preloaded, or why it would not) as one line on stdout (``ready_report``).
 3. A run is one more frame on stdin (``delivery``): JSON with the files
-   (``bundle_files``, the same files a cold run gets by archive), the env and
-   a per-run nonce (``new_nonce``).
+   (``bundle_files``), the env, a per-run nonce (``new_nonce``) and whether
+   the runner restarts in a fresh interpreter first (cold runs).
 4. When the program has exited, the runner writes ``END_MARKER NONCE JSON``
    (an ``EndLine``) as the last line of both stdout and stderr; ``EndLines``
    finds them in the output and keeps them out of it. A line without the
@@ -54,9 +54,14 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def delivery(spec: RunSpec, env: dict[str, str], nonce: str) -> bytes:
-    """The run for a waiting runner (send it with ``frame``)."""
-    return json.dumps({"files": bundle_files(spec), "env": env, "nonce": nonce}).encode()
+def delivery(spec: RunSpec, env: dict[str, str], nonce: str, fresh: bool = False) -> bytes:
+    """The run for a waiting runner (send it with ``frame``).
+
+    ``fresh``: the runner starts itself again in a new interpreter with ``env``
+    (a cold run: what Python reads only at start-up applies).
+    """
+    run = {"files": bundle_files(spec), "env": env, "nonce": nonce, "fresh": fresh}
+    return json.dumps(run).encode()
 
 
 class ReadyReport(msgspec.Struct):

@@ -1,24 +1,20 @@
 """The program that starts a connector inside its container (stdlib only).
 
 It runs under tini (PID 1), so when it ends the container ends, and every
-process the connector left behind dies with it. It gets the connector's
-files one of two ways:
-
-- **cold**: the server copies a bundle into ``/bundle`` with ``put_archive``
-  (this file as ``.streamsvc/runner.py``, the files, ``.streamsvc/context.json``)
-  and starts ``python3 /bundle/.streamsvc/runner.py``;
-- **warm** (``STREAMSVC_DELIVERY=stdin``): the container was started ahead
-  of time, with no request in it, as ``python3 -c BOOTSTRAP``; the server
-  writes this file's source on stdin (a decimal length line, then the bytes).
-  When ``STREAMSVC_PRELOAD`` names distributions of the dependency set, the
-  runner imports their top-level modules now, if that is clean (see
-  ``_preload``). It writes ``READY_MARKER`` and a JSON report (what it
-  preloaded, which env variables that read) on one stdout line and blocks on
-  stdin. A run is one *delivery* on the same stdin: a length line and a JSON
-  object ``{"files", "env", "nonce"}``. The runner writes the files into ``/work``
-  (same names, modes and layout as the cold copy), applies ``env`` with
-  ``os.environ`` (the request's env is never in the container's own config),
-  points its stdin at ``/dev/null``, and goes on like a cold run.
+process the connector left behind dies with it. The container is started,
+with no request in it, as ``python3 -c BOOTSTRAP`` (``STREAMSVC_DELIVERY=stdin``);
+the server writes this file's source on stdin (a decimal length line, then
+the bytes). When ``STREAMSVC_PRELOAD`` names distributions of the dependency
+set, the runner imports their top-level modules now, if that is clean (see
+``_preload``). It writes ``READY_MARKER`` and a JSON report (what it
+preloaded, which env variables that read) on one stdout line and blocks on
+stdin. A run is one *delivery* on the same stdin: a length line and a JSON
+object ``{"files", "env", "nonce", "fresh"}``. The runner writes the files into
+``/work``, applies ``env`` with ``os.environ`` (the request's env is never in
+the container's own config, nor on the host's disk), points its stdin at
+``/dev/null``, and goes on. With ``fresh`` (a cold run) it first runs itself
+again in a new interpreter started with that env (``_restart``), so what
+Python reads only at start-up (``PYTHON*``, ``LANG``, ``LC_*``) applies.
 
 1. The files land in the writable working directory ``/work`` (the
    connector's files, plus ``.streamsvc/context.json``).
@@ -43,7 +39,7 @@ files one of two ways:
    reports a failed fork. The program cannot see the supervisor among its
    own children; it could forge the line or kill its parent, which only
    changes its own report.
-4. Warm only: when the child has exited, the runner writes an *end line*,
+4. When the child has exited, the runner writes an *end line*,
    ``\\x1estreamsvc-end NONCE {"exit_code": N, "oom_killed": B}``, to stdout
    and then to stderr. Each stream's data before its end line is complete,
    so the server knows the result without waiting for Docker to notice that
@@ -65,14 +61,12 @@ import os
 import re
 import runpy
 import select
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-BUNDLE = "/bundle"
 WORK = "/work"
 DEPS = "/opt/deps"
 PIDS_MARKER = "streamsvc: the process limit was reached (a fork or thread creation failed)\n"
@@ -90,7 +84,9 @@ _POLL_SECONDS = 0.05
 
 def main() -> int:
     nonce = None
-    if os.environ.pop("STREAMSVC_DELIVERY", None) == "stdin":
+    if os.environ.pop("STREAMSVC_DELIVERY", None) == "restarted":
+        nonce = _inherited_nonce()
+    else:  # "stdin": wait for the run
         ready = _preload(os.environ.pop("STREAMSVC_PRELOAD", ""))
         os.write(1, READY_MARKER + json.dumps(ready).encode() + b"\n")
         if "refused" in ready:
@@ -98,8 +94,6 @@ def main() -> int:
         nonce = _receive()
         if nonce is None:
             return 0  # the server closed stdin without a run: discarded unused
-    else:
-        shutil.copytree(BUNDLE, WORK, dirs_exist_ok=True, copy_function=shutil.copyfile)
     os.chdir(WORK)
     # The runner's own objects never need collecting in the child: freezing them
     # keeps the child's collections (and its exit, ~20 ms -> ~10 ms) off their pages.
@@ -132,10 +126,35 @@ def _receive() -> str | None:
     os.close(null)
     _write_files(delivery["files"])
     os.environ.update(delivery["env"])
+    nonce: str = delivery["nonce"]
+    if delivery.get("fresh"):
+        _restart(nonce)
     time.tzset()  # a TZ from env applies as it would at start-up
     importlib.invalidate_caches()  # /opt/deps may have been filled since start-up
-    nonce: str = delivery["nonce"]
     return nonce
+
+
+def _restart(nonce: str) -> NoReturn:
+    """Run this file again in a new interpreter that starts with the delivered env.
+
+    For a run whose env sets what Python reads only at start-up (``PYTHON*``,
+    ``LANG``, ``LC_*``): the env still never is in the container's config.
+    The nonce goes over an inherited pipe, never in the environment.
+    """
+    read, write = os.pipe()
+    os.write(write, nonce.encode())
+    os.close(write)
+    os.set_inheritable(read, True)
+    env = {**os.environ, "STREAMSVC_DELIVERY": "restarted", "STREAMSVC_NONCE_FD": str(read)}
+    runner = os.path.join(WORK, ".streamsvc", "runner.py")
+    os.execve(sys.executable, [sys.executable, runner], env)  # noqa: S606 (no shell wanted)
+
+
+def _inherited_nonce() -> str:
+    """The nonce ``_restart`` left on its pipe."""
+    fd = int(os.environ.pop("STREAMSVC_NONCE_FD"))
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read().decode()
 
 
 def _write_files(files: dict[str, str]) -> None:
