@@ -229,7 +229,9 @@ class DependencyCache:
         finally:
             job.waiters -= 1
             if job.waiters == 0 and not job.answered.is_set():
-                job.scope.cancel()  # nobody waits for it any more
+                job.scope.cancel()  # nobody waits for it any more: stop it, its container gone
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2 * CLEANUP_TIMEOUT):
+                    await job.answered.wait()
         if isinstance(job.result, Exception):
             raise job.result
         assert job.result is not None

@@ -18,7 +18,12 @@ import anyio
 from anyio.abc import TaskGroup
 
 from streamsvc.errors import SandboxFailed, SandboxUnavailable
-from streamsvc.sandbox.docker.api import create_container, docker_call, remove_container
+from streamsvc.sandbox.docker.api import (
+    CLEANUP_TIMEOUT,
+    create_container,
+    docker_call,
+    remove_container,
+)
 from streamsvc.sandbox.docker.config import helper_config
 from streamsvc.settings import SandboxSettings
 
@@ -129,6 +134,7 @@ class Installer:
         answers: list[tuple[str, int] | Exception] = []
         answered = anyio.Event()
         scope = anyio.CancelScope()  # cancelled when the caller leaves before the answer
+        ended = anyio.Event()
 
         def answer(found: tuple[str, int] | Exception) -> None:
             if not answered.is_set():
@@ -136,21 +142,27 @@ class Installer:
                 answered.set()
 
         async def whole() -> None:
-            with scope:
-                try:
-                    async with self._slot():
-                        output, code = await self.one_shot(
-                            volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True,
-                            action="install", early=answer,
-                        )  # fmt: skip
-                    if answered.is_set():  # answered early: the end, after the compiling
-                        await finished(output, code)
-                except Exception as exc:
-                    if answered.is_set():
-                        log.warning("after installing %s: %s", volume, exc)
-                    answer(exc)
-                    return
-                answer((output, code))
+            try:
+                with scope:
+                    await attempt()
+            finally:
+                ended.set()
+
+        async def attempt() -> None:
+            try:
+                async with self._slot():
+                    output, code = await self.one_shot(
+                        volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True,
+                        action="install", early=answer,
+                    )  # fmt: skip
+                if answered.is_set():  # answered early: this is the end, after the compiling
+                    await finished(output, code)
+            except Exception as exc:
+                if answered.is_set():
+                    log.warning("after installing %s: %s", volume, exc)
+                answer(exc)
+                return
+            answer((output, code))
 
         self._tasks.start_soon(whole)
         try:
@@ -162,6 +174,8 @@ class Installer:
         except BaseException:
             if not answered.is_set():
                 scope.cancel()  # nobody waits for this install any more: stop it
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await ended.wait()  # its container removed: the volume is free again
             raise
         found = answers[0]
         if isinstance(found, Exception):
