@@ -31,7 +31,6 @@ from streamsvc.errors import EngineRefused, SandboxError, SandboxUnavailable
 T = TypeVar("T")
 
 SANDBOX_UID = 10001
-NETWORK_NAME = "streamsvc-sandbox"
 LABEL_MANAGED = "streamsvc.managed"
 LABEL_OWNER = "streamsvc.owner"
 LABEL_ROLE = "streamsvc.role"
@@ -110,24 +109,31 @@ async def ping(docker: aiodocker.Docker) -> None:
     await docker_call("answer a ping", call(), limit=5)
 
 
-async def ensure_network(docker: aiodocker.Docker) -> None:
-    """The service's own bridge network: sandboxes reach out, never each other (no ICC)."""
+async def ensure_network(docker: aiodocker.Docker, name: str) -> bool:
+    """The service's own bridge network: sandboxes reach out, never each other (no ICC).
+
+    IPv4 only (the firewall covers IPv4). True when this call created it: it
+    then has none of the firewall rules yet.
+    """
     try:
-        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
-        return
+        await docker_call("inspect the sandbox network", docker.networks.get(name))
+        return False
     except EngineRefused as exc:
         if exc.engine_status != NOT_FOUND:
             raise
     config = {
-        "Name": NETWORK_NAME,
+        "Name": name,
         "Driver": "bridge",
+        "EnableIPv6": False,
         "Labels": {LABEL_MANAGED: "true"},
         "Options": {"com.docker.network.bridge.enable_icc": "false"},
     }
     try:
         await docker_call("create the sandbox network", docker.networks.create(config))
     except SandboxError:  # a peer may have created it first
-        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
+        await docker_call("inspect the sandbox network", docker.networks.get(name))
+        return False
+    return True
 
 
 async def list_managed(docker: aiodocker.Docker) -> list[DockerContainer]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from streamsvc.sandbox.docker.api import NETWORK_NAME, SANDBOX_UID, labels
+from streamsvc.sandbox.docker.api import SANDBOX_UID, labels
 from streamsvc.sandbox.runner.runner import BOOTSTRAP
 from streamsvc.sandbox.types import NetworkMode, RunSpec
 from streamsvc.settings import SandboxSettings
@@ -123,7 +123,7 @@ def hardened(
         labels(owner, role),
         cmd=cmd,
         env=env,
-        network_mode="none" if network == "none" else NETWORK_NAME,
+        network_mode="none" if network == "none" else settings.network,
         memory=memory,
         pids_limit=s.pids_limit,
         tmpfs={"/work": tmpfs, "/tmp": tmpfs},
@@ -174,7 +174,7 @@ def helper_config(
         {**labels(owner, "deps"), LABEL_ACTION: action},
         cmd=cmd,
         env=env,
-        network_mode=NETWORK_NAME if writable else "none",
+        network_mode=settings.network if writable else "none",
         memory=HELPER_MEMORY_MB * 1024 * 1024,
         pids_limit=HELPER_PIDS_LIMIT,
         tmpfs={"/tmp": f"rw,nosuid,nodev,size={HELPER_TMPFS_MB}m"},

@@ -33,7 +33,6 @@ from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
     NOT_FOUND,
     docker_call,
-    ensure_network,
     labels,
 )
 from streamsvc.sandbox.docker.deps_inventory import (
@@ -43,6 +42,7 @@ from streamsvc.sandbox.docker.deps_inventory import (
     disk_usage,
     requirements,
 )
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.host_lock import host_lock
 from streamsvc.sandbox.docker.installer import Installer
 from streamsvc.settings import SandboxSettings
@@ -75,10 +75,13 @@ class DependencyCache:
         docker: aiodocker.Docker,
         settings: SandboxSettings,
         owner: str,
+        bridge: BridgeIsolation | None = None,
     ) -> None:
         self._docker = docker
         self._settings = settings
         self._owner = owner
+        #: Installs use the bridge: refused while its isolation is not in place.
+        self.bridge = bridge or BridgeIsolation(docker, settings.network)
         self._locks: dict[str, anyio.Lock] = {}
         self._installing: dict[str, _Install] = {}
         self._sets: dict[str, CachedSet] = {}
@@ -301,7 +304,7 @@ class DependencyCache:
         created: anyio.Event | None = None,
     ) -> CachedSet:
         requirements = [dep.requirement for dep in dependencies]
-        await ensure_network(self._docker)  # the install step, unlike the run, may need network
+        await self.bridge.ensure()  # the install step, unlike the run, may need network
         volume_labels = {
             **labels(self._owner, "deps"),
             LABEL_DEPS: json.dumps(requirements),

@@ -25,6 +25,7 @@ from streamsvc.sandbox.docker.api import ENGINE_ERRORS, docker_call, owner_label
 from streamsvc.sandbox.docker.config import PoolKey
 from streamsvc.sandbox.docker.containers import Containers
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.runs import ColdStart, Start, WarmStart, execute
 from streamsvc.sandbox.docker.warm import WarmMaker, WarmSandbox, watch
 from streamsvc.sandbox.types import RunSpec, SandboxEvent, Status
@@ -51,9 +52,12 @@ class DockerSandbox:
             settings.queue_size,
             max_wait=settings.queue_timeout_seconds,
         )
-        self.deps = DependencyCache(docker, settings, self._owner)
+        self.bridge = BridgeIsolation(docker, settings.network)
+        self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
         self.containers = Containers(docker, self._owner, self.deps)
-        self.warm = WarmMaker(docker, settings, self._owner, self.deps, self.containers)
+        self.warm = WarmMaker(
+            docker, settings, self._owner, self.deps, self.containers, self.bridge
+        )
         self.pool: WarmPool[PoolKey, WarmSandbox] = WarmPool(
             settings.warm_pool_size,
             settings.warm_pool_keys,
@@ -87,6 +91,8 @@ class DockerSandbox:
         try:
             await self._prepare()
             await self.remove_leftovers()
+            if self._settings.allow_bridge and await self.bridge.current() != "protected":
+                log.warning("bridge runs refused: %s", self.bridge.reason)
         except SandboxError as exc:
             log.warning("sandbox not ready at start-up: %s", exc.message)
 
@@ -110,6 +116,11 @@ class DockerSandbox:
                     await self._prepare()
         except (*ENGINE_ERRORS, TimeoutError, SandboxError):
             return {"state": "unavailable", "image": self._settings.image}
+        bridge = {"state": "disabled"}
+        if self._settings.allow_bridge:
+            with contextlib.suppress(SandboxError):  # the engine was just there
+                await self.bridge.current()
+            bridge = self.bridge.report()
         return {
             "state": "ready",
             "image": self._settings.image,
@@ -117,6 +128,7 @@ class DockerSandbox:
             "queued": len(self.admission.queue),
             "warm": self.pool.stats(),
             "deps": self.deps.stats(),
+            "bridge": bridge,
         }
 
     async def aclose(self) -> None:
@@ -140,6 +152,8 @@ class DockerSandbox:
             await self._prepare()
         if self.containers.unremoved:
             await self.remove_leftovers()
+        if spec.network == "bridge":
+            await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():

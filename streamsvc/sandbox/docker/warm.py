@@ -21,11 +21,11 @@ from streamsvc.sandbox.docker.api import (
     ENGINE_ERRORS,
     create_container,
     docker_call,
-    ensure_network,
 )
 from streamsvc.sandbox.docker.config import PoolKey
 from streamsvc.sandbox.docker.containers import Containers
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.warm_protocol import RUNNER, ReadyReport, frame, ready_report
 from streamsvc.settings import SandboxSettings
 
@@ -73,8 +73,10 @@ class WarmMaker:
         owner: str,
         deps: DependencyCache,
         containers: Containers,
+        bridge: BridgeIsolation,
     ) -> None:
         self._docker = docker
+        self._bridge = bridge
         self._settings = settings
         self._owner = owner
         self._deps = deps
@@ -104,7 +106,7 @@ class WarmMaker:
             # Removed since it was checked (Docker would make an empty one in its place).
             raise SandboxUnavailable("the dependency set was removed meanwhile; try again")
         if key.network == "bridge":
-            await ensure_network(self._docker)
+            await self._bridge.ensure()
         config = sandbox_config.warm_config(self._settings, self._owner, key, names, role)
         container = await create_container(self._docker, config)
         self._containers.adopt(container, volume)
