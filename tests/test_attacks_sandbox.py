@@ -21,13 +21,17 @@ import anyio
 import httpx
 import pytest
 
+from streamsvc.connectors.dependencies import Dependency
 from streamsvc.sandbox.docker import config
+from streamsvc.sandbox.docker import installer as installer_module
+from streamsvc.sandbox.docker.deps_cache import DependencyCache
 from streamsvc.sandbox.docker.installer import Installer
 from streamsvc.settings import load_settings
 from tests.harness import (
     ServerProcess,
     body,
     docker,
+    eventually,
     execute,
     inspect,
     owner,
@@ -35,7 +39,7 @@ from tests.harness import (
     sse_events,
     wait_until,
 )
-from tests.test_deps_cache import own_image  # noqa: F401 (a fixture)
+from tests.test_deps_cache import image_id, own_image  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.docker
 
@@ -96,42 +100,43 @@ async def test_an_install_container_has_the_limits_of_a_run() -> None:
 
 
 async def test_requesters_that_leave_do_not_leave_installs_running(
-    start_server: Callable[..., ServerProcess],
-    client: httpx.AsyncClient,
     own_image: str,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Six requests for six new sets hang up once installing: at most the install slots
-    run at once, /health counts them, and none runs on after its requester left."""
-    server = start_server(
-        STREAMSVC_SANDBOX_IMAGE=own_image,
-        STREAMSVC_MAX_CONCURRENT_RUNS="2",
-        STREAMSVC_INSTALL_TIMEOUT_SECONDS="120",
-    )
-    filters = ["--filter", f"label=streamsvc.owner={owner(server)}"]
+    """Six requests for six new sets whose install never ends (a sleeping install
+    container), then all six leave: at most the install slots ran at once, the cache's
+    stats (what /health shows) counted them, and every install was stopped."""
+    monkeypatch.setattr(installer_module, "_INSTALL_SCRIPT", "sleep 120")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "STREAMSVC_"))}
+    env |= {"STREAMSVC_SANDBOX_IMAGE": own_image, "STREAMSVC_MAX_CONCURRENT_RUNS": "2"}
+    settings = load_settings(env, None).sandbox
+    me = f"test-leave-{uuid.uuid4().hex[:12]}"
+    filters = ["--filter", f"label=streamsvc.owner={me}"]
     filters += ["--filter", "label=streamsvc.deps.action=install"]
 
     def installs() -> int:
         return len(docker("ps", "-q", *filters).split())
 
-    most = 0
-    versions = ["1.26.0", "1.26.1", "1.26.2", "1.26.3", "1.26.4", "1.25.2"]
-    for version in versions:
-        payload = body("print(1)", dependencies=[f"numpy=={version}"], timeout_ms=1000)
-        with anyio.fail_after(60):
-            async for event, data in sse_events(client, server, payload):
-                if event == "status" and data["phase"] == "installing_dependencies":
-                    break  # hang up while it installs
-        health = (await client.get(server.url + "/health")).json()
-        deps = health["components"]["sandbox"]["deps"]
-        assert deps["install_slots"] == 2
-        assert deps["installing"] <= 2
-        most = max(most, installs())
-    assert most <= 2
-    # Nobody waits for any of them: all stopped, their containers removed.
-    wait_until(lambda: installs() == 0, 20)
-    health = (await client.get(server.url + "/health")).json()
-    assert health["components"]["sandbox"]["deps"]["installing"] == 0
-    assert health["components"]["sandbox"]["running"] == 0
+    async with aiodocker.Docker() as engine, anyio.create_task_group() as tasks:
+        cache = DependencyCache(engine, settings, me)
+        cache.use_image(image_id(own_image))
+        cache.start(tasks)
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as requesters:
+                for minor in range(6):
+                    requesters.start_soon(
+                        cache.ensure, (Dependency("idna", specifier=f"==3.{minor}"),)
+                    )
+                await eventually(lambda: installs() >= 2, 60)
+                await anyio.sleep(2)  # time for more to start, were they unbounded
+                assert installs() == 2
+                stats = cache.stats()
+                assert (stats["installing"], stats["install_queued"]) == (2, 4), stats
+                requesters.cancel_scope.cancel()  # every requester leaves
+            assert installs() == 0  # stopped, their containers removed
+            assert (cache.stats()["installing"], cache.stats()["install_queued"]) == (0, 0)
+        tasks.cancel_scope.cancel()
+    wait_until(lambda: not docker("ps", "-aq", "--filter", f"label=streamsvc.owner={me}"), 20)
 
 
 # -- Low 10: secrets of a cold run -------------------------------------------------------
