@@ -118,8 +118,8 @@ class DockerSandbox:
             return {"state": "unavailable", "image": self._settings.image}
         bridge = {"state": "disabled"}
         if self._settings.allow_bridge:
-            with contextlib.suppress(SandboxError):  # the engine was just there
-                await self.bridge.current()
+            with contextlib.suppress(SandboxError), anyio.move_on_after(2):
+                await self.bridge.current()  # cached for a few seconds
             bridge = self.bridge.report()
         return {
             "state": "ready",

@@ -160,8 +160,8 @@ def _inherited_nonce() -> str:
 def _write_files(files: dict[str, str]) -> None:
     """Write ``files`` under /work as the cold copy leaves them.
 
-    The cold copy (``copytree`` of the read-only bundle) leaves files 0644,
-    directories 0555 and /work itself 0755.
+    Files 0644, directories 0555 and /work itself 0755 (as the earlier cold
+    copy of a read-only bundle left them).
     """
     directories = set()
     for name, text in files.items():
