@@ -1,4 +1,4 @@
-"""The boundary to the Docker engine: bounded calls, translated errors, archives.
+"""The boundary to the Docker engine: bounded calls, translated errors, labels.
 
 Every aiodocker call goes through ``docker_call``, which bounds it in time and
 turns Docker and aiohttp errors into ``SandboxUnavailable`` (503) when the
@@ -14,10 +14,8 @@ process's leftovers from a live peer's.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
-import tarfile
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -183,25 +181,3 @@ async def remove_container(container: DockerContainer) -> bool:
         except ENGINE_ERRORS:
             return False
     return False
-
-
-def tar_bytes(files: dict[str, bytes], mode: int = 0o444) -> bytes:
-    """A tar archive of ``files``, owned by root and read-only to everyone else."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        directories: set[str] = set()
-        for name, data in sorted(files.items()):
-            parts = name.split("/")[:-1]
-            for depth in range(1, len(parts) + 1):
-                directory = "/".join(parts[:depth])
-                if directory not in directories:
-                    directories.add(directory)
-                    info = tarfile.TarInfo(directory)
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o555
-                    archive.addfile(info)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = mode
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
