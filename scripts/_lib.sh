@@ -428,34 +428,46 @@ ensure_browser() {
 # ---------------------------------------------------------------- all
 
 # Bridge sandboxes reach the internet, never this host nor private networks (cloud
-# metadata, databases, whatever listens on 0.0.0.0 here). The service's network is
-# made here if missing (the service only ever reuses it, so its subnet stays put),
-# then DOCKER-USER drops its traffic to private ranges (DNS to the host's resolvers
-# excepted) and INPUT drops the connections it opens to the host itself. Needs root and iptables;
-# without them a warning points to the README ("Bridge networking"). Exports
-# STREAMSVC_SANDBOX_FIREWALL=on|off for the test that checks it.
+# metadata, databases, whatever listens on 0.0.0.0 here) nor the host's own LAN. The
+# service's network ($STREAMSVC_SANDBOX_NETWORK, default streamsvc-sandbox) is made
+# here if missing, IPv4 only (the rules are IPv4), then DOCKER-USER drops its traffic
+# to private ranges and to the subnets of this host's interfaces (DNS to the host's
+# resolvers excepted) and INPUT drops the connections it opens to the host itself.
+# The service checks these rules and refuses bridge runs without them. Needs root and
+# iptables; without them a warning points to the README ("Bridge networking").
+# Exports STREAMSVC_SANDBOX_FIREWALL=on|off for the test that checks it.
 ensure_sandbox_firewall() {
-    local t0 subnet range ns proto
+    local t0 subnet range ns proto network=${STREAMSVC_SANDBOX_NETWORK:-streamsvc-sandbox}
     t0=$(_now_ms)
     export STREAMSVC_SANDBOX_FIREWALL=off
     # A root shell without /usr/sbin on its PATH still has it there.
     _IPTABLES=$(command -v iptables || command -v /usr/sbin/iptables || command -v /sbin/iptables) ||
         _IPTABLES=""
-    docker network inspect streamsvc-sandbox >/dev/null 2>&1 ||
-        docker network create --label streamsvc.managed=true \
-            -o com.docker.network.bridge.enable_icc=false streamsvc-sandbox >/dev/null ||
-        docker network inspect streamsvc-sandbox >/dev/null 2>&1 || # a peer made it meanwhile
-        _die "cannot create the sandbox network streamsvc-sandbox"
-    subnet=$(docker network inspect streamsvc-sandbox -f '{{(index .IPAM.Config 0).Subnet}}')
+    docker network inspect "$network" >/dev/null 2>&1 ||
+        docker network create --label streamsvc.managed=true --ipv6=false \
+            -o com.docker.network.bridge.enable_icc=false "$network" >/dev/null ||
+        docker network inspect "$network" >/dev/null 2>&1 || # a peer made it meanwhile
+        _die "cannot create the sandbox network $network"
+    subnet=$(docker network inspect "$network" -f '{{(index .IPAM.Config 0).Subnet}}')
+    if [[ $(docker network inspect "$network" -f '{{.EnableIPv6}}') == true ]]; then
+        _step firewall "$t0" "NOT applied: $network has IPv6, which these rules do not cover;\
+ recreate it IPv4-only (docker network rm $network)"
+        return 0
+    fi
     if ((EUID != 0)) || [[ -z $_IPTABLES ]] ||
         ! "$_IPTABLES" -w -n -L DOCKER-USER >/dev/null 2>&1; then
         _step firewall "$t0" "NOT applied (needs root, iptables and Docker's DOCKER-USER chain):\
- bridge sandboxes ($subnet) can reach this host; see README, Bridge networking"
+ the service refuses bridge sandboxes ($subnet); see README, Bridge networking"
         return 0
     fi
     for range in 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 169.254.0.0/16 100.64.0.0/10; do
         _iptables_once DOCKER-USER -s "$subnet" -d "$range" -j DROP
     done
+    # The host's own LANs (a public or unusual subnet is not in the ranges above).
+    while read -r range; do
+        [[ $range == "$subnet" || $range == 127.* ]] && continue
+        _iptables_once DOCKER-USER -s "$subnet" -d "$range" -j DROP
+    done < <(ip -o -4 route list proto kernel scope link 2>/dev/null | awk '{print $1}')
     while read -r ns; do
         for proto in udp tcp; do # inserted after the drops, so matched before them
             _iptables_once DOCKER-USER -s "$subnet" -d "$ns" -p "$proto" --dport 53 -j ACCEPT
@@ -464,7 +476,7 @@ ensure_sandbox_firewall() {
     # New connections only: the host may still dial a sandbox (its replies are ESTABLISHED).
     _iptables_once INPUT -s "$subnet" -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP
     export STREAMSVC_SANDBOX_FIREWALL=on
-    _step firewall "$t0" "bridge sandboxes ($subnet) reach neither this host nor private networks"
+    _step firewall "$t0" "bridge sandboxes ($subnet) reach neither this host, its LAN nor private networks"
 }
 
 # _iptables_once CHAIN RULE...: insert the rule at the top of CHAIN unless it is there.

@@ -228,6 +228,13 @@ class EngineRefused(SandboxFailed):
         self.engine_status = engine_status
 
 
+class BridgeUnprotected(SandboxError):
+    """Bridge networking while the sandbox network's firewall rules are not all in place."""
+
+    status = 503
+    code = "bridge_unprotected"
+
+
 class DependencyInstallFailed(SandboxError):
     status = 400
     code = "dependency_install_failed"

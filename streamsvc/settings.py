@@ -131,6 +131,8 @@ class SandboxSettings(msgspec.Struct, frozen=True):
     docker_host: str | None = None
     image: str = "streamsvc-sandbox:latest"
     allow_bridge: bool = True
+    #: The bridge network of ``network_mode: bridge`` runs and of installs (firewalled).
+    network: str = "streamsvc-sandbox"
     max_timeout_ms: Positive = 300_000
     min_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 32
     max_memory_mb: Positive = 2048
@@ -207,6 +209,7 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "DOCKER_HOST": ("sandbox", "docker_host"),
     "STREAMSVC_SANDBOX_IMAGE": ("sandbox", "image"),
     "STREAMSVC_ALLOW_BRIDGE": ("sandbox", "allow_bridge"),
+    "STREAMSVC_SANDBOX_NETWORK": ("sandbox", "network"),
     "STREAMSVC_MAX_TIMEOUT_MS": ("sandbox", "max_timeout_ms"),
     "STREAMSVC_MIN_MEMORY_MB": ("sandbox", "min_memory_mb"),
     "STREAMSVC_MAX_MEMORY_MB": ("sandbox", "max_memory_mb"),

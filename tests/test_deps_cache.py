@@ -390,12 +390,12 @@ async def test_removing_a_set_from_an_engine_that_breaks_is_a_quiet_false() -> N
         os.rmdir(folder)
 
 
-async def test_a_later_request_joins_an_install_whose_first_requester_left(
+async def test_an_install_whose_requester_left_stops_and_the_next_request_installs_afresh(
     own_image: str,
 ) -> None:
-    """A client that disconnects mid-install leaves the install running; the next request
-    for the set waits for it, instead of taking the half-written volume for broken (and
-    failing to remove it: the install container still mounts it)."""
+    """A client that disconnects mid-install stops the install (nobody waits for it: issue
+    12, Medium 5); the next request for the set takes the half-written volume for broken,
+    removes it (no install container mounts it any more) and installs it again."""
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
     }
@@ -421,7 +421,9 @@ async def test_a_later_request_joins_an_install_whose_first_requester_left(
                 while not installing():  # noqa: ASYNC110 - the install container runs, in the engine
                     await anyio.sleep(0.05)
                 first.cancel_scope.cancel()  # when the first requester goes away
-            assert cache.installs == 0  # still installing
+            assert cache.installs == 0
+            assert not installing()  # stopped, its container removed
+            assert cache.stats()["installing"] == 0
             volume = await cache.ensure(dependencies)
         cache.release(volume)
         assert cache.installs == 1
@@ -432,5 +434,6 @@ async def test_a_later_request_joins_an_install_whose_first_requester_left(
         "--filter", f"label=streamsvc.owner={me}",
         "--format", '{{index .Actor.Attributes "streamsvc.deps.action"}}',
     ).split()  # fmt: skip
-    assert sorted(helpers) == ["install", "python"]  # one install, joined; no check of it
+    # the stopped install, the check that finds its volume incomplete, the new install
+    assert sorted(helpers) == ["check", "install", "install", "python"]
     assert docker("ps", "-aq", "--filter", f"label=streamsvc.owner={me}").split() == []

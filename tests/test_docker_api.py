@@ -6,7 +6,7 @@ import pytest
 
 from streamsvc.errors import EngineRefused, SandboxError, SandboxFailed
 from streamsvc.sandbox.docker import config
-from streamsvc.sandbox.docker.api import NETWORK_NAME, connect, docker_call, ping
+from streamsvc.sandbox.docker.api import connect, docker_call, ping
 from streamsvc.settings import load_settings
 
 
@@ -69,7 +69,7 @@ def test_helper_containers_get_the_one_hardening_with_their_own_limits() -> None
     for key in ("ReadonlyRootfs", "CapDrop", "SecurityOpt", "LogConfig", "Init"):
         assert install["HostConfig"][key] == check["HostConfig"][key] == run["HostConfig"][key]
     assert install["User"] == check["User"] == run["User"]
-    assert install["HostConfig"]["NetworkMode"] == NETWORK_NAME  # only an install
+    assert install["HostConfig"]["NetworkMode"] == settings.network  # only an install
     assert check["HostConfig"]["NetworkMode"] == "none"
     assert install["HostConfig"]["Mounts"][0]["ReadOnly"] is False
     assert check["HostConfig"]["Mounts"][0]["ReadOnly"] is True

@@ -259,6 +259,16 @@ def plan(request: ExecuteRequest, settings: SandboxSettings, max_body_bytes: int
     problems += _env_problems(request.env)
     dependencies, dependency_problems = parse_dependencies(core.runtime.dependencies)
     problems += dependency_problems
+    if dependencies and not settings.allow_bridge:
+        # An install needs the package index; with no bridge allowed it has no network.
+        problems.append(
+            Problem(
+                "install_network_not_allowed",
+                "connector.runtime.dependencies",
+                "installing dependencies needs network_mode 'bridge', which is disabled"
+                " on this server (STREAMSVC_ALLOW_BRIDGE)",
+            )
+        )
     too_deep = _depth_problems(request)
     if too_deep:  # merging and scanning recurse: report what is known and stop
         raise _rejection(problems + too_deep, [], [])

@@ -1,4 +1,4 @@
-"""The boundary to the Docker engine: bounded calls, translated errors, labels, archives.
+"""The boundary to the Docker engine: bounded calls, translated errors, labels.
 
 The rule: every aiodocker call goes through ``docker_call`` (bounded; ``SandboxUnavailable``
 or ``EngineRefused`` with ``engine_status``). Kill and remove are bounded and shielded; labels
@@ -8,10 +8,8 @@ carry the owner (``host:pid``) so leftovers of dead processes can be told apart.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
-import tarfile
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -25,7 +23,6 @@ from streamsvc.errors import EngineRefused, EngineUnreachable, SandboxError
 T = TypeVar("T")
 
 SANDBOX_UID = 10001
-NETWORK_NAME = "streamsvc-sandbox"
 LABEL_MANAGED = "streamsvc.managed"
 LABEL_OWNER = "streamsvc.owner"
 LABEL_ROLE = "streamsvc.role"
@@ -104,24 +101,31 @@ async def ping(docker: aiodocker.Docker) -> None:
     await docker_call("answer a ping", call(), limit=5)
 
 
-async def ensure_network(docker: aiodocker.Docker) -> None:
-    """The service's own bridge network: sandboxes reach out, never each other (no ICC)."""
+async def ensure_network(docker: aiodocker.Docker, name: str) -> bool:
+    """The service's own bridge network: sandboxes reach out, never each other (no ICC).
+
+    IPv4 only (the firewall covers IPv4). True when this call created it: it
+    then has none of the firewall rules yet.
+    """
     try:
-        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
-        return
+        await docker_call("inspect the sandbox network", docker.networks.get(name))
+        return False
     except EngineRefused as exc:
         if exc.engine_status != NOT_FOUND:
             raise
     config = {
-        "Name": NETWORK_NAME,
+        "Name": name,
         "Driver": "bridge",
+        "EnableIPv6": False,
         "Labels": {LABEL_MANAGED: "true"},
         "Options": {"com.docker.network.bridge.enable_icc": "false"},
     }
     try:
         await docker_call("create the sandbox network", docker.networks.create(config))
     except SandboxError:  # a peer may have created it first
-        await docker_call("inspect the sandbox network", docker.networks.get(NETWORK_NAME))
+        await docker_call("inspect the sandbox network", docker.networks.get(name))
+        return False
+    return True
 
 
 async def list_managed(docker: aiodocker.Docker) -> list[DockerContainer]:
@@ -171,25 +175,3 @@ async def remove_container(container: DockerContainer) -> bool:
         except ENGINE_ERRORS:
             return False
     return False
-
-
-def tar_bytes(files: dict[str, bytes], mode: int = 0o444) -> bytes:
-    """A tar archive of ``files``, owned by root and read-only to everyone else."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        directories: set[str] = set()
-        for name, data in sorted(files.items()):
-            parts = name.split("/")[:-1]
-            for depth in range(1, len(parts) + 1):
-                directory = "/".join(parts[:depth])
-                if directory not in directories:
-                    directories.add(directory)
-                    info = tarfile.TarInfo(directory)
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o555
-                    archive.addfile(info)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = mode
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()

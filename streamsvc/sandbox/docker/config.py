@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from streamsvc.sandbox.docker.api import NETWORK_NAME, SANDBOX_UID, labels
+from streamsvc.sandbox.docker.api import SANDBOX_UID, labels
 from streamsvc.sandbox.runner.runner import BOOTSTRAP
 from streamsvc.sandbox.types import NetworkMode, RunSpec
 from streamsvc.settings import SandboxSettings
@@ -20,8 +20,10 @@ NOFILE_LIMIT = 256
 #: On helper containers: ``install``, ``check`` (adopting a volume) or ``python`` (the probe).
 LABEL_ACTION = "streamsvc.deps.action"
 #: A dependency helper's limits: an install (pip, uv, compiling) needs more than a run.
+#: Memory = memory+swap (no swap), the run's CPU quota, these pids, nofile, fsize.
 HELPER_MEMORY_MB = 1024
-HELPER_PIDS_LIMIT = 512
+HELPER_PIDS_LIMIT = 256
+HELPER_NOFILE_LIMIT = 1024
 HELPER_TMPFS_MB = 1024
 
 
@@ -34,28 +36,17 @@ class PoolKey(msgspec.Struct, frozen=True):
     memory_mb: int
 
 
-def cold_config(
-    settings: SandboxSettings, owner: str, spec: RunSpec, deps_volume: str | None
-) -> dict[str, Any]:
-    """The engine's create request for a cold run: the request's env, files by archive."""
-    mounts: list[dict[str, Any]] = [{"Type": "volume", "Target": "/bundle"}]
-    return hardened(
-        settings,
-        owner,
-        network=spec.network,
-        memory_mb=spec.memory_mb,
-        deps_volume=deps_volume,
-        env=run_env(spec, deps_volume),
-        cmd=["python3", "/bundle/.streamsvc/runner.py"],
-        mounts=mounts,
-        role="run",
-    )
-
-
 def warm_config(
-    settings: SandboxSettings, owner: str, key: PoolKey, preload: list[str] | None = None
+    settings: SandboxSettings,
+    owner: str,
+    key: PoolKey,
+    preload: list[str] | None = None,
+    role: str = "warm",
 ) -> dict[str, Any]:
-    """The engine's create request for a warm sandbox: nothing of any request in it."""
+    """The engine's create request for a sandbox: nothing of any request in it.
+
+    ``role`` ``warm``: made ahead for the pool; ``run``: made for one cold run.
+    """
     env = {**fixed_env(key.deps_volume), "STREAMSVC_DELIVERY": "stdin"}
     if preload:
         env["STREAMSVC_PRELOAD"] = ",".join(preload)
@@ -68,7 +59,7 @@ def warm_config(
         env=env,
         cmd=["python3", "-c", BOOTSTRAP],
         mounts=[],
-        role="warm",
+        role=role,
     )
     # stdin stays open for the delivery; closed when the server lets go of it
     config |= {"AttachStdin": True, "OpenStdin": True, "StdinOnce": True}
@@ -130,7 +121,7 @@ def hardened(
         labels(owner, role),
         cmd=cmd,
         env=env,
-        network_mode="none" if network == "none" else NETWORK_NAME,
+        network_mode="none" if network == "none" else settings.network,
         memory=memory,
         pids_limit=s.pids_limit,
         tmpfs={"/work": tmpfs, "/tmp": tmpfs},
@@ -167,7 +158,9 @@ def helper_config(
 ) -> dict[str, Any]:
     """A dependency helper (``install``, ``check``, ``python``): ``locked_down``, looser limits.
 
-    Only an install (``writable``) gets the network and a writable ``/opt/deps``.
+    Limited like a run: memory with no swap, the run's CPU quota, a pids limit,
+    nofile and fsize ulimits. Only an install (``writable``) gets the service's
+    bridge (never the host's default network) and a writable ``/opt/deps``.
     """
     mounts: list[dict[str, Any]] = []
     if volume is not None:
@@ -179,12 +172,22 @@ def helper_config(
         {**labels(owner, "deps"), LABEL_ACTION: action},
         cmd=cmd,
         env=env,
-        network_mode=NETWORK_NAME if writable else "none",
+        network_mode=settings.network if writable else "none",
         memory=HELPER_MEMORY_MB * 1024 * 1024,
         pids_limit=HELPER_PIDS_LIMIT,
         tmpfs={"/tmp": f"rw,nosuid,nodev,size={HELPER_TMPFS_MB}m"},
         mounts=mounts,
     )
+    memory = HELPER_MEMORY_MB * 1024 * 1024
+    file_bytes = HELPER_TMPFS_MB * 1024 * 1024
+    config["HostConfig"] |= {
+        "MemorySwap": memory,  # memory + swap: no swap at all
+        "NanoCpus": int(settings.cpus * 1e9),
+        "Ulimits": [
+            {"Name": "nofile", "Soft": HELPER_NOFILE_LIMIT, "Hard": HELPER_NOFILE_LIMIT},
+            {"Name": "fsize", "Soft": file_bytes, "Hard": file_bytes},
+        ],
+    }
     config |= {"AttachStdin": stdin, "OpenStdin": stdin, "StdinOnce": stdin}
     return config
 

@@ -31,7 +31,6 @@ from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
     NOT_FOUND,
     docker_call,
-    ensure_network,
     labels,
 )
 from streamsvc.sandbox.docker.deps_inventory import (
@@ -41,6 +40,7 @@ from streamsvc.sandbox.docker.deps_inventory import (
     disk_usage,
     requirements,
 )
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.host_lock import host_lock
 from streamsvc.sandbox.docker.installer import Installer
 from streamsvc.settings import SandboxSettings
@@ -62,6 +62,9 @@ class _Install(msgspec.Struct):
 
     answered: anyio.Event = msgspec.field(default_factory=anyio.Event)
     result: CachedSet | Exception | None = None
+    #: Requests waiting for it: when the last one leaves, the job is cancelled.
+    waiters: int = 0
+    scope: anyio.CancelScope = msgspec.field(default_factory=anyio.CancelScope)
 
 
 class DependencyCache:
@@ -70,10 +73,13 @@ class DependencyCache:
         docker: aiodocker.Docker,
         settings: SandboxSettings,
         owner: str,
+        bridge: BridgeIsolation | None = None,
     ) -> None:
         self._docker = docker
         self._settings = settings
         self._owner = owner
+        #: Installs use the bridge: refused while its isolation is not in place.
+        self.bridge = bridge or BridgeIsolation(docker, settings.network)
         self._locks: dict[str, anyio.Lock] = {}
         self._installing: dict[str, _Install] = {}
         self._sets: dict[str, CachedSet] = {}
@@ -118,6 +124,9 @@ class DependencyCache:
             "size_kb": sum(entry.size_kb for entry in self._sets.values()),
             "cap_mb": self._settings.deps_cache_mb,
             "installs": self.installs,
+            "installing": self.installer.running,
+            "install_queued": self.installer.queued,
+            "install_slots": self.installer.slots,
         }
 
     def start(self, tasks: TaskGroup) -> None:
@@ -200,7 +209,8 @@ class DependencyCache:
         """The set, adopted or installed by the one job in flight for its volume.
 
         Without one, this request starts it: in the background tasks once
-        ``start`` gave them, so it outlives a caller that goes away.
+        ``start`` gave them, so every request for the set may wait for it; when
+        the last of them goes away, the job (and its install container) is stopped.
         """
         job = self._installing.get(name)
         if job is None:
@@ -210,12 +220,19 @@ class DependencyCache:
                 await self._adopt_or_install(*args)
             else:
                 self._tasks.start_soon(self._adopt_or_install, *args)
+        job.waiters += 1
         try:
             # The host lock, then the install.
             with anyio.fail_after(2 * self.installer.answer_wait() + 60):
                 await job.answered.wait()
         except TimeoutError as exc:
             raise SandboxUnavailable("the dependency install did not finish in time") from exc
+        finally:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.answered.is_set():
+                job.scope.cancel()  # nobody waits for it any more: stop it, its container gone
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2 * CLEANUP_TIMEOUT):
+                    await job.answered.wait()
         if isinstance(job.result, Exception):
             raise job.result
         assert job.result is not None
@@ -230,12 +247,13 @@ class DependencyCache:
         created: anyio.Event | None,
     ) -> None:
         try:
-            async with host_lock(name, self.installer.answer_wait()):
-                entry = await self._adopt(name, dependencies) or await self._install(
-                    name, dependencies, python, created
-                )
-            self._sets[name] = entry
-            job.result = entry
+            with job.scope:
+                async with host_lock(name, self.installer.answer_wait()):
+                    entry = await self._adopt(name, dependencies) or await self._install(
+                        name, dependencies, python, created
+                    )
+                self._sets[name] = entry
+                job.result = entry
         except Exception as exc:  # every waiter raises it
             job.result = exc
         finally:
@@ -284,7 +302,7 @@ class DependencyCache:
         created: anyio.Event | None = None,
     ) -> CachedSet:
         requirements = [dep.requirement for dep in dependencies]
-        await ensure_network(self._docker)  # the install step, unlike the run, may need network
+        await self.bridge.ensure()  # the install step, unlike the run, may need network
         volume_labels = {
             **labels(self._owner, "deps"),
             LABEL_DEPS: json.dumps(requirements),

@@ -6,16 +6,22 @@ The rule: each is made through ``config.helper_config`` (the one hardening), run
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiodocker
 import anyio
 from anyio.abc import TaskGroup
 
 from streamsvc.errors import SandboxFailed, SandboxUnavailable
-from streamsvc.sandbox.docker.api import create_container, docker_call, remove_container
+from streamsvc.sandbox.docker.api import (
+    CLEANUP_TIMEOUT,
+    create_container,
+    docker_call,
+    remove_container,
+)
 from streamsvc.sandbox.docker.config import helper_config
 from streamsvc.settings import SandboxSettings
 
@@ -59,13 +65,27 @@ Finished = Callable[[str, int], Awaitable[None]]
 
 
 class Installer:
-    """Runs the helper containers; removes them in the background once ``start`` gave tasks."""
+    """Runs the helper containers; removes them in the background once ``start`` gave tasks.
+
+    At most ``max_concurrent_runs`` install containers run at once (the others
+    queue for a slot); ``running`` and ``queued`` are what ``/health`` reports.
+    """
 
     def __init__(self, docker: aiodocker.Docker, settings: SandboxSettings, owner: str) -> None:
         self._docker = docker
         self._settings = settings
         self._owner = owner
         self._tasks: TaskGroup | None = None
+        self._slots = anyio.CapacityLimiter(settings.max_concurrent_runs)
+        self.queued = 0
+
+    @property
+    def running(self) -> int:
+        return int(self._slots.borrowed_tokens)
+
+    @property
+    def slots(self) -> int:
+        return int(self._slots.total_tokens)
 
     def start(self, tasks: TaskGroup) -> None:
         self._tasks = tasks
@@ -104,11 +124,15 @@ class Installer:
         command = ["sh", "-c", _INSTALL_SCRIPT, "install", str(len(ca_bytes)), done]
         cmd, stdin = [*command, *requirements], ca_bytes or None
         if self._tasks is None:
-            return await self.one_shot(
-                volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True, action="install"
-            )
+            async with self._slot():
+                return await self.one_shot(
+                    volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True,
+                    action="install",
+                )  # fmt: skip
         answers: list[tuple[str, int] | Exception] = []
         answered = anyio.Event()
+        scope = anyio.CancelScope()  # cancelled when the caller leaves before the answer
+        ended = anyio.Event()
 
         def answer(found: tuple[str, int] | Exception) -> None:
             if not answered.is_set():
@@ -117,10 +141,18 @@ class Installer:
 
         async def whole() -> None:
             try:
-                output, code = await self.one_shot(
-                    volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True,
-                    action="install", early=answer,
-                )  # fmt: skip
+                with scope:
+                    await attempt()
+            finally:
+                ended.set()
+
+        async def attempt() -> None:
+            try:
+                async with self._slot():
+                    output, code = await self.one_shot(
+                        volume, cmd, _INSTALL_ENV, stdin=stdin, done=done, writable=True,
+                        action="install", early=answer,
+                    )  # fmt: skip
                 if answered.is_set():  # answered early: this is the end, after the compiling
                     await finished(output, code)
             except Exception as exc:
@@ -135,11 +167,34 @@ class Installer:
             with anyio.fail_after(self.answer_wait()):
                 await answered.wait()
         except TimeoutError as exc:
+            scope.cancel()
             raise SandboxUnavailable("the dependency install did not answer in time") from exc
+        except BaseException:
+            if not answered.is_set():
+                scope.cancel()  # nobody waits for this install any more: stop it
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT):
+                    await ended.wait()  # its container removed: the volume is free again
+            raise
         found = answers[0]
         if isinstance(found, Exception):
             raise found
         return found
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the install slots, waited for at most ``answer_wait`` seconds."""
+        self.queued += 1
+        try:
+            with anyio.fail_after(self.answer_wait()):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise SandboxUnavailable("no dependency install slot came free in time") from exc
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def one_shot(
         self,

@@ -1,7 +1,7 @@
 """One run loop over a sandbox: start, stream the output, report the end.
 
-``ColdStart`` creates a container with the request in it; ``WarmStart`` delivers to a
-started one. The rule: limits are reported, never silent (a watchdog enforces them).
+``ColdStart`` makes a sandbox for the request, ``WarmStart`` takes a started one; both send
+the run over stdin (never in the config). The rule: limits are reported, never silent.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
-import aiodocker
 import anyio
 import anyio.lowlevel
 from aiodocker.containers import DockerContainer
@@ -19,15 +18,11 @@ from aiodocker.stream import Message, Stream
 from anyio.abc import TaskGroup
 
 from streamsvc.errors import EngineUnreachable
-from streamsvc.sandbox.docker import config as sandbox_config
 from streamsvc.sandbox.docker.api import (
     CLEANUP_TIMEOUT,
     ENGINE_ERRORS,
-    create_container,
     docker_call,
-    ensure_network,
     kill_container,
-    tar_bytes,
 )
 from streamsvc.sandbox.docker.config import PoolKey, run_env
 from streamsvc.sandbox.docker.containers import Containers
@@ -35,7 +30,6 @@ from streamsvc.sandbox.docker.warm import WarmMaker, WarmSandbox
 from streamsvc.sandbox.docker.warm_protocol import (
     STREAMS,
     EndLines,
-    bundle_files,
     delivery,
     frame,
     new_nonce,
@@ -98,52 +92,40 @@ async def execute(
 
 
 class ColdStart:
-    """A container made for this request: its env in the config, its files by archive."""
+    """A sandbox made for this request, no pool: the run goes over stdin as for a warm one.
 
-    nonce = None
+    The runner restarts in a fresh interpreter with the request's env, so what
+    Python reads at start-up applies, while neither the env nor the files are
+    ever in the container's config or on the host's disk.
+    """
 
     def __init__(
-        self,
-        docker: aiodocker.Docker,
-        settings: SandboxSettings,
-        owner: str,
-        containers: Containers,
-        spec: RunSpec,
-        deps_volume: str | None,
+        self, maker: WarmMaker, containers: Containers, key: PoolKey, spec: RunSpec
     ) -> None:
-        self._docker = docker
-        self._config = sandbox_config.cold_config(settings, owner, spec, deps_volume)
+        self._maker = maker
         self._containers = containers
+        self._key = key
         self._spec = spec
-        self._deps_volume = deps_volume
-        self._container: DockerContainer | None = None
-        self._stream: Stream | None = None
+        self._warm: WarmSandbox | None = None
+        self.nonce = new_nonce()
 
     async def choose(self) -> str:
-        if self._spec.network == "bridge":
-            await ensure_network(self._docker)
-        container = await create_container(self._docker, self._config)
-        self._containers.adopt(container, self._deps_volume)
-        self._container = container
-        await docker_call("copy the files", container.put_archive("/bundle", _bundle(self._spec)))
-        # Attached before it starts, so nothing is missed.
-        stream = container.attach(stdout=True, stderr=True, logs=False)
-        await docker_call("attach to the sandbox", stream.__aenter__())
-        self._stream = stream
         return "starting the sandbox"
 
     async def ready(self) -> tuple[DockerContainer, Stream]:
-        assert self._container is not None and self._stream is not None
-        return self._container, self._stream
+        self._warm = await self._maker.make(self._key, preload=False, role="run")
+        return self._warm.container, self._warm.stream
 
     async def launch(self, spec: RunSpec, stream: Stream) -> float:
-        assert self._container is not None
-        await docker_call("start the sandbox", self._container.start())
-        return anyio.current_time()
+        env = run_env(spec, self._key.deps_volume)
+        message = frame(delivery(spec, env, self.nonce, fresh=True))
+        started = anyio.current_time()
+        await docker_call("deliver the run", stream.write_in(message))
+        return started
 
     def release(self) -> None:
-        if self._container is not None:
-            self._containers.dispose(self._container, self._stream)
+        if self._warm is not None:
+            self._containers.dispose(self._warm.container, self._warm.stream)
 
 
 class WarmStart:
@@ -331,7 +313,3 @@ async def _exited(run: Run) -> Exited:
 
 def _decoder() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-
-def _bundle(spec: RunSpec) -> bytes:
-    return tar_bytes({name: text.encode() for name, text in bundle_files(spec).items()})

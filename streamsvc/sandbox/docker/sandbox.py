@@ -23,6 +23,7 @@ from streamsvc.sandbox.docker.api import ENGINE_ERRORS, docker_call, owner_label
 from streamsvc.sandbox.docker.config import PoolKey
 from streamsvc.sandbox.docker.containers import Containers
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.runs import ColdStart, Start, WarmStart, execute
 from streamsvc.sandbox.docker.warm import WarmMaker, WarmSandbox, watch
 from streamsvc.sandbox.types import RunSpec, SandboxEvent, Status
@@ -51,9 +52,12 @@ class DockerSandbox:
             settings.queue_size,
             max_wait=settings.queue_timeout_seconds,
         )
-        self.deps = DependencyCache(docker, settings, self._owner)
+        self.bridge = BridgeIsolation(docker, settings.network)
+        self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
         self.containers = Containers(docker, self._owner, self.deps)
-        self.warm = WarmMaker(docker, settings, self._owner, self.deps, self.containers)
+        self.warm = WarmMaker(
+            docker, settings, self._owner, self.deps, self.containers, self.bridge
+        )
         self.pool: WarmPool[PoolKey, WarmSandbox] = WarmPool(
             settings.warm_pool_size,
             settings.warm_pool_keys,
@@ -91,6 +95,8 @@ class DockerSandbox:
         try:
             await self._prepare()
             await self.remove_leftovers()
+            if self._settings.allow_bridge and await self.bridge.current() != "protected":
+                log.warning("bridge runs refused: %s", self.bridge.reason)
         except SandboxError as exc:
             log.warning("sandbox not ready at start-up: %s", exc.message)
 
@@ -119,6 +125,11 @@ class DockerSandbox:
             self._tasks.start_soon(self._look_at_engine)
         if not self._engine_ok:
             return {"state": "unavailable", "image": self._settings.image}
+        bridge = {"state": "disabled"}
+        if self._settings.allow_bridge:
+            with contextlib.suppress(SandboxError), anyio.move_on_after(2):
+                await self.bridge.current()  # cached for a few seconds
+            bridge = self.bridge.report()
         return {
             "state": "ready",
             "image": self._settings.image,
@@ -126,6 +137,7 @@ class DockerSandbox:
             "queued": len(self.admission.queue),
             "warm": self.pool.stats(),
             "deps": self.deps.stats(),
+            "bridge": bridge,
         }
 
     async def _look_at_engine(self) -> None:
@@ -171,6 +183,8 @@ class DockerSandbox:
             await self._prepare()
         if self.containers.unremoved:
             await self.remove_leftovers()
+        if spec.network == "bridge":
+            await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():
@@ -199,9 +213,9 @@ class DockerSandbox:
         """Warm when the pool is on and the request allows it, else cold."""
         key = self.pool_key(spec, deps_volume)
         if key is None:
-            return ColdStart(
-                self._docker, self._settings, self._owner, self.containers, spec, deps_volume
-            )
+            image = self.image_id or self._settings.image
+            cold = PoolKey(image, spec.network, deps_volume, spec.memory_mb)
+            return ColdStart(self.warm, self.containers, cold, spec)
         return WarmStart(self.warm, self.pool, self.containers, key, spec.env, early)
 
     def _running_tasks(self) -> TaskGroup:

@@ -20,11 +20,11 @@ from streamsvc.sandbox.docker.api import (
     ENGINE_ERRORS,
     create_container,
     docker_call,
-    ensure_network,
 )
 from streamsvc.sandbox.docker.config import PoolKey
 from streamsvc.sandbox.docker.containers import Containers
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
+from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.warm_protocol import RUNNER, ReadyReport, frame, ready_report
 from streamsvc.settings import SandboxSettings
 
@@ -72,8 +72,10 @@ class WarmMaker:
         owner: str,
         deps: DependencyCache,
         containers: Containers,
+        bridge: BridgeIsolation,
     ) -> None:
         self._docker = docker
+        self._bridge = bridge
         self._settings = settings
         self._owner = owner
         self._deps = deps
@@ -88,11 +90,12 @@ class WarmMaker:
     def stop_preloading(self, volume: str) -> None:
         self._no_preload.add(volume)
 
-    async def make(self, key: PoolKey, preload: bool = True) -> WarmSandbox:
+    async def make(self, key: PoolKey, preload: bool = True, role: str = "warm") -> WarmSandbox:
         """Create, attach and start a sandbox for ``key``; return once its runner waits.
 
         With ``preload``, a sandbox with dependencies imports them first (when
         that is clean; a set whose import is not is never preloaded again).
+        ``role`` ``run``: made for one cold run, not for the pool.
         """
         volume = key.deps_volume
         names = self._set_names.get(volume) if preload and volume is not None else None
@@ -102,8 +105,8 @@ class WarmMaker:
             # Removed since it was checked (Docker would make an empty one in its place).
             raise SandboxUnavailable("the dependency set was removed meanwhile; try again")
         if key.network == "bridge":
-            await ensure_network(self._docker)
-        config = sandbox_config.warm_config(self._settings, self._owner, key, names)
+            await self._bridge.ensure()
+        config = sandbox_config.warm_config(self._settings, self._owner, key, names, role)
         container = await create_container(self._docker, config)
         self._containers.adopt(container, volume)
         stream = container.attach(stdin=True, stdout=True, stderr=True, logs=False)
@@ -123,7 +126,7 @@ class WarmMaker:
             log.info("not preloading %s: %s", self._set_names.get(volume), report.refused)
             self._no_preload.add(volume)
             await self.discard(WarmSandbox(container, stream, key, None))
-            return await self.make(key, preload=False)
+            return await self.make(key, preload=False, role=role)
         reads = frozenset(report.env) if report.modules else None
         return WarmSandbox(container, stream, key, reads)
 

@@ -40,9 +40,14 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def delivery(spec: RunSpec, env: dict[str, str], nonce: str) -> bytes:
-    """The run for a waiting runner (send it with ``frame``)."""
-    return json.dumps({"files": bundle_files(spec), "env": env, "nonce": nonce}).encode()
+def delivery(spec: RunSpec, env: dict[str, str], nonce: str, fresh: bool = False) -> bytes:
+    """The run for a waiting runner (send it with ``frame``).
+
+    ``fresh``: the runner starts itself again in a new interpreter with ``env``
+    (a cold run: what Python reads only at start-up applies).
+    """
+    run = {"files": bundle_files(spec), "env": env, "nonce": nonce, "fresh": fresh}
+    return json.dumps(run).encode()
 
 
 class ReadyReport(msgspec.Struct):

@@ -1,8 +1,8 @@
 """The program that starts a connector inside its container (standard library only).
 
-It runs under tini, gets the files cold (archive) or warm (stdin), forks the entry point and
-supervises it. The rule: it imports nothing of streamsvc. Its full specification is in
-docs/architecture.md ("Module notes", ``sandbox/runner/runner.py``).
+It runs under tini, gets every run (cold or warm) as one delivery on stdin, forks the entry
+point and supervises it. The rule: it imports nothing of streamsvc. Its full specification is
+in docs/architecture.md ("Module notes", ``sandbox/runner/runner.py``).
 """
 
 import asyncio
@@ -17,14 +17,12 @@ import os
 import re
 import runpy
 import select
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-BUNDLE = "/bundle"
 WORK = "/work"
 DEPS = "/opt/deps"
 PIDS_MARKER = "streamsvc: the process limit was reached (a fork or thread creation failed)\n"
@@ -42,7 +40,9 @@ _POLL_SECONDS = 0.05
 
 def main() -> int:
     nonce = None
-    if os.environ.pop("STREAMSVC_DELIVERY", None) == "stdin":
+    if os.environ.pop("STREAMSVC_DELIVERY", None) == "restarted":
+        nonce = _inherited_nonce()
+    else:  # "stdin": wait for the run
         ready = _preload(os.environ.pop("STREAMSVC_PRELOAD", ""))
         os.write(1, READY_MARKER + json.dumps(ready).encode() + b"\n")
         if "refused" in ready:
@@ -50,8 +50,6 @@ def main() -> int:
         nonce = _receive()
         if nonce is None:
             return 0  # the server closed stdin without a run: discarded unused
-    else:
-        shutil.copytree(BUNDLE, WORK, dirs_exist_ok=True, copy_function=shutil.copyfile)
     os.chdir(WORK)
     # The runner's own objects never need collecting in the child: freezing them
     # keeps the child's collections (and its exit, ~20 ms -> ~10 ms) off their pages.
@@ -84,17 +82,42 @@ def _receive() -> str | None:
     os.close(null)
     _write_files(delivery["files"])
     os.environ.update(delivery["env"])
+    nonce: str = delivery["nonce"]
+    if delivery.get("fresh"):
+        _restart(nonce)
     time.tzset()  # a TZ from env applies as it would at start-up
     importlib.invalidate_caches()  # /opt/deps may have been filled since start-up
-    nonce: str = delivery["nonce"]
     return nonce
+
+
+def _restart(nonce: str) -> NoReturn:
+    """Run this file again in a new interpreter that starts with the delivered env.
+
+    For a run whose env sets what Python reads only at start-up (``PYTHON*``,
+    ``LANG``, ``LC_*``): the env still never is in the container's config.
+    The nonce goes over an inherited pipe, never in the environment.
+    """
+    read, write = os.pipe()
+    os.write(write, nonce.encode())
+    os.close(write)
+    os.set_inheritable(read, True)
+    env = {**os.environ, "STREAMSVC_DELIVERY": "restarted", "STREAMSVC_NONCE_FD": str(read)}
+    runner = os.path.join(WORK, ".streamsvc", "runner.py")
+    os.execve(sys.executable, [sys.executable, runner], env)  # noqa: S606 (no shell wanted)
+
+
+def _inherited_nonce() -> str:
+    """The nonce ``_restart`` left on its pipe."""
+    fd = int(os.environ.pop("STREAMSVC_NONCE_FD"))
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read().decode()
 
 
 def _write_files(files: dict[str, str]) -> None:
     """Write ``files`` under /work as the cold copy leaves them.
 
-    The cold copy (``copytree`` of the read-only bundle) leaves files 0644,
-    directories 0555 and /work itself 0755.
+    Files 0644, directories 0555 and /work itself 0755 (as the earlier cold
+    copy of a read-only bundle left them).
     """
     directories = set()
     for name, text in files.items():
