@@ -100,9 +100,16 @@ async def test_a_client_that_hangs_up_has_its_container_removed_within_2_s(
                     if name == "stdout" and data["text"] == "started\n":
                         break
         else:
-            with anyio.move_on_after(1.5):  # the program is asleep by then
+
+            async def start_run() -> None:
                 await client.post(server.url + "/execute-connector", json=body(SLEEPER))
-            assert sandboxes(server), "the run had not started"
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(start_run)
+                # The run has a container (then the program is soon asleep): hang up.
+                await eventually(lambda: bool(sandboxes(server)), limit=20)
+                await anyio.sleep(0.5)
+                tg.cancel_scope.cancel()
     hung_up = time.monotonic()
     wait_until(lambda: not sandboxes(server), timeout=10)
     assert time.monotonic() - hung_up < 2.0
