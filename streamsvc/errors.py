@@ -33,6 +33,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
         │   └── EngineUnreachable     503  the engine did not answer, or was lost mid-run
         ├── SandboxFailed             500  sandbox_failed: the sandbox broke
         │   └── EngineRefused         500  the engine answered an error (its ``engine_status``)
+        ├── BridgeUnprotected         503  bridge_unprotected: the bridge's firewall rules missing
         └── DependencyInstallFailed   400  dependency_install_failed
 
 ``code=`` and ``status=`` on an instance are for facts that arrive as data: a

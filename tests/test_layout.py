@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,45 @@ def test_readme_layout_matches_the_package_tree() -> None:
         children = {e for e in entries if e.endswith("/") and f"{folder}/{e[:-1]}" in actual}
         # A sub-package has its own row; the row of its parent need not name it again.
         assert listed[folder] | children == entries, folder
+
+
+#: A duration figure: "50 ms", "~0.3 s", "about 20 s". The figures live in docs/benchmarks.md.
+DURATION = re.compile(
+    r"\b\d+(\.\d+)?\s*(ms|µs|us)\b"  # 50 ms, 1.5 µs
+    r"|(~|\babout )\s*\d+(\.\d+)?\s*(s|seconds)\b"  # ~0.3 s, about 20 s
+)
+
+
+def prose(path: Path) -> list[tuple[int, str]]:
+    """Every comment and docstring of ``path``, with the line it starts on."""
+    source = path.read_text()
+    found = [
+        (token.start[0], token.string)
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    ]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            docstring = ast.get_docstring(node, clean=False)
+            if docstring is not None:
+                found.append((node.body[0].lineno, docstring))
+    return found
+
+
+def test_the_duration_check_sees_comments_and_docstrings(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        '"""Fast (~0.3 s)."""\n\n\n'
+        'def f() -> None:\n    """Costs 5 ms."""\n    x = "50 ms"  # about 20 s\n'
+    )
+    assert sorted(line for line, text in prose(sample) if DURATION.search(text)) == [1, 5, 6]
+
+
+def test_no_benchmark_figures_in_comments_or_docstrings() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {found.group(0)}"
+        for path in modules().values()
+        for line, text in prose(path)
+        if (found := DURATION.search(text))
+    ]
+    assert offenders == [], "figures belong in docs/benchmarks.md"

@@ -92,7 +92,7 @@ async def docker_call(what: str, call: Awaitable[T], limit: float = API_TIMEOUT)
 
 
 async def ping(docker: aiodocker.Docker) -> None:
-    """``GET /_ping``: the cheapest proof that the engine answers (``/version`` costs ~5 ms)."""
+    """``GET /_ping``: the cheapest proof that the engine answers (``/version`` costs more)."""
 
     async def call() -> None:
         async with docker._query("_ping", versioned_api=False):

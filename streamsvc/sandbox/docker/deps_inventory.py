@@ -22,7 +22,7 @@ LABEL_DEPS = "streamsvc.deps"
 LABEL_IMAGE = "streamsvc.deps.image"
 LABEL_PYTHON = "streamsvc.deps.python"
 
-_DF_ATTEMPTS = 20  # about 20 s in all
+_DF_ATTEMPTS = 20  # each wait longer than the last
 #: How the engine refuses a second disk-usage report while one is computed: a
 #: plain error (500, Docker 20.10) or a conflict (409).
 _DF_BUSY = frozenset({409, 500})

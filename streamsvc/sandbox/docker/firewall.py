@@ -1,9 +1,8 @@
 """Whether the sandbox bridge network is isolated: the host's firewall rules, checked.
 
-``scripts/_lib.sh`` (``ensure_sandbox_firewall``) drops the network's traffic to
-private ranges and the host's own LAN (``DOCKER-USER``) and new connections to
-the host (``INPUT``). ``BridgeIsolation`` reads the rules for the network's
-actual subnet; until they are all there, bridge runs and installs are refused.
+``scripts/_lib.sh`` (``ensure_sandbox_firewall``) drops the network's traffic to private
+ranges and the host's LAN (``DOCKER-USER``) and new connections to the host (``INPUT``).
+The rule: until ``BridgeIsolation`` finds them all, bridge runs and installs are refused.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ class Installer:
 
         ``stdin`` is written to its standard input. When ``done`` is given, a
         stdout line starting with it ends the wait at once (exit code 0): Docker
-        takes ~50 ms more to report the container stopped. With ``early``, that
+        takes longer to report the container stopped. With ``early``, that
         line is handed to ``early`` instead (what follows it, exit code 0) and
         the container is read on to its end (its whole output is returned).
         """

@@ -226,7 +226,7 @@ class DockerSandbox:
         """The set's volume; when it must be installed first, also a sandbox made meanwhile.
 
         A new set's install (network, seconds) and the making of the sandbox that
-        will run it (~0.3 s) overlap: the sandbox mounts the volume as soon as it
+        will run it (a container start) overlap: the sandbox mounts the volume as soon as it
         exists and imports nothing from it before the delivery.
         """
         names = [dep.name for dep in spec.dependencies]

@@ -52,7 +52,7 @@ def main() -> int:
             return 0  # the server closed stdin without a run: discarded unused
     os.chdir(WORK)
     # The runner's own objects never need collecting in the child: freezing them
-    # keeps the child's collections (and its exit, ~20 ms -> ~10 ms) off their pages.
+    # keeps the child's collections (and its exit) off their pages.
     gc.freeze()
     child = os.fork()
     if child == 0:
@@ -284,9 +284,9 @@ def _finish(code: int, by_signal: int = 0) -> NoReturn:
 
     The interpreter's exit waits for non-daemon threads, runs ``atexit``
     handlers, flushes open files and the standard streams (exit status 120 if
-    that fails), then takes every module apart. That last part costs 10-20 ms
-    here in a process forked from the runner (each object it touches is a
-    copy-on-write page fault) and shows nothing, so it is skipped: the
+    that fails), then takes every module apart. That last part is slow in a
+    process forked from the runner (each object it touches is a copy-on-write
+    page fault) and shows nothing, so it is skipped: the
     process ends with ``os._exit``. What is lost is only what a ``__del__``
     would have printed during the teardown.
     """
