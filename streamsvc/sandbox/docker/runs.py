@@ -91,6 +91,16 @@ async def execute(
         start.release()
 
 
+async def _deliver(
+    stream: Stream, spec: RunSpec, key: PoolKey, nonce: str, *, fresh: bool
+) -> float:
+    """Write the run to the runner waiting on stdin; the wall clock starts now."""
+    message = frame(delivery(spec, run_env(spec, key.deps_volume), nonce, fresh=fresh))
+    started = anyio.current_time()
+    await docker_call("deliver the run", stream.write_in(message))
+    return started
+
+
 class ColdStart:
     """A sandbox made for this request, no pool: the run goes over stdin as for a warm one.
 
@@ -117,11 +127,8 @@ class ColdStart:
         return self._warm.container, self._warm.stream
 
     async def launch(self, spec: RunSpec, stream: Stream) -> float:
-        env = run_env(spec, self._key.deps_volume)
-        message = frame(delivery(spec, env, self.nonce, fresh=True))
-        started = anyio.current_time()
-        await docker_call("deliver the run", stream.write_in(message))
-        return started
+        """Send the run; the runner restarts in a fresh interpreter with its env first."""
+        return await _deliver(stream, spec, self._key, self.nonce, fresh=True)
 
     def release(self) -> None:
         if self._warm is not None:
@@ -167,11 +174,8 @@ class WarmStart:
         return self._warm.container, self._warm.stream
 
     async def launch(self, spec: RunSpec, stream: Stream) -> float:
-        """Send the run to the waiting runner; the wall clock starts now."""
-        message = frame(delivery(spec, run_env(spec, self._key.deps_volume), self.nonce))
-        started = anyio.current_time()
-        await docker_call("deliver the run", stream.write_in(message))
-        return started
+        """Send the run to the waiting runner, whose interpreter may have preloaded the set."""
+        return await _deliver(stream, spec, self._key, self.nonce, fresh=False)
 
     def release(self) -> None:
         if self._warm is not None:
