@@ -154,7 +154,15 @@ class Server:
         conn = conn or self.conn
         data = json.dumps(body).encode()
         started = time.perf_counter()
-        conn.request("POST", "/execute-connector", data, {"content-type": "application/json"})
+        try:
+            conn.request("POST", "/execute-connector", data, {"content-type": "application/json"})
+        except (BrokenPipeError, ConnectionResetError):
+            # The server closed the idle keep-alive connection (a step in between,
+            # such as plain pip, outlasted its keep-alive timeout): the request was
+            # not sent; send it again on a new connection, timed from now.
+            conn.close()
+            started = time.perf_counter()
+            conn.request("POST", "/execute-connector", data, {"content-type": "application/json"})
         response = conn.getresponse()
         answer = json.loads(response.read())
         elapsed = time.perf_counter() - started
