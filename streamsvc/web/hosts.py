@@ -1,8 +1,8 @@
 """The Host/Origin gate: a pure-ASGI middleware against DNS rebinding and cross-site calls.
 
-``Host`` must be allowed (loopback, the bind address, ``STREAMSVC_ALLOWED_HOSTS``), else 421
-``host_not_allowed``; an ``Origin`` must be the same origin or in ``STREAMSVC_CORS_ORIGINS``,
-else 403 ``origin_not_allowed``. Both before any other work, the body unread.
+``Host`` must be well formed (a port all digits) and allowed (loopback, the bind address,
+``STREAMSVC_ALLOWED_HOSTS``), else 421; an ``Origin`` the same origin or in
+``STREAMSVC_CORS_ORIGINS``, else 403. Both before any other work, the body unread.
 """
 
 from __future__ import annotations
