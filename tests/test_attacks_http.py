@@ -184,6 +184,45 @@ def test_bodies_in_flight_have_a_budget(start_server: Callable[..., ServerProces
         assert response.status_code == 422, response.text
 
 
+def chunked(server: ServerProcess, size: int) -> bytes:
+    """A request with no Content-Length and one chunk of ``size`` bytes, never ended."""
+    return (
+        f"POST /chat HTTP/1.1\r\nhost: 127.0.0.1:{server.port}\r\n"
+        f"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{size:x}\r\n"
+    ).encode() + b" " * size
+
+
+def test_chunked_bodies_are_counted_as_they_arrive(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Without a declared length the bytes are reserved as they come: the third goes past."""
+    server = start_server(
+        STREAMSVC_MAX_BODY_BYTES=str(MiB),
+        STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT=str(2 * MiB),
+        STREAMSVC_BODY_TIMEOUT_SECONDS=str(BUDGET_BODY_TIMEOUT),
+    )
+    slow = [connect(server) for _ in range(2)]
+    try:
+        for sock in slow:
+            sock.sendall(chunked(server, MiB - 65536))
+        time.sleep(0.3)  # the server has read them
+        with connect(server) as third:
+            started = time.monotonic()
+            send_some(third, chunked(server, MiB // 4))
+            raw = answer_of(third)
+        assert time.monotonic() - started < BUDGET_BODY_TIMEOUT / 2
+        assert error_of(raw) == (429, "busy")
+        assert all(error_of(read_all(sock)) == (408, "body_timeout") for sock in slow)
+    finally:
+        for sock in slow:
+            sock.close()
+    with connect(server) as fourth:  # the budget is whole again
+        body = b'{"messages": []}'
+        sock_data = chunked(server, len(body))[: -len(body)] + body + b"\r\n0\r\n\r\n"
+        fourth.sendall(sock_data)
+        assert fourth.recv(65536).startswith(b"HTTP/1.1 422 ")
+
+
 # ---- Medium 7: cross-site requests and DNS rebinding ----------------------------------------
 
 
