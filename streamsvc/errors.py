@@ -18,6 +18,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── UnsupportedMediaType          415  unsupported_media_type: a POST that is not JSON
     ├── MisdirectedRequest            421  host_not_allowed: a Host header not allowed
     ├── Busy                          429  busy (with retry_after)
+    │   └── BodiesBusy                429  busy: request bodies in flight at their budget
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
     │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
@@ -152,6 +153,10 @@ class MisdirectedRequest(ServiceError):
 class Busy(ServiceError):
     status = 429
     code = "busy"
+
+
+class BodiesBusy(Busy):
+    """The body would take the bytes in flight past their budget; it is left unread."""
 
 
 class UpstreamError(ServiceError):

@@ -54,6 +54,9 @@ class ServerSettings(msgspec.Struct, frozen=True):
     #: Names a request's ``Host`` may carry besides loopback and ``host``; ``*`` for any.
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: Positive = 4 * 1024 * 1024
+    #: Request-body bytes all requests of this worker may hold at once while they arrive;
+    #: a body that would exceed it is refused with ``busy`` (429) before more of it is read.
+    max_body_bytes_in_flight: Positive = 64 * 1024 * 1024
     #: Longest time a request body may take to arrive, whole.
     body_timeout_seconds: Seconds = 30.0
     #: Longest wait for a client to take one piece of an answer; past it, it is dropped.
@@ -198,6 +201,7 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_CORS_ORIGINS": ("server", "cors_origins"),
     "STREAMSVC_ALLOWED_HOSTS": ("server", "allowed_hosts"),
     "STREAMSVC_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT": ("server", "max_body_bytes_in_flight"),
     "STREAMSVC_BODY_TIMEOUT_SECONDS": ("server", "body_timeout_seconds"),
     "STREAMSVC_SEND_TIMEOUT_SECONDS": ("server", "send_timeout_seconds"),
     "STREAMSVC_KEEPALIVE_SECONDS": ("server", "keepalive_seconds"),
@@ -344,6 +348,11 @@ def _check(settings: Settings) -> None:
     if sandbox.min_memory_mb > sandbox.max_memory_mb:
         raise SettingsError(
             "invalid setting STREAMSVC_MIN_MEMORY_MB: larger than STREAMSVC_MAX_MEMORY_MB"
+        )
+    if server.max_body_bytes_in_flight < server.max_body_bytes:
+        raise SettingsError(
+            "invalid setting STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT: smaller than"
+            " STREAMSVC_MAX_BODY_BYTES"
         )
     if sandbox.ca_bundle is not None and not Path(sandbox.ca_bundle).is_file():
         raise SettingsError(

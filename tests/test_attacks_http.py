@@ -1,12 +1,14 @@
 """Attacks on the HTTP side (issue 12: High 3, Medium 6 and 7, Low 11), against a real server.
 
-Clients that never read, bodies sent slowly, cross-site and DNS-rebinding requests,
+Clients that never read, bodies sent slowly or many at once, cross-site, DNS-rebinding and
+malformed-Host requests,
 forged log lines and hang-ups mid-body, each over real sockets. Each test fails
 without its guard (send timeout, body deadline, Host/Origin/JSON checks, escaping).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -33,6 +35,8 @@ def guarded(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
         STREAMSVC_SEND_TIMEOUT_SECONDS=str(SEND_TIMEOUT),
         STREAMSVC_ALLOWED_HOSTS="api.example.com",
         STREAMSVC_CORS_ORIGINS="https://app.example.com",
+        # Room for test_slow_bodies_do_not_stay_in_memory's 20 bodies of 4 MiB at once.
+        STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT=str(24 * 4 * MiB),
     )
     process = ServerProcess(env)
     yield process
@@ -116,6 +120,109 @@ def test_slow_bodies_do_not_stay_in_memory(guarded: ServerProcess) -> None:
     assert guarded.rss() - after_first < 20 * MiB, (after_first, guarded.rss())
 
 
+BUDGET = 3 * 4 * MiB  # three bodies of the default cap
+
+
+def send_some(sock: socket.socket, data: bytes, within: float = 0.2) -> None:
+    """Send what the server reads of ``data`` within ``within`` seconds, the rest never."""
+    sock.settimeout(within)
+    # TimeoutError: the server stopped reading; the others: it answered and closed.
+    with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
+    sock.settimeout(15)
+
+
+def answer_of(sock: socket.socket) -> bytes:
+    """What the server answered before closing, even if it reset the connection after."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:  # closed with our bytes unread: its answer came first
+        pass
+    return data
+
+
+BUDGET_BODY_TIMEOUT = 4.0
+
+
+def test_bodies_in_flight_have_a_budget(start_server: Callable[..., ServerProcess]) -> None:
+    """Three slow bodies take the budget; 30 more are refused after their headers."""
+    server = start_server(
+        STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT=str(BUDGET),
+        STREAMSVC_BODY_TIMEOUT_SECONDS=str(BUDGET_BODY_TIMEOUT),
+    )
+    with httpx.Client(timeout=10) as http:
+        timed_health(http, server.url)  # the connection is open before measuring
+        before = server.rss()
+        slow = [connect(server) for _ in range(3)]
+        extra = [connect(server) for _ in range(30)]
+        try:
+            started = time.monotonic()
+            for sock in slow:
+                sock.sendall(head(server, "/chat", 4 * MiB) + b" " * (4 * MiB - 65536))
+            time.sleep(0.3)  # the server has seen the slow ones' headers
+            for sock in extra:  # as much of the same body as the server takes in 0.2 s
+                send_some(sock, head(server, "/chat", 4 * MiB) + b" " * (4 * MiB - 65536))
+            refused = [answer_of(sock) for sock in extra]  # without a budget: 408s, later
+            refused_within = time.monotonic() - started
+            latency = max(timed_health(http, server.url)[0] for _ in range(5))
+            held = server.rss() - before
+            answers = [read_all(sock) for sock in slow]
+        finally:
+            for sock in slow + extra:
+                sock.close()
+        assert held < BUDGET + 16 * MiB, held  # without a budget: all 33 bodies, 4 MiB each
+        assert all(error_of(raw) == (429, "busy") for raw in refused), refused[0][:300]
+        assert all(b"\r\nretry-after: 1\r\n" in raw.lower() for raw in refused)
+        assert all(b"\r\nconnection: close\r\n" in raw.lower() for raw in refused)
+        assert refused_within < BUDGET_BODY_TIMEOUT / 2
+        assert latency < HEALTH_LIMIT
+        assert all(error_of(raw) == (408, "body_timeout") for raw in answers)
+        # Their bytes given back, a new body is read (and found wrong: past the budget).
+        response = http.post(server.url + "/chat", json={"messages": []})
+        assert response.status_code == 422, response.text
+
+
+def chunked(server: ServerProcess, size: int) -> bytes:
+    """A request with no Content-Length and one chunk of ``size`` bytes, never ended."""
+    return (
+        f"POST /chat HTTP/1.1\r\nhost: 127.0.0.1:{server.port}\r\n"
+        f"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{size:x}\r\n"
+    ).encode() + b" " * size
+
+
+def test_chunked_bodies_are_counted_as_they_arrive(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """Without a declared length the bytes are reserved as they come: the third goes past."""
+    server = start_server(
+        STREAMSVC_MAX_BODY_BYTES=str(MiB),
+        STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT=str(2 * MiB),
+        STREAMSVC_BODY_TIMEOUT_SECONDS=str(BUDGET_BODY_TIMEOUT),
+    )
+    slow = [connect(server) for _ in range(2)]
+    try:
+        for sock in slow:
+            sock.sendall(chunked(server, MiB - 65536))
+        time.sleep(0.3)  # the server has read them
+        with connect(server) as third:
+            started = time.monotonic()
+            send_some(third, chunked(server, MiB // 4))
+            raw = answer_of(third)
+        assert time.monotonic() - started < BUDGET_BODY_TIMEOUT / 2
+        assert error_of(raw) == (429, "busy")
+        assert all(error_of(read_all(sock)) == (408, "body_timeout") for sock in slow)
+    finally:
+        for sock in slow:
+            sock.close()
+    with connect(server) as fourth:  # the budget is whole again
+        body = b'{"messages": []}'
+        sock_data = chunked(server, len(body))[: -len(body)] + body + b"\r\n0\r\n\r\n"
+        fourth.sendall(sock_data)
+        assert fourth.recv(65536).startswith(b"HTTP/1.1 422 ")
+
+
 # ---- Medium 7: cross-site requests and DNS rebinding ----------------------------------------
 
 
@@ -140,6 +247,18 @@ def test_a_foreign_host_is_refused(guarded: ServerProcess, path: str) -> None:
     )
     assert response.status_code == 421
     assert response.json()["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost:evil", "localhost:", "127.0.0.1:80x", "[::1]:evil", "[::1]x", "::1", "localhost:²"],
+)
+def test_a_malformed_host_is_refused(guarded: ServerProcess, host: str) -> None:
+    """A port must be all digits; an IPv6 address must be bracketed."""
+    with connect(guarded) as sock:
+        raw = f"GET /health HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        sock.sendall(raw.encode("latin-1"))
+        assert error_of(read_all(sock)) == (421, "host_not_allowed")
 
 
 @pytest.mark.parametrize(

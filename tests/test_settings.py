@@ -49,6 +49,7 @@ def test_defaults_and_empty_values(tmp_path: Path) -> None:
     assert settings.chat.temperature == 0.7
     assert settings.server.host == "127.0.0.1"
     assert settings.server.port == 8000
+    assert settings.server.max_body_bytes_in_flight == 16 * settings.server.max_body_bytes
     assert settings.chat.azure_api_version == "2024-10-21"
     assert settings.chat.reasoning_models == ("gpt-5", "o1", "o3", "o4")
     assert not settings.chat.configured
@@ -80,6 +81,8 @@ def test_lists_and_chat_configuration() -> None:
         ("AZURE_OPENAI_ENDPOINT", "example.openai.azure.com"),
         ("STREAMSVC_CORS_ORIGINS", "app.example.com"),
         ("STREAMSVC_CORS_ORIGINS", "https://app.example.com/,https://ok.example"),
+        ("STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT", "0"),
+        ("STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT", "1048576"),  # under the 4 MiB body cap
     ],
 )
 def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:

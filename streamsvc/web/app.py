@@ -25,10 +25,17 @@ from streamsvc.chat import openai_compat
 from streamsvc.chat.endpoint import chat_endpoint
 from streamsvc.chat.types import ChatProvider
 from streamsvc.connectors.endpoint import execute_endpoint
-from streamsvc.errors import BodyTimeout, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from streamsvc.errors import (
+    BodiesBusy,
+    BodyTimeout,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
+from streamsvc.web.budget import BodyBudget
 from streamsvc.web.hosts import HostOriginMiddleware, allowed_hosts
 from streamsvc.web.observability import Metrics, ObservabilityMiddleware, printable
 from streamsvc.web.openapi import openapi_endpoint
@@ -44,7 +51,7 @@ CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request
 CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
-_BODY_LEFT_UNREAD = (PayloadTooLarge, BodyTimeout, UnsupportedMediaType)
+_BODY_LEFT_UNREAD = (PayloadTooLarge, BodyTimeout, UnsupportedMediaType, BodiesBusy)
 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
@@ -139,7 +146,8 @@ def create_app(settings: Settings) -> Starlette:
     metrics = Metrics(lambda: streams.active, admission)
     # Without I/O clients until the lifespan opens them (an app served without one, as
     # in-process tests do, still answers, with chat and runs unavailable).
-    base = Services(settings, streams, metrics)
+    bodies = BodyBudget(settings.server.max_body_bytes_in_flight)
+    base = Services(settings, streams, metrics, bodies)
     install(app, base)
     server = settings.server
     app.add_middleware(

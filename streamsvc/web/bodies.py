@@ -1,8 +1,8 @@
-"""Reading request bodies: media type, deadline, size cap, msgspec decoding.
+"""Reading request bodies: media type, deadline, size cap, bytes in flight, msgspec decoding.
 
 415 before a body that is not ``application/json`` is read; 413 before one over the cap is
-all read; 408 ``body_timeout`` past the deadline; 400 ``malformed_json`` with the byte
-position; 422 ``validation_error`` with the JSON path (e.g. ``$.messages[0].role``).
+all read; 429 ``busy`` before one past the worker's budget of bytes in flight is; 408 past
+the deadline; 400 ``malformed_json`` at a byte position; 422 at a JSON path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import msgspec
 from starlette.requests import Request
 
 from streamsvc.errors import (
+    BodiesBusy,
     BodyTimeout,
     MalformedJson,
     PayloadTooLarge,
@@ -23,6 +24,7 @@ from streamsvc.errors import (
     ValidationFailed,
 )
 from streamsvc.settings import ServerSettings
+from streamsvc.web.services import services
 
 T = TypeVar("T")
 
@@ -74,27 +76,47 @@ async def read_body(request: Request, server: ServerSettings) -> bytes:
     """Read the whole JSON body, at most ``max_body_bytes`` within ``body_timeout_seconds``.
 
     Only ``application/json`` is read: a browser page of any site may send other
-    types (``text/plain``) without asking first (no CORS preflight).
+    types (``text/plain``) without asking first (no CORS preflight). Its bytes are
+    reserved in the app's ``BodyBudget`` while they arrive (a declared length up front).
     """
     if not is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("the request body must be application/json")
     limit, timeout = server.max_body_bytes, server.body_timeout_seconds
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    expected = int(declared) if declared is not None and declared.isdigit() else 0
+    if expected > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    budget = services(request).bodies
+    reserved = 0
     chunks: list[bytes] = []
     size = 0
     try:
+        if not budget.reserve(expected):
+            raise _busy(budget.capacity)
+        reserved = expected
         with anyio.fail_after(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                if size > reserved:  # no declared length, or more than declared
+                    if not budget.reserve(size - reserved):
+                        raise _busy(budget.capacity)
+                    reserved = size
                 chunks.append(chunk)
     except TimeoutError:
         chunks.clear()
         raise BodyTimeout(f"the request body did not arrive within {timeout:g} seconds") from None
+    finally:  # read, refused, timed out, abandoned or cancelled: no await, so nothing to shield
+        budget.release(reserved)
     return b"".join(chunks)
+
+
+def _busy(capacity: int) -> BodiesBusy:
+    return BodiesBusy(
+        f"the server is receiving {capacity} bytes of request bodies already; try again",
+        retry_after=1,
+    )
 
 
 def wants_stream(request: Request, stream: bool | None) -> bool:

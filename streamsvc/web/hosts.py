@@ -1,13 +1,14 @@
 """The Host/Origin gate: a pure-ASGI middleware against DNS rebinding and cross-site calls.
 
-``Host`` must be allowed (loopback, the bind address, ``STREAMSVC_ALLOWED_HOSTS``), else 421
-``host_not_allowed``; an ``Origin`` must be the same origin or in ``STREAMSVC_CORS_ORIGINS``,
-else 403 ``origin_not_allowed``. Both before any other work, the body unread.
+``Host`` must be well formed (a port all digits) and allowed (loopback, the bind address,
+``STREAMSVC_ALLOWED_HOSTS``), else 421; an ``Origin`` the same origin or in
+``STREAMSVC_CORS_ORIGINS``, else 403. Both before any other work, the body unread.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -16,6 +17,10 @@ from streamsvc.web.rendering import error_response
 
 #: Always allowed: a loopback-bound server is reached by these.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+#: A ``Host`` header: a bracketed IPv6 literal or a name without ``:``, then an optional
+#: all-digit port (``localhost:evil`` and ``localhost:`` do not match).
+_HOST_HEADER = re.compile(r"(\[[^\[\]]*\]|[^:\[\]]*)(:[0-9]+)?")
 
 
 def host_name(host: str) -> str:
@@ -26,6 +31,14 @@ def host_name(host: str) -> str:
     if host.count(":") == 1:
         host = host.partition(":")[0]
     return host.rstrip(".")
+
+
+def header_host_name(value: str) -> str | None:
+    """The name of a request's ``Host`` header (as ``host_name``); None when malformed."""
+    value = value.strip()
+    if _HOST_HEADER.fullmatch(value) is None:
+        return None
+    return host_name(value)
 
 
 def allowed_hosts(bind_host: str, configured: tuple[str, ...]) -> frozenset[str]:
@@ -69,7 +82,7 @@ class HostOriginMiddleware:
                 origin = value.decode("latin-1")
         if host is None:  # HTTP/1.0 without one: no browser sends that
             host = ""
-        elif not (self.any_host or host_name(host) in self.hosts):
+        elif not (self.any_host or header_host_name(host) in self.hosts):
             return MisdirectedRequest("this server does not answer for that Host")
         if origin is None or self.any_origin:
             return None

@@ -1,6 +1,6 @@
 """The app's services: one typed object on ``app.state``, completed by the lifespan.
 
-``Services`` holds the settings, stream registry, metrics, chat provider and sandbox.
+``Services`` holds the settings, stream registry, metrics, body budget, chat and sandbox.
 The rule: routes reach it only through ``services(request)``, never untyped ``app.state``.
 """
 
@@ -14,6 +14,7 @@ from starlette.requests import Request
 from streamsvc.chat.types import ChatProvider
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import Settings
+from streamsvc.web.budget import BodyBudget
 from streamsvc.web.observability import Metrics
 from streamsvc.web.sse import StreamRegistry
 
@@ -27,6 +28,8 @@ class Services:
     settings: Settings
     streams: StreamRegistry
     metrics: Metrics
+    #: The request-body bytes this worker holds while they arrive (``web.bodies``).
+    bodies: BodyBudget
     chat: ChatProvider | None = None
     sandbox: Sandbox | None = None
 
