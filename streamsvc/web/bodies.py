@@ -77,32 +77,28 @@ async def read_body(request: Request, server: ServerSettings) -> bytes:
 
     Only ``application/json`` is read: a browser page of any site may send other
     types (``text/plain``) without asking first (no CORS preflight). Its bytes are
-    reserved in the app's ``BodyBudget`` while they arrive (a declared length up front).
+    counted in the app's ``BodyBudget`` as they arrive, and given back at the end.
     """
     if not is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("the request body must be application/json")
     limit, timeout = server.max_body_bytes, server.body_timeout_seconds
     declared = request.headers.get("content-length")
-    expected = int(declared) if declared is not None and declared.isdigit() else 0
-    if expected > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     budget = services(request).bodies
     reserved = 0
     chunks: list[bytes] = []
     size = 0
     try:
-        if not budget.reserve(expected):
-            raise _busy(budget.capacity)
-        reserved = expected
         with anyio.fail_after(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                if size > reserved:  # no declared length, or more than declared
-                    if not budget.reserve(size - reserved):
-                        raise _busy(budget.capacity)
-                    reserved = size
+                # Bytes that arrived, not bytes declared: headers alone hold nothing.
+                if not budget.reserve(len(chunk)):
+                    raise _busy(budget.capacity)
+                reserved = size
                 chunks.append(chunk)
     except TimeoutError:
         chunks.clear()

@@ -1,7 +1,7 @@
 """The budget of request-body bytes in flight: what all bodies still arriving may hold at once.
 
 One per app (``Services.bodies``), so one per worker process; ``web.bodies.read_body``
-reserves a body's bytes as they arrive (its declared length up front) and gives them back
+counts a body's bytes as they arrive and gives them back
 when the body is read, refused, timed out or abandoned.
 """
 
