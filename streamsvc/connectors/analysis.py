@@ -1,9 +1,8 @@
 """Static analysis of connector code: the paths and env it needs, and ``{{env:KEY}}`` substitution.
 
-The rule: nothing here executes or imports user code (Python is parsed with ``ast`` up to
-``AST_BUDGET_CHARS`` per request, everything else scanned as text), and each file is parsed
-and walked once for its paths and env keys. What counts as a reference is specified in
-docs/architecture.md ("Module notes", ``connectors/analysis.py``).
+The rule: nothing here executes user code (Python parsed with ``ast`` once per file up to
+``AST_BUDGET_CHARS`` a request, the rest scanned as text). Over 400 lines because the parse,
+its text-scan fallback and substitution share one grammar, in docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations
