@@ -152,7 +152,7 @@ def _walk(tree: ast.AST, paths: set[ConnectorPath] | None, env: set[str] | None)
     for node in ast.walk(tree):
         if not isinstance(node, _CHAIN_NODES):
             continue
-        if env is not None and (key := _environ_key(node)) is not None:
+        if env is not None and isinstance(node, ast.Subscript) and (key := _environ_key(node)):
             env.add(key)
         if paths is None:
             continue

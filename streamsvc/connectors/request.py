@@ -50,7 +50,7 @@ MAX_REFERENCES = 10_000
 MAX_PLACEHOLDERS = 10_000
 #: A body up to this size is planned on the event loop (its worst case costs a few ms of
 #: CPU); a larger one in a worker process, given ``PLAN_TIMEOUT_S`` before it is killed.
-INLINE_PLAN_BYTES = 4 * 1024
+INLINE_PLAN_BYTES = 2 * 1024
 PLAN_TIMEOUT_S = 10.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _RESERVED_ENV = ("STREAMSVC_", "PYTHONPATH", "PYTHONHOME", "LD_")
