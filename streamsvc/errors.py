@@ -10,6 +10,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── RequestError                  400  invalid_request (or a connector problem's code)
     │   ├── MalformedJson             400  malformed_json (with details.position)
     │   ├── TooDeeplyNested           400  too_deeply_nested
+    │   ├── ConnectorTooComplex       400  connector_too_complex: validation ran out of time
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
@@ -113,6 +114,12 @@ class MalformedJson(RequestError):
 
 class TooDeeplyNested(RequestError):
     code = "too_deeply_nested"
+
+
+class ConnectorTooComplex(RequestError):
+    """Validating the connector (its code's analysis) went past its time limit."""
+
+    code = "connector_too_complex"
 
 
 class ValidationFailed(RequestError):

@@ -160,6 +160,81 @@ async def test_analysing_large_code_does_not_hold_the_event_loop(
     assert slowest < HEALTH_LIMIT, slowest
 
 
+def refused_code(lines: int, files: int = 1) -> dict[str, Any]:
+    """A body of dense Python (a node every two bytes) refused for a missing entry
+    point; it names ``connector`` and ``environ``, so no shortcut skips its parse."""
+    code = "# connector, environ\n" + "x[0]\n" * lines
+    return {
+        "connector": {
+            "runtime": {"language": "python", "entryPoint": "nope.py"},
+            "files": {"main.py": "print(1)", **{f"a{i}.py": code for i in range(files)}},
+        }
+    }
+
+
+@pytest.mark.docker
+async def test_many_bodies_just_under_the_old_inline_size_keep_the_loop_free(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    # High 4 reopened (A): a 65 KB body was planned on the event loop, 0.8 s of CPU;
+    # 8 at once held /health 5.4 s.
+    payload = refused_code(10_800)
+    assert 60_000 < len(json.dumps(payload)) <= 64 * 1024
+
+    async def attack() -> list[httpx.Response]:
+        answers: list[httpx.Response] = []
+
+        async def one() -> None:
+            answers.append(await post(client, server, payload))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(one)
+        return answers
+
+    answers, elapsed, slowest = await watching_health(server, attack)
+    assert [a.status_code for a in answers] == [400] * 8, answers[0].text
+    assert {a.json()["error"]["code"] for a in answers} == {"entry_point_not_found"}
+    assert elapsed < 10, elapsed
+    assert slowest < HEALTH_LIMIT, slowest
+
+
+@pytest.mark.docker
+async def test_huge_bodies_cannot_take_all_planning_capacity(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    # High 4 reopened (B): 3 bodies of 4 files x "x[0]\n" * 166000 (3.3 MB) cost
+    # about a minute of CPU each in 2 workers; a valid request queued behind them.
+    huge = refused_code(166_000, files=4)
+    assert 3 * MiB < len(json.dumps(huge)) < 4 * MiB
+    valid = body("print(6 * 7)", files={"pad.py": "# padding\n" * 10_000})
+    refused: list[httpx.Response] = []
+    waited: list[float] = []
+
+    async def attack() -> Any:
+        async def one() -> None:
+            refused.append(await post(client, server, huge))
+
+        async def legit() -> None:
+            await anyio.sleep(0.5)  # the huge bodies are in planning first
+            started = time.perf_counter()
+            answer = await execute(client, server, valid)
+            waited.append(time.perf_counter() - started)
+            assert answer["ok"] is True and answer["result"] == 42, answer
+
+        async with anyio.create_task_group() as group:
+            for _ in range(3):
+                group.start_soon(one)
+            group.start_soon(legit)
+
+    _, elapsed, slowest = await watching_health(server, attack)
+    assert [r.status_code for r in refused] == [400] * 3, refused[0].text
+    assert {r.json()["error"]["code"] for r in refused} == {"entry_point_not_found"}
+    assert waited[0] < 8, waited
+    assert elapsed < 20, elapsed
+    assert slowest < HEALTH_LIMIT, slowest
+
+
 @pytest.mark.docker
 async def test_refused_files_are_not_analysed(
     server: ServerProcess, client: httpx.AsyncClient

@@ -1,8 +1,8 @@
 """Static analysis of connector code: the paths and env it needs, and ``{{env:KEY}}`` substitution.
 
-The rule: nothing here executes or imports user code (Python is parsed with ``ast``, other
-files scanned as text). What counts as a reference is specified in docs/architecture.md
-("Module notes", ``connectors/analysis.py``).
+The rule: nothing here executes user code (Python parsed with ``ast`` once per file up to
+``AST_BUDGET_CHARS`` a request, the rest scanned as text). Over 400 lines because the parse,
+its text-scan fallback and substitution share one grammar, in docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ import copy
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 __all__ = [
+    "AST_BUDGET_CHARS",
     "ENV_PLACEHOLDER",
     "METADATA_KEYS",
+    "Analysis",
     "ConnectorPath",
+    "analyse",
     "connector_paths",
     "deep_merge",
+    "json_env",
     "json_strings",
     "missing_connector_paths",
     "placeholder_growth",
@@ -91,16 +95,83 @@ _ENV_KEY: Final = re.compile(_KEY)
 _MAX_INDEX: Final = 2**63 - 1
 
 
+#: Python source (characters, all files of a request together) parsed with ``ast``. A file
+#: past what is left of it is scanned as text like a file that does not parse, so analysis
+#: stays linear in the body with a small constant; connectors of ordinary size are parsed.
+AST_BUDGET_CHARS: Final = 256 * 1024
+
+
+# ---------------------------------------------------------------- one pass over the files
+
+
+class Analysis(NamedTuple):
+    """What the files reference: connector paths, and the env keys they read."""
+
+    paths: set[ConnectorPath]
+    env: set[str]
+
+
+def analyse(files: Mapping[str, str], ast_budget: int = AST_BUDGET_CHARS) -> Analysis:
+    """The connector paths and env keys of all files, each file parsed and walked
+    at most once (specified in docs/architecture.md)."""
+    paths: set[ConnectorPath] = set()
+    env: set[str] = set()
+    for name, text in files.items():
+        env.update(match["key"] for match in ENV_PLACEHOLDER.finditer(text))
+        env.update(match["name"] or match["quoted"] for match in _PROCESS_ENV.finditer(text))
+        if not _is_python(name):
+            paths |= _scanned_paths(text)
+            continue
+        wants_paths, wants_environ = "connector" in text, "environ" in text
+        if not (wants_paths or wants_environ):
+            continue  # neither a root nor an environ read can occur
+        tree = None
+        if len(text) <= ast_budget:
+            ast_budget -= len(text)
+            tree = _parse_python(text)
+        if tree is not None:
+            _walk(tree, paths if wants_paths else None, env if wants_environ else None)
+            continue
+        if wants_paths:
+            paths |= _scanned_paths(text)
+        if wants_environ:
+            env.update(match["quoted"] for match in _PY_ENVIRON.finditer(text))
+    paths.discard(())
+    return Analysis(paths, env)
+
+
+_CHAIN_NODES: Final = (ast.Attribute, ast.Subscript, ast.Call)
+"""The only node types that can end a non-empty chain or read ``environ``."""
+
+
+def _walk(tree: ast.AST, paths: set[ConnectorPath] | None, env: set[str] | None) -> None:
+    """Add the tree's connector paths (longest of every chain) and environ keys.
+    ``ast.walk`` visits outer nodes first, so the inner links of a chain are
+    known before they are visited and skipped."""
+    skipped: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, _CHAIN_NODES):
+            continue
+        if env is not None and isinstance(node, ast.Subscript) and (key := _environ_key(node)):
+            env.add(key)
+        if paths is None:
+            continue
+        if isinstance(node, ast.Call):
+            skipped.add(node.func)  # a called attribute is a method, not a key
+        if node in skipped:
+            continue
+        path, links = _unwind(node)
+        skipped.update(links)
+        if path is not None:
+            paths.add(path)
+
+
 # ---------------------------------------------------------------- connector paths
 
 
 def connector_paths(files: Mapping[str, str]) -> set[ConnectorPath]:
     """The connector paths the files reference (specified in docs/architecture.md)."""
-    found: set[ConnectorPath] = set()
-    for name, text in files.items():
-        found |= _python_paths(text) if _is_python(name) else _scanned_paths(text)
-    found.discard(())
-    return found
+    return analyse(files).paths
 
 
 def _is_python(filename: str) -> bool:
@@ -117,28 +188,6 @@ def _parse_python(source: str) -> ast.Module | None:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         # CPython's parser raises MemoryError for very deep nesting (``x = ----...1``).
         return None
-
-
-def _python_paths(source: str) -> set[ConnectorPath]:
-    tree = _parse_python(source)
-    return _scanned_paths(source) if tree is None else _tree_paths(tree)
-
-
-def _tree_paths(tree: ast.AST) -> set[ConnectorPath]:
-    """Longest path of every chain. ``ast.walk`` visits outer nodes first, so
-    the inner links of a chain are known before they are visited and skipped."""
-    found: set[ConnectorPath] = set()
-    skipped: set[ast.AST] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            skipped.add(node.func)  # a called attribute is a method, not a key
-        if node in skipped:
-            continue
-        path, links = _unwind(node)
-        skipped.update(links)
-        if path is not None:
-            found.add(path)
-    return found
 
 
 def _unwind(node: ast.AST) -> tuple[ConnectorPath | None, list[ast.AST]]:
@@ -272,15 +321,14 @@ def _not_extended(paths: Iterable[ConnectorPath]) -> list[ConnectorPath]:
 
 def required_env(files: Mapping[str, str], values: Any) -> set[str]:
     """Environment variables the connector needs (specified in docs/architecture.md)."""
-    keys = {
+    return analyse(files).env | json_env(values)
+
+
+def json_env(values: Any) -> set[str]:
+    """The keys of the ``{{env:KEY}}`` placeholders in a JSON value's strings."""
+    return {
         match["key"] for text in json_strings(values) for match in ENV_PLACEHOLDER.finditer(text)
     }
-    for name, text in files.items():
-        keys.update(match["key"] for match in ENV_PLACEHOLDER.finditer(text))
-        keys.update(match["name"] or match["quoted"] for match in _PROCESS_ENV.finditer(text))
-        if _is_python(name):
-            keys |= _python_environ(text)
-    return keys
 
 
 def json_strings(value: Any) -> Iterator[str]:
@@ -294,13 +342,6 @@ def json_strings(value: Any) -> Iterator[str]:
             pending.extend(item.values())
         elif isinstance(item, list | tuple):
             pending.extend(item)
-
-
-def _python_environ(source: str) -> set[str]:
-    tree = _parse_python(source)
-    if tree is None:
-        return {match["quoted"] for match in _PY_ENVIRON.finditer(source)}
-    return {key for node in ast.walk(tree) if (key := _environ_key(node)) is not None}
 
 
 def _environ_key(node: ast.AST) -> str | None:
