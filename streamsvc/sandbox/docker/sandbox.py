@@ -113,23 +113,18 @@ class DockerSandbox:
         return await self.containers.remove_leftovers()
 
     async def health(self) -> dict[str, Any]:
-        """The last look at the engine, refreshed in the background once stale: a probe
-        never waits on an engine that is slow under load (only the very first look does)."""
+        """The last look at the engine and the bridge firewall, refreshed in the background
+        once stale: a probe never waits on an engine or iptables slow under load (only the
+        very first look does)."""
         if self._engine_ok is None or self._tasks is None:
-            await self._look_at_engine()
-        elif (
-            anyio.current_time() - self._engine_seen_at > ENGINE_LOOK_SECONDS
-            and not self._engine_looking
+            await self._look()
+        elif anyio.current_time() - self._engine_seen_at > ENGINE_LOOK_SECONDS and not (
+            self._engine_looking
         ):
             self._engine_looking = True
-            self._tasks.start_soon(self._look_at_engine)
+            self._tasks.start_soon(self._look)
         if not self._engine_ok:
             return {"state": "unavailable", "image": self._settings.image}
-        bridge = {"state": "disabled"}
-        if self._settings.allow_bridge:
-            with contextlib.suppress(SandboxError), anyio.move_on_after(2):
-                await self.bridge.current()  # cached for a few seconds
-            bridge = self.bridge.report()
         return {
             "state": "ready",
             "image": self._settings.image,
@@ -137,10 +132,13 @@ class DockerSandbox:
             "queued": len(self.admission.queue),
             "warm": self.pool.stats(),
             "deps": self.deps.stats(),
-            "bridge": bridge,
+            "bridge": self.bridge.report()
+            if self._settings.allow_bridge
+            else {"state": "disabled"},
         }
 
-    async def _look_at_engine(self) -> None:
+    async def _look(self) -> None:
+        """Look at the engine (and, when it answers, the bridge firewall: cached a few seconds)."""
         try:
             with anyio.fail_after(3):
                 await self._docker.version()
@@ -152,6 +150,9 @@ class DockerSandbox:
         finally:
             self._engine_seen_at = anyio.current_time()
             self._engine_looking = False
+        if self._engine_ok and self._settings.allow_bridge:
+            with contextlib.suppress(SandboxError), anyio.move_on_after(2):
+                await self.bridge.current()
 
     async def aclose(self) -> None:
         """Kill and remove every sandbox (running, warm, finished), stop the tasks, close."""
