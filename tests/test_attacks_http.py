@@ -112,13 +112,28 @@ def slow_bodies(server: ServerProcess, count: int) -> list[bytes]:
 
 
 def test_slow_bodies_do_not_stay_in_memory(guarded: ServerProcess) -> None:
-    """Each round's 76 MiB is let go after its deadline: the next round reuses it."""
+    """Each round's 76 MiB is let go after its deadline: later rounds reuse it.
+
+    A leak keeps a round's bodies: two more rounds would add about 150 MiB. The
+    allocator may keep some of a freed round around (fragmentation), so the test
+    allows half a round of growth, not a fixed few MiB.
+    """
     first = slow_bodies(guarded, 20)
     after_first = guarded.rss()
-    second = slow_bodies(guarded, 20)
-    assert all(error_of(raw)[0] == 408 for raw in first + second)
+    later = slow_bodies(guarded, 20) + slow_bodies(guarded, 20)
+    assert all(error_of(raw)[0] == 408 for raw in first + later)
+    round_bytes = 20 * (4 * MiB - 65536)
     # A handler lets its body go just after its 408 is sent: allow it a moment.
-    wait_until(lambda: guarded.rss() - after_first < 20 * MiB, timeout=5)
+    grown: list[int] = []
+
+    def settled() -> bool:
+        grown.append(guarded.rss() - after_first)
+        return grown[-1] < round_bytes // 2
+
+    try:
+        wait_until(settled, timeout=5)
+    except AssertionError:
+        raise AssertionError(f"RSS grew {grown[-1] / MiB:.0f} MiB over two rounds") from None
 
 
 BUDGET = 3 * 4 * MiB  # three bodies of the default cap
