@@ -1,0 +1,94 @@
+"""The run store protocol: a record and an append-only event log per run.
+
+Backends (memory, SQLite, later a shared one) implement ``RunStore``; endpoints see only this.
+The rule: event ids are per-run integers 1..n, appended once each, in order; secrets never stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+RunKind = Literal["connector", "chat"]
+RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+#: Statuses a run never leaves.
+FINISHED: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What is known about one run; ``result``/``error`` are the final JSON objects."""
+
+    id: str
+    kind: RunKind
+    status: RunStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_event_id: int = 0
+    #: A short stable id of the API key that created the run (None without keys).
+    owner: str | None = None
+    background: bool = False
+    #: The request as stored: ``env`` values dropped.
+    request: dict[str, Any] | None = None
+    result: Any = None
+    error: Any = None
+    #: Which executor ran it (a single process names itself).
+    executor: str | None = None
+
+
+class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One event of a run's log: its id (1..n), SSE name and JSON payload as encoded."""
+
+    id: int
+    name: str
+    data: bytes
+
+
+class RunStore(Protocol):
+    """A run store. Every method is bounded; ``follow`` ends after the terminal event."""
+
+    async def create(self, record: RunRecord) -> None: ...
+
+    async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        """Add events (ids continuing the log); may buffer, but ``follow`` sees them at once."""
+
+    async def finish(
+        self, run_id: str, status: RunStatus, *, result: Any = None, error: Any = None
+    ) -> None:
+        """Mark the run finished (after its terminal event was appended)."""
+
+    async def mark_running(self, run_id: str) -> None: ...
+
+    async def get(self, run_id: str) -> RunRecord | None: ...
+
+    def follow(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
+        """The events after ``after`` from the log, then live ones, ending with the
+        terminal one: no gap, no duplicate. Raises ``EventsExpired`` when pruned."""
+        ...
+
+    async def list(
+        self,
+        *,
+        owner: str | None,
+        kind: RunKind | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        """Newest first, without ``result``; ``before`` is a run id (the page cursor)."""
+        ...
+
+    async def delete(self, run_id: str) -> bool: ...
+
+    async def interrupt_unfinished(self) -> list[str]:
+        """At start-up: runs a dead process left unfinished become ``interrupted``."""
+        ...
+
+    async def prune(self, older_than: float) -> int:
+        """Drop finished runs (and events) created before ``older_than`` (unix seconds)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Flush buffered writes and close."""
