@@ -68,7 +68,7 @@ class RunStore(Protocol):
         terminal one: no gap, no duplicate. Raises ``EventsExpired`` when pruned."""
         ...
 
-    async def list(
+    async def find(
         self,
         *,
         owner: str | None,
