@@ -325,7 +325,10 @@ class Metrics:
         duration: float,
         facts: RequestFacts,
         streamed: bool = False,
+        path: str = "",
     ) -> None:
+        """Count one finished request (``path``: its run kind when no route matched, as
+        for a request the API-key gate refused)."""
         code = str(status)
         self.requests.labels(route, code).inc()
         if error is not None or status >= 400:
@@ -343,7 +346,7 @@ class Metrics:
             self.key_tokens.labels(key, model, "completion").inc(facts.completion_tokens)
         if facts.limited is not None:
             self.rate_limited.labels(key, facts.limited).inc()
-        kind = RUN_KINDS.get(route)
+        kind = RUN_KINDS.get(route) or RUN_KINDS.get(path)
         if kind is not None and status != 202:  # 202: a background run counts at its end
             facts.outcome = outcome_of(status, facts, streamed)
             self.outcomes.labels(kind, facts.outcome).inc()
@@ -409,7 +412,7 @@ class ObservabilityMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             final = status or 500  # no response: the app raised; Starlette answers 500
             error = facts.error
-            self.metrics.observe(route, final, error, duration, facts, streamed)
+            self.metrics.observe(route, final, error, duration, facts, streamed, scope["path"])
             access_log.info(
                 "%s %s %d",
                 scope["method"],
