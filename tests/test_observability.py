@@ -482,3 +482,56 @@ async def test_metrics_sum_over_two_workers(
             }
             assert pids == {str(w.pid) for w in workers}
     assert sum(served.values()) == 7
+
+
+def _run(program: str, **runtime: Any) -> dict[str, Any]:
+    files = {"main.py": program}
+    runtime = {"language": "python", "entryPoint": "main.py", **runtime}
+    return {"connector": {"runtime": runtime, "files": files}, "stream": False}
+
+
+@pytest.mark.docker
+async def test_connector_outcomes_queue_wait_and_the_entry_point(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_LOG_FORMAT="json", STREAMSVC_OUTPUT_CAP_BYTES="65536")
+    url = server.url + "/execute-connector"
+    before = await scrape(client, server)
+    runs = {
+        "completed": _run('print(\'{"ok": true, "result": 1}\')'),
+        "program_error": _run("raise SystemExit(3)"),
+        "timeout": _run("import time\ntime.sleep(30)", timeoutMs=1000),
+        "output_limit": _run("print('x' * 200_000, flush=True)\nimport time\ntime.sleep(30)"),
+        "oom": _run("chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))", memoryMb=64),
+    }
+    for expected, body in runs.items():
+        answer = await client.post(url, json=body, headers={"X-Request-ID": f"run-{expected}"})
+        assert answer.status_code == 200, answer.text
+    refused = await client.post(
+        url, json=_run("print(1)", memoryMb=1), headers={"X-Request-ID": "run-refused"}
+    )
+    assert refused.status_code == 400
+    # A streamed run whose client hangs up at its first line of output.
+    body = {**_run("print('started', flush=True)\nimport time\ntime.sleep(30)"), "stream": True}
+    headers = {"X-Request-ID": "run-cancelled", "accept": "text/event-stream"}
+    async with client.stream("POST", url, json=body, headers=headers) as stream:
+        async for line in stream.aiter_lines():
+            if line == "event: stdout":
+                break
+
+    for expected in (*runs, "refused", "cancelled"):
+        line = await access_line(server, f"run-{expected}")
+        assert line["outcome"] == expected, line
+        assert line.get("entry_point") == (None if expected == "refused" else "main.py")
+    assert line["cancel_reason"] == "client_disconnected"
+    after = await scrape(client, server)
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    for expected in (*runs, "refused", "cancelled"):
+        assert moved("streamsvc_run_outcomes_total", kind="connector", outcome=expected) == 1
+    # Every run that got a slot waited for it (none here for long: one at a time).
+    assert moved("streamsvc_queue_wait_seconds_count") == len(runs) + 1
+    assert moved("streamsvc_queue_wait_seconds_sum") < 5
+    assert "# TYPE streamsvc_dependency_install_seconds histogram" in after
