@@ -471,8 +471,8 @@ async def test_metrics_sum_over_two_workers(
             assert sample(text, "streamsvc_chat_tokens_total", kind="completion") == 14
             outcome = {"kind": "chat", "outcome": "completed"}
             assert sample(text, "streamsvc_run_outcomes_total", **outcome) == 7
-            count = sample(text, "streamsvc_request_duration_seconds_count", route="/chat")
-            assert count == 7
+            durations = sample(text, "streamsvc_request_duration_seconds_count", route="/chat")
+            assert durations == 7
             assert sample(text, "streamsvc_active_streams") == 0
             pids = {
                 s.labels["pid"]
@@ -515,8 +515,8 @@ async def test_connector_outcomes_queue_wait_and_the_entry_point(
     body = {**_run("print('started', flush=True)\nimport time\ntime.sleep(30)"), "stream": True}
     headers = {"X-Request-ID": "run-cancelled", "accept": "text/event-stream"}
     async with client.stream("POST", url, json=body, headers=headers) as stream:
-        async for line in stream.aiter_lines():
-            if line == "event: stdout":
+        async for text in stream.aiter_lines():
+            if text == "event: stdout":
                 break
 
     for expected in (*runs, "refused", "cancelled"):
