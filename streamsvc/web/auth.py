@@ -19,7 +19,7 @@ from streamsvc.web.limits import KeyLimits
 from streamsvc.web.rendering import error_response
 
 #: Paths whose answers spend chat tokens (checked against the tokens-per-minute limit).
-CHAT_PATHS = ("/chat", "/v1/")
+CHAT_PATHS = ("/chat", "/v1/chat/")
 
 
 def key_id(key: str) -> str:
