@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -42,9 +42,17 @@ ENGINE_LOOK_SECONDS = 2.0
 class DockerSandbox:
     """``Sandbox`` on a Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker, settings: SandboxSettings) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        settings: SandboxSettings,
+        timings: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``timings`` is told ``("queue_wait", seconds)`` per admitted run and
+        ``("install", seconds)`` per dependency install (the app's metrics)."""
         self._docker = docker
         self._settings = settings
+        self._timings = timings
         self._owner = owner_label()
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
@@ -54,6 +62,8 @@ class DockerSandbox:
         )
         self.bridge = BridgeIsolation(docker, settings.network)
         self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
+        if timings is not None:
+            self.deps.on_install = lambda seconds: timings("install", seconds)
         self.containers = Containers(docker, self._owner, self.deps)
         self.warm = WarmMaker(
             docker, settings, self._owner, self.deps, self.containers, self.bridge
@@ -186,10 +196,13 @@ class DockerSandbox:
             await self.remove_leftovers()
         if spec.network == "bridge":
             await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
+        entered = anyio.current_time()
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():
                 yield Status("queued", f"waiting for a free slot (position {position})", position)
+            if self._timings is not None:
+                self._timings("queue_wait", anyio.current_time() - entered)
             deps_volume, early = None, None
             if spec.dependencies:
                 yield Status("installing_dependencies", _describe(spec.dependencies))
