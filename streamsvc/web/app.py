@@ -124,6 +124,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/v1/chat/completions", openai_compat.completions_endpoint, methods=["POST"]),
+            Route("/v1/models", openai_compat.models_endpoint, methods=["GET"]),
+            Route("/v1/models/{model:path}", openai_compat.model_endpoint, methods=["GET"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
