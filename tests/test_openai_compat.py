@@ -23,7 +23,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from streamsvc.chat.openai_compat import CompletionBuilder
+from streamsvc.chat.openai_chunks import CompletionBuilder
 from tests.fake_azure import (
     NOT_FOUND,
     FakeAzure,
@@ -31,7 +31,7 @@ from tests.fake_azure import (
     content_filter_error,
     rate_limited,
 )
-from tests.harness import JSON_TYPE, ServerProcess, check_answer, server_env
+from tests.harness import JSON_TYPE, ServerProcess, asgi_client, check_answer, server_env
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 WEATHER_TOOL: ChatCompletionToolParam = {
@@ -513,6 +513,58 @@ def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: F
         check_answer(path, "post", http.post(path, json={"messages": []}))
         check_answer(path, "post", http.post(path, content=b"{", headers=JSON_TYPE))
         check_answer(path, "post", http.post(path, content=b"{"))  # 415: not JSON
+
+
+# ---- /v1/models ---------------------------------------------------------------------------------
+
+AZURE_ENV = {
+    "AZURE_OPENAI_API_KEY": "k",
+    "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
+    "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
+}
+
+
+async def test_models_list_the_configured_deployments_in_openais_shape() -> None:
+    env = {**AZURE_ENV, "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS": "gpt-4o-mini,gpt-4o,o3-mini"}
+    async with asgi_client(env) as http:
+        listing = await http.get("/v1/models")
+        one = await http.get("/v1/models/o3-mini")
+        missing = await http.get("/v1/models/gpt-3.5-turbo")
+    check_answer("/v1/models", "get", listing)
+    assert listing.json() == {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "azure"}
+            for name in ("gpt-4o", "gpt-4o-mini", "o3-mini")
+        ],
+    }
+    check_answer("/v1/models/{model}", "get", one)
+    assert one.json() == listing.json()["data"][2]
+    check_answer("/v1/models/{model}", "get", missing)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_the_sdk_lists_and_retrieves_models(sdk: AsyncOpenAI) -> None:
+    assert [m.id async for m in sdk.models.list()] == ["gpt-4o"]
+    model = await sdk.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "azure")
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.models.retrieve("gpt-3.5-turbo")
+    assert missing.value.code == "model_not_found"
+    assert missing.value.type == "not_found_error"
+
+
+async def test_models_of_the_openai_provider_and_of_no_provider() -> None:
+    env = {"STREAMSVC_CHAT_PROVIDER": "openai", "OPENAI_MODEL": "meta-llama/Llama-3.1-8B"}
+    async with asgi_client(env) as http:
+        one = await http.get("/v1/models/meta-llama/Llama-3.1-8B")  # a name with a slash
+        assert one.status_code == 200
+        assert one.json()["owned_by"] == "openai"
+    async with asgi_client({}) as http:
+        unconfigured = await http.get("/v1/models")
+        assert unconfigured.status_code == 503
+        assert unconfigured.json()["error"]["code"] == "chat_not_configured"
 
 
 # ---- merging streamed chunks into one chat.completion --------------------------------------------

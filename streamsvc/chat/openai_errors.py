@@ -1,9 +1,8 @@
 """Errors in OpenAI's shape, for every answer under /v1/.
 
-``error_envelope`` fills OpenAI's ``type`` and ``param`` from the status and the path,
-and keeps our stable ``code`` (or the upstream's, where it sent one). The rule: the
-status is ours, except that an upstream's 404 (no such model) stays a 404 and a body of
-the wrong shape is a 400 (OpenAI's ``BadRequestError``), not our 422.
+``error_envelope`` fills OpenAI's ``type`` and ``param`` from the status and the path, and
+keeps our stable ``code`` (or the upstream's). The rule: the status is ours, except that an
+upstream's 404 stays a 404 and a body of the wrong shape is a 400 (OpenAI's), not a 422.
 """
 
 from __future__ import annotations

@@ -47,7 +47,14 @@ from streamsvc.web.sse import StreamRegistry
 log = logging.getLogger("streamsvc")
 
 #: What a browser page of an allowed origin (``STREAMSVC_CORS_ORIGINS``) may send and read.
-CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request-id", "accept"]
+CORS_REQUEST_HEADERS = [
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "x-request-id",
+    "accept",
+    "x-streamsvc-azure-extras",
+]
 CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
