@@ -23,7 +23,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from streamsvc.chat.openai_chunks import CompletionBuilder
+from streamsvc.chat.openai_chunks import CompletionBuilder, StreamCleaner
 from tests.fake_azure import (
     NOT_FOUND,
     FakeAzure,
@@ -681,3 +681,45 @@ def test_merging_concatenates_only_text_and_keeps_the_latest_of_everything_else(
     assert choice["content_filter_results"] == final  # the verdict, not "safesafe..."
     assert choice["finish_reason"] == "content_filter"
     assert "content_filter_offsets" not in choice
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["default", "extras"])
+def test_the_cleaner_leaves_no_empty_choices_no_missing_delta_and_one_identity(
+    extras: bool,
+) -> None:
+    def chunk(created: int, *choices: Any, **extra: Any) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-3",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": "m",
+            "choices": list(choices),
+            **extra,
+        }
+
+    filters = [{"prompt_index": 0, "content_filter_results": {}}]
+    upstream = [
+        {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+         "prompt_filter_results": filters},
+        chunk(5, {"index": 0, "delta": {"role": "assistant", "content": ""}}),
+        chunk(6, {"index": 0, "delta": {"content": "Hi"}}, "not a choice"),  # a later second
+        chunk(6, {"index": 0, "content_filter_offsets": {}, "finish_reason": None}),
+        chunk(7, {"index": 0, "finish_reason": "stop"}),  # a finish without a delta
+        {**chunk(7), "usage": {"total_tokens": 3}},
+    ]  # fmt: skip
+    cleaner = StreamCleaner(extras)
+    out = [c for c in (cleaner.clean(dict(item)) for item in upstream) if c is not None]
+    assert [c["choices"] for c in out] == [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+        [{"index": 0, "delta": {"content": "Hi"}}],
+        *([[{"index": 0, "content_filter_offsets": {}, "finish_reason": None, "delta": {}}]]
+          if extras else []),
+        [{"index": 0, "finish_reason": "stop", "delta": {}}],
+        [],  # the usage chunk, when the client asked for it: OpenAI's own shape
+    ]  # fmt: skip
+    assert {(c["id"], c["created"], c["model"], c["object"]) for c in out} == {
+        ("chatcmpl-3", 5, "m", "chat.completion.chunk")
+    }
+    assert [c.get("prompt_filter_results") for c in out][:2] == (
+        [filters, None] if extras else [None, None]
+    )
