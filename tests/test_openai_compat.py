@@ -723,3 +723,13 @@ def test_the_cleaner_leaves_no_empty_choices_no_missing_delta_and_one_identity(
     assert [c.get("prompt_filter_results") for c in out][:2] == (
         [filters, None] if extras else [None, None]
     )
+
+
+def test_merging_a_far_tool_call_index_appends_one_call() -> None:
+    builder = CompletionBuilder()
+    far = {"index": 10**12, "id": "far", "function": {"name": "f", "arguments": "{}"}}
+    builder.add({"choices": [{"index": 0, "delta": {"tool_calls": [far]}}]})
+    (choice,) = builder.completion()["choices"]
+    assert choice["message"]["tool_calls"] == [
+        {"id": "far", "function": {"name": "f", "arguments": "{}"}}
+    ]

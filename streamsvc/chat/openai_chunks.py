@@ -132,9 +132,8 @@ def _merge_tool_calls(target: JsonObject, calls: list[Any]) -> None:
         if not isinstance(call, dict):
             continue
         index = call.get("index")
-        if not isinstance(index, int) or index < 0:
-            index = len(current)
-        while len(current) <= index:
+        if not isinstance(index, int) or not 0 <= index < len(current):
+            index = len(current)  # a new call (an index past the end starts no gap)
             current.append({})
         _merge_call(current[index], call)
 
