@@ -14,6 +14,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
+    ├── ModelNotFound                 404  model_not_found: not a configured deployment
     ├── BodyTimeout                   408  body_timeout: the body did not arrive in time
     ├── PayloadTooLarge               413  payload_too_large
     ├── UnsupportedMediaType          415  unsupported_media_type: a POST that is not JSON
@@ -136,6 +137,13 @@ class Unauthorized(ServiceError):
 class Forbidden(ServiceError):
     status = 403
     code = "origin_not_allowed"
+
+
+class ModelNotFound(ServiceError):
+    """GET /v1/models/{id} for a model that is not one of the configured deployments."""
+
+    status = 404
+    code = "model_not_found"
 
 
 class BodyTimeout(ServiceError):

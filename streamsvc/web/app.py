@@ -49,7 +49,14 @@ from streamsvc.web.sse import StreamRegistry
 log = logging.getLogger("streamsvc")
 
 #: What a browser page of an allowed origin (``STREAMSVC_CORS_ORIGINS``) may send and read.
-CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request-id", "accept"]
+CORS_REQUEST_HEADERS = [
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "x-request-id",
+    "accept",
+    "x-streamsvc-azure-extras",
+]
 CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
@@ -133,6 +140,8 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/v1/chat/completions", openai_compat.completions_endpoint, methods=["POST"]),
+            Route("/v1/models", openai_compat.models_endpoint, methods=["GET"]),
+            Route("/v1/models/{model:path}", openai_compat.model_endpoint, methods=["GET"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
