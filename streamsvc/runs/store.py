@@ -36,6 +36,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: Any = None
     #: Which executor ran it (a single process names itself).
     executor: str | None = None
+    #: Retention dropped its events (the record is kept a while longer): ``follow`` is a 410.
+    events_expired: bool = False
 
 
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
