@@ -234,8 +234,9 @@ class RunManager:
             body = exc.body()
             envelope = _encoder.encode(ErrorEnvelope(body))
             await put("error", envelope)
-            await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
-            ended = True
+            ended = True  # the terminal event is in: nothing may end the run a second time
+            with anyio.CancelScope(shield=True):
+                await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
 
         try:
             with run.scope:
@@ -259,8 +260,10 @@ class RunManager:
                     await put(event.name, encoded)
                     run.first.set()
                     if event.name == "done":
-                        await self.store.finish(run.id, "completed", result=msgspec.Raw(encoded))
                         ended = True
+                        with anyio.CancelScope(shield=True):
+                            result = msgspec.Raw(encoded)
+                            await self.store.finish(run.id, "completed", result=result)
                         return
                     event = await anext(source, None)
                 raise SandboxFailed("the run ended without an answer")

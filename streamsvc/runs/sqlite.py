@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -32,8 +31,6 @@ log = logging.getLogger("streamsvc.runs")
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], object]
 
-#: Most queued writes committed in one transaction.
-BATCH = 2000
 #: How long the writer lets writes gather after the first one before it commits them.
 COALESCE_SECONDS = 0.005
 #: Longest wait for the writer to commit something a caller waits for.
@@ -113,27 +110,40 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class _Append(NamedTuple):
+    run_id: str
+    events: Sequence[StoredEvent]
+
+
+_Item = tuple[_Op | _Append, Callable[[], None] | None]
+
+
 class _Writer(threading.Thread):
     """The one writer: takes every queued operation, commits them in one transaction."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="streamsvc-run-store", daemon=True)
         self.path = path
-        self.queue: queue.SimpleQueue[tuple[_Op | _Append, Callable[[], None] | None] | None] = (
-            queue.SimpleQueue()
-        )
+        self._ready = threading.Condition()
+        self._items: list[_Item | None] = []
+
+    def put(self, item: _Item | None) -> None:
+        """Queue a write (None: stop after the queued ones); wakes the writer when idle."""
+        with self._ready:
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._ready.notify()
 
     def run(self) -> None:
         conn = connect(self.path)
         try:
             while True:
-                batch = [self.queue.get()]
+                with self._ready:
+                    while not self._items:
+                        self._ready.wait()
                 time.sleep(COALESCE_SECONDS)  # let a busy stream's appends gather (GIL released)
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self.queue.get_nowait())
-                    except queue.Empty:
-                        break
+                with self._ready:
+                    batch, self._items = self._items, []
                 work = [item for item in batch if item is not None]
                 self._commit(conn, work)
                 for _, done in work:
@@ -145,7 +155,7 @@ class _Writer(threading.Thread):
             conn.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, work: list[tuple[_Op | _Append, Any]]) -> None:
+    def _commit(conn: sqlite3.Connection, work: list[_Item]) -> None:
         """One transaction; consecutive appends (of any runs) become one insert and one
         ``last_event_id`` update per run, the rest run in order, each in a savepoint."""
         pending: list[_Append] = []
@@ -172,11 +182,6 @@ class _Writer(threading.Thread):
             log.exception("a run-store transaction failed")
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-
-
-class _Append(NamedTuple):
-    run_id: str
-    events: Sequence[StoredEvent]
 
 
 def _guarded(conn: sqlite3.Connection, op: _Op) -> None:
@@ -229,7 +234,7 @@ class SqliteStore:
     # -- plumbing ------------------------------------------------------------------------
 
     def _submit(self, op: _Op) -> None:
-        self._writer.queue.put((op, None))
+        self._writer.put((op, None))
 
     async def _write(self, op: _Op) -> None:
         """Queue ``op`` and wait until it is committed."""
@@ -245,7 +250,7 @@ class SqliteStore:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(settle)
 
-        self._writer.queue.put((op, done))
+        self._writer.put((op, done))
         with anyio.fail_after(WRITE_TIMEOUT):
             await future
 
@@ -280,7 +285,7 @@ class SqliteStore:
         if not events:
             return
         self._active.append(run_id, events)
-        self._writer.queue.put((_Append(run_id, events), None))
+        self._writer.put((_Append(run_id, events), None))
 
     async def mark_running(self, run_id: str) -> None:
         self._active.mark_running(run_id)
@@ -425,7 +430,7 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         if self._writer.is_alive():
-            self._writer.queue.put(None)
+            self._writer.put(None)
             with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
                 await anyio.to_thread.run_sync(self._writer.join)
         with self._lock:
