@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(bigs["sqlite"]) / statistics.median(bigs["memory"])
     facts = machine_facts()
     lines = [
-        "`python -m benchmarks.runs` (issue 13). " + METHOD.replace("\n", " ").strip(),
+        "`python -m benchmarks.runs` (issue 13).",
+        "",
+        METHOD.strip(),
         "",
         *markdown_table(
             ["store", "warm trivial p50 ms", "p95 ms", "20,000 lines median ms", "resume p50 ms"],
