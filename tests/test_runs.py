@@ -500,3 +500,34 @@ async def test_retention_expires_events_then_records(
         return (await client.get(url)).status_code == 404
 
     await poll(dropped, 10)
+
+
+async def test_listing_pages_and_refusals(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server()
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    made = [
+        (await client.post(server.url + "/chat", json=chat)).headers["x-run-id"] for _ in range(5)
+    ]
+    first = (await client.get(server.url + "/runs?limit=2&kind=chat")).json()
+    assert [r["id"] for r in first["runs"]] == made[::-1][:2]
+    assert "result" not in first["runs"][0] and first["runs"][0]["status"] == "completed"
+    second = (await client.get(server.url + first["next"])).json()
+    assert [r["id"] for r in second["runs"]] == made[::-1][2:4]
+    assert (await client.get(server.url + "/runs?kind=connector")).json()["runs"] == []
+    for query in ("limit=0", "limit=201", "kind=shell", "status=done", "surprise=1"):
+        refused = await client.get(f"{server.url}/runs?{query}")
+        assert refused.status_code == 422, query
+        assert refused.json()["error"]["code"] == "validation_error"
+    assert (await client.get(server.url + "/runs/nope")).status_code == 404
+    assert (await client.get(server.url + "/runs/nope/events")).status_code == 404
+    bad = await client.get(f"{server.url}/runs/{made[0]}/events", headers={"last-event-id": "x"})
+    assert bad.status_code == 422
+    azure.push(Reply(text_chunks=["slow"] * 20, chunk_delay=0.2))
+    running = await client.post(server.url + "/chat", json=chat | {"background": True})
+    url = server.url + running.json()["url"]
+    deleting = await client.delete(url)
+    assert deleting.status_code == 409 and deleting.json()["error"]["code"] == "run_not_finished"
+    assert (await client.post(url + "/cancel")).json()["status"] == "cancelled"
+    assert (await client.delete(url)).status_code == 204
