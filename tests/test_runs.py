@@ -531,3 +531,29 @@ async def test_listing_pages_and_refusals(
     assert deleting.status_code == 409 and deleting.json()["error"]["code"] == "run_not_finished"
     assert (await client.post(url + "/cancel")).json()["status"] == "cancelled"
     assert (await client.delete(url)).status_code == 204
+
+
+async def test_a_graceful_stop_interrupts_running_runs_and_keeps_them(
+    start_server: Callable[..., ServerProcess],
+    azure: FakeAzure,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    store = {"STREAMSVC_RUN_STORE": f"sqlite:///{tmp_path}/runs.db"}
+    server = start_server(**store)
+    azure.push(Reply(text_chunks=["tick"] * 100, chunk_delay=0.1))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "background": True}
+    url = (await client.post(server.url + "/chat", json=chat)).json()["url"]
+
+    async def ticking() -> bool:
+        return int((await client.get(server.url + url)).json()["last_event_id"]) >= 3
+
+    await poll(ticking, 10)
+    assert server.stop() == 0
+    again = start_server(**store)
+    record = (await client.get(again.url + url)).json()
+    assert record["status"] == "interrupted" and record["error"]["code"] == "interrupted"
+    _, events = await read(client, "GET", again.url + url + "/events")
+    assert [int(f.id or 0) for f in events] == list(range(1, len(events) + 1))
+    assert events[0].data == {"content": "tick"} and events[-1].name == "error"
+    assert record["last_event_id"] == len(events)
