@@ -210,7 +210,7 @@ class RunManager:
         """Pump ``source`` into the store in the manager's task group (the caller's context
         variables go with it, so the request's facts still see the run)."""
         assert self._tasks is not None, "the manager is not entered"
-        self._tasks.start_soon(self._pump, run, source, name=f"run {run.id}")
+        self._tasks.start_soon(self._guarded_pump, run, source, name=f"run {run.id}")
 
     async def started(self, run: Run) -> None:
         """Return once the first event is stored; raise the error that came instead."""
@@ -219,6 +219,13 @@ class RunManager:
             raise run.early
 
     # -- the pump ----------------------------------------------------------------------------
+
+    async def _guarded_pump(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
+        """A pump never takes the task group (and every other run) down with it."""
+        try:
+            await self._pump(run, source)
+        except Exception:
+            log.exception("run %s: the pump failed", run.id)
 
     async def _pump(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
         next_id = 0
