@@ -7,8 +7,10 @@ runs, cancel, abandonment after the grace, SIGKILL and restart, keys and read to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -324,7 +326,14 @@ async def test_sigkill_mid_run_then_restart_interrupts_it(
         return int((await client.get(server.url + url)).json()["last_event_id"]) >= 3
 
     await poll(printed, 30)
-    await anyio.sleep(0.3)  # the writer commits within a moment
+
+    def committed() -> bool:  # the file itself holds the line (the writer commits behind)
+        with contextlib.closing(sqlite3.connect(tmp_path / "runs.db")) as db:
+            query = "SELECT COUNT(*) FROM chunks WHERE run_id = ? AND instr(events, ?) > 0"
+            (found,) = db.execute(query, (run_id, b"started")).fetchone()
+        return bool(found)
+
+    await eventually(committed, 10)
     dead = owner(server)
     assert sandboxes(server)
     server.signal(signal.SIGKILL)
