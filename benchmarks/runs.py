@@ -100,7 +100,9 @@ def alternate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=METHOD, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.runs",
+        description=METHOD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--big-runs", type=int, default=5)
