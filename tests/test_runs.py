@@ -566,3 +566,31 @@ async def test_a_graceful_stop_interrupts_running_runs_and_keeps_them(
     assert [int(f.id or 0) for f in events] == list(range(1, len(events) + 1))
     assert events[0].data == {"content": "tick"} and events[-1].name == "error"
     assert record["last_event_id"] == len(events)
+
+
+def stored_bytes(state: Path) -> bytes:
+    """Every byte of the SQLite store's files (the database, its WAL)."""
+    return b"".join(p.read_bytes() for p in state.iterdir() if p.name.startswith("runs.db"))
+
+
+@pytest.mark.docker
+async def test_secrets_are_never_stored(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    secret = "s3cr3t-token-0123456789"
+    server = start_server(STREAMSVC_RUN_STORE=f"sqlite:///{tmp_path}/runs.db")
+    code = """
+        import os
+        print("token:", os.environ["API_TOKEN"], flush=True)
+        print('{"ok": true}')
+    """
+    payload = body(code, env={"API_TOKEN": secret}) | {"stream": False}
+    answer = await client.post(server.url + "/execute-connector", json=payload)
+    assert answer.status_code == 200 and secret not in answer.text
+    run_id = answer.headers["x-run-id"]
+    _, events = await read(client, "GET", f"{server.url}/runs/{run_id}/events")
+    assert "token: " in text_of(events) and secret not in text_of(events)
+    server.stop()  # the store flushed and closed: every byte it wrote is in these files
+    stored = stored_bytes(tmp_path)
+    assert run_id.encode() in stored and b"API_TOKEN" in stored  # the env's name is kept
+    assert secret.encode() not in stored
