@@ -14,7 +14,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -36,8 +35,6 @@ _Op = Callable[[sqlite3.Connection], object]
 COALESCE_SECONDS = 0.005
 #: Longest wait for the writer to commit something a caller waits for.
 WRITE_TIMEOUT = 30.0
-#: Finished records kept in memory for ``get``.
-RECENT = 1024
 #: How often a reader polls for the events of a run another process executes.
 POLL_SECONDS = 0.2
 #: Chunks (each the events of one commit) read per query when replaying; the first query
@@ -216,8 +213,6 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._active = Active()
-        #: Finished records read or written lately (a resume asks for its record first).
-        self._recent: OrderedDict[str, RunRecord] = OrderedDict()
         self._writer = _Writer(path)
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -315,23 +310,12 @@ class SqliteStore:
             )
         finally:
             self._active.forget(run_id)  # committed (or hopeless): the file answers from now on
-            self._remember(record)
 
     async def get(self, run_id: str) -> RunRecord | None:
-        record = self._active.records.get(run_id) or self._recent.get(run_id)
+        record = self._active.records.get(run_id)
         if record is not None:
             return record
-        record = await self._read(lambda c: _get(c, run_id))
-        if record is not None and record.status in FINISHED:
-            self._remember(record)
-        return record
-
-    def _remember(self, record: RunRecord) -> None:
-        """Keep a finished record (it no longer changes) for the next ``get`` of it."""
-        self._recent[record.id] = record
-        self._recent.move_to_end(record.id)
-        while len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
+        return await self._read(lambda c: _get(c, run_id))
 
     async def follow(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
         live = self._active.logs.get(run_id)
@@ -383,7 +367,6 @@ class SqliteStore:
     async def delete(self, run_id: str) -> bool:
         found = await self.get(run_id) is not None
         self._active.forget(run_id)
-        self._recent.pop(run_id, None)
         await self._write(lambda c: _delete(c, [run_id]))
         return found
 
@@ -418,7 +401,6 @@ class SqliteStore:
 
     async def prune(self, events_before: float, records_before: float) -> int:
         touched: list[int] = [0]
-        self._recent.clear()
 
         def prune(conn: sqlite3.Connection) -> None:
             gone = [
