@@ -327,15 +327,26 @@ class RunManager:
                 if run.readers == 0 and not run.background and not run.done.is_set():
                     self._abandon_later(run)
 
+    def unattended(self, run: Run) -> None:
+        """Start the grace period now unless a reader is attached: the response that will
+        read the run may never start iterating (its client gone right after the headers)."""
+        if run.readers == 0 and not run.background and not run.done.is_set():
+            self._abandon_later(run)
+
     def _abandon_later(self, run: Run) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
         timer = anyio.CancelScope()
         run.timer = timer
 
         async def wait() -> None:
             with timer:
                 await anyio.sleep(run.grace)
-                log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
-                run.stop("abandoned")
+                if run.readers == 0:
+                    log.info(
+                        "run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace
+                    )
+                    run.stop("abandoned")
 
         assert self._tasks is not None
         self._tasks.start_soon(wait)
