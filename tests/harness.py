@@ -59,7 +59,12 @@ class ServerProcess:
             for k, v in os.environ.items()
             if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
         }
-        base |= {"STREAMSVC_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        # Each server its own run store (in its own directory) unless the test names one.
+        base |= {
+            "STREAMSVC_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": self._workdir.name,
+        }
         base |= env or {}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -201,6 +206,8 @@ def seed_request() -> dict[str, Any]:
 
 
 AZURE_KEY = "azure-test-key-0123456789"
+#: The test servers' grace for runs whose last reader left (seconds).
+RUN_GRACE = "1"
 
 
 def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
@@ -214,6 +221,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
         "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
         "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        # A run outlives a dropped connection this long, waiting for a reader to come back.
+        "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": RUN_GRACE,
+        "STREAMSVC_RUN_GRACE_CHAT_SECONDS": RUN_GRACE,
         **extra,
     }
 
@@ -225,7 +235,9 @@ NO_DOCKER = "unix:///nonexistent/docker.sock"
 @contextlib.asynccontextmanager
 async def asgi_client(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     """The real app in-process (lifespan run), with settings from ``env`` and no Docker engine."""
-    app = create_app(load_settings({"DOCKER_HOST": NO_DOCKER, **env}, None))
+    app = create_app(
+        load_settings({"DOCKER_HOST": NO_DOCKER, "STREAMSVC_RUN_STORE": "memory://", **env}, None)
+    )
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),

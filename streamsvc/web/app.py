@@ -32,6 +32,9 @@ from streamsvc.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
+from streamsvc.runs import endpoint as runs_endpoint
+from streamsvc.runs.manager import RunManager, load_secret, open_store
+from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
@@ -56,8 +59,9 @@ CORS_REQUEST_HEADERS = [
     "x-request-id",
     "accept",
     "x-streamsvc-azure-extras",
+    "last-event-id",
 ]
-CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
+CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after", "x-run-id", "location"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
 _BODY_LEFT_UNREAD = (PayloadTooLarge, BodyTimeout, UnsupportedMediaType, BodiesBusy)
@@ -122,8 +126,16 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
 
                 provider = create_provider(settings.chat, observer=metrics)
                 stack.push_async_callback(provider.aclose)
+            store = open_store(settings.runs.store)
+            if isinstance(store, SqliteStore):
+                await store.open()
+            stack.push_async_callback(store.aclose)
             sandbox = await _start_sandbox(settings.sandbox, stack, metrics)
-            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox))
+            secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
+            # Entered last, so it ends first: running runs are interrupted (their containers
+            # removed, upstream calls closed) while the sandbox and the store are still open.
+            runs = await stack.enter_async_context(RunManager(store, settings.runs, secret))
+            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox, runs=runs))
             if metrics_dir is None:
                 yield
                 return
@@ -143,6 +155,11 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
             Route("/v1/models", openai_compat.models_endpoint, methods=["GET"]),
             Route("/v1/models/{model:path}", openai_compat.model_endpoint, methods=["GET"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
+            Route("/runs", runs_endpoint.list_runs, methods=["GET"]),
+            Route("/runs/{run_id}", runs_endpoint.show_run, methods=["GET"]),
+            Route("/runs/{run_id}", runs_endpoint.delete_run, methods=["DELETE"]),
+            Route("/runs/{run_id}/events", runs_endpoint.run_events, methods=["GET"]),
+            Route("/runs/{run_id}/cancel", runs_endpoint.cancel_run, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
@@ -180,7 +197,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=server.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=CORS_REQUEST_HEADERS,
             expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,

@@ -78,12 +78,7 @@ class ApiKeyMiddleware:
 
     def _key_of(self, scope: Scope) -> str | None:
         """The id of the key the request offers, None when it offers none of ours."""
-        offered = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                offered = value[7:].strip()
-            elif name == b"x-api-key":
-                offered = value.strip()
+        offered = offered_key(scope)
         digest = hashlib.sha256(offered).digest()
         found = -1
         for index, key in enumerate(self.keys):  # no early exit: the time is the same for all
@@ -97,3 +92,33 @@ async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send
     keep-alive client may send its next request into a closed socket."""
     response.headers["Connection"] = "close"
     await response(scope, receive, send)
+
+
+def offered_key(scope: Scope) -> bytes:
+    """The key a request offers (``Authorization: Bearer`` or ``X-API-Key``), or b""."""
+    offered = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            offered = value[7:].strip()
+        elif name == b"x-api-key":
+            offered = value.strip()
+    return offered
+
+
+def key_matches(offered: bytes, digests: list[bytes]) -> bool:
+    """``offered`` is one of the keys (given as SHA-256 digests), compared in constant time."""
+    digest = hashlib.sha256(offered).digest()
+    found = False
+    for key in digests:  # no early exit: the time does not depend on which key
+        found |= hmac.compare_digest(digest, key)
+    return found and bool(offered)
+
+
+def key_owner(offered: bytes) -> str:
+    """A short stable id of a key, stored with the runs it creates (never the key itself)."""
+    return hashlib.sha256(b"streamsvc-run-owner:" + offered).hexdigest()[:16]
+
+
+def request_owner(scope: Scope, keys: tuple[str, ...]) -> str | None:
+    """The owner of the runs a request creates: its key's id, or None when keys are off."""
+    return key_owner(offered_key(scope)) if keys else None
