@@ -61,7 +61,9 @@ def straight_from_azure(fake: FakeAzure, reply: Reply, **kwargs: Any) -> Any:
     with openai.AzureOpenAI(
         azure_endpoint=fake.url, api_key=AZURE_KEY, api_version="2024-10-21", max_retries=0
     ) as azure:
-        return azure.chat.completions.create(model="gpt-4o", messages=USER, **kwargs)
+        answer = azure.chat.completions.create(model="gpt-4o", messages=USER, **kwargs)
+        # A stream is read before its client closes (after, its socket is gone).
+        return list(answer) if kwargs.get("stream") else answer
 
 
 def filter_results(completion: dict[str, Any]) -> list[Any]:
