@@ -41,6 +41,34 @@ class Output(msgspec.Struct):
     text: str
 
 
+class Usage(msgspec.Struct):
+    """What a run used: CPU time and the container's memory peak (its cgroup), wall clock.
+
+    ``None``: not known (the run was killed before the runner could read them).
+    """
+
+    cpu_ms: int | None
+    memory_peak_mb: int | None
+    wall_ms: int
+
+
+class FileError(msgspec.Struct):
+    code: str
+    message: str
+
+
+class OutputFile(msgspec.Struct):
+    """A file the program wrote under ``$STREAMSVC_OUTPUT_DIR``: its content inline
+    (base64) while within the inline cap, else ``error`` says why not."""
+
+    name: str
+    size: int
+    sha256: str | None
+    media_type: str | None
+    content_base64: str | None = None
+    error: FileError | None = None
+
+
 class Exited(msgspec.Struct):
     exit_code: int | None
     timed_out: bool
@@ -50,6 +78,10 @@ class Exited(msgspec.Struct):
     output_capped: bool = False
     #: The pids limit refused a fork or a thread (the cgroup's own counter, via the runner).
     pids_limited: bool = False
+    usage: Usage | None = None
+    files: list[OutputFile] = []
+    #: Output files past the count cap (or too deep), not listed.
+    files_omitted: int = 0
 
 
 SandboxEvent = Status | Output | Exited

@@ -35,7 +35,7 @@ from streamsvc.sandbox.docker.warm_protocol import (
     new_nonce,
 )
 from streamsvc.sandbox.runner.runner import PIDS_MARKER
-from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
+from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status, Usage
 from streamsvc.sandbox.warm_pool import WarmPool
 from streamsvc.settings import SandboxSettings
 
@@ -296,6 +296,9 @@ async def _exited(run: Run) -> Exited:
             oom_killed=oom,
             duration_ms=int((run.ended_at - run.started) * 1000),
             pids_limited=run.pids_limited,
+            usage=end.usage,
+            files=end.files,
+            files_omitted=end.files_omitted,
         )
     # Wait for the container to stop (the watchdog bounds that), then read its state.
     limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT
@@ -312,6 +315,7 @@ async def _exited(run: Run) -> Exited:
         duration_ms=duration_ms,
         output_capped=run.capped,
         pids_limited=run.pids_limited,
+        usage=Usage(cpu_ms=None, memory_peak_mb=None, wall_ms=duration_ms),
     )
 
 
