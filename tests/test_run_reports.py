@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.harness import ServerProcess, asgi_client, body, execute, stream
+from tests.harness import ServerProcess, asgi_client, body, docker, execute, stream
 from tests.test_warm_pool import pool, pool_full
 
 FILES_PROGRAM = """
@@ -74,7 +76,10 @@ async def test_files_and_usage_come_back_from_a_warm_sandbox(
     empty = body("import json; print(json.dumps({'ok': True}))")
     await execute(client, warm, empty)  # the key is kept warm from now on
     await anyio.to_thread.run_sync(pool_full, warm)
-    _check_files(await execute(client, warm, body(FILES_PROGRAM)))
+    streamed = await stream(client, warm, {**body(FILES_PROGRAM), "stream": True})
+    _check_files(streamed.last.data)
+    starting = [e.data for e in streamed.named("status") if e.data["phase"] == "starting"]
+    assert starting == [{"phase": "starting", "message": "using a warm sandbox", "start": "warm"}]
     assert pool(warm)["hits"] == 1
     # The next warm sandbox starts empty: nothing of the earlier run's files.
     await anyio.to_thread.run_sync(pool_full, warm)
@@ -232,3 +237,56 @@ async def test_a_declared_secret_must_be_in_env() -> None:
     error = response.json()["error"]
     assert error["code"] == "unknown_secret"
     assert error["path"] == "secrets[1]"
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+async def test_status_events_say_install_then_cache_hit_and_cold_start(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    # A set no earlier run installed: the specifier excludes a version that never existed.
+    unique = f"0.0.{secrets.randbelow(10**9)}"
+    requirement = f"six!={unique},>=1.16"  # as the service writes it (sorted)
+    payload = {
+        **body("import six, json; print(json.dumps({'ok': True}))", dependencies=[requirement]),
+        "network_mode": "bridge",
+        "stream": True,
+    }
+    try:
+        first = await stream(client, server, payload)
+        assert first.last.data["ok"] is True, first.last.data
+        statuses = [event.data for event in first.named("status")]
+        assert statuses[1]["phase"] == "installing_dependencies", statuses
+        assert (statuses[1]["cache"], statuses[1]["requested"]) == ("miss", 1)
+        assert "installing 1 package: " + requirement in statuses[1]["message"]
+        ticks = [s for s in statuses if s["phase"] == "installing_dependencies"][1:]
+        elapsed = [tick["elapsed_ms"] for tick in ticks]
+        assert elapsed == sorted(elapsed) and all(ms >= 2000 for ms in elapsed), ticks
+        ready = next(s for s in statuses if s["phase"] == "dependencies_ready")
+        assert (ready["cache"], ready["requested"], ready["packages"]) == ("miss", 1, 1), ready
+        assert ready["elapsed_ms"] >= max(elapsed, default=0) and ready["size_kb"] > 0, ready
+        assert "dependencies installed in" in ready["message"], ready
+        starting = next(s for s in statuses if s["phase"] == "starting")
+        assert starting["start"] == "cold", starting  # the session's server keeps none warm
+
+        again = await stream(client, server, payload)
+        phases = [event.data["phase"] for event in again.named("status")]
+        assert phases == ["validated", "dependencies_ready", "starting", "running"], phases
+        hit = again.named("status")[1].data
+        assert (hit["cache"], hit["packages"]) == ("hit", 1), hit
+        assert hit["size_kb"] >= ready["size_kb"], hit  # bytecode is compiled after the install
+        assert "dependencies cached: " + requirement in hit["message"]
+        assert "elapsed_ms" not in hit
+    finally:
+        await anyio.to_thread.run_sync(_remove_volumes_of, unique)
+
+
+def _remove_volumes_of(unique: str) -> None:
+    """Remove this test's dependency set (its volume names its requirements in a label)."""
+    found = docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps")
+    for name in found.split():
+        labels = docker("volume", "inspect", "-f", "{{json .Labels}}", name)
+        if unique + "\\" in labels or unique + '"' in labels:
+            subprocess.run(["docker", "volume", "rm", name], capture_output=True, check=False)

@@ -14,7 +14,9 @@ import msgspec
 from streamsvc.connectors.dependencies import Dependency
 
 NetworkMode = Literal["none", "bridge"]
-Phase = Literal["validated", "queued", "installing_dependencies", "starting", "running"]
+Phase = Literal[
+    "validated", "queued", "installing_dependencies", "dependencies_ready", "starting", "running"
+]
 
 
 class RunSpec(msgspec.Struct, frozen=True):
@@ -31,9 +33,22 @@ class RunSpec(msgspec.Struct, frozen=True):
 
 
 class Status(msgspec.Struct, omit_defaults=True):
+    """One step of a run, saying what actually happens (fields unset are left out)."""
+
     phase: Phase
     message: str = ""
+    #: ``queued``: the 1-based place in the queue.
     position: int | None = None
+    #: Dependencies: ``hit`` (the set was installed already) or ``miss`` (installed now).
+    cache: Literal["hit", "miss"] | None = None
+    #: Dependencies: how many were requested, how many distributions the set holds, its size.
+    requested: int | None = None
+    packages: int | None = None
+    size_kb: int | None = None
+    #: ``installing_dependencies`` (every few seconds) and ``dependencies_ready`` after an install.
+    elapsed_ms: int | None = None
+    #: ``starting``: ``warm`` (a started sandbox takes the run) or ``cold`` (one starts now).
+    start: Literal["warm", "cold"] | None = None
 
 
 class Output(msgspec.Struct):

@@ -55,6 +55,8 @@ class CachedSet(msgspec.Struct):
     last_used: float
     #: Known complete: installed or checked by this process.
     verified: bool = True
+    #: Distributions installed (dependencies of dependencies included); 0: not known.
+    packages: int = 0
 
 
 class _Install(msgspec.Struct):
@@ -137,6 +139,16 @@ class DependencyCache:
     def use_image(self, image_id: str) -> None:
         """The sandbox image (its id) whose sets are installed and looked up from now on."""
         self.image_id = image_id
+
+    async def lookup(self, dependencies: tuple[Dependency, ...]) -> CachedSet | None:
+        """The cached set of ``dependencies`` when there is one (installed by this process or
+        left by an earlier one), without checking that its volume is still there."""
+        python = await self.python_version()
+        await self._load(python)
+        return self._sets.get(self.volume_name(dependencies, python))
+
+    def entry(self, volume: str) -> CachedSet | None:
+        return self._sets.get(volume)
 
     async def known(self, dependencies: tuple[Dependency, ...]) -> str | None:
         """The volume of ``dependencies`` when this process has it installed or checked."""
@@ -292,7 +304,8 @@ class DependencyCache:
                 "remove a broken cache volume", DockerVolume(self._docker, name).delete()
             )
             return None
-        return CachedSet(name, [d.requirement for d in dependencies], _size(output), time.time())
+        requirements = [d.requirement for d in dependencies]
+        return CachedSet(name, requirements, _size(output), time.time(), packages=_packages(output))
 
     async def _install(
         self,
@@ -321,7 +334,7 @@ class DependencyCache:
             """The install's end, after compiling: its final size, then the cap again."""
             entry = self._sets.get(name)
             if entry is not None and code == 0 and _size(output) > 0:
-                entry.size_kb = _size(output)
+                entry.size_kb = _size(output)  # the last line: the size after compiling
             newest = max(self._sets.values(), key=lambda e: e.last_used, default=None)
             await self._evict(keep=newest.volume if newest else name)
 
@@ -337,7 +350,7 @@ class DependencyCache:
             )
         self.installs += 1
         log.info("installed %s in %.1fs", requirements, time.monotonic() - started)
-        return CachedSet(name, requirements, _size(output), time.time())
+        return CachedSet(name, requirements, _size(output), time.time(), packages=_packages(output))
 
     async def _evict(self, keep: str) -> None:
         cap_kb = self._settings.deps_cache_mb * 1024
@@ -376,5 +389,16 @@ def _timestamp(created: str | None) -> float:
 
 
 def _size(output: str) -> int:
+    """The size (KiB) on the last line: ``SIZE`` or ``SIZE PACKAGES``."""
     lines = output.strip().splitlines()
-    return int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
+    first = lines[-1].split()[0] if lines and lines[-1].split() else ""
+    return int(first) if first.isdigit() else 0
+
+
+def _packages(output: str) -> int:
+    """The distribution count on the install's (or check's) ``SIZE PACKAGES`` line."""
+    for line in output.strip().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            return int(parts[1])
+    return 0

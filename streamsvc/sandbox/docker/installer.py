@@ -52,7 +52,8 @@ else
     --target /opt/deps "$@"
 fi
 touch /opt/deps/{COMPLETE_MARKER}
-echo "$done_line $(du -sk /opt/deps | cut -f1)"
+packages=$(find /opt/deps -maxdepth 1 -name '*.dist-info' | wc -l)
+echo "$done_line $(du -sk /opt/deps | cut -f1) $packages"
 if [ "$compile_later" = 1 ]; then
   python3 -m compileall -q /opt/deps >/dev/null 2>&1 || true
   du -sk /opt/deps | cut -f1
@@ -105,8 +106,12 @@ class Installer:
         return version
 
     async def check(self, volume: str) -> tuple[str, int]:
-        """Whether ``volume``'s install completed (exit code 0), and then its size (``du``)."""
-        check = f"test -f /opt/deps/{COMPLETE_MARKER} && du -sk /opt/deps | cut -f1"
+        """Whether ``volume``'s install completed (exit code 0), and then its size (``du``)
+        and how many distributions it holds."""
+        check = (
+            f"test -f /opt/deps/{COMPLETE_MARKER} && echo $(du -sk /opt/deps | cut -f1)"
+            " $(find /opt/deps -maxdepth 1 -name '*.dist-info' | wc -l)"
+        )
         return await self.one_shot(volume, ["sh", "-c", check], {}, action="check")
 
     async def install(

@@ -55,6 +55,11 @@ class Start(Protocol):
         """Prepare what fails before the first event may; what ``starting`` says."""
         ...
 
+    @property
+    def warm(self) -> bool:
+        """Once chosen: whether a started sandbox takes the run (else one starts now)."""
+        ...
+
     async def ready(self) -> tuple[DockerContainer, Stream]:
         """The sandbox and its attached output stream."""
         ...
@@ -74,7 +79,8 @@ async def execute(
     """The run's events: ``starting``, ``running``, its output, then its ``Exited``."""
     run: Run | None = None
     try:
-        yield Status("starting", await start.choose())
+        message = await start.choose()
+        yield Status("starting", message, start="warm" if start.warm else "cold")
         container, stream = await start.ready()
         run = Run(container, stream, settings.output_cap_bytes, start.nonce)
         started = await start.launch(spec, stream)
@@ -118,6 +124,7 @@ class ColdStart:
         self._spec = spec
         self._warm: WarmSandbox | None = None
         self.nonce = new_nonce()
+        self.warm = False
 
     async def choose(self) -> str:
         return "starting the sandbox"
@@ -153,7 +160,9 @@ class WarmStart:
         self._key = key
         self._env = env
         self._warm = early
+        self._early = early is not None
         self.nonce = new_nonce()
+        self.warm = False
 
     async def choose(self) -> str:
         key, env = self._key, self._env
@@ -166,7 +175,12 @@ class WarmStart:
             self._containers.dispose(warm.container, warm.stream)
             warm = None
         self._warm = warm
-        return "using a warm sandbox" if warm is not None else "starting a sandbox (none was warm)"
+        self.warm = warm is not None
+        if warm is None:
+            return "starting a sandbox (none was warm)"
+        if self._early:  # the sandbox made while the dependencies were installed
+            return "using the sandbox started during the install"
+        return "using a warm sandbox"
 
     async def ready(self) -> tuple[DockerContainer, Stream]:
         if self._warm is None:
