@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import subprocess
 from collections.abc import Callable
@@ -17,6 +18,9 @@ import anyio
 import httpx
 import pytest
 
+from streamsvc.sandbox.docker.warm_protocol import EndLines
+from streamsvc.sandbox.runner.runner import END_MARKER
+from streamsvc.sandbox.types import Usage
 from tests.harness import ServerProcess, asgi_client, body, docker, execute, stream
 from tests.test_warm_pool import pool, pool_full
 
@@ -140,6 +144,17 @@ async def test_usage_reports_cpu_time_memory_peak_and_wall_clock(
     idle = await execute(client, server, body("import json, time; time.sleep(0.5); print('{}')"))
     assert idle["usage"]["cpu_ms"] < 400, idle["usage"]
     assert idle["usage"]["memory_peak_mb"] < 100, idle["usage"]
+
+
+@pytest.mark.docker
+async def test_an_out_of_memory_run_exits_137_and_reports_its_peak(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    code = "blocks = []\nwhile True:\n    blocks.append(b'x' * (8 * 1024 * 1024))\n"
+    answer = await execute(client, server, body(code, memory_mb=64))
+    assert (answer["exit_code"], answer["oom_killed"]) == (137, True), answer
+    assert answer["error"]["code"] == "out_of_memory"
+    assert 48 <= answer["usage"]["memory_peak_mb"] <= 64, answer["usage"]
 
 
 @pytest.mark.docker
@@ -290,3 +305,43 @@ def _remove_volumes_of(unique: str) -> None:
         labels = docker("volume", "inspect", "-f", "{{json .Labels}}", name)
         if unique + "\\" in labels or unique + '"' in labels:
             subprocess.run(["docker", "volume", "rm", name], capture_output=True, check=False)
+
+
+# -- the end lines that carry them ---------------------------------------------------
+
+
+def _end_line(nonce: str, **fields: Any) -> bytes:
+    return END_MARKER + nonce.encode() + b" " + json.dumps(fields).encode() + b"\n"
+
+
+def test_the_stdout_end_line_carries_usage_and_large_inline_files_in_chunks() -> None:
+    nonce = "ab" * 16
+    content = base64.b64encode(b"x" * (1024 * 1024)).decode()
+    item = {"name": "a.bin", "size": 1 << 20, "sha256": "0" * 64, "media_type": None,
+            "content_base64": content, "error": None}  # fmt: skip
+    usage = {"cpu_ms": 5, "memory_peak_mb": 9, "wall_ms": 7}
+    line = _end_line(nonce, exit_code=0, oom_killed=False, usage=usage, files=[item])
+    ends = EndLines(nonce)
+    data = b"output\n" + line + b"after the end"
+    kept = b"".join(ends.feed(1, data[i : i + 32768]) for i in range(0, len(data), 32768))
+    assert kept == b"output\n" and not ends.complete
+    assert ends.feed(2, b"err\n" + _end_line(nonce, exit_code=0, oom_killed=False)) == b"err\n"
+    verdict = ends.verdict()
+    assert verdict is not None and verdict.usage == Usage(5, 9, 7)
+    assert verdict.files[0].content_base64 == content and verdict.files_omitted == 0
+
+
+def test_end_lines_that_disagree_on_the_exit_are_no_verdict() -> None:
+    nonce = "cd" * 16
+    ends = EndLines(nonce)
+    ends.feed(1, _end_line(nonce, exit_code=0, oom_killed=False, files=[]))
+    ends.feed(2, _end_line(nonce, exit_code=3, oom_killed=False))
+    assert ends.complete and ends.verdict() is None
+
+
+def test_a_stderr_end_line_past_its_limit_is_not_one() -> None:
+    nonce = "ef" * 16
+    ends = EndLines(nonce)
+    ends.feed(1, _end_line(nonce, exit_code=0))
+    ends.feed(2, END_MARKER + nonce.encode() + b" " + b"x" * 5000)
+    assert ends.verdict() is None

@@ -42,7 +42,7 @@ from streamsvc.sandbox.docker.deps_inventory import (
 )
 from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.host_lock import host_lock
-from streamsvc.sandbox.docker.installer import Installer
+from streamsvc.sandbox.docker.installer import Installer, packages, size_kb
 from streamsvc.settings import SandboxSettings
 
 log = logging.getLogger("streamsvc.deps")
@@ -146,9 +146,6 @@ class DependencyCache:
         python = await self.python_version()
         await self._load(python)
         return self._sets.get(self.volume_name(dependencies, python))
-
-    def entry(self, volume: str) -> CachedSet | None:
-        return self._sets.get(volume)
 
     async def known(self, dependencies: tuple[Dependency, ...]) -> str | None:
         """The volume of ``dependencies`` when this process has it installed or checked."""
@@ -304,8 +301,7 @@ class DependencyCache:
                 "remove a broken cache volume", DockerVolume(self._docker, name).delete()
             )
             return None
-        requirements = [d.requirement for d in dependencies]
-        return CachedSet(name, requirements, _size(output), time.time(), packages=_packages(output))
+        return _entry(name, [d.requirement for d in dependencies], output)
 
     async def _install(
         self,
@@ -333,8 +329,8 @@ class DependencyCache:
         async def compiled(output: str, code: int) -> None:
             """The install's end, after compiling: its final size, then the cap again."""
             entry = self._sets.get(name)
-            if entry is not None and code == 0 and _size(output) > 0:
-                entry.size_kb = _size(output)  # the last line: the size after compiling
+            if entry is not None and code == 0 and size_kb(output) > 0:
+                entry.size_kb = size_kb(output)  # the last line: the size after compiling
             newest = max(self._sets.values(), key=lambda e: e.last_used, default=None)
             await self._evict(keep=newest.volume if newest else name)
 
@@ -350,7 +346,7 @@ class DependencyCache:
             )
         self.installs += 1
         log.info("installed %s in %.1fs", requirements, time.monotonic() - started)
-        return CachedSet(name, requirements, _size(output), time.time(), packages=_packages(output))
+        return _entry(name, requirements, output)
 
     async def _evict(self, keep: str) -> None:
         cap_kb = self._settings.deps_cache_mb * 1024
@@ -388,17 +384,6 @@ def _timestamp(created: str | None) -> float:
         return 0.0
 
 
-def _size(output: str) -> int:
-    """The size (KiB) on the last line: ``SIZE`` or ``SIZE PACKAGES``."""
-    lines = output.strip().splitlines()
-    first = lines[-1].split()[0] if lines and lines[-1].split() else ""
-    return int(first) if first.isdigit() else 0
-
-
-def _packages(output: str) -> int:
-    """The distribution count on the install's (or check's) ``SIZE PACKAGES`` line."""
-    for line in output.strip().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            return int(parts[1])
-    return 0
+def _entry(volume: str, requirements: list[str], output: str) -> CachedSet:
+    """A set just installed or checked, from its helper's ``SIZE PACKAGES`` line."""
+    return CachedSet(volume, requirements, size_kb(output), time.time(), packages=packages(output))

@@ -265,3 +265,19 @@ class Installer:
                 self._tasks.start_soon(remove_container, container)
             else:
                 await remove_container(container)
+
+
+def size_kb(output: str) -> int:
+    """The size (KiB) on a helper's last line: ``SIZE`` or ``SIZE PACKAGES``."""
+    lines = output.strip().splitlines()
+    first = lines[-1].split()[0] if lines and lines[-1].split() else ""
+    return int(first) if first.isdigit() else 0
+
+
+def packages(output: str) -> int:
+    """The distribution count on an install's (or check's) ``SIZE PACKAGES`` line."""
+    for line in output.strip().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            return int(parts[1])
+    return 0

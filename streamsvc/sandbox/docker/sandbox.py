@@ -285,7 +285,7 @@ class DockerSandbox:
         if isinstance(answers[0], Exception):
             raise answers[0]
         prepared.append(answers[0])
-        entry = self.deps.entry(answers[0][0])
+        entry = await self.deps.lookup(spec.dependencies)
         size_kb = entry.size_kb if entry is not None else None
         packages = (entry.packages or None) if entry is not None else None
         size = f", {size_kb / 1024:.1f} MB" if size_kb else ""
