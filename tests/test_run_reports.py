@@ -7,6 +7,7 @@ Real containers on the real engine (``docker`` marker), cold (the session's serv
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
@@ -21,7 +22,17 @@ import pytest
 from streamsvc.sandbox.docker.warm_protocol import EndLines
 from streamsvc.sandbox.runner.runner import END_MARKER
 from streamsvc.sandbox.types import Usage
-from tests.harness import ServerProcess, asgi_client, body, docker, execute, stream
+from tests.harness import (
+    ServerProcess,
+    asgi_client,
+    body,
+    docker,
+    eventually,
+    execute,
+    sandboxes,
+    sse_events,
+    stream,
+)
 from tests.test_warm_pool import pool, pool_full
 
 FILES_PROGRAM = """
@@ -294,6 +305,39 @@ async def test_status_events_say_install_then_cache_hit_and_cold_start(
         assert hit["size_kb"] >= ready["size_kb"], hit  # bytecode is compiled after the install
         assert "dependencies cached: " + requirement in hit["message"]
         assert "elapsed_ms" not in hit
+    finally:
+        await anyio.to_thread.run_sync(_remove_volumes_of, unique)
+
+
+@pytest.mark.docker
+async def test_a_client_that_leaves_during_the_install_leaves_nothing_behind(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    # Its own server with a warm pool: a sandbox is made while the set installs, and the
+    # set's volume is held; both must go when the client does.
+    own = start_server(STREAMSVC_WARM_POOL_SIZE="1")
+    unique = f"0.0.{secrets.randbelow(10**9)}"
+    code = "import six, json; print(json.dumps({'ok': True, 'result': six.__version__}))"
+    payload = {
+        **body(code, dependencies=[f"six!={unique},>=1.16"]),
+        "network_mode": "bridge",
+        "stream": True,
+    }
+    try:
+        seen = []
+        async with contextlib.aclosing(sse_events(client, own, payload)) as events:
+            async for _event, data in events:
+                seen.append(data.get("phase"))
+                if data.get("phase") == "installing_dependencies":
+                    break  # hang up
+        assert seen == ["validated", "installing_dependencies"], seen
+        await eventually(lambda: not sandboxes(own), 30)
+        await eventually(lambda: pool(own)["ready"] == 0 and pool(own)["filling"] == 0, 30)
+        deps = (await client.get(own.url + "/health")).json()["components"]["sandbox"]["deps"]
+        assert deps["installing"] == 0, deps
+        # The set is usable afterwards (installed again, or found complete).
+        again = await stream(client, own, payload)
+        assert again.last.data["ok"] is True, again.last.data
     finally:
         await anyio.to_thread.run_sync(_remove_volumes_of, unique)
 

@@ -246,7 +246,7 @@ class DockerSandbox:
         done = anyio.Event()
         scope = anyio.CancelScope()
         answers: list[tuple[str, WarmSandbox | None] | Exception] = []
-        left = False
+        owner: list[str] = []  # who owns the answer's volume hold (and early sandbox)
 
         async def work() -> None:
             try:
@@ -256,8 +256,8 @@ class DockerSandbox:
                 answers.append(exc)
             finally:
                 done.set()
-                if left and answers and not isinstance(answers[0], Exception):
-                    await self._let_go(answers[0])
+                if owner == ["gone"]:  # the caller left before this answer: let it go
+                    await self._abandon(answers, owner)
 
         self._running_tasks().start_soon(work)
         try:
@@ -274,16 +274,18 @@ class DockerSandbox:
                         requested=requested,
                         elapsed_ms=int(elapsed * 1000),
                     )
-        finally:
-            if not done.is_set():
-                left = True
-                scope.cancel()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_WAIT):
-                    await done.wait()
+        except BaseException:  # gone: stop the work, or let go of what it prepared
+            owner.append("gone")
+            scope.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_WAIT):
+                await done.wait()
+            await self._abandon(answers, owner)
+            raise
         if not answers:
             raise SandboxFailed("preparing the dependencies ended without an answer")
         if isinstance(answers[0], Exception):
             raise answers[0]
+        owner.append("caller")
         prepared.append(answers[0])
         entry = await self.deps.lookup(spec.dependencies)
         size_kb = entry.size_kb if entry is not None else None
@@ -304,13 +306,20 @@ class DockerSandbox:
                 packages=packages, size_kb=size_kb, elapsed_ms=int(elapsed * 1000),
             )  # fmt: skip
 
+    async def _abandon(
+        self, answers: list[tuple[str, WarmSandbox | None] | Exception], owner: list[str]
+    ) -> None:
+        """Let go of a prepared answer nobody will take (once, whoever gets here first)."""
+        if answers and not isinstance(answers[0], Exception) and "released" not in owner:
+            owner.append("released")
+            await self._let_go(answers[0])
+
     async def _let_go(self, prepared: tuple[str, WarmSandbox | None]) -> None:
         """Release a set (and discard a sandbox) prepared for a run that went away."""
-        volume, early = prepared
-        self.deps.release(volume)
-        if early is not None:
+        self.deps.release(prepared[0])
+        if prepared[1] is not None:
             with anyio.CancelScope(shield=True):
-                await self.warm.discard(early)
+                await self.warm.discard(prepared[1])
 
     def _start(self, spec: RunSpec, deps_volume: str | None, early: WarmSandbox | None) -> Start:
         """Warm when the pool is on and the request allows it, else cold."""
