@@ -104,6 +104,30 @@ async def test_files_and_usage_come_back_from_a_warm_sandbox(
 
 
 @pytest.mark.docker
+async def test_files_are_collected_with_the_standard_library_not_the_programs_modules(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    # Modules of the program named like the ones the runner imports to collect files.
+    shadows = {f"{name}.py": "raise SystemExit('shadowed')\n" for name in ("base64", "hashlib")}
+    shadows["mimetypes.py"] = "def guess_type(name):\n    return ('x/shadowed', None)\n"
+    code = """
+        import json, os
+        with open(os.path.join(os.environ["STREAMSVC_OUTPUT_DIR"], "a.txt"), "w") as f:
+            f.write("hello")
+        print(json.dumps({"ok": True}))
+    """
+    warm = start_server(STREAMSVC_WARM_POOL_SIZE="1")
+    for target in (warm, warm):  # the first run cold-starts the key's sandbox, the next is warm
+        answer = await execute(client, target, body(code, files=shadows))
+        assert answer["ok"] is True, answer
+        [item] = answer["files"]
+        assert (item["media_type"], item["content_base64"]) == ("text/plain", "aGVsbG8="), item
+        assert item["sha256"] == hashlib.sha256(b"hello").hexdigest()
+        await anyio.to_thread.run_sync(pool_full, warm)
+    assert pool(warm)["hits"] >= 1
+
+
+@pytest.mark.docker
 async def test_the_count_cap_lists_the_first_files_by_name_and_counts_the_rest(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:

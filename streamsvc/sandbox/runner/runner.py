@@ -7,15 +7,12 @@ lines because it is sent as one file. Its specification: docs/architecture.md ("
 
 import asyncio
 import atexit
-import base64
 import contextlib
 import gc
-import hashlib
 import importlib
 import inspect
 import io
 import json
-import mimetypes
 import os
 import re
 import runpy
@@ -26,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 WORK = "/work"
 DEPS = "/opt/deps"
@@ -210,6 +207,7 @@ def _walk(directory: int, prefix: str, depth: int, found: _Collected) -> None:
 def _output_file(
     directory: int, raw: str, name: str, info: os.stat_result, found: _Collected
 ) -> dict[str, object]:
+    base64, hashlib, mimetypes = _stdlib("base64", "hashlib", "mimetypes")
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     entry: dict[str, object] = {
         "name": name, "size": info.st_size, "sha256": None, "media_type": media,
@@ -256,6 +254,17 @@ def _output_file(
             " (no download yet)",
         }
     return entry
+
+
+def _stdlib(*names: str) -> list[Any]:
+    """Import ``names`` from the standard library only, now that they are needed (hashlib
+    alone loads OpenSSL): never a module of the same name in /work or /opt/deps."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p and not p.startswith((WORK, DEPS))]
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path[:] = saved
 
 
 _KINDS = {
