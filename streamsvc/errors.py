@@ -20,6 +20,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── MisdirectedRequest            421  host_not_allowed: a Host header not allowed
     ├── Busy                          429  busy (with retry_after)
     │   └── BodiesBusy                429  busy: request bodies in flight at their budget
+    ├── KeyRateLimited                429  rate_limited: an API key over its per-minute limit
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
     │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
@@ -164,6 +165,13 @@ class Busy(ServiceError):
 
 class BodiesBusy(Busy):
     """The body would take the bytes in flight past their budget; it is left unread."""
+
+
+class KeyRateLimited(ServiceError):
+    """An API key over its requests- or tokens-per-minute limit (with retry_after)."""
+
+    status = 429
+    code = "rate_limited"
 
 
 class UpstreamError(ServiceError):

@@ -68,6 +68,10 @@ class ServerSettings(msgspec.Struct, frozen=True):
     log_format: Literal["text", "json"] = "text"
     #: Log chat content at debug level; never by default.
     log_content: bool = False
+    #: Requests per minute each API key may make (0: no limit); per worker process.
+    key_requests_per_minute: NonNegative = 0
+    #: Chat tokens per minute each API key may use (0: no limit); per worker process.
+    key_tokens_per_minute: NonNegative = 0
 
 
 class ChatSettings(msgspec.Struct, frozen=True):
@@ -209,6 +213,8 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_LOG_LEVEL": ("server", "log_level"),
     "STREAMSVC_LOG_FORMAT": ("server", "log_format"),
     "STREAMSVC_LOG_CONTENT": ("server", "log_content"),
+    "STREAMSVC_KEY_REQUESTS_PER_MINUTE": ("server", "key_requests_per_minute"),
+    "STREAMSVC_KEY_TOKENS_PER_MINUTE": ("server", "key_tokens_per_minute"),
     # the sandbox
     "DOCKER_HOST": ("sandbox", "docker_host"),
     "STREAMSVC_SANDBOX_IMAGE": ("sandbox", "image"),

@@ -229,6 +229,7 @@ async def chat_endpoint(request: Request) -> Response:
     body = _decoder.decode_body(await read_body(request, settings.server))
     provider = configured_provider(found)
     params = params_for(body, settings.chat)
+    observability.current().model = params.deployment
     try:
         if not wants_stream(request, body.stream):
             whole = collect(observability.observe_chat(answer(provider, params, settings.chat)))

@@ -213,6 +213,7 @@ async def completions_endpoint(request: Request) -> Response:
     body = _object_decoder.decode(raw)
     provider = configured_provider(found)
     attempts = upstream_bodies(body, core, settings.chat)
+    observability.current().model = attempts[0].get("model")
     streaming = core.stream is True
     asked = core.stream_options is not None and core.stream_options.include_usage is True
     chunks = _chunks(provider, attempts, include_usage=asked or not streaming)

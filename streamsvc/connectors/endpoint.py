@@ -55,7 +55,8 @@ async def _events(
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
                 result = transcript.result(event)
-                observability.current().execution(result.exit_code, result.ok)
+                error = result.error.code if result.error is not None else None
+                observability.current().execution(result.exit_code, result.ok, error)
                 yield sse.Event("done", result)
                 return
     finally:
@@ -82,6 +83,7 @@ async def execute_endpoint(request: Request) -> Response:
     raw = await read_body(request, settings.server)
     body = decode_request(raw)
     spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
+    observability.current().entry_point = spec.entry_point
     sandbox = found.sandbox
     if sandbox is None:
         raise SandboxUnavailable("connector execution is not available on this server")

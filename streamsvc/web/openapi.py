@@ -20,6 +20,7 @@ from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
 from streamsvc.connectors.transcript import ExecutionResult
 from streamsvc.errors import ErrorEnvelope
 from streamsvc.sandbox.types import Status
+from streamsvc.web import health
 
 REF = "#/components/schemas/{name}"
 
@@ -78,6 +79,8 @@ _TYPES = (
     OutputText,
     ErrorEnvelope,
     HealthReport,
+    health.Liveness,
+    health.Readiness,
     CompletionRequest,
     ChatCompletion,
     ChatCompletionChunk,
@@ -112,7 +115,7 @@ ERRORS = {
     "415": "The body is not `application/json` (`unsupported_media_type`).",
     "421": "A Host header this server does not answer for (`host_not_allowed`).",
     "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
-    "429": "Too many requests (`busy`, `upstream_rate_limited`); see Retry-After.",
+    "429": "Too many requests (`busy`, `upstream_rate_limited`, `rate_limited`); see Retry-After.",
     "500": "An unexpected failure (`internal_error`, `sandbox_failed`).",
     "502": "The chat upstream failed (`upstream_error`, `upstream_auth`).",
     "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
@@ -319,6 +322,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("HealthReport"), "The health report.")},
                 }
             },
+            **health.openapi_paths(REF),
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -94,6 +95,8 @@ class DependencyCache:
         #: The sandbox image the sets are for (``use_image``), once it is known.
         self.image_id: str | None = None
         self.installs = 0
+        #: Told each install's duration in seconds (failed ones too): the app's metrics.
+        self.on_install: Callable[[float], None] | None = None
 
     # -- keys ------------------------------------------------------------------------
 
@@ -335,6 +338,8 @@ class DependencyCache:
             await self._evict(keep=newest.volume if newest else name)
 
         output, code = await self.installer.install(name, requirements, compiled)
+        if self.on_install is not None:
+            self.on_install(time.monotonic() - started)
         if code != 0:
             with contextlib.suppress(SandboxError):  # still mounted: eviction gets it later
                 await docker_call(

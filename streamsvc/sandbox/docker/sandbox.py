@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -50,9 +50,17 @@ ENGINE_LOOK_SECONDS = 2.0
 class DockerSandbox:
     """``Sandbox`` on a Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker, settings: SandboxSettings) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        settings: SandboxSettings,
+        timings: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``timings`` is told ``("queue_wait", seconds)`` per admitted run and
+        ``("install", seconds)`` per dependency install (the app's metrics)."""
         self._docker = docker
         self._settings = settings
+        self._timings = timings
         self._owner = owner_label()
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
@@ -62,6 +70,8 @@ class DockerSandbox:
         )
         self.bridge = BridgeIsolation(docker, settings.network)
         self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
+        if timings is not None:
+            self.deps.on_install = lambda seconds: timings("install", seconds)
         self.containers = Containers(docker, self._owner, self.deps)
         self.warm = WarmMaker(
             docker, settings, self._owner, self.deps, self.containers, self.bridge
@@ -194,10 +204,13 @@ class DockerSandbox:
             await self.remove_leftovers()
         if spec.network == "bridge":
             await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
+        entered = anyio.current_time()
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():
                 yield Status("queued", f"waiting for a free slot (position {position})", position)
+            if self._timings is not None:
+                self._timings("queue_wait", anyio.current_time() - entered)
             prepared: list[tuple[str, WarmSandbox | None]] = []
             if spec.dependencies:
                 try:
@@ -229,22 +242,23 @@ class DockerSandbox:
     async def _prepare_dependencies(
         self, spec: RunSpec, prepared: list[tuple[str, WarmSandbox | None]]
     ) -> AsyncGenerator[Status, None]:
-        """``_dependencies``, saying what happens: a cache hit (the set, its size), or an
-        install (the count, then its elapsed time every ``PROGRESS_SECONDS``). Its answer
-        goes into ``prepared``; a caller that leaves first stops it (and releases the set)."""
+        """``_dependencies`` (its answer into ``prepared``), saying what happens: a cache hit,
+        or an install and its elapsed time. A caller that leaves stops it (the set released)."""
         requirements = ", ".join(dep.requirement for dep in spec.dependencies)
         requested = len(spec.dependencies)
+        started = anyio.current_time()
+
+        def installing(elapsed: float | None = None) -> Status:
+            took = "" if elapsed is None else f" ({elapsed:.0f} s)"
+            message = f"installing {_plural(requested, 'package')}: {requirements}{took}"
+            elapsed_ms = None if elapsed is None else int(elapsed * 1000)
+            return Status("installing_dependencies", message, cache="miss",
+                          requested=requested, elapsed_ms=elapsed_ms)  # fmt: skip
+
         cached = await self.deps.lookup(spec.dependencies)
         if cached is None:
-            yield Status(
-                "installing_dependencies",
-                f"installing {_plural(requested, 'package')}: {requirements}",
-                cache="miss",
-                requested=requested,
-            )
-        started = anyio.current_time()
-        done = anyio.Event()
-        scope = anyio.CancelScope()
+            yield installing()
+        done, scope = anyio.Event(), anyio.CancelScope()
         answers: list[tuple[str, WarmSandbox | None] | Exception] = []
         owner: list[str] = []  # who owns the answer's volume hold (and early sandbox)
 
@@ -265,15 +279,7 @@ class DockerSandbox:
                 with anyio.move_on_after(PROGRESS_SECONDS):
                     await done.wait()
                 if not done.is_set():
-                    elapsed = anyio.current_time() - started
-                    yield Status(
-                        "installing_dependencies",
-                        f"installing {_plural(requested, 'package')}: {requirements}"
-                        f" ({elapsed:.0f} s)",
-                        cache="miss",
-                        requested=requested,
-                        elapsed_ms=int(elapsed * 1000),
-                    )
+                    yield installing(anyio.current_time() - started)
         except BaseException:  # gone: stop the work, or let go of what it prepared
             owner.append("gone")
             scope.cancel()
@@ -290,21 +296,16 @@ class DockerSandbox:
         entry = await self.deps.lookup(spec.dependencies)
         size_kb = entry.size_kb if entry is not None else None
         packages = (entry.packages or None) if entry is not None else None
-        size = f", {size_kb / 1024:.1f} MB" if size_kb else ""
         held = f"{_plural(packages, 'package')} installed" if packages else requirements
-        if cached is not None:
-            message = f"dependencies cached: {requirements} ({held}{size})"
-            yield Status(
-                "dependencies_ready", message, cache="hit", requested=requested,
-                packages=packages, size_kb=size_kb,
-            )  # fmt: skip
-        else:
-            elapsed = anyio.current_time() - started
-            message = f"dependencies installed in {elapsed:.1f} s: {requirements} ({held}{size})"
-            yield Status(
-                "dependencies_ready", message, cache="miss", requested=requested,
-                packages=packages, size_kb=size_kb, elapsed_ms=int(elapsed * 1000),
-            )  # fmt: skip
+        held += f", {size_kb / 1024:.1f} MB" if size_kb else ""
+        elapsed = anyio.current_time() - started
+        how = "cached" if cached is not None else f"installed in {elapsed:.1f} s"
+        yield Status(
+            "dependencies_ready", f"dependencies {how}: {requirements} ({held})",
+            cache="hit" if cached is not None else "miss", requested=requested,
+            packages=packages, size_kb=size_kb,
+            elapsed_ms=None if cached is not None else int(elapsed * 1000),
+        )  # fmt: skip
 
     async def _abandon(
         self, answers: list[tuple[str, WarmSandbox | None] | Exception], owner: list[str]
