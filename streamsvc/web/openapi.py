@@ -104,7 +104,11 @@ CHAT_EVENTS = {
     "error": ("ErrorEnvelope", "The last event when the stream failed after the headers."),
 }
 EXECUTE_EVENTS = {
-    "status": ("Status", "One per phase: validated, queued, installing_dependencies, ..."),
+    "status": (
+        "Status",
+        "One per step: validated, queued (position), installing_dependencies (then its"
+        " elapsed time), dependencies_ready (cache hit or miss), starting (warm or cold), running.",
+    ),
     "stdout": ("OutputText", "A chunk of the program's standard output, live."),
     "stderr": ("OutputText", "A chunk of the program's standard error, live."),
     "done": ("ExecutionResult", "The last event: exactly the JSON answer."),
