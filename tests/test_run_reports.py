@@ -29,7 +29,7 @@ from tests.harness import (
     docker,
     eventually,
     execute,
-    sandboxes,
+    owner,
     sse_events,
     stream,
 )
@@ -333,12 +333,22 @@ async def test_status_events_say_install_then_cache_hit_and_cold_start(
         await anyio.to_thread.run_sync(_remove_volumes_of, unique)
 
 
+def _run_containers(server: ServerProcess) -> list[str]:
+    """The server's containers that are not its warm pool's (runs, early sandboxes)."""
+    out = docker(
+        "ps", "-a", "--filter", f"label=streamsvc.owner={owner(server)}",
+        "--format", '{{.ID}} {{.Label "streamsvc.role"}}',
+    )  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if not line.endswith(" warm")]
+
+
 @pytest.mark.docker
 async def test_a_client_that_leaves_during_the_install_leaves_nothing_behind(
     start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
 ) -> None:
     # Its own server with a warm pool: a sandbox is made while the set installs, and the
-    # set's volume is held; both must go when the client does.
+    # set's volume is held. The run outlives its client for the grace period (issue 13),
+    # then ends (finished, or cancelled as abandoned); its containers must go either way.
     own = start_server(STREAMSVC_WARM_POOL_SIZE="1")
     unique = f"0.0.{secrets.randbelow(10**9)}"
     code = "import six, json; print(json.dumps({'ok': True, 'result': six.__version__}))"
@@ -355,8 +365,17 @@ async def test_a_client_that_leaves_during_the_install_leaves_nothing_behind(
                 if data.get("phase") == "installing_dependencies":
                     break  # hang up
         assert seen == ["validated", "installing_dependencies"], seen
-        await eventually(lambda: not sandboxes(own), 30)
-        await eventually(lambda: pool(own)["ready"] == 0 and pool(own)["filling"] == 0, 30)
+
+        async def ended() -> bool:
+            listed = (await client.get(own.url + "/runs")).json()["runs"]
+            return bool(listed) and listed[0]["status"] in {"completed", "cancelled"}
+
+        started = anyio.current_time()
+        while not await ended():
+            assert anyio.current_time() - started < 60, "the run never ended"
+            await anyio.sleep(0.2)
+        await eventually(lambda: not _run_containers(own), 30)
+        await eventually(lambda: pool(own)["filling"] == 0, 30)
         deps = (await client.get(own.url + "/health")).json()["components"]["sandbox"]["deps"]
         assert deps["installing"] == 0, deps
         # The set is usable afterwards (installed again, or found complete).
