@@ -108,6 +108,7 @@ def test_the_seed_shape_gives_ok_and_result() -> None:
         "stderr_truncated": False,
         "output_limit_exceeded": False,
         "pids_limited": False,
+        "run_id": None,  # set by the run manager, not the transcript
         "redacted": False,
         "usage": None,
         "files": [],
