@@ -59,7 +59,9 @@ class ServerProcess:
             for k, v in os.environ.items()
             if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
         }
+        # No .env of the checkout's: a test server has only the settings its test gives it.
         base |= {"STREAMSVC_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        base |= {"STREAMSVC_ENV_FILE": "none"}
         base |= env or {}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -214,6 +216,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
         "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
         "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        # The pool is on by default (2); tests that count every container of their server
+        # need it off, and tests/test_warm_pool.py turns it on (as does a server's default).
+        "STREAMSVC_WARM_POOL_SIZE": "0",
         **extra,
     }
 

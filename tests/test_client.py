@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from streamsvc.client import ClientError, Frame, build_request, parse_set, parse_sse
+from streamsvc.client import Frame, parse_sse
+from streamsvc.commands import UsageError, build_request, parse_set
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ROOT, ServerProcess, free_port, server_env
 
@@ -32,7 +33,7 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "stream
 
 def _env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
-    return {**base, "PYTHONUNBUFFERED": "1", **extra}
+    return {**base, "PYTHONUNBUFFERED": "1", "STREAMSVC_ENV_FILE": "none", **extra}
 
 
 def streamsvc(
@@ -79,7 +80,7 @@ def test_parse_set_reads_json_values_and_dotted_keys() -> None:
     assert parse_set('quoted="5"') == (["quoted"], "5")
     assert parse_set("flag=true") == (["flag"], True)
     for bad in ("novalue", "=x", "a..b=1"):
-        with pytest.raises(ClientError):
+        with pytest.raises(UsageError):
             parse_set(bad)
 
 
