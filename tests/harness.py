@@ -59,9 +59,14 @@ class ServerProcess:
             for k, v in os.environ.items()
             if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
         }
-        # No .env of the checkout's: a test server has only the settings its test gives it.
-        base |= {"STREAMSVC_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
-        base |= {"STREAMSVC_ENV_FILE": "none"}
+        # Each server its own run store (in its own directory) unless the test names one, and
+        # no .env of the checkout's: a test server has only the settings its test gives it.
+        base |= {
+            "STREAMSVC_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": self._workdir.name,
+            "STREAMSVC_ENV_FILE": "none",
+        }
         base |= env or {}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -230,7 +235,9 @@ NO_DOCKER = "unix:///nonexistent/docker.sock"
 @contextlib.asynccontextmanager
 async def asgi_client(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     """The real app in-process (lifespan run), with settings from ``env`` and no Docker engine."""
-    app = create_app(load_settings({"DOCKER_HOST": NO_DOCKER, **env}, None))
+    app = create_app(
+        load_settings({"DOCKER_HOST": NO_DOCKER, "STREAMSVC_RUN_STORE": "memory://", **env}, None)
+    )
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
