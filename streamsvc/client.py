@@ -8,10 +8,12 @@ Over 400 lines: the two clients side by side stay alike. Usage: README ("Python 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+import anyio
 import httpx
 import msgspec
 
@@ -19,7 +21,9 @@ from streamsvc.authoring import load_request
 from streamsvc.settings import load_client_settings
 
 __all__ = [
+    "Accepted",
     "AsyncClient",
+    "Attachment",
     "ChatDone",
     "ChatResult",
     "Client",
@@ -31,6 +35,8 @@ __all__ = [
     "OutputFile",
     "RequestRefused",
     "RunDone",
+    "RunInfo",
+    "RunPage",
     "RunResult",
     "Status",
     "StreamFailed",
@@ -42,6 +48,10 @@ __all__ = [
 CONNECT_TIMEOUT = 10.0
 #: Between two bytes of a stream; the server sends keep-alives far more often.
 READ_TIMEOUT = 120.0
+#: A dropped stream is re-attached this many times in a row at most, waiting this long before
+#: each try; together well inside the server's grace for a run without a reader.
+RESUME_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0)
+TERMINAL = frozenset({"done", "error"})
 
 
 # ---------------------------------------------------------------- types
@@ -151,6 +161,60 @@ RunEvent: TypeAlias = Status | Output | RunDone
 ChatEvent: TypeAlias = Delta | ChatDone
 
 
+class Accepted(msgspec.Struct):
+    """The answer to a background run (``"background": true``): follow it at ``url``."""
+
+    id: str
+    status: str = "queued"
+    url: str = ""
+    events_url: str = ""
+
+
+class RunInfo(msgspec.Struct):
+    """A run's record (``GET /runs/{id}``; in a listing without ``result``)."""
+
+    id: str
+    kind: str = "connector"
+    status: str = "queued"
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_event_id: int = 0
+    result: Any = None
+    error: Any = None
+    url: str | None = None
+    events_url: str | None = None
+
+
+class RunPage(msgspec.Struct):
+    """One page of ``GET /runs``, newest first; ``next`` is the next page's URL, or None."""
+
+    runs: list[RunInfo]
+    next: str | None = None
+
+
+class Attachment:
+    """Where a stream stands: its run (``X-Run-ID``) and the last event id received.
+
+    ``on_resume(attachment, reason)`` is called before each re-attachment after a drop."""
+
+    def __init__(self, on_resume: Callable[[Attachment, str], object] | None = None) -> None:
+        self.run_id: str | None = None
+        self.last_event_id = 0
+        self.resumed = 0
+        self.on_resume = on_resume
+
+    def seen(self, frame: Frame) -> bool:
+        """Whether ``frame`` was received before (a replay overlapping what came)."""
+        event_id = _event_id(frame)
+        if event_id is None:
+            return False
+        if event_id <= self.last_event_id:
+            return True
+        self.last_event_id = event_id
+        return False
+
+
 class Frame(msgspec.Struct, frozen=True):
     """One Server-Sent Event as read off the wire (``data`` still JSON text)."""
 
@@ -233,8 +297,15 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Frame]:
         frame = parser.feed(line)
         if frame is not None:
             yield frame
-    if (frame := parser.feed("")) is not None:
-        yield frame
+    # An event not ended by a blank line when the stream ends is discarded (the SSE rule): a
+    # connection cut mid-event must not pass half of one on.
+
+
+async def _aparse(response: httpx.Response) -> AsyncIterator[Frame]:
+    parser = _SseParser()
+    async for line in response.aiter_lines():
+        if (frame := parser.feed(line)) is not None:
+            yield frame
 
 
 class _SseParser:
@@ -384,10 +455,47 @@ class _Base:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
 
-    def _unreachable(self, exc: httpx.HTTPError) -> Unreachable:
+    def _unreachable(self, exc: httpx.HTTPError | str) -> Unreachable:
+        if isinstance(exc, str):
+            return Unreachable(exc)
         if isinstance(exc, httpx.TimeoutException):
             return Unreachable(f"{self.url} stopped answering (no data for a while)")
         return Unreachable(f"cannot reach {self.url}: {exc}")
+
+    def _opened(self, response: httpx.Response, path: str, at: Attachment) -> None:
+        at.run_id = response.headers.get("x-run-id") or at.run_id
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise StreamFailed(f"{path} did not answer with a stream")
+
+    def _events_request(self, at: Attachment) -> tuple[str, dict[str, str]]:
+        headers = {**self.headers, "Last-Event-ID": str(at.last_event_id)}
+        return f"{self.url}/runs/{at.run_id}/events", headers
+
+    def _resume_delay(self, at: Attachment, attempt: int, reason: str) -> float:
+        """Seconds to wait before re-attaching, or raise when it is no use any more."""
+        if at.run_id is None or attempt >= len(RESUME_DELAYS):
+            raise self._unreachable(f"the stream from {self.url} broke off: {reason}")
+        at.resumed += 1
+        if at.on_resume is not None:
+            at.on_resume(at, reason)
+        return RESUME_DELAYS[attempt]
+
+    @staticmethod
+    def _reason(exc: httpx.HTTPError | None) -> str:
+        if exc is None:
+            return "the connection closed before the end"
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def _run_request(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {**body, "background": True, "stream": False}
+
+    @staticmethod
+    def _list_params(
+        kind: str | None, status: str | None, limit: int | None, before: str | None
+    ) -> dict[str, str]:
+        params = {"kind": kind, "status": status, "before": before}
+        found = {k: v for k, v in params.items() if v is not None}
+        return found | ({"limit": str(limit)} if limit is not None else {})
 
 
 class Client(_Base):
@@ -396,20 +504,113 @@ class Client(_Base):
     Without arguments: ``STREAMSVC_URL`` and ``STREAMSVC_API_KEY`` (environment or ``.env``).
     """
 
-    def frames(self, path: str, body: Mapping[str, Any]) -> Iterator[Frame]:
-        """POST ``body`` to ``path`` and yield the answer's SSE frames."""
+    def frames(
+        self, path: str, body: Mapping[str, Any], attachment: Attachment | None = None
+    ) -> Iterator[Frame]:
+        """POST ``body`` to ``path`` and yield the answer's SSE frames, to the terminal one.
+
+        A connection that drops mid-stream is re-attached (``GET /runs/{id}/events`` from the
+        last event received): no frame is lost or repeated. ``attachment`` tracks where it is.
+        """
+        at = attachment or Attachment()
+        with httpx.Client(timeout=self.timeout) as http:
+            yield from self._follow(http, self._post(http, path, body, at), at)
+
+    def follow(
+        self, run_id: str, after: int = 0, attachment: Attachment | None = None
+    ) -> Iterator[Frame]:
+        """A run's frames after event ``after`` (its whole log by default), then live."""
+        at = attachment or Attachment()
+        at.run_id, at.last_event_id = run_id, after
+        with httpx.Client(timeout=self.timeout) as http:
+            yield from self._follow(http, self._get_events(http, at), at)
+
+    def _post(
+        self, http: httpx.Client, path: str, body: Mapping[str, Any], at: Attachment
+    ) -> Iterator[Frame]:
+        with http.stream("POST", self.url + path, json=body, headers=self.headers) as response:
+            if response.status_code != 200:
+                raise refusal(response.status_code, response.read().decode(errors="replace"))
+            self._opened(response, path, at)
+            yield from parse_sse(response.iter_lines())
+
+    def _get_events(self, http: httpx.Client, at: Attachment) -> Iterator[Frame]:
+        url, headers = self._events_request(at)
+        with http.stream("GET", url, headers=headers) as response:
+            if response.status_code != 200:
+                raise refusal(response.status_code, response.read().decode(errors="replace"))
+            self._opened(response, url, at)
+            yield from parse_sse(response.iter_lines())
+
+    def _follow(
+        self, http: httpx.Client, source: Iterator[Frame], at: Attachment
+    ) -> Iterator[Frame]:
+        attempt = 0
+        while True:
+            failure: httpx.HTTPError | None = None
+            try:
+                for frame in source:
+                    if at.seen(frame):
+                        continue
+                    attempt = 0
+                    yield frame
+                    if frame.event in TERMINAL:
+                        return
+            except httpx.HTTPError as exc:
+                if at.run_id is None:
+                    raise self._unreachable(exc) from None
+                failure = exc
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            time.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            attempt += 1
+            source = self._get_events(http, at)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            with (
-                httpx.Client(timeout=self.timeout) as http,
-                http.stream("POST", self.url + path, json=body, headers=self.headers) as response,
-            ):
-                if response.status_code != 200:
-                    raise refusal(response.status_code, response.read().decode(errors="replace"))
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    raise StreamFailed(f"{path} did not answer with a stream")
-                yield from parse_sse(response.iter_lines())
+            response = httpx.request(
+                method, self.url + path, headers=self.headers, timeout=self.timeout, **kwargs
+            )
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise refusal(response.status_code, response.text)
+        return response
+
+    def start(self, connector: Connector, **options: Any) -> Accepted:
+        """Start a background run (``"background": true``) and return at once with its id."""
+        body = self._run_request(run_body(connector, **options))
+        return msgspec.json.decode(
+            self._call("POST", "/execute-connector", json=body).content, type=Accepted
+        )
+
+    def get_run(self, run_id: str) -> RunInfo:
+        """A run's record, with its final object once it has ended."""
+        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}").content, type=RunInfo)
+
+    def list_runs(
+        self,
+        *,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        before: str | None = None,
+    ) -> RunPage:
+        """Runs newest first (``before``: the id the previous page ended with)."""
+        params = self._list_params(kind, status, limit, before)
+        return msgspec.json.decode(self._call("GET", "/runs", params=params).content, type=RunPage)
+
+    def cancel(self, run_id: str) -> RunInfo:
+        """Stop a run now (idempotent); its record afterwards."""
+        return msgspec.json.decode(
+            self._call("POST", f"/runs/{run_id}/cancel").content, type=RunInfo
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a finished run and its events."""
+        self._call("DELETE", f"/runs/{run_id}")
 
     def stream(self, connector: Connector, **options: Any) -> Iterator[RunEvent]:
         """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``).
@@ -458,26 +659,114 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The same client for asyncio/anyio code: ``await run(...)``, ``async for ... in stream()``."""
 
-    async def frames(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[Frame]:
-        """POST ``body`` to ``path`` and yield the answer's SSE frames."""
-        try:
-            async with (
-                httpx.AsyncClient(timeout=self.timeout) as http,
-                http.stream("POST", self.url + path, json=body, headers=self.headers) as response,
-            ):
-                if response.status_code != 200:
-                    text = (await response.aread()).decode(errors="replace")
-                    raise refusal(response.status_code, text)
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    raise StreamFailed(f"{path} did not answer with a stream")
-                parser = _SseParser()
-                async for line in response.aiter_lines():
-                    if (frame := parser.feed(line)) is not None:
-                        yield frame
-                if (frame := parser.feed("")) is not None:
+    async def frames(
+        self, path: str, body: Mapping[str, Any], attachment: Attachment | None = None
+    ) -> AsyncIterator[Frame]:
+        """POST ``body`` to ``path`` and yield the answer's SSE frames, re-attaching after drops."""
+        at = attachment or Attachment()
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            async for frame in self._follow(http, self._post(http, path, body, at), at):
+                yield frame
+
+    async def follow(
+        self, run_id: str, after: int = 0, attachment: Attachment | None = None
+    ) -> AsyncIterator[Frame]:
+        """A run's frames after event ``after``, then live, to its end."""
+        at = attachment or Attachment()
+        at.run_id, at.last_event_id = run_id, after
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            async for frame in self._follow(http, self._get_events(http, at), at):
+                yield frame
+
+    async def _post(
+        self, http: httpx.AsyncClient, path: str, body: Mapping[str, Any], at: Attachment
+    ) -> AsyncIterator[Frame]:
+        async with http.stream(
+            "POST", self.url + path, json=body, headers=self.headers
+        ) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise refusal(response.status_code, text)
+            self._opened(response, path, at)
+            async for frame in _aparse(response):
+                yield frame
+
+    async def _get_events(self, http: httpx.AsyncClient, at: Attachment) -> AsyncIterator[Frame]:
+        url, headers = self._events_request(at)
+        async with http.stream("GET", url, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise refusal(response.status_code, text)
+            self._opened(response, url, at)
+            async for frame in _aparse(response):
+                yield frame
+
+    async def _follow(
+        self, http: httpx.AsyncClient, source: AsyncIterator[Frame], at: Attachment
+    ) -> AsyncIterator[Frame]:
+        attempt = 0
+        while True:
+            failure: httpx.HTTPError | None = None
+            try:
+                async for frame in source:
+                    if at.seen(frame):
+                        continue
+                    attempt = 0
                     yield frame
+                    if frame.event in TERMINAL:
+                        return
+            except httpx.HTTPError as exc:
+                if at.run_id is None:
+                    raise self._unreachable(exc) from None
+                failure = exc
+            finally:
+                close = getattr(source, "aclose", None)
+                if close is not None:
+                    await close()
+            await anyio.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            attempt += 1
+            source = self._get_events(http, at)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as http:
+                response = await http.request(
+                    method, self.url + path, headers=self.headers, **kwargs
+                )
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise refusal(response.status_code, response.text)
+        return response
+
+    async def start(self, connector: Connector, **options: Any) -> Accepted:
+        """Start a background run and return at once with its id."""
+        body = self._run_request(run_body(connector, **options))
+        response = await self._call("POST", "/execute-connector", json=body)
+        return msgspec.json.decode(response.content, type=Accepted)
+
+    async def get_run(self, run_id: str) -> RunInfo:
+        response = await self._call("GET", f"/runs/{run_id}")
+        return msgspec.json.decode(response.content, type=RunInfo)
+
+    async def list_runs(
+        self,
+        *,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        before: str | None = None,
+    ) -> RunPage:
+        params = self._list_params(kind, status, limit, before)
+        response = await self._call("GET", "/runs", params=params)
+        return msgspec.json.decode(response.content, type=RunPage)
+
+    async def cancel(self, run_id: str) -> RunInfo:
+        response = await self._call("POST", f"/runs/{run_id}/cancel")
+        return msgspec.json.decode(response.content, type=RunInfo)
+
+    async def delete_run(self, run_id: str) -> None:
+        await self._call("DELETE", f"/runs/{run_id}")
 
     async def stream(self, connector: Connector, **options: Any) -> AsyncIterator[RunEvent]:
         """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``)."""

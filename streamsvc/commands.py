@@ -1,8 +1,8 @@
-"""The client commands: ``streamsvc run``, ``chat`` and ``init``, printed for a terminal.
+"""The client commands: ``streamsvc run``, ``chat``, ``init`` and ``runs``, for a terminal.
 
 They use ``streamsvc.client`` (the one HTTP implementation) and ``streamsvc.authoring``; they
-exit with the program's code (124 on timeout, 2 refused, 1 failed or unreachable, 130
-interrupted). Options and exit codes in full: the README and docs/architecture.md.
+exit with the program's code (124 timeout, 2 refused, 1 failed or unreachable, 130 Ctrl-C,
+which cancels a run). Over 400 lines: one printer serves every command. Docs: the README.
 """
 
 from __future__ import annotations
@@ -10,18 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
+
 from streamsvc.authoring import AuthoringError, init
 from streamsvc.client import (
+    Attachment,
     ChatDone,
     Client,
     ClientError,
     Delta,
+    Frame,
     Output,
     RequestRefused,
     RunDone,
+    RunInfo,
     RunResult,
     Status,
     chat_body,
@@ -31,7 +37,7 @@ from streamsvc.client import (
 )
 from streamsvc.settings import SettingsError, load_client_settings, read_dotenv
 
-COMMANDS = ("run", "chat", "init")
+COMMANDS = ("run", "chat", "init", "runs")
 
 
 class UsageError(Exception):
@@ -70,14 +76,33 @@ def add_commands(commands: Any) -> None:
         metavar="NAME",
         help="an env name whose value is redacted from the output (repeatable)",
     )
+    run.add_argument(
+        "--detach", action="store_true", help="start it in the background and print its id"
+    )
     chat = commands.add_parser("chat", help="stream a chat reply from a server")
     chat.add_argument("prompt", help="the user message ('-' reads stdin)")
     chat.add_argument("--system", help="a system message to send first")
     chat.add_argument("--model", help="the deployment to use instead of the server's default")
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--max-tokens", type=int)
-    for command in (run, chat):
-        command.add_argument("--json", action="store_true", help="print the final object only")
+    records = commands.add_parser("runs", help="list, show, follow or cancel runs on a server")
+    runs_commands = records.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    listing = runs_commands.add_parser("list", help="runs, newest first")
+    listing.add_argument("--kind", choices=("connector", "chat"))
+    listing.add_argument(
+        "--status",
+        choices=("queued", "running", "completed", "failed", "cancelled", "interrupted"),
+    )
+    listing.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    show = runs_commands.add_parser("show", help="a run's record as JSON")
+    logs = runs_commands.add_parser("logs", help="a run's output so far (--follow: to its end)")
+    logs.add_argument("--follow", "-f", action="store_true", help="then follow it live")
+    cancel = runs_commands.add_parser("cancel", help="stop a run now")
+    for command in (show, logs, cancel):
+        command.add_argument("run_id", metavar="ID")
+    for command in (run, chat, listing, show, logs, cancel):
+        if command is not show:
+            command.add_argument("--json", action="store_true", help="print JSON only")
         command.add_argument("--url", help="server URL (default: STREAMSVC_URL)")
         command.add_argument("--api-key", help="API key (default: STREAMSVC_API_KEY)")
     scaffold = commands.add_parser(
@@ -102,13 +127,17 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
             body = build_request(args.connector, _env_file(args.env_file), args.sets, args.network)
             if args.secrets:
                 body["secrets"] = sorted({*body.get("secrets", ()), *args.secrets})
+            if args.detach:
+                return detach(client, body, args.json, out, err)
             return run_connector(client, body, args.json, out, err)
+        if args.command == "runs":
+            return runs(client, args, out, err)
         return chat(client, _chat_body(args), args.json, out, err)
     except (SettingsError, UsageError, AuthoringError) as exc:
         _line(err, f"streamsvc: {exc}")
         return 2
     except ClientError as exc:
-        if args.json and exc.body is not None:
+        if getattr(args, "json", False) and exc.body is not None:
             print(exc.body, file=out)
         _line(err, f"streamsvc: {exc}")
         return 2 if isinstance(exc, RequestRefused) else 1
@@ -214,28 +243,89 @@ def _line(stream: TextIO, text: str) -> None:
     stream.flush()
 
 
+class _Printer:
+    """Prints a run's frames as they come: output live, progress and the summary on stderr."""
+
+    def __init__(self, kind: str, as_json: bool, out: TextIO, err: TextIO) -> None:
+        self.kind, self.as_json = kind, as_json
+        self.stdout, self.stderr = _Writer(out), _Writer(err)
+
+    def resumed(self, at: Attachment, reason: str) -> None:
+        self.stderr.line(
+            f"[streamsvc] connection lost ({reason}); re-attaching to run {at.run_id}"
+            f" after event {at.last_event_id}"
+        )
+
+    def frame(self, frame: Frame) -> int | None:
+        """Print ``frame``; the exit status once it was the last one."""
+        if self.kind == "chat":
+            return self._chat(frame)
+        event = run_event(frame)
+        if isinstance(event, RunDone):
+            if self.as_json:  # the server's own object: fields this client does not know stay
+                self.stdout.write(frame.data + "\n")
+            else:
+                if not self.stdout.at_line_start:
+                    self.stdout.write("\n")
+                for line in _summary(event.result):
+                    self.stderr.line(line)
+            return _exit_status(event.result)
+        if self.as_json:
+            return None
+        if isinstance(event, Status):
+            self.stderr.line(f"[streamsvc] {event.phase.replace('_', ' ')}: {event.message}")
+        elif isinstance(event, Output):
+            (self.stdout if event.stream == "stdout" else self.stderr).write(event.text)
+        return None
+
+    def _chat(self, frame: Frame) -> int | None:
+        event = chat_event(frame)
+        if isinstance(event, ChatDone):
+            if self.as_json:
+                self.stdout.write(frame.data + "\n")
+            elif not self.stdout.at_line_start:
+                self.stdout.write("\n")
+            return 0
+        if isinstance(event, Delta) and not self.as_json:
+            self.stdout.write(event.content)
+        return None
+
+
+def _stream(client: Client, path: str, body: dict[str, Any], printer: _Printer, err: TextIO) -> int:
+    """Stream a new run to its end; Ctrl-C cancels it (the server would wait for a reader)."""
+    at = Attachment(on_resume=printer.resumed)
+    try:
+        for frame in client.frames(path, body, at):
+            if (status := printer.frame(frame)) is not None:
+                return status
+    except KeyboardInterrupt:
+        if at.run_id is not None:
+            try:
+                client.cancel(at.run_id)
+                _line(err, f"\nstreamsvc: cancelled run {at.run_id}")
+            except ClientError as exc:
+                _line(err, f"\nstreamsvc: could not cancel run {at.run_id}: {exc}")
+        return 130
+    raise ClientError("the stream ended without a result")
+
+
 def run_connector(
     client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO
 ) -> int:
-    stdout, stderr = _Writer(out), _Writer(err)
-    for frame in client.frames("/execute-connector", body):
-        event = run_event(frame)
-        if isinstance(event, RunDone):
-            if as_json:  # the server's own object: fields this client does not know stay in it
-                stdout.write(frame.data + "\n")
-            else:
-                if not stdout.at_line_start:
-                    stdout.write("\n")
-                for line in _summary(event.result):
-                    stderr.line(line)
-            return _exit_status(event.result)
-        if as_json:
-            continue
-        if isinstance(event, Status):
-            stderr.line(f"[streamsvc] {event.phase.replace('_', ' ')}: {event.message}")
-        elif isinstance(event, Output):
-            (stdout if event.stream == "stdout" else stderr).write(event.text)
-    raise ClientError("the stream ended without a result")
+    return _stream(
+        client, "/execute-connector", body, _Printer("connector", as_json, out, err), err
+    )
+
+
+def detach(client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
+    """Start a background run and print its id (``--json``: the server's answer)."""
+    accepted = client.start(body)
+    if as_json:
+        _line(out, json.dumps(msgspec.to_builtins(accepted)))
+    else:
+        _line(out, accepted.id)
+        _line(err, f"[streamsvc] started; follow it: streamsvc runs logs {accepted.id} --follow")
+    return 0
 
 
 def _summary(result: RunResult) -> list[str]:
@@ -265,15 +355,56 @@ def _exit_status(result: RunResult) -> int:
 
 
 def chat(client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
-    stdout = _Writer(out)
-    for frame in client.frames("/chat", body):
-        event = chat_event(frame)
-        if isinstance(event, ChatDone):
-            if as_json:
-                stdout.write(frame.data + "\n")
-            elif not stdout.at_line_start:
-                stdout.write("\n")
+    return _stream(client, "/chat", body, _Printer("chat", as_json, out, err), err)
+
+
+# ---------------------------------------------------------------- streamsvc runs
+
+
+def runs(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``streamsvc runs list|show|logs|cancel``."""
+    if args.runs_command == "list":
+        page = client.list_runs(kind=args.kind, status=args.status, limit=args.limit)
+        if args.json:
+            _line(out, json.dumps(msgspec.to_builtins(page)))
             return 0
-        if isinstance(event, Delta) and not as_json:
-            stdout.write(event.content)
+        _line(out, f"{'ID':34} {'KIND':9} {'STATUS':11} {'CREATED (UTC)':19} {'TOOK':>8}")
+        for run in page.runs:
+            _line(out, f"{run.id:34} {run.kind:9} {run.status:11} {_when(run)}")
+        return 0
+    if args.runs_command == "show":
+        _line(out, json.dumps(msgspec.to_builtins(client.get_run(args.run_id)), indent=2))
+        return 0
+    if args.runs_command == "cancel":
+        record = client.cancel(args.run_id)
+        _line(out, f"{record.id}: {record.status}")
+        return 0
+    return logs(client, args.run_id, args.follow, args.json, out, err)
+
+
+def _when(run: RunInfo) -> str:
+    created = run.created_at
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(created)) if created else "?"
+    took = ""
+    if run.started_at and run.finished_at:
+        took = f"{run.finished_at - run.started_at:.1f} s"
+    return f"{when:19} {took:>8}"
+
+
+def logs(client: Client, run_id: str, follow: bool, as_json: bool, out: TextIO, err: TextIO) -> int:
+    """A run's output so far (``follow``: then live, to its end); Ctrl-C only stops reading."""
+    record = client.get_run(run_id)
+    printer = _Printer(record.kind, as_json, out, err)
+    if not follow and record.last_event_id == 0:
+        return 0
+    at = Attachment(on_resume=printer.resumed)
+    try:
+        for frame in client.follow(run_id, 0, at):
+            status = printer.frame(frame)
+            if status is not None:
+                return status
+            if not follow and at.last_event_id >= record.last_event_id:
+                return 0
+    except KeyboardInterrupt:
+        return 130
     raise ClientError("the stream ended without a result")

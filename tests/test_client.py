@@ -67,11 +67,13 @@ def progress(stderr: str) -> list[str]:
 
 
 def test_parse_sse_skips_keepalives_and_joins_data_lines() -> None:
-    lines = [": ping", "", "event: delta", "id: 1", 'data: {"a":', "data: 1}", "", "data: x"]
+    lines = [": ping", "", "event: delta", "id: 1", 'data: {"a":', "data: 1}", "", "data: x", ""]
     assert list(parse_sse(iter(lines))) == [
         Frame("delta", '{"a":\n1}', "1"),
         Frame("message", "x", None),
     ]
+    # An event the stream ended in the middle of is dropped, as the SSE rules say.
+    assert list(parse_sse(iter(["id: 2", 'data: {"text": "li']))) == []
 
 
 def test_parse_set_reads_json_values_and_dotted_keys() -> None:
