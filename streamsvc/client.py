@@ -7,6 +7,7 @@ Over 400 lines: the two clients side by side stay alike. Usage: README ("Python 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -82,6 +83,14 @@ class OutputFile(msgspec.Struct):
     sha256: str | None = None
     media_type: str | None = None
     content_base64: str | None = None
+    #: Why the content is not inline (too large, ...), when it is not.
+    error: ErrorInfo | None = None
+
+    def content(self) -> bytes | None:
+        """The file's bytes when they came inline, else None."""
+        if self.content_base64 is None:
+            return None
+        return base64.b64decode(self.content_base64)
 
 
 class RunResult(msgspec.Struct):
@@ -103,6 +112,8 @@ class RunResult(msgspec.Struct):
     run_id: str | None = None
     redacted: bool | None = None
     files: list[OutputFile] = []
+    #: Files left out of ``files`` by the count cap.
+    files_omitted: int = 0
     usage: Usage | None = None
 
 

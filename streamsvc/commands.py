@@ -79,6 +79,12 @@ def add_commands(commands: Any) -> None:
     run.add_argument(
         "--detach", action="store_true", help="start it in the background and print its id"
     )
+    run.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="write the output files that came back inline into DIR",
+    )
     chat = commands.add_parser("chat", help="stream a chat reply from a server")
     chat.add_argument("prompt", help="the user message ('-' reads stdin)")
     chat.add_argument("--system", help="a system message to send first")
@@ -121,7 +127,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
     try:
         defaults = load_client_settings()
         client = Client(
-            args.url or defaults.streamsvc_url, args.api_key or defaults.streamsvc_api_key
+            args.url or defaults.streamsvc_url, args.api_key or defaults.streamsvc_api_key or ""
         )
         if args.command == "run":
             body = build_request(args.connector, _env_file(args.env_file), args.sets, args.network)
@@ -129,7 +135,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
                 body["secrets"] = sorted({*body.get("secrets", ()), *args.secrets})
             if args.detach:
                 return detach(client, body, args.json, out, err)
-            return run_connector(client, body, args.json, out, err)
+            return run_connector(client, body, args.json, out, err, args.save)
         if args.command == "runs":
             return runs(client, args, out, err)
         return chat(client, _chat_body(args), args.json, out, err)
@@ -246,8 +252,10 @@ def _line(stream: TextIO, text: str) -> None:
 class _Printer:
     """Prints a run's frames as they come: output live, progress and the summary on stderr."""
 
-    def __init__(self, kind: str, as_json: bool, out: TextIO, err: TextIO) -> None:
-        self.kind, self.as_json = kind, as_json
+    def __init__(
+        self, kind: str, as_json: bool, out: TextIO, err: TextIO, save: Path | None = None
+    ) -> None:
+        self.kind, self.as_json, self.save = kind, as_json, save
         self.stdout, self.stderr = _Writer(out), _Writer(err)
 
     def resumed(self, at: Attachment, reason: str) -> None:
@@ -268,6 +276,9 @@ class _Printer:
                 if not self.stdout.at_line_start:
                     self.stdout.write("\n")
                 for line in _summary(event.result):
+                    self.stderr.line(line)
+            if self.save is not None:
+                for line in save_files(event.result, self.save):
                     self.stderr.line(line)
             return _exit_status(event.result)
         if self.as_json:
@@ -310,11 +321,34 @@ def _stream(client: Client, path: str, body: dict[str, Any], printer: _Printer, 
 
 
 def run_connector(
-    client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO
+    client: Client,
+    body: dict[str, Any],
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+    save: Path | None = None,
 ) -> int:
-    return _stream(
-        client, "/execute-connector", body, _Printer("connector", as_json, out, err), err
-    )
+    printer = _Printer("connector", as_json, out, err, save)
+    return _stream(client, "/execute-connector", body, printer, err)
+
+
+def save_files(result: RunResult, folder: Path) -> list[str]:
+    """Write the files that came inline under ``folder``; a line for each one."""
+    lines = []
+    for file in result.files:
+        parts = Path(file.name).parts
+        content = file.content()
+        if not parts or Path(file.name).is_absolute() or ".." in parts:
+            lines.append(f"[streamsvc] not saved: {file.name!r} is not a plain relative name")
+        elif content is None:
+            why = file.error.message if file.error else "its content did not come inline"
+            lines.append(f"[streamsvc] not saved: {file.name}: {why}")
+        else:
+            target = folder.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            lines.append(f"[streamsvc] saved {target}")
+    return lines
 
 
 def detach(client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:

@@ -129,3 +129,26 @@ def test_chat_sync_and_async(server: ServerProcess, azure: FakeAzure) -> None:
 
     events = anyio.run(chat_async)
     assert isinstance(events[-1], ChatDone) and events[-1].result.content == "echo: hello"
+
+
+def test_save_writes_inline_files_and_refuses_other_names(tmp_path: Path) -> None:
+    from streamsvc.client import ErrorInfo, OutputFile
+    from streamsvc.commands import save_files
+
+    result = RunResult(
+        ok=True,
+        files=[
+            OutputFile("report.csv", 4, content_base64="YSxiCg=="),
+            OutputFile("sub/notes.txt", 2, content_base64="aGk="),
+            OutputFile("../escape.txt", 1, content_base64="eA=="),
+            OutputFile("/etc/passwd", 1, content_base64="eA=="),
+            OutputFile("big.bin", 10**9, error=ErrorInfo("file_too_large", "over the inline cap")),
+        ],
+    )
+    lines = save_files(result, tmp_path / "out")
+    assert (tmp_path / "out" / "report.csv").read_bytes() == b"a,b\n"
+    assert (tmp_path / "out" / "sub" / "notes.txt").read_bytes() == b"hi"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["notes.txt", "report.csv"]
+    assert len(lines) == 5
+    assert "not saved: big.bin: over the inline cap" in lines[-1]
+    assert sum("not a plain relative name" in line for line in lines) == 2
