@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsvc.client import Attachment, Client
+from streamsvc.client import Attachment, Client, run_event
+from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess, sandboxes, wait_until
 from tests.test_client import COMMAND, _env, connector_file, streamsvc
 
@@ -178,3 +179,38 @@ def test_ctrl_c_cancels_the_run(server: ServerProcess, tmp_path: Path) -> None:
     # Cancelled at once, not left to the server's grace for a run without a reader.
     assert Client(server.url, api_key="").get_run(run_id).status == "cancelled"
     wait_until(lambda: not sandboxes(server), 20)
+
+
+async def test_the_async_client_reattaches_too(proxy: DroppingProxy, tmp_path: Path) -> None:
+    from streamsvc.client import AsyncClient, Output, RunDone
+
+    at = Attachment()
+    body = json.loads(connector_file(tmp_path, NUMBERED).read_text())
+    frames = [
+        frame
+        async for frame in AsyncClient(proxy.url, api_key="").frames(
+            "/execute-connector", {"connector": body, "stream": True}, at
+        )
+    ]
+    assert proxy.cuts == 1 and at.resumed == 1
+    assert [int(f.id or 0) for f in frames] == list(range(1, len(frames) + 1))
+    events = [run_event(frame) for frame in frames]
+    assert "".join(e.text for e in events if isinstance(e, Output)) == EXPECTED
+    assert isinstance(events[-1], RunDone) and events[-1].result.result == 200
+
+
+def test_runs_logs_prints_a_chat_run(
+    server: ServerProcess, azure: FakeAzure, tmp_path: Path
+) -> None:
+    azure.push(Reply(text_chunks=["first ", "second"]))
+    at = Attachment()
+    client = Client(server.url, api_key="")
+    frames = list(
+        client.frames(
+            "/chat", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, at
+        )
+    )
+    assert frames[-1].event == "done" and at.run_id is not None
+    logs = streamsvc("runs", "logs", at.run_id, "--url", server.url, cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout == "first second\n"
