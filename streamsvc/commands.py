@@ -105,10 +105,14 @@ def add_commands(commands: Any) -> None:
     logs.add_argument("--follow", "-f", action="store_true", help="then follow it live")
     cancel = runs_commands.add_parser("cancel", help="stop a run now")
     for command in (show, logs, cancel):
-        command.add_argument("run_id", metavar="ID")
+        command.add_argument("run_id", metavar="ID", help="the run's id (X-Run-ID, runs list)")
     for command in (run, chat, listing, show, logs, cancel):
         if command is not show:
-            command.add_argument("--json", action="store_true", help="print JSON only")
+            command.add_argument(
+                "--json",
+                action="store_true",
+                help="print JSON only (the final object, or the list)",
+            )
         command.add_argument("--url", help="server URL (default: STREAMSVC_URL)")
         command.add_argument("--api-key", help="API key (default: STREAMSVC_API_KEY)")
     scaffold = commands.add_parser(
