@@ -160,13 +160,17 @@ def test_init_scaffolds_a_connector_that_runs_as_is(server: ServerProcess, tmp_p
 def test_run_folder_with_requirements_imports_the_package(
     server: ServerProcess, tmp_path: Path
 ) -> None:
-    """The issue's "done when": requirements.txt names a package the code imports."""
+    """The issue's "done when": requirements.txt names a package the code imports (and the
+    manifest is TOML)."""
     write(
         tmp_path / "needs-idna",
         {
             "requirements.txt": "idna==3.10\n",
-            "main.py": "import idna\n\ndef run(context):\n"
-            "    return {'ascii': idna.encode('bücher.example').decode()}\n",
+            "connector.toml": '[runtime]\nentry_point = "app.py"\n[configuration]\n'
+            'host = "bücher.example"\n',
+            "app.py": "import idna\n\ndef run(context):\n"
+            "    host = context['connector']['configuration']['host']\n"
+            "    return {'ascii': idna.encode(host).decode()}\n",
         },
     )
     done = streamsvc("run", "needs-idna", "--json", "--url", server.url, cwd=tmp_path)

@@ -1,7 +1,7 @@
 """Every connector of ``examples/`` runs on the real engine through ``streamsvc run``.
 
 Each test checks what its example computes, so a broken example (or a folder feature it
-relies on: modules in sub-folders, a TOML manifest, a requirements.txt) fails here.
+relies on: modules in sub-folders, configuration, a requirements.txt) fails here.
 """
 
 from __future__ import annotations
