@@ -208,6 +208,8 @@ def seed_request() -> dict[str, Any]:
 
 
 AZURE_KEY = "azure-test-key-0123456789"
+#: The test servers' grace for runs whose last reader left (seconds).
+RUN_GRACE = "1"
 
 
 def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
@@ -224,6 +226,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         # The pool is on by default (2); tests that count every container of their server
         # need it off, and tests/test_warm_pool.py turns it on (as does a server's default).
         "STREAMSVC_WARM_POOL_SIZE": "0",
+        # A run outlives a dropped connection this long, waiting for a reader to come back.
+        "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": RUN_GRACE,
+        "STREAMSVC_RUN_GRACE_CHAT_SECONDS": RUN_GRACE,
         **extra,
     }
 
