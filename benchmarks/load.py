@@ -29,7 +29,7 @@ import httpx
 import psutil
 
 from benchmarks.common import ROOT, load_average, machine_facts, percentile
-from tests.harness import ServerProcess, read_sse
+from tests.harness import ServerProcess, parse_sse_lines, read_sse
 
 METHOD = """\
 Everything runs on loopback, bounded in count and time. It starts
@@ -52,7 +52,10 @@ same moment, all on their own connections, and checks every answer in full:
   `configuration_overrides`);
 - chat: status 200, SSE ids 1..n, deltas that concatenate to exactly the final
   `content` and to `"echo: <prompt>"` (each prompt distinct), `finish_reason`
-  `stop`, `usage.completion_tokens` equal to the number of deltas, last event `done`.
+  `stop`, `usage.completion_tokens` equal to the number of deltas, last event `done`;
+- both, once the load is over: the run's stored log (`GET /runs/{X-Run-ID}/events`,
+  replayed from the first event) equal to the stream as it was received, event by
+  event (issue 13: every event of every run stored once, in order).
 
 Meanwhile a thread samples the server's RSS and open files every 50 ms. Afterwards: no
 container with the server's owner label (`streamsvc.owner=<host>:<pid>`) may remain
@@ -110,6 +113,8 @@ class Outcome:
     chunks: int = 0  # stdout events / delta events
     failure: str | None = None  # the first thing found wrong
     detail: str | None = None  # an exception's message (kept with --raw)
+    run_id: str | None = None  # X-Run-ID: the stored log must be the stream's (issue 13)
+    seen: list[tuple[str | None, str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def latency(self) -> float | None:
@@ -281,6 +286,32 @@ async def _run(
         outcome.failure = check(response)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         outcome.failure = f"malformed_event:{type(exc).__name__}"
+    outcome.run_id = response.headers.get("x-run-id")
+    outcome.seen = [(e.id, e.event, e.data) for e in response.events]
+
+
+async def check_stored(client: httpx.AsyncClient, url: str, outcome: Outcome) -> None:
+    """The run's stored log, replayed, is exactly the stream it was seen as: every event
+    stored once, in order."""
+    if outcome.failure is not None:
+        return
+    if outcome.run_id is None:
+        outcome.failure = "no_run_id"
+        return
+    stored: list[tuple[str | None, str, Any]] = []
+    async with client.stream("GET", f"{url}/runs/{outcome.run_id}/events") as response:
+        block: list[str] = []
+        async for line in response.aiter_lines():
+            if line:
+                block.append(line)
+                continue
+            fields, _ = parse_sse_lines(block)
+            block = []
+            if "data" in fields:
+                data = json.loads(fields["data"])
+                stored.append((fields.get("id"), fields.get("event", "message"), data))
+    if stored != outcome.seen:
+        outcome.failure = "stored_log_differs"
 
 
 # ---- the processes ------------------------------------------------------------------------------
@@ -465,7 +496,10 @@ async def fire(args: argparse.Namespace, url: str, deadline: float) -> list[Outc
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return [task.result() for task in tasks]
+        outcomes = [task.result() for task in tasks]
+        for outcome in outcomes:
+            await check_stored(client, url, outcome)
+    return outcomes
 
 
 async def probe(url: str, rng: random.Random) -> list[str]:

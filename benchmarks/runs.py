@@ -100,7 +100,9 @@ def alternate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=METHOD, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.runs",
+        description=METHOD,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--big-runs", type=int, default=5)
@@ -165,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(bigs["sqlite"]) / statistics.median(bigs["memory"])
     facts = machine_facts()
     lines = [
-        "`python -m benchmarks.runs` (issue 13). " + METHOD.replace("\n", " ").strip(),
+        "`python -m benchmarks.runs` (issue 13).",
+        "",
+        METHOD.strip(),
         "",
         *markdown_table(
             ["store", "warm trivial p50 ms", "p95 ms", "20,000 lines median ms", "resume p50 ms"],

@@ -9,6 +9,7 @@
 #   ensure_all            the three above, in that order, one line per step
 #   ensure_browser        Debian's chromium and playwright-core in tests/browser
 #                         (scripts/test only; never downloads a browser)
+#   ensure_clients        the Vercel AI SDK in tests/clients (npm ci; scripts/test only)
 #
 # Environment:
 #   PYTHON                    interpreter for a new .venv (default python3, >= 3.11)
@@ -423,6 +424,33 @@ ensure_browser() {
     fi
     what=${what%, }
     _step browser "$t0" "$("$CHROMIUM" --version 2>/dev/null), playwright-core${what:+ ($what)}"
+}
+
+# ---------------------------------------------------------------- client SDKs
+
+CLIENTS_DIR=$STREAMSVC_ROOT/tests/clients
+
+# The JavaScript clients tests/test_openai_clients.py drives (ai, @ai-sdk/openai-compatible),
+# from tests/clients/package-lock.json. Needs node >= 18 and npm (ensure_browser installs
+# them on Debian as root); without them the AI SDK tests skip, or fail in CI.
+ensure_clients() {
+    local t0 stamp=$CLIENTS_DIR/node_modules/.streamsvc-installed
+    t0=$(_now_ms)
+    if ! command -v npm >/dev/null || (($(_node_major) < 18)); then
+        [[ -z ${CI:-} ]] || _die "the client tests need node >= 18 and npm"
+        echo "clients: skipped (needs node >= 18 and npm)"
+        return 0
+    fi
+    if [[ ! -e $stamp || $CLIENTS_DIR/package-lock.json -nt $stamp ]]; then
+        _lock /tmp/streamsvc-clients.lock
+        if [[ ! -e $stamp || $CLIENTS_DIR/package-lock.json -nt $stamp ]]; then
+            _log "npm ci in tests/clients (log: $STREAMSVC_LOG_DIR/streamsvc-npm.log)"
+            _run_logged npm npm ci --prefix "$CLIENTS_DIR" --no-audit --no-fund
+            touch "$stamp"
+        fi
+        _unlock
+    fi
+    _step clients "$t0" "ai $(node -p "require('$CLIENTS_DIR/node_modules/ai/package.json').version")"
 }
 
 # ---------------------------------------------------------------- all

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         # Internal: a worker serving its parent's socket (streamsvc.serving.workers).
         target.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+        # Internal: the workers' shared metrics directory (streamsvc.web.multiproc).
+        target.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     client.add_commands(commands)
     deps = commands.add_parser("deps", help="list or clear the dependency cache (on the engine)")
     deps_commands = deps.add_subparsers(dest="deps_command", required=True)
@@ -105,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return supervise(settings.server)
         from streamsvc.serving.server import backend_options, serve
 
-        anyio.run(serve, settings, args.listen_fd, backend_options=backend_options())
+        anyio.run(
+            serve, settings, args.listen_fd, args.metrics_dir, backend_options=backend_options()
+        )
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2

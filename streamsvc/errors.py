@@ -14,6 +14,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
+    ├── ModelNotFound                 404  model_not_found: not a configured deployment
     ├── RunNotFound                   404  not_found: no such run (or not this key's)
     ├── RunNotFinished                409  run_not_finished: a running run cannot be deleted
     ├── RunCancelled                  409  cancelled: cancelled, or abandoned by its readers
@@ -25,6 +26,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── MisdirectedRequest            421  host_not_allowed: a Host header not allowed
     ├── Busy                          429  busy (with retry_after)
     │   └── BodiesBusy                429  busy: request bodies in flight at their budget
+    ├── KeyRateLimited                429  rate_limited: an API key over its per-minute limit
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
     │   ├── UpstreamRateLimited       429  upstream_rate_limited (with retry_after)
@@ -144,6 +146,13 @@ class Forbidden(ServiceError):
     code = "origin_not_allowed"
 
 
+class ModelNotFound(ServiceError):
+    """GET /v1/models/{id} for a model that is not one of the configured deployments."""
+
+    status = 404
+    code = "model_not_found"
+
+
 class RunNotFound(ServiceError):
     status = 404
     code = "not_found"
@@ -208,6 +217,13 @@ class Busy(ServiceError):
 
 class BodiesBusy(Busy):
     """The body would take the bytes in flight past their budget; it is left unread."""
+
+
+class KeyRateLimited(ServiceError):
+    """An API key over its requests- or tokens-per-minute limit (with retry_after)."""
+
+    status = 429
+    code = "rate_limited"
 
 
 class UpstreamError(ServiceError):

@@ -1,8 +1,8 @@
 """Settings: frozen structs per subsystem, built once from the environment and ``.env``.
 
-``Settings`` holds the ``server``, ``chat`` and ``sandbox`` groups; each component receives
-only its group. The rule: the only module that reads the environment (``ENV_NAMES``).
-Over 400 lines: every variable and the ``.env`` search stay in this one module.
+``Settings`` holds one group per subsystem; each component receives only its group. The rule:
+the only module that reads the environment (``ENV_NAMES``, ``dotenv_files``). Over 400 lines:
+every group, every env name and the ``.env`` search are here, so one module owns the environment.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class ServerSettings(msgspec.Struct, frozen=True):
     log_format: Literal["text", "json"] = "text"
     #: Log chat content at debug level; never by default.
     log_content: bool = False
+    #: Requests per minute each API key may make (0: no limit); per worker process.
+    key_requests_per_minute: NonNegative = 0
+    #: Chat tokens per minute each API key may use (0: no limit); per worker process.
+    key_tokens_per_minute: NonNegative = 0
 
 
 class ChatSettings(msgspec.Struct, frozen=True):
@@ -231,6 +235,8 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_LOG_LEVEL": ("server", "log_level"),
     "STREAMSVC_LOG_FORMAT": ("server", "log_format"),
     "STREAMSVC_LOG_CONTENT": ("server", "log_content"),
+    "STREAMSVC_KEY_REQUESTS_PER_MINUTE": ("server", "key_requests_per_minute"),
+    "STREAMSVC_KEY_TOKENS_PER_MINUTE": ("server", "key_tokens_per_minute"),
     # the sandbox
     "DOCKER_HOST": ("sandbox", "docker_host"),
     "STREAMSVC_SANDBOX_IMAGE": ("sandbox", "image"),

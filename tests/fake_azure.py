@@ -157,7 +157,9 @@ def _stream_chunks(
     preamble = [
         {"choices": [], "created": 0, "id": "", "model": "", "object": "",
          "prompt_filter_results": _prompt_filter_results()},
-        _chunk(base, {"role": "assistant", "content": "", "refusal": None}, {}),
+        # a reply that only calls tools has no text: its content is null, as non-streamed
+        _chunk(base, {"role": "assistant", "content": None if tool_calls and not chunks else "",
+                      "refusal": None}, {}),
     ]
     content = [_chunk(base, {"content": text}, _filter_results()) for text in chunks]
     content += [_chunk(base, delta, {}) for delta in _tool_call_deltas(tool_calls or [])]

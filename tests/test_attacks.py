@@ -264,7 +264,8 @@ async def test_nothing_persists_between_runs(
     server: ServerProcess, client: httpx.AsyncClient
 ) -> None:
     secret = uuid.uuid4().hex
-    places = ["/work/left.txt", "/work/.streamsvc/context.json", "/tmp/left", "/dev/shm/left"]
+    places = ["/work/left.txt", "/work/.streamsvc/context.json", "/tmp/left", "/dev/shm/left",
+              "/work/out/left"]  # fmt: skip
     leave = f"""
         import json, socket
         for path in {places!r}:
@@ -275,7 +276,7 @@ async def test_nothing_persists_between_runs(
     look = f"""
         import json, os, socket
         found = [p for p in {places!r} if os.path.exists(p) and "{secret}" in open(p).read()]
-        listing = {{d: sorted(os.listdir(d)) for d in ("/work", "/tmp", "/dev/shm")}}
+        listing = {{d: sorted(os.listdir(d)) for d in ("/work", "/work/out", "/tmp", "/dev/shm")}}
         print(json.dumps({{"ok": True, "result": {{
             "host": socket.gethostname(), "found": found, "listing": listing}}}}))
     """
@@ -283,7 +284,9 @@ async def test_nothing_persists_between_runs(
     second = result_line(await execute(client, server, body(look)))
     assert second["host"] != first
     assert second["found"] == []
-    assert second["listing"] == {"/work": [".streamsvc", "main.py"], "/tmp": [], "/dev/shm": []}
+    assert second["listing"] == {
+        "/work": [".streamsvc", "main.py", "out"], "/work/out": [], "/tmp": [], "/dev/shm": []
+    }  # fmt: skip
     survived(server)
 
 

@@ -296,9 +296,9 @@ async def test_repr_and_double_json_forms_of_secrets_are_redacted(
         print(json.dumps({"ok": True, "result": "done"}))
     """
     configuration = {name: "{{env:" + name + "}}" for name in _ENCODED_SECRETS}
-    answer = await execute(
-        client, server, body(code, env=_ENCODED_SECRETS, configuration=configuration)
-    )
+    payload = body(code, env=_ENCODED_SECRETS, configuration=configuration)
+    payload["secrets"] = list(_ENCODED_SECRETS)
+    answer = await execute(client, server, payload)
     assert answer["ok"] is True, answer
     stdout = answer["stdout"]
     assert stdout.count("[REDACTED]") >= 5 * 7
@@ -320,18 +320,18 @@ async def test_redacting_many_secrets_against_tiny_writes_keeps_the_loop_free(
 ) -> None:
     # High 4: 200 secrets against one-byte writes stalled the loop for seconds (each
     # write was compared with every form of every secret: 600 here).
-    env = {f"S{i}": f's"{i:04d}\u00e9' + "x" * 280 for i in range(200)}
+    env = {f"S{i}_SECRET": f's"{i:04d}\u00e9' + "x" * 280 for i in range(200)}
     code = """
         import os, sys, json
         for _ in range(8_000):
             os.write(1, b"s")
-        os.write(1, os.environ["S7"].encode() + b"\\n")
+        os.write(1, os.environ["S7_SECRET"].encode() + b"\\n")
         print(json.dumps({"ok": True, "result": 1}))
     """
     answer, _, slowest = await watching_health(
         server, lambda: execute(client, server, body(code, env=env, timeout_ms=30_000))
     )
     assert answer["ok"] is True, answer
-    assert env["S7"] not in answer["stdout"] and "[REDACTED]" in answer["stdout"]
+    assert env["S7_SECRET"] not in answer["stdout"] and "[REDACTED]" in answer["stdout"]
     assert answer["stdout"].startswith("s" * 8_000)
     assert slowest < HEALTH_LIMIT, slowest

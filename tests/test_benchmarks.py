@@ -45,6 +45,20 @@ def test_each_benchmark_runs_as_a_module_with_help(module: str, option: str, met
     assert done.stderr == ""
 
 
+def test_the_run_store_benchmark_runs_as_a_module_with_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.runs", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmarks.runs ")
+    assert "--resumes" in done.stdout and "memory://" in done.stdout
+
+
 @pytest.mark.parametrize(("module", "option", "method"), BENCHMARKS)
 def test_the_old_script_runs_the_module_from_any_directory(
     module: str, option: str, method: str, tmp_path: Path

@@ -122,6 +122,47 @@ async def test_model_picks_the_deployment_and_explicit_parameters_pass_through(
     assert (default.body["temperature"], default.body["max_tokens"]) == (0.7, 2000)
 
 
+SAMPLING: dict[str, Any] = {
+    "top_p": 0.9,
+    "stop": ["\n\n", "END"],
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.25,
+    "seed": 42,
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "description": "One word.",
+            "schema": {"type": "object", "properties": {"word": {"type": "string"}}},
+            "strict": True,
+        },
+    },
+    "user": "user-1234",
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["json", "stream"])
+async def test_openai_sampling_fields_reach_the_upstream_as_sent(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient, streaming: bool
+) -> None:
+    formats = [{"type": "text"}, {"type": "json_object"}, SAMPLING["response_format"]]
+    for response_format in formats:
+        body = {"messages": USER, **SAMPLING, "response_format": response_format}
+        response = await client.post(server.url + "/chat", json={**body, "stream": streaming})
+        assert response.status_code == 200, response.text
+    for sent, response_format in zip(azure.requests, formats, strict=True):
+        assert {k: sent.body[k] for k in SAMPLING} == {
+            **SAMPLING,
+            "response_format": response_format,
+        }
+    # A single stop string goes as it is; fields left out are not sent at all.
+    await client.post(server.url + "/chat", json={"messages": USER, "stop": "END"})
+    await client.post(server.url + "/chat", json={"messages": USER})
+    single, bare = azure.requests[-2:]
+    assert single.body["stop"] == "END"
+    assert not set(SAMPLING) & bare.body.keys()
+
+
 @pytest.mark.parametrize("model", ["gpt-5", "gpt-5-mini", "o1", "o3-mini", "o4-mini", "O3"])
 async def test_reasoning_deployments_get_max_completion_tokens_and_no_temperature(
     server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient, model: str
@@ -210,6 +251,25 @@ def _messages(count: int, text: str = "x") -> list[dict[str, str]]:
         ({"messages": USER, "stream": "yes"}, "$.stream"),
         ({}, "$"),
         ([], "$"),
+        ({"messages": USER, "top_p": 1.01}, "$.top_p"),
+        ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "$.stop"),
+        ({"messages": USER, "stop": ""}, "$.stop"),
+        ({"messages": USER, "stop": [1]}, "$.stop[0]"),
+        ({"messages": USER, "presence_penalty": 2.5}, "$.presence_penalty"),
+        ({"messages": USER, "frequency_penalty": -2.01}, "$.frequency_penalty"),
+        ({"messages": USER, "seed": "7"}, "$.seed"),
+        ({"messages": USER, "seed": 2**63}, "$.seed"),
+        ({"messages": USER, "response_format": {"type": "xml"}}, "$.response_format.type"),
+        (
+            {"messages": USER, "response_format": {"type": "json_object", "strict": True}},
+            "$.response_format.strict",
+        ),
+        (
+            {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {}}},
+            "$.response_format.json_schema",
+        ),
+        ({"messages": USER, "user": ""}, "$.user"),
+        ({"messages": USER, "logit_bias": {"50256": -100}}, "$.logit_bias"),
     ],
     ids=[
         "bad-role",
@@ -230,6 +290,19 @@ def _messages(count: int, text: str = "x") -> list[dict[str, str]]:
         "stream-string",
         "missing-messages",
         "not-an-object",
+        "top-p-high",
+        "five-stops",
+        "empty-stop",
+        "stop-int",
+        "presence-high",
+        "frequency-low",
+        "seed-string",
+        "seed-too-big",
+        "format-unknown",
+        "format-unknown-field",
+        "schema-without-name",
+        "empty-user",
+        "unknown-openai-field",
     ],
 )
 async def test_wrong_shapes_are_422_with_the_path(
@@ -254,8 +327,10 @@ async def test_wrong_shapes_are_422_with_the_path(
         {"messages": USER, "temperature": 0, "max_tokens": 1},
         {"messages": USER, "temperature": 2},
         {"messages": _messages(512)},
+        {"messages": USER, "top_p": 0, "presence_penalty": -2, "frequency_penalty": 2},
+        {"messages": USER, "top_p": 1, "stop": ["a", "b", "c", "d"], "seed": -(2**63)},
     ],
-    ids=["lower-bounds", "temperature-2", "512-messages"],
+    ids=["lower-bounds", "temperature-2", "512-messages", "sampling-low", "sampling-high"],
 )
 async def test_bounds_are_inclusive(
     server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient, body: dict[str, Any]

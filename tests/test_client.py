@@ -110,7 +110,7 @@ def test_run_the_seed_example(server: ServerProcess, tmp_path: Path) -> None:
     lines = progress(done.stderr)
     assert lines[0] == "[streamsvc] validated: the connector is valid"
     assert any(
-        line.startswith("[streamsvc] installing dependencies:") and "requests==2.32.3" in line
+        line.startswith("[streamsvc] dependencies ready:") and "requests==2.32.3" in line
         for line in lines
     ), lines
     phases = [line.split(":")[0] for line in lines]

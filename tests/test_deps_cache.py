@@ -68,6 +68,17 @@ IMPORTS_REQUESTS = """
 """
 
 
+async def install_metrics(client: httpx.AsyncClient, server: ServerProcess) -> dict[str, float]:
+    """The install-time histogram's count and sum in /metrics."""
+    text = (await client.get(server.url + "/metrics")).text
+    found = {"streamsvc_dependency_install_seconds_count": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("streamsvc_dependency_install_seconds_"):
+            found[name] = float(value)
+    return found
+
+
 def deps_volumes(requirement: str) -> list[str]:
     names = docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split()
     found = []
@@ -108,6 +119,8 @@ async def test_a_new_set_is_installed_once_then_reused(
         print(json.dumps({"ok": True, "result": six.__version__}))
     """
     created = set()
+    installs = "streamsvc_dependency_install_seconds_count"
+    before = await install_metrics(client, server)
     try:
         for _ in range(2):
             payload = body(code, dependencies={"six": "1.16.0"}, network="none")
@@ -115,6 +128,11 @@ async def test_a_new_set_is_installed_once_then_reused(
             [volume] = deps_volumes(requirement)
             created.add(json.loads(docker("volume", "inspect", volume))[0]["CreatedAt"])
         assert len(created) == 1  # the second run used the first run's volume
+        after = await install_metrics(client, server)
+        assert after[installs] - before[installs] == 1  # /metrics timed the one install
+        assert after["streamsvc_dependency_install_seconds_sum"] > before.get(
+            "streamsvc_dependency_install_seconds_sum", 0.0
+        )
     finally:
         for volume in deps_volumes(requirement):
             docker("volume", "rm", volume, check=False)

@@ -19,8 +19,8 @@ from tests.harness import SEED_EXAMPLE, ServerProcess, read_sse, seed_request
 
 
 def without_duration(answer: dict[str, Any]) -> dict[str, Any]:
-    """The answer without what differs between two runs of one program (time, run id)."""
-    return {key: value for key, value in answer.items() if key not in {"duration_ms", "run_id"}}
+    """The answer without what differs between two runs of one program (timings, run id)."""
+    return {k: v for k, v in answer.items() if k not in {"duration_ms", "usage", "run_id"}}
 
 
 # -- the seed example ------------------------------------------------------------------
@@ -53,8 +53,12 @@ async def test_the_seed_example_answers_hello_world(
         range(1, len(streamed.events) + 1)
     )
     phases = [event.data["phase"] for event in streamed.named("status")]
-    assert phases == ["validated", "installing_dependencies", "starting", "running"]
-    assert "requests==2.32.3" in streamed.named("status")[1].data["message"]
+    # The plain run above installed (or found) the set: this one is a cache hit.
+    assert phases == ["validated", "dependencies_ready", "starting", "running"]
+    ready = streamed.named("status")[1].data
+    assert "requests==2.32.3" in ready["message"], ready
+    assert (ready["cache"], ready["requested"], ready["packages"]) == ("hit", 1, 5), ready
+    assert ready["size_kb"] > 0
     assert [event.data for event in streamed.named("stdout")] == [{"text": answer["stdout"]}]
     assert streamed.named("stderr") == []
     done = streamed.last

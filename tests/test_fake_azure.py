@@ -153,6 +153,22 @@ async def test_non_stream_completion(fake: FakeAzure, client: AsyncAzureOpenAI) 
     assert again.choices[0].message.content == "echo: hello there world"
 
 
+async def test_a_tool_call_has_null_content_streamed_and_not(
+    fake: FakeAzure, client: AsyncAzureOpenAI
+) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    fake.push(Reply(tool_calls=[call]), Reply(tool_calls=[call]))
+    chunks = await collect(client)
+    role = chunks[1].choices[0].delta
+    assert (role.role, role.content) == ("assistant", None)  # no text: null, as OpenAI sends
+    whole = await client.chat.completions.create(model="gpt-4o", messages=USER)
+    message = whole.choices[0].message
+    assert message.content is None and whole.choices[0].finish_reason == "tool_calls"
+    assert [c.model_dump() for c in message.tool_calls or []] == [call]
+    assert whole.choices[0].model_extra is not None
+    assert whole.choices[0].model_extra["content_filter_results"]["hate"]["severity"] == "safe"
+
+
 def test_sync_client_from_sync_code(fake: FakeAzure) -> None:
     with AzureOpenAI(
         azure_endpoint=fake.url, api_key=KEY, api_version=API_VERSION, max_retries=0

@@ -10,10 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fake_azure import FakeAzure, Reply, unauthorized
+from streamsvc.web.auth import key_id
+from tests.fake_azure import FakeAzure, Reply, rate_limited, server_error, unauthorized
 from tests.harness import AZURE_KEY, ServerProcess, asgi_client, read_sse, server_env
 
 API_KEY = "client-api-key-abcdef0123456789"
@@ -376,3 +378,160 @@ async def test_executions_log_exit_code_and_ok(
     assert line["route"] == "/execute-connector" and line["status"] == 200
     assert line["exit_code"] == 3 and line["ok"] is False
     assert secret not in server.log()
+
+
+async def test_chat_outcomes_retries_fallbacks_and_the_access_log_fields(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server(
+        STREAMSVC_LOG_FORMAT="json",
+        STREAMSVC_API_KEYS=API_KEY,
+        STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS="backup-1",
+        STREAMSVC_MAX_RETRIES="1",
+    )
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"messages": USER, "stream": True}
+    before = await scrape(client, server)
+
+    async def chat(request_id: str, model: str = "gpt-4o", **options: Any) -> Any:
+        headers = {**auth, "X-Request-ID": request_id}
+        asked = {**body, "model": model}
+        return await read_sse(client, server.url + "/chat", asked, headers=headers, **options)
+
+    azure.push(Reply(text_chunks=["a", "b"]))
+    assert (await chat("o-done")).last.event == "done"
+    azure.push(rate_limited(retry_after_ms=50, retry_after=None))  # then the default echo
+    assert (await chat("o-retry")).last.event == "done"
+    azure.push(server_error(500), server_error(500))  # its retry fails too: backup-1 answers
+    assert (await chat("o-fallback")).last.event == "done"
+    assert [r.deployment for r in azure.requests][-3:] == ["gpt-4o", "gpt-4o", "backup-1"]
+    azure.push(Reply(text_chunks=["a", "b", "c", "d"], chunk_delay=0.3))
+    assert len((await chat("o-cancel", stop_after=1)).events) == 1  # then hangs up
+    azure.push(Reply(text_chunks=["a"], first_byte_delay=4))  # no first token within 3 s
+    assert (await chat("o-timeout", model="solo")).status == 504  # solo: no fallback
+
+    line = await access_line(server, "o-done")
+    assert line["client"] == "127.0.0.1" and line["key_id"] == key_id(API_KEY)
+    assert line["model"] == "gpt-4o" and line["outcome"] == "completed"
+    assert "cancel_reason" not in line
+    line = await access_line(server, "o-cancel")
+    assert line["outcome"] == "cancelled" and line["cancel_reason"] == "client_disconnected"
+    assert line["status"] == 200 and line["key_id"] == key_id(API_KEY)
+    line = await access_line(server, "o-timeout")
+    assert line["outcome"] == "timeout" and line["error"] == "upstream_timeout"
+    assert API_KEY not in server.log()
+
+    after = await scrape(client, server)
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    outcomes = "streamsvc_run_outcomes_total"
+    assert moved(outcomes, kind="chat", outcome="completed") == 3
+    assert moved(outcomes, kind="chat", outcome="cancelled") == 1
+    assert moved(outcomes, kind="chat", outcome="timeout") == 1
+    attempts = "streamsvc_upstream_attempts_total"
+    assert moved(attempts, action="retry", reason="upstream_rate_limited") == 1
+    assert moved(attempts, action="retry", reason="upstream_error") == 1
+    assert moved(attempts, action="fallback", reason="upstream_error") == 1
+    # Usage by key and model: the deployment asked for, whichever answered.
+    key = {"key": key_id(API_KEY), "model": "gpt-4o", "kind": "completion"}
+    assert moved("streamsvc_key_tokens_total", **key) >= 2
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes"):
+        assert sample(after, name) > 0
+
+
+async def test_metrics_sum_over_two_workers(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure
+) -> None:
+    """Every scrape, whichever worker answers it, reports every worker's requests."""
+    server = start_server(STREAMSVC_WORKERS="2")
+    workers = psutil.Process(server.process.pid).children()
+    assert len(workers) == 2
+    served: dict[int, int] = {}
+    # A fresh connection per request; each worker paused in turn, so the other serves them.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=30, limits=fresh) as client:
+        for paused, count in zip(workers, (3, 4), strict=True):
+            paused.suspend()
+            try:
+                for _ in range(count):
+                    azure.push(Reply(text_chunks=["x", "y"]))
+                    answer = await client.post(server.url + "/chat", json={"messages": USER})
+                    assert answer.status_code == 200
+                    assert (await client.get(server.url + "/health/live")).status_code == 200
+            finally:
+                paused.resume()
+            served[paused.pid] = count
+        await asyncio.sleep(1.5)  # the gauges are written every second
+        for _ in range(6):
+            text = await scrape(client, server)
+            assert sample(text, "streamsvc_requests_total", route="/chat", code="200") == 7
+            assert sample(text, "streamsvc_requests_total", route="/health/live", code="200") == 7
+            assert sample(text, "streamsvc_chat_tokens_total", kind="completion") == 14
+            outcome = {"kind": "chat", "outcome": "completed"}
+            assert sample(text, "streamsvc_run_outcomes_total", **outcome) == 7
+            durations = sample(text, "streamsvc_request_duration_seconds_count", route="/chat")
+            assert durations == 7
+            assert sample(text, "streamsvc_active_streams") == 0
+            pids = {
+                s.labels["pid"]
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "process_cpu_seconds_total"
+            }
+            assert pids == {str(w.pid) for w in workers}
+    assert sum(served.values()) == 7
+
+
+def _run(program: str, **runtime: Any) -> dict[str, Any]:
+    files = {"main.py": program}
+    runtime = {"language": "python", "entryPoint": "main.py", **runtime}
+    return {"connector": {"runtime": runtime, "files": files}, "stream": False}
+
+
+@pytest.mark.docker
+async def test_connector_outcomes_queue_wait_and_the_entry_point(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
+) -> None:
+    server = start_server(STREAMSVC_LOG_FORMAT="json", STREAMSVC_OUTPUT_CAP_BYTES="65536")
+    url = server.url + "/execute-connector"
+    before = await scrape(client, server)
+    runs = {
+        "completed": _run('print(\'{"ok": true, "result": 1}\')'),
+        "program_error": _run("raise SystemExit(3)"),
+        "timeout": _run("import time\ntime.sleep(30)", timeoutMs=1000),
+        "output_limit": _run("print('x' * 200_000, flush=True)\nimport time\ntime.sleep(30)"),
+        "oom": _run("chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))", memoryMb=64),
+    }
+    for expected, body in runs.items():
+        answer = await client.post(url, json=body, headers={"X-Request-ID": f"run-{expected}"})
+        assert answer.status_code == 200, answer.text
+    refused = await client.post(
+        url, json=_run("print(1)", memoryMb=1), headers={"X-Request-ID": "run-refused"}
+    )
+    assert refused.status_code == 400
+    # A streamed run whose client hangs up at its first line of output.
+    body = {**_run("print('started', flush=True)\nimport time\ntime.sleep(30)"), "stream": True}
+    headers = {"X-Request-ID": "run-cancelled", "accept": "text/event-stream"}
+    async with client.stream("POST", url, json=body, headers=headers) as stream:
+        async for text in stream.aiter_lines():
+            if text == "event: stdout":
+                break
+
+    for expected in (*runs, "refused", "cancelled"):
+        line = await access_line(server, f"run-{expected}")
+        assert line["outcome"] == expected, line
+        assert line.get("entry_point") == (None if expected == "refused" else "main.py")
+    assert line["cancel_reason"] == "client_disconnected"
+    after = await scrape(client, server)
+
+    def moved(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    for expected in (*runs, "refused", "cancelled"):
+        assert moved("streamsvc_run_outcomes_total", kind="connector", outcome=expected) == 1
+    # Every run that got a slot waited for it (none here for long: one at a time).
+    assert moved("streamsvc_queue_wait_seconds_count") == len(runs) + 1
+    assert moved("streamsvc_queue_wait_seconds_sum") < 5
+    assert "# TYPE streamsvc_dependency_install_seconds histogram" in after

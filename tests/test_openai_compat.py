@@ -23,7 +23,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from streamsvc.chat.openai_compat import CompletionBuilder
+from streamsvc.chat.openai_chunks import CompletionBuilder, StreamCleaner
 from tests.fake_azure import (
     NOT_FOUND,
     FakeAzure,
@@ -31,7 +31,7 @@ from tests.fake_azure import (
     content_filter_error,
     rate_limited,
 )
-from tests.harness import JSON_TYPE, ServerProcess, check_answer, server_env
+from tests.harness import JSON_TYPE, ServerProcess, asgi_client, check_answer, server_env
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 WEATHER_TOOL: ChatCompletionToolParam = {
@@ -93,23 +93,53 @@ async def test_sdk_non_streaming_gets_a_chat_completion(sdk: AsyncOpenAI, azure:
     assert (sent.body["temperature"], sent.body["max_tokens"]) == (0.7, 2000)
 
 
-async def test_sdk_streaming_gets_chunks_without_usage_unless_asked(
+async def test_sdk_streaming_gets_clean_chunks_without_usage_unless_asked(
     sdk: AsyncOpenAI, azure: FakeAzure
 ) -> None:
     azure.push(Reply(text_chunks=["Hel", "lo", "!"]))
     stream = await sdk.chat.completions.create(model="gpt-4o", messages=USER, stream=True)
     chunks = [chunk async for chunk in stream]
-    text = "".join(
-        c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta
-    )
-    assert text == "Hello!"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices].count("stop") == 1
+    # OpenAI's docs loop, unguarded: every chunk has a choice, every choice a delta.
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello!"
+    assert [c.choices[0].finish_reason for c in chunks].count("stop") == 1
     assert all(c.usage is None for c in chunks)
-    # Azure's extras pass through untouched: the prompt-filter chunk leads.
-    assert chunks[0].choices == [] and chunks[0].model_extra is not None
-    assert chunks[0].model_extra["prompt_filter_results"][0]["prompt_index"] == 0
+    # One id, model and created all along; Azure's extras are not in the default stream.
+    assert {(c.id, c.model, c.created, c.object) for c in chunks} == {
+        (chunks[0].id, "gpt-4o-2024-11-20", chunks[0].created, "chat.completion.chunk")
+    }
+    assert chunks[0].id.startswith("chatcmpl-") and chunks[0].created > 0
+    assert not any((c.model_extra or {}).get("prompt_filter_results") for c in chunks)
+    assert not any((c.choices[0].model_extra or {}).get("content_filter_offsets") for c in chunks)
     # Usage was still asked for upstream (for the access log), then dropped.
     assert azure.requests[0].body["stream_options"] == {"include_usage": True}
+
+
+async def test_the_azure_extras_header_keeps_filter_results_in_a_clean_shape(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    body = {"model": "gpt-4o", "messages": USER, "stream": True}
+    url = server.url + "/v1/chat/completions"
+    azure.push(Reply(text_chunks=["Hel", "lo"]))
+    _, blocks, _ = await raw_frames(client, url, body, {"X-Streamsvc-Azure-Extras": "1"})
+    chunks = [json.loads(block[6:]) for block in blocks[:-1]]
+    upstream = azure.requests[0]
+    assert all(c["choices"] and all("delta" in ch for ch in c["choices"]) for c in chunks)
+    assert len({(c["id"], c["model"], c["created"]) for c in chunks}) == 1
+    # The prompt-filter results ride on the first chunk, the annotation keeps its offsets.
+    (first, *_, annotation) = chunks
+    assert first["prompt_filter_results"][0]["prompt_index"] == 0
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert annotation["choices"][0]["delta"] == {}
+    assert annotation["choices"][0]["content_filter_offsets"]["end_offset"] == len("Hello")
+    assert annotation["choices"][0]["content_filter_results"]["hate"]["severity"] == "safe"
+    assert upstream.body["messages"] == USER
+    # Without the header: neither (the annotation chunk is dropped).
+    azure.push(Reply(text_chunks=["Hel", "lo"]))
+    _, blocks, _ = await raw_frames(client, url, body)
+    plain = [json.loads(block[6:]) for block in blocks[:-1]]
+    assert len(plain) == len(chunks) - 1
+    assert "prompt_filter_results" not in plain[0]
+    assert not any("content_filter_offsets" in c["choices"][0] for c in plain)
 
 
 async def test_sdk_streaming_with_include_usage_ends_with_the_usage_chunk(
@@ -339,7 +369,7 @@ async def test_a_client_hanging_up_mid_stream_closes_the_upstream_request(
         "usage-string",
     ],
 )
-async def test_wrong_shapes_are_422_in_openais_error_shape(
+async def test_wrong_shapes_are_400_in_openais_error_shape(
     server: ServerProcess,
     azure: FakeAzure,
     client: httpx.AsyncClient,
@@ -347,7 +377,7 @@ async def test_wrong_shapes_are_422_in_openais_error_shape(
     param: str | None,
 ) -> None:
     response = await client.post(server.url + "/v1/chat/completions", json=body)
-    assert response.status_code == 422
+    assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["param"], error["code"]) == (
@@ -369,7 +399,7 @@ async def test_malformed_json_is_400_and_the_sdk_maps_statuses_to_its_errors(
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"
-    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+    with pytest.raises(openai.BadRequestError) as invalid:
         await sdk.chat.completions.create(model="gpt-4o", messages=[])
     assert invalid.value.code == "validation_error" and invalid.value.param == "messages"
 
@@ -446,9 +476,14 @@ async def test_our_api_key_is_the_sdks_api_key_and_a_wrong_one_is_an_openai_401(
     refused = await client.post(keyed_server.url + "/chat", json={"messages": USER})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
     assert "type" not in refused.json()["error"]
-    unknown = await client.get(base + "/models", headers={"authorization": f"Bearer {KEY}"})
+    unknown = await client.get(base + "/embeddings", headers={"authorization": f"Bearer {KEY}"})
     assert unknown.status_code == 404
     assert unknown.json()["error"]["type"] == "not_found_error"
+    # The model listing needs the key too, as OpenAI's does.
+    listing = await client.get(base + "/models")
+    assert listing.status_code == 401 and listing.json()["error"]["code"] == "unauthorized"
+    async with AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as right:
+        assert [m.id async for m in right.models.list()] == ["gpt-4o"]
 
 
 async def test_unconfigured_chat_is_a_503_naming_the_missing_settings(
@@ -478,6 +513,58 @@ def test_real_answers_match_the_openapi_document(server: ServerProcess, azure: F
         check_answer(path, "post", http.post(path, json={"messages": []}))
         check_answer(path, "post", http.post(path, content=b"{", headers=JSON_TYPE))
         check_answer(path, "post", http.post(path, content=b"{"))  # 415: not JSON
+
+
+# ---- /v1/models ---------------------------------------------------------------------------------
+
+AZURE_ENV = {
+    "AZURE_OPENAI_API_KEY": "k",
+    "AZURE_OPENAI_ENDPOINT": "http://127.0.0.1:9",
+    "AZURE_OPENAI_DEPLOYMENT": "gpt-4o",
+}
+
+
+async def test_models_list_the_configured_deployments_in_openais_shape() -> None:
+    env = {**AZURE_ENV, "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS": "gpt-4o-mini,gpt-4o,o3-mini"}
+    async with asgi_client(env) as http:
+        listing = await http.get("/v1/models")
+        one = await http.get("/v1/models/o3-mini")
+        missing = await http.get("/v1/models/gpt-3.5-turbo")
+    check_answer("/v1/models", "get", listing)
+    assert listing.json() == {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "azure"}
+            for name in ("gpt-4o", "gpt-4o-mini", "o3-mini")
+        ],
+    }
+    check_answer("/v1/models/{model}", "get", one)
+    assert one.json() == listing.json()["data"][2]
+    check_answer("/v1/models/{model}", "get", missing)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_the_sdk_lists_and_retrieves_models(sdk: AsyncOpenAI) -> None:
+    assert [m.id async for m in sdk.models.list()] == ["gpt-4o"]
+    model = await sdk.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "azure")
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.models.retrieve("gpt-3.5-turbo")
+    assert missing.value.code == "model_not_found"
+    assert missing.value.type == "not_found_error"
+
+
+async def test_models_of_the_openai_provider_and_of_no_provider() -> None:
+    env = {"STREAMSVC_CHAT_PROVIDER": "openai", "OPENAI_MODEL": "meta-llama/Llama-3.1-8B"}
+    async with asgi_client(env) as http:
+        one = await http.get("/v1/models/meta-llama/Llama-3.1-8B")  # a name with a slash
+        assert one.status_code == 200
+        assert one.json()["owned_by"] == "openai"
+    async with asgi_client({}) as http:
+        unconfigured = await http.get("/v1/models")
+        assert unconfigured.status_code == 503
+        assert unconfigured.json()["error"]["code"] == "chat_not_configured"
 
 
 # ---- merging streamed chunks into one chat.completion --------------------------------------------
@@ -526,9 +613,10 @@ def test_merging_chunks_rebuilds_choices_tool_calls_and_logprobs() -> None:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "Hello"},
+                "message": {"role": "assistant", "content": "Hello", "refusal": None,
+                            "annotations": []},
                 "finish_reason": "stop",
-                "logprobs": {"content": [{"token": "Hel"}, {"token": "lo"}]},
+                "logprobs": {"content": [{"token": "Hel"}, {"token": "lo"}], "refusal": None},
                 "content_filter_results": {"hate": {"filtered": False}},
             },
             {
@@ -536,6 +624,8 @@ def test_merging_chunks_rebuilds_choices_tool_calls_and_logprobs() -> None:
                 "message": {
                     "role": "assistant",
                     "content": None,
+                    "refusal": None,
+                    "annotations": [],
                     "tool_calls": [
                         {"id": "call_1", "type": "function",
                          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
@@ -547,3 +637,99 @@ def test_merging_chunks_rebuilds_choices_tool_calls_and_logprobs() -> None:
             },
         ],
     }  # fmt: skip
+
+
+def test_merging_concatenates_only_text_and_keeps_the_latest_of_everything_else() -> None:
+    base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 9, "model": "m"}
+    safe = {"hate": {"filtered": False, "severity": "safe"}}
+    final = {"hate": {"filtered": True, "severity": "medium"}}
+
+    def chunk(delta: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+        choice = {"index": 0, "finish_reason": None, **extra}
+        if delta is not None:
+            choice["delta"] = delta
+        return {**base, "choices": [choice]}
+
+    builder = CompletionBuilder()
+    for item in [
+        chunk({"role": "assistant", "content": "", "refusal": None}, content_filter_results={}),
+        chunk({"content": "Sa"}, content_filter_results=safe),
+        chunk({"content": "fe"}, content_filter_results=safe),
+        chunk({"refusal": "I can"}, content_filter_results=safe),
+        chunk({"refusal": "not."}, content_filter_results=safe),
+        chunk({"function_call": {"name": "f", "arguments": "{\"a\""}}),
+        chunk({"function_call": {"name": "f", "arguments": ": 1}"}}),
+        chunk({"tool_calls": [{"index": 0, "id": "c", "type": "function",
+                               "function": {"name": "g", "arguments": "["}}]}),
+        chunk({"tool_calls": [{"index": 0, "type": "function",
+                               "function": {"name": "g", "arguments": "]"}}]}),
+        chunk({}, finish_reason="content_filter", content_filter_results={}),
+        chunk(None, content_filter_results=final, content_filter_offsets={"end_offset": 4}),
+    ]:  # fmt: skip
+        builder.add(item)
+    (choice,) = builder.completion()["choices"]
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Safe",
+        "refusal": "I cannot.",
+        "annotations": [],
+        "function_call": {"name": "f", "arguments": '{"a": 1}'},
+        "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "g", "arguments": "[]"}}
+        ],
+    }
+    assert choice["content_filter_results"] == final  # the verdict, not "safesafe..."
+    assert choice["finish_reason"] == "content_filter"
+    assert "content_filter_offsets" not in choice
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["default", "extras"])
+def test_the_cleaner_leaves_no_empty_choices_no_missing_delta_and_one_identity(
+    extras: bool,
+) -> None:
+    def chunk(created: int, *choices: Any, **extra: Any) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-3",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": "m",
+            "choices": list(choices),
+            **extra,
+        }
+
+    filters = [{"prompt_index": 0, "content_filter_results": {}}]
+    upstream = [
+        {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+         "prompt_filter_results": filters},
+        chunk(5, {"index": 0, "delta": {"role": "assistant", "content": ""}}),
+        chunk(6, {"index": 0, "delta": {"content": "Hi"}}, "not a choice"),  # a later second
+        chunk(6, {"index": 0, "content_filter_offsets": {}, "finish_reason": None}),
+        chunk(7, {"index": 0, "finish_reason": "stop"}),  # a finish without a delta
+        {**chunk(7), "usage": {"total_tokens": 3}},
+    ]  # fmt: skip
+    cleaner = StreamCleaner(extras)
+    out = [c for c in (cleaner.clean(dict(item)) for item in upstream) if c is not None]
+    assert [c["choices"] for c in out] == [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+        [{"index": 0, "delta": {"content": "Hi"}}],
+        *([[{"index": 0, "content_filter_offsets": {}, "finish_reason": None, "delta": {}}]]
+          if extras else []),
+        [{"index": 0, "finish_reason": "stop", "delta": {}}],
+        [],  # the usage chunk, when the client asked for it: OpenAI's own shape
+    ]  # fmt: skip
+    assert {(c["id"], c["created"], c["model"], c["object"]) for c in out} == {
+        ("chatcmpl-3", 5, "m", "chat.completion.chunk")
+    }
+    assert [c.get("prompt_filter_results") for c in out][:2] == (
+        [filters, None] if extras else [None, None]
+    )
+
+
+def test_merging_a_far_tool_call_index_appends_one_call() -> None:
+    builder = CompletionBuilder()
+    far = {"index": 10**12, "id": "far", "function": {"name": "f", "arguments": "{}"}}
+    builder.add({"choices": [{"index": 0, "delta": {"tool_calls": [far]}}]})
+    (choice,) = builder.completion()["choices"]
+    assert choice["message"]["tool_calls"] == [
+        {"id": "far", "function": {"name": "f", "arguments": "{}"}}
+    ]

@@ -276,7 +276,7 @@ def test_connector_panel_runs_the_seed_example(page: Browser) -> None:
     statuses = page.call("text", selector="#run-status")
     for phase in (
         "validated",
-        "installing dependencies",
+        "dependencies",  # "installing dependencies" then "dependencies ready", or only the latter
         "requests==2.32.3",
         "starting",
         "running",

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamsvc.connectors.redact import MASK, Redactor, secret_forms
+from streamsvc.connectors.redact import MASK, Redactor, looks_secret, secret_forms, secret_values
 from tests.harness import ServerProcess, read_sse
 
 
@@ -22,9 +22,33 @@ def redact_chunks(secrets: list[str], chunks: list[str]) -> tuple[list[str], str
     return out, "".join(out)
 
 
-def test_values_of_eight_characters_or_more_are_secrets() -> None:
-    _, text = redact_chunks(["1234567", "12345678"], ["a 1234567 b 12345678 c\n"])
-    assert text == f"a 1234567 b {MASK} c\n"
+def test_values_of_four_characters_or_more_are_redacted() -> None:
+    _, text = redact_chunks(["123", "1234"], ["a 123 b 1234 c\n"])
+    assert text == f"a 123 b {MASK} c\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CLIENT_SECRET", "client_secret", "GITHUB_TOKEN", "API_KEY", "apikey", "DB_PASSWORD",
+     "PASSWORD", "MYSQL_PASSWD", "AWS_CREDENTIALS", "PRIVATE_PEM", "SMTP_PASS", "REDIS_DSN",
+     "BASIC_AUTH", "SESSION_COOKIE", "SECRET"],
+)  # fmt: skip
+def test_names_that_look_secret(name: str) -> None:
+    assert looks_secret(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["MODE", "CLIENT_ID", "REGION", "KEYBOARD", "AUTHOR", "PASSAGE", "SHEET_NAME", "URL"]
+)
+def test_names_that_do_not_look_secret(name: str) -> None:
+    assert not looks_secret(name)
+
+
+def test_secret_values_are_declared_or_named_like_secrets_and_long_enough() -> None:
+    env = {"MODE": "production", "CLIENT_SECRET": "abcdefgh", "PIN": "9876", "API_KEY": "abc"}
+    assert secret_values(env) == ["abcdefgh"]
+    assert secret_values(env, ["PIN"]) == ["abcdefgh", "9876"]
+    assert secret_values(env, ["MODE", "PIN"]) == ["production", "abcdefgh", "9876"]
 
 
 def test_every_occurrence_of_every_secret_is_masked() -> None:
@@ -77,8 +101,9 @@ def test_json_escaped_forms_are_secrets_too() -> None:
 
 
 def test_without_secrets_text_passes_unchanged() -> None:
-    redactor = Redactor(["short", ""])
-    assert redactor("anything short") == "anything short"
+    redactor = Redactor(["abc", ""])
+    assert redactor("anything abc") == "anything abc"
+    assert redactor.masked == 0
     assert redactor.flush() == ""
 
 

@@ -7,8 +7,10 @@ runs, cancel, abandonment after the grace, SIGKILL and restart, keys and read to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -324,7 +326,14 @@ async def test_sigkill_mid_run_then_restart_interrupts_it(
         return int((await client.get(server.url + url)).json()["last_event_id"]) >= 3
 
     await poll(printed, 30)
-    await anyio.sleep(0.3)  # the writer commits within a moment
+
+    def committed() -> bool:  # the file itself holds the line (the writer commits behind)
+        with contextlib.closing(sqlite3.connect(tmp_path / "runs.db")) as db:
+            query = "SELECT COUNT(*) FROM chunks WHERE run_id = ? AND instr(events, ?) > 0"
+            (found,) = db.execute(query, (run_id, b"started")).fetchone()
+        return bool(found)
+
+    await eventually(committed, 10)
     dead = owner(server)
     assert sandboxes(server)
     server.signal(signal.SIGKILL)
@@ -500,3 +509,88 @@ async def test_retention_expires_events_then_records(
         return (await client.get(url)).status_code == 404
 
     await poll(dropped, 10)
+
+
+async def test_listing_pages_and_refusals(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server()
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    made = [
+        (await client.post(server.url + "/chat", json=chat)).headers["x-run-id"] for _ in range(5)
+    ]
+    first = (await client.get(server.url + "/runs?limit=2&kind=chat")).json()
+    assert [r["id"] for r in first["runs"]] == made[::-1][:2]
+    assert "result" not in first["runs"][0] and first["runs"][0]["status"] == "completed"
+    second = (await client.get(server.url + first["next"])).json()
+    assert [r["id"] for r in second["runs"]] == made[::-1][2:4]
+    assert (await client.get(server.url + "/runs?kind=connector")).json()["runs"] == []
+    for query in ("limit=0", "limit=201", "kind=shell", "status=done", "surprise=1"):
+        refused = await client.get(f"{server.url}/runs?{query}")
+        assert refused.status_code == 422, query
+        assert refused.json()["error"]["code"] == "validation_error"
+    assert (await client.get(server.url + "/runs/nope")).status_code == 404
+    assert (await client.get(server.url + "/runs/nope/events")).status_code == 404
+    bad = await client.get(f"{server.url}/runs/{made[0]}/events", headers={"last-event-id": "x"})
+    assert bad.status_code == 422
+    azure.push(Reply(text_chunks=["slow"] * 20, chunk_delay=0.2))
+    running = await client.post(server.url + "/chat", json=chat | {"background": True})
+    url = server.url + running.json()["url"]
+    deleting = await client.delete(url)
+    assert deleting.status_code == 409 and deleting.json()["error"]["code"] == "run_not_finished"
+    assert (await client.post(url + "/cancel")).json()["status"] == "cancelled"
+    assert (await client.delete(url)).status_code == 204
+
+
+async def test_a_graceful_stop_interrupts_running_runs_and_keeps_them(
+    start_server: Callable[..., ServerProcess],
+    azure: FakeAzure,
+    client: httpx.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    store = {"STREAMSVC_RUN_STORE": f"sqlite:///{tmp_path}/runs.db"}
+    server = start_server(**store)
+    azure.push(Reply(text_chunks=["tick"] * 100, chunk_delay=0.1))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "background": True}
+    url = (await client.post(server.url + "/chat", json=chat)).json()["url"]
+
+    async def ticking() -> bool:
+        return int((await client.get(server.url + url)).json()["last_event_id"]) >= 3
+
+    await poll(ticking, 10)
+    assert server.stop() == 0
+    again = start_server(**store)
+    record = (await client.get(again.url + url)).json()
+    assert record["status"] == "interrupted" and record["error"]["code"] == "interrupted"
+    _, events = await read(client, "GET", again.url + url + "/events")
+    assert [int(f.id or 0) for f in events] == list(range(1, len(events) + 1))
+    assert events[0].data == {"content": "tick"} and events[-1].name == "error"
+    assert record["last_event_id"] == len(events)
+
+
+def stored_bytes(state: Path) -> bytes:
+    """Every byte of the SQLite store's files (the database, its WAL)."""
+    return b"".join(p.read_bytes() for p in state.iterdir() if p.name.startswith("runs.db"))
+
+
+@pytest.mark.docker
+async def test_secrets_are_never_stored(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    secret = "s3cr3t-token-0123456789"
+    server = start_server(STREAMSVC_RUN_STORE=f"sqlite:///{tmp_path}/runs.db")
+    code = """
+        import os
+        print("token:", os.environ["API_TOKEN"], flush=True)
+        print('{"ok": true}')
+    """
+    payload = body(code, env={"API_TOKEN": secret}) | {"stream": False}
+    answer = await client.post(server.url + "/execute-connector", json=payload)
+    assert answer.status_code == 200 and secret not in answer.text
+    run_id = answer.headers["x-run-id"]
+    _, events = await read(client, "GET", f"{server.url}/runs/{run_id}/events")
+    assert "token: " in text_of(events) and secret not in text_of(events)
+    server.stop()  # the store flushed and closed: every byte it wrote is in these files
+    stored = stored_bytes(tmp_path)
+    assert run_id.encode() in stored and b"API_TOKEN" in stored  # the env's name is kept
+    assert secret.encode() not in stored

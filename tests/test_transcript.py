@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from streamsvc.connectors.transcript import MAX_RESULT_DEPTH, Transcript, find_result
-from streamsvc.sandbox.types import Exited, Output
+from streamsvc.sandbox.types import Exited, Output, OutputFile
 from tests.harness import ServerProcess, read_sse
 
 NOTHING = find_result("")
@@ -108,6 +108,10 @@ def test_the_seed_shape_gives_ok_and_result() -> None:
         "stderr_truncated": False,
         "output_limit_exceeded": False,
         "pids_limited": False,
+        "redacted": False,
+        "usage": None,
+        "files": [],
+        "files_omitted": 0,
     }
 
 
@@ -202,18 +206,34 @@ def test_a_json_line_cut_by_the_cap_is_not_a_result() -> None:
 
 def test_secrets_are_redacted_in_forwarded_chunks_and_the_answer() -> None:
     secret = "s3cr3t-value"
-    transcript = Transcript([secret, "short"], 1 << 20)
+    transcript = Transcript([secret, "abc"], 1 << 20)
     first = transcript.output(Output("stdout", '{"ok": true, "result": "s3cr'))
     second = transcript.output(Output("stdout", '3t-value"}\n'))
-    transcript.output(Output("stderr", "short s3cr3t-value"))
+    transcript.output(Output("stderr", "abc s3cr3t-value"))
     # The start of the secret is held back until the next chunk shows what it is.
     assert first == Output("stdout", '{"ok": true, "result": "')
     forwarded = "".join(chunk.text for chunk in (first, second) if chunk is not None)
     assert secret not in forwarded
     got = transcript.result(exited())
     assert got.result == "[REDACTED]"
-    assert got.stderr == "short [REDACTED]"
+    assert got.stderr == "abc [REDACTED]"
     assert secret not in got.stdout
+    assert got.redacted is True
+
+
+def test_an_answer_without_any_secret_masked_says_so() -> None:
+    transcript = Transcript(["s3cr3t-value"], 1 << 20)
+    transcript.output(Output("stdout", '{"ok": true}\n'))
+    assert transcript.result(exited()).redacted is False
+
+
+def test_a_secret_in_an_output_file_name_is_masked() -> None:
+    transcript = Transcript(["s3cr3t-value"], 1 << 20)
+    transcript.output(Output("stdout", '{"ok": true}\n'))
+    named = OutputFile("dump-s3cr3t-value.txt", 1, None, "text/plain")
+    got = transcript.result(exited(files=[named, OutputFile("a.txt", 1, None, None)]))
+    assert [item.name for item in got.files] == ["dump-[REDACTED].txt", "a.txt"]
+    assert got.redacted is True
 
 
 # -- end to end ----------------------------------------------------------------------

@@ -179,7 +179,8 @@ async def test_nothing_leaks_from_one_warm_run_to_the_next(
     second = result_line(await execute(client, warm, body(look, memory_mb=96)))
     assert second["host"] != first
     assert second["found"] == [] and second["env"] == [] and second["daemons"] == 0
-    assert second["listing"] == {"/work": [".streamsvc", "main.py"], "/tmp": [], "/dev/shm": []}
+    listing = {"/work": [".streamsvc", "main.py", "out"], "/tmp": [], "/dev/shm": []}
+    assert second["listing"] == listing  # out: the (empty) output directory
     assert second["limit"] == 96 * MiB
     # Another memory limit is another key: never the previous request's limit.
     third = result_line(await execute(client, warm, body(look, memory_mb=160)))

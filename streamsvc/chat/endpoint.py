@@ -49,12 +49,63 @@ class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         return "".join(part.text for part in self.content)
 
 
+class TextFormat(msgspec.Struct, tag_field="type", tag="text", forbid_unknown_fields=True):
+    """Plain text (the default)."""
+
+
+class JsonObjectFormat(
+    msgspec.Struct, tag_field="type", tag="json_object", forbid_unknown_fields=True
+):
+    """Any JSON object (the prompt must ask for JSON)."""
+
+
+class JsonSchema(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")]
+    description: Annotated[str, msgspec.Meta(max_length=MAX_TOTAL_CHARS)] | None = None
+    #: A JSON Schema object, passed upstream as it is.
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(
+    msgspec.Struct, tag_field="type", tag="json_schema", forbid_unknown_fields=True
+):
+    """JSON that matches ``json_schema.schema`` (structured outputs)."""
+
+    json_schema: JsonSchema
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+StopSequence = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+#: ChatRequest's optional OpenAI fields, passed upstream as they are when set.
+SAMPLING_FIELDS = (
+    "top_p",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "response_format",
+    "user",
+)
+
+
 class ChatRequest(msgspec.Struct, forbid_unknown_fields=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
     stream: bool | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    #: Up to 4 sequences where the upstream stops generating.
+    stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(max_length=4)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    response_format: ResponseFormat | None = None
+    #: An end-user id the upstream may use to detect abuse.
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
     #: Answer 202 at once; the run goes on without a reader (``GET /runs/{id}``).
     background: bool = False
 
@@ -82,6 +133,8 @@ class ChatParams(msgspec.Struct, frozen=True):
     messages: list[Message]
     temperature: float
     max_tokens: int
+    #: The SAMPLING_FIELDS the client set, as JSON.
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def deployments_for(requested: str, settings: ChatSettings) -> list[str]:
@@ -127,6 +180,11 @@ def params_for(request: ChatRequest, settings: ChatSettings) -> ChatParams:
         messages=request.messages,
         temperature=(settings.temperature if request.temperature is None else request.temperature),
         max_tokens=settings.max_tokens if request.max_tokens is None else request.max_tokens,
+        options={
+            name: msgspec.to_builtins(getattr(request, name))
+            for name in SAMPLING_FIELDS
+            if getattr(request, name) is not None
+        },
     )
 
 
@@ -144,7 +202,8 @@ def upstream_body(params: ChatParams, deployment: str, settings: ChatSettings) -
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    return body | token_limits(deployment, params.max_tokens, params.temperature, settings)
+    limits = token_limits(deployment, params.max_tokens, params.temperature, settings)
+    return body | params.options | limits
 
 
 async def answer(
@@ -232,6 +291,7 @@ async def chat_endpoint(request: Request) -> Response:
     body = _decoder.decode_body(await read_body(request, settings.server))
     provider = configured_provider(found)
     params = params_for(body, settings.chat)
+    observability.current().model = params.deployment
     run = await manager_of(found).create(
         "chat",
         owner=request_owner(request.scope, settings.server.api_keys),

@@ -1,24 +1,25 @@
-"""POST /v1/chat/completions: OpenAI's chat-completions API, passed through.
+"""/v1: OpenAI's chat-completions API passed through, and the deployments as /v1/models.
 
-Only the core of the body is checked; every other field goes upstream untouched, and the
-upstream's chunks come back untouched. Errors are OpenAI's shape with our stable codes.
-Design notes: docs/architecture.md ("Module notes").
+Only the core of the body is checked; every other field goes upstream untouched. Streams are
+cleaned so OpenAI's clients parse them (``StreamCleaner``); the JSON answer merges the chunks
+as Azure answers without streaming. Design notes: docs/architecture.md ("Module notes").
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from streamsvc.chat.endpoint import configured_provider, deployments_for, token_limits
+from streamsvc.chat.openai_chunks import AZURE_EXTRAS_HEADER, CompletionBuilder, StreamCleaner
 from streamsvc.chat.openai_errors import error_envelope
 from streamsvc.chat.types import ChatProvider, JsonObject, UpstreamBody, Usage
-from streamsvc.errors import ServiceError
+from streamsvc.errors import ModelNotFound, ServiceError
 from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
 from streamsvc.web.bodies import JsonDecoder, read_body
@@ -29,6 +30,23 @@ class CoreMessage(msgspec.Struct):
     """A message: only ``role`` is checked; content, tool_calls, name, ... pass through."""
 
     role: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Model(msgspec.Struct):
+    """One configured deployment, in OpenAI's shape (``created`` is unknown: 0)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    #: The provider that serves it: ``azure`` or ``openai`` (STREAMSVC_CHAT_PROVIDER).
+    owned_by: str = "azure"
+
+
+class ModelList(msgspec.Struct):
+    """GET /v1/models: the default deployment, then STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS."""
+
+    data: list[Model]
+    object: Literal["list"] = "list"
 
 
 class StreamOptions(msgspec.Struct):
@@ -71,11 +89,15 @@ def upstream_bodies(
 
 
 async def _chunks(
-    provider: ChatProvider, attempts: list[UpstreamBody], include_usage: bool
+    provider: ChatProvider,
+    attempts: list[UpstreamBody],
+    include_usage: bool,
+    cleaner: StreamCleaner | None = None,
 ) -> AsyncGenerator[sse.Event, None]:
     """The upstream's chunks for the client, observed as /chat's answer is: the first
     token, the usage (dropped for the client unless asked for) and, only with
-    ``STREAMSVC_LOG_CONTENT``, the whole answer (merged as the JSON answer is)."""
+    ``STREAMSVC_LOG_CONTENT``, the whole answer (merged as the JSON answer is). A stream's
+    chunks go through ``cleaner``; the JSON answer merges them as the upstream sent them."""
     facts = observability.current()
     whole = CompletionBuilder() if facts.log_content else None
     source = provider.completion(attempts)
@@ -84,98 +106,24 @@ async def _chunks(
             facts.first_token()
             if whole is not None:
                 whole.add(chunk)
-            if isinstance(chunk.get("usage"), dict):
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
                 with contextlib.suppress(msgspec.ValidationError):
-                    facts.tokens(msgspec.convert(chunk["usage"], Usage))
+                    facts.tokens(msgspec.convert(usage, Usage))
             if "usage" in chunk and not include_usage:
                 if not chunk.get("choices"):
                     continue  # the usage chunk, which the client did not ask for
-                chunk = {key: value for key, value in chunk.items() if key != "usage"}
+                del chunk["usage"]  # the chunk is ours: no copy
+            if cleaner is not None:
+                cleaned = cleaner.clean(chunk)
+                if cleaned is None:
+                    continue
+                chunk = cleaned
             yield sse.Event("chunk", chunk)
     finally:
         await source.aclose()
     if whole is not None:
         facts.answered(whole.completion())
-
-
-# ---- the JSON answer ----------------------------------------------------------------------------
-
-_REPLACED = frozenset({"role", "id", "type", "finish_reason"})  # whole values, never continued
-_STREAM_ONLY = frozenset({"object", "obfuscation", "choices"})
-
-
-def _present(value: Any) -> bool:
-    return value is not None and value != "" and value != [] and value != {}
-
-
-def _merge(target: JsonObject, delta: JsonObject) -> None:
-    """Fold a delta into what it continues: strings concatenate, objects merge, lists
-    extend, and list items with an ``index`` (tool calls) merge into that item."""
-    for key, value in delta.items():
-        current = target.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str) and isinstance(current, str) and key not in _REPLACED:
-            target[key] = current + value
-        elif isinstance(value, dict):
-            if not isinstance(current, dict):
-                current = target[key] = {}
-            _merge(current, value)
-        elif isinstance(value, list):
-            if not isinstance(current, list):
-                current = target[key] = []
-            _extend(current, value)
-        else:
-            target[key] = value
-
-
-def _extend(target: list[Any], items: list[Any]) -> None:
-    for item in items:
-        index = item.get("index") if isinstance(item, dict) else None
-        if isinstance(index, int) and 0 <= index < len(target):
-            _merge(target[index], {k: v for k, v in item.items() if k != "index"})
-        elif isinstance(index, int):
-            fresh: JsonObject = {}
-            _merge(fresh, {k: v for k, v in item.items() if k != "index"})
-            target.append(fresh)
-        else:
-            target.append(item)
-
-
-class CompletionBuilder:
-    """Merges streamed chunks into the ``chat.completion`` a non-streaming call answers."""
-
-    def __init__(self) -> None:
-        self.top: JsonObject = {"id": "", "object": "chat.completion", "created": 0, "model": ""}
-        self.choices: dict[int, JsonObject] = {}
-
-    def add(self, chunk: JsonObject) -> None:
-        for key, value in chunk.items():
-            if key not in _STREAM_ONLY and _present(value):
-                self.top[key] = value
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, dict):
-                continue
-            index = choice["index"] if isinstance(choice.get("index"), int) else 0
-            target = self.choices.setdefault(
-                index,
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": None},
-                    "finish_reason": None,
-                    "logprobs": None,
-                },
-            )
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                _merge(target["message"], delta)
-            rest = {k: v for k, v in choice.items() if k not in ("index", "delta")}
-            rest.pop("content_filter_offsets", None)  # where a streamed annotation applies
-            _merge(target, {k: v for k, v in rest.items() if _present(v)})
-
-    def completion(self) -> JsonObject:
-        return {**self.top, "choices": [self.choices[i] for i in sorted(self.choices)]}
 
 
 async def _whole(chunks: AsyncGenerator[sse.Event, None]) -> JsonObject:
@@ -213,9 +161,12 @@ async def completions_endpoint(request: Request) -> Response:
     body = _object_decoder.decode(raw)
     provider = configured_provider(found)
     attempts = upstream_bodies(body, core, settings.chat)
+    observability.current().model = attempts[0].get("model")
     streaming = core.stream is True
     asked = core.stream_options is not None and core.stream_options.include_usage is True
-    chunks = _chunks(provider, attempts, include_usage=asked or not streaming)
+    extras = request.headers.get(AZURE_EXTRAS_HEADER, "").lower() in ("1", "true")
+    cleaner = StreamCleaner(extras) if streaming else None
+    chunks = _chunks(provider, attempts, include_usage=asked or not streaming, cleaner=cleaner)
     try:
         if not streaming:
             completion = await sse.before_headers(request, found.streams, _whole(chunks))
@@ -233,4 +184,28 @@ async def completions_endpoint(request: Request) -> Response:
         encode=_data_frame,
         failure=_error_event,
         end=_DONE,
+    )
+
+
+def _models(request: Request) -> list[Model]:
+    """The configured deployments (503 while chat is not configured)."""
+    found = services(request)
+    configured_provider(found)
+    settings = found.settings.chat
+    names = dict.fromkeys(n for n in (settings.deployment, *settings.fallback_deployments) if n)
+    return [Model(id=name, owned_by=settings.provider) for name in names]
+
+
+async def models_endpoint(request: Request) -> Response:
+    listing = ModelList(data=_models(request))
+    return Response(_encoder.encode(listing), media_type="application/json")
+
+
+async def model_endpoint(request: Request) -> Response:
+    wanted = request.path_params["model"]
+    for model in _models(request):
+        if model.id == wanted:
+            return Response(_encoder.encode(model), media_type="application/json")
+    raise ModelNotFound(
+        f"the model {wanted!r} is not one of this server's deployments (GET /v1/models)"
     )

@@ -1,8 +1,8 @@
 """Errors in OpenAI's shape, for every answer under /v1/.
 
-``error_envelope`` fills OpenAI's ``type`` and ``param`` from the status and the path,
-and keeps our stable ``code`` (or the upstream's, where it sent one). The rule: the
-status is ours, except that an upstream's 404 (no such model) stays a 404.
+``error_envelope`` fills OpenAI's ``type`` and ``param`` from the status and the path, and
+keeps our stable ``code`` (or the upstream's). The rule: the status is ours, except that an
+upstream's 404 stays a 404 and a body of the wrong shape is a 400 (OpenAI's), not a 422.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 from starlette.responses import Response
 
-from streamsvc.errors import ServiceError, UpstreamRejected
+from streamsvc.errors import ServiceError, UpstreamRejected, ValidationFailed
 
 PREFIX = "/v1/"
 
@@ -40,10 +40,13 @@ _encoder = msgspec.json.Encoder()
 
 
 def error_status(exc: ServiceError) -> int:
-    """Our status, except that an upstream's 404 (no such model) stays a 404."""
+    """Our status, except that an upstream's 404 (no such model) stays a 404 and a body
+    of the wrong shape is a 400, as OpenAI answers it."""
     details = exc.details if isinstance(exc.details, dict) else {}
     if isinstance(exc, UpstreamRejected) and details.get("upstream_status") == 404:
         return 404
+    if isinstance(exc, ValidationFailed):
+        return 400
     return exc.status
 
 

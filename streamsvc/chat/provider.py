@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -39,6 +39,16 @@ from streamsvc.settings import ChatSettings, SettingsError
 log = logging.getLogger("streamsvc.providers")
 
 TokenProvider = Callable[[], Awaitable[str]]
+
+
+class UpstreamObserver(Protocol):
+    """Told of each retry and each fallback, with the code of the error that caused it."""
+
+    def upstream_retry(self, reason: str) -> None: ...
+
+    def upstream_fallback(self, reason: str) -> None: ...
+
+
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 _BACKOFF_BASE = 0.5
 _LATE = "no first token from the chat upstream in time"
@@ -67,9 +77,12 @@ def has_azure_identity() -> bool:
 
 
 def create_provider(
-    settings: ChatSettings, token_provider: TokenProvider | None = None
+    settings: ChatSettings,
+    token_provider: TokenProvider | None = None,
+    observer: UpstreamObserver | None = None,
 ) -> Provider:
-    """The configured provider; ``token_provider`` replaces Entra ID's (for tests)."""
+    """The configured provider; ``token_provider`` replaces Entra ID's (for tests),
+    ``observer`` counts retries and fallbacks (the app's metrics)."""
     backstop = max(settings.first_token_timeout_seconds, settings.idle_timeout_seconds)
     timeout = openai.Timeout(backstop + 5, connect=settings.connect_timeout_seconds)
     http_client = _http_client(settings, timeout)
@@ -81,7 +94,7 @@ def create_provider(
             timeout=timeout,
             http_client=http_client,
         )
-        return Provider(client, settings)
+        return Provider(client, settings, observer=observer)
     closers: list[Callable[[], object]] = []
     if settings.azure_auth == "entra" and token_provider is None:
         token_provider, close = _entra_token_provider()
@@ -95,7 +108,7 @@ def create_provider(
         timeout=timeout,
         http_client=http_client,
     )
-    return Provider(client, settings, closers)
+    return Provider(client, settings, closers, observer)
 
 
 def _http_client(settings: ChatSettings, timeout: openai.Timeout) -> httpx2.AsyncClient:
@@ -305,10 +318,12 @@ class Provider:
         client: AsyncOpenAI,
         settings: ChatSettings,
         closers: Sequence[Callable[[], object]] = (),
+        observer: UpstreamObserver | None = None,
     ) -> None:
         self._client = client
         self._settings = settings
         self._closers = closers
+        self._observer = observer
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -340,6 +355,8 @@ class Provider:
             except ServiceError as error:
                 if number == len(attempts) or not _falls_back(error):
                     raise
+                if self._observer is not None:
+                    self._observer.upstream_fallback(error.code)
                 log.warning(
                     "deployment %s failed (%s); falling back to %s",
                     body.get("model"),
@@ -390,6 +407,8 @@ class Provider:
                 if wait is None:
                     raise error from exc
                 log.info("upstream %s; retrying in %.2fs", error.code, wait)
+                if self._observer is not None:
+                    self._observer.upstream_retry(error.code)
                 await anyio.sleep(wait)
                 waited, attempt = waited + wait, attempt + 1
             except ValueError as exc:  # e.g. a deployment named ".." cannot be a URL path

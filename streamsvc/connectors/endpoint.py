@@ -16,7 +16,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from streamsvc.connectors.redact import MIN_SECRET_LENGTH
+from streamsvc.connectors.redact import secret_values
 from streamsvc.connectors.request import ExecuteRequest, decode_request, plan_off_loop
 from streamsvc.connectors.transcript import Transcript
 from streamsvc.errors import SandboxFailed, SandboxUnavailable
@@ -62,7 +62,8 @@ async def _events(
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
                 result = transcript.result(event)
-                observability.current().execution(result.exit_code, result.ok)
+                error = result.error.code if result.error is not None else None
+                observability.current().execution(result.exit_code, result.ok, error)
                 yield sse.Event("done", result)
                 return
     finally:
@@ -83,10 +84,11 @@ async def execute_endpoint(request: Request) -> Response:
     raw = await read_body(request, settings.server)
     body = decode_request(raw)
     spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
+    observability.current().entry_point = spec.entry_point
     sandbox = found.sandbox
     if sandbox is None:
         raise SandboxUnavailable("connector execution is not available on this server")
-    secrets = [value for value in spec.env.values() if len(value) >= MIN_SECRET_LENGTH]
+    secrets = secret_values(body.env, body.secrets)
     cap = settings.sandbox.output_cap_bytes
     if sum(map(len, secrets)) > REDACT_INLINE_CHARS:  # building the scanner is CPU-bound too
         transcript = await anyio.to_thread.run_sync(Transcript, secrets, cap)

@@ -1,4 +1,4 @@
-"""Best-effort redaction of secrets (``env`` values of 8+ characters) from output.
+"""Best-effort redaction of secrets (the ``env`` values ``secret_values`` picks) from output.
 
 ``secret_forms`` adds the escaped and ``repr`` forms; ``Redactor`` masks them all in one
 Aho-Corasick scan. The rule: linear in the output, holding back only a possible form's start.
@@ -11,8 +11,34 @@ import re
 from collections import deque
 from collections.abc import Iterable
 
-MIN_SECRET_LENGTH = 8
+#: A secret value shorter than this is not redacted (it would mask ordinary text).
+MIN_SECRET_LENGTH = 4
 MASK = "[REDACTED]"
+#: The default rule: an ``env`` name that looks secret (case-insensitive). It contains
+#: SECRET, TOKEN, PASSWORD, PASSWD, CREDENTIAL or PRIVATE, or ends in KEY, _PASS, _PWD,
+#: _AUTH, _DSN or _COOKIE (``API_KEY``, ``CLIENT_SECRET``, ``DB_PASSWORD``, ``GITHUB_TOKEN``).
+SECRET_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|KEY\Z|_(?:PASS|PWD|AUTH|DSN|COOKIE)\Z",
+    re.IGNORECASE,
+)
+
+
+def looks_secret(name: str) -> bool:
+    """Whether ``name`` falls under the default rule (``SECRET_NAME``)."""
+    return SECRET_NAME.search(name) is not None
+
+
+def secret_values(env: dict[str, str], declared: Iterable[str] = ()) -> list[str]:
+    """The values to redact: those of the names in ``declared`` and of names that look
+    secret, each of at least ``MIN_SECRET_LENGTH`` characters."""
+    named = set(declared)
+    return [
+        value
+        for name, value in env.items()
+        if (name in named or looks_secret(name)) and len(value) >= MIN_SECRET_LENGTH
+    ]
+
+
 #: Characters of secret forms kept: past it, the rarest encodings are dropped first.
 MAX_FORM_CHARS = 256 * 1024
 
@@ -130,6 +156,8 @@ class Redactor:
         self._held: deque[str] = deque()  # characters scanned, not yet released
         self._masks: list[tuple[int, int]] = []  # pending [start, end), disjoint, in order
         self._last = (0, 0)  # the latest mask, pending or released
+        #: How many masks this stream has released so far.
+        self.masked = 0
 
     def sibling(self) -> Redactor:
         """A redactor of the same secrets for another stream (sharing the automaton)."""
@@ -196,6 +224,7 @@ class Redactor:
             out.append(MASK)
             self._emitted = end
             done += 1
+            self.masked += 1
         del masks[:done]
         out.append("".join(held.popleft() for _ in range(cut - self._emitted)))
         self._emitted = max(self._emitted, cut)

@@ -63,11 +63,15 @@ _AT = re.compile(r" - at `\$([^`]*)`$")
 _FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\- ]*\Z")
 
 EnvValue = Annotated[str, msgspec.Meta(max_length=MAX_ENV_BYTES)]
+EnvName = Annotated[str, msgspec.Meta(max_length=255)]
 
 
 class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     connector: dict[str, Any]
     env: Annotated[dict[str, EnvValue], msgspec.Meta(max_length=MAX_ENV)] = {}
+    #: Names of ``env`` whose values are secret, besides those that look secret
+    #: (``redact.SECRET_NAME``): only secrets are redacted from the output.
+    secrets: Annotated[list[EnvName], msgspec.Meta(max_length=MAX_ENV)] = []
     configuration_overrides: dict[str, Any] = {}
     network_mode: Literal["bridge", "none"] = "none"
     stream: bool | None = None
@@ -143,6 +147,8 @@ def file_name_problem(name: str) -> str | None:
         return "must not contain empty, '.' or '..' segments"
     if parts[0] == ".streamsvc":
         return "'.streamsvc' is reserved for the runner"
+    if parts[0] == "out":
+        return "'out/' is reserved for the files the program writes ($STREAMSVC_OUTPUT_DIR)"
     if not all(_FILE_PART.match(part) for part in parts):
         return "segments may hold letters, digits, '_', '-', '.', ' ' and not start with '.'"
     return None
@@ -269,6 +275,11 @@ def plan(request: ExecuteRequest, settings: SandboxSettings, max_body_bytes: int
     analysed = _analysed_files(core.files, settings)
     problems += _runtime_problems(core.runtime, request, settings)
     problems += _env_problems(request.env)
+    problems += [
+        Problem("unknown_secret", f"secrets[{index}]", f"{name!r} is not one of env")
+        for index, name in enumerate(request.secrets)
+        if name not in request.env
+    ]
     dependencies, dependency_problems = parse_dependencies(core.runtime.dependencies)
     problems += dependency_problems
     if dependencies and not settings.allow_bridge:

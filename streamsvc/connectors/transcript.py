@@ -13,7 +13,7 @@ import msgspec
 
 from streamsvc.connectors.analysis import json_depth
 from streamsvc.connectors.redact import Redactor
-from streamsvc.sandbox.types import Exited, Output
+from streamsvc.sandbox.types import Exited, Output, OutputFile, Usage
 
 _json = msgspec.json.Decoder()
 
@@ -43,6 +43,12 @@ class ExecutionResult(msgspec.Struct):
     pids_limited: bool = False
     #: The run this answer ends (``GET /runs/{id}``).
     run_id: str | None = None
+    #: Some secret was masked somewhere in this answer (stdout, stderr, result, a file name).
+    redacted: bool = False
+    usage: Usage | None = None
+    #: Files written under ``$STREAMSVC_OUTPUT_DIR``, by name; ``files_omitted`` past the cap.
+    files: list[OutputFile] = []
+    files_omitted: int = 0
 
 
 _NOTHING = object()
@@ -101,6 +107,7 @@ class Transcript:
         self._streams = {"stdout": _Capped(cap), "stderr": _Capped(cap)}
         redactor = Redactor(secrets)
         self._redactors = {"stdout": redactor, "stderr": redactor.sibling()}
+        self._names_masked = False
 
     def output(self, event: Output) -> Output | None:
         """Record one chunk; the redacted chunk to forward, if any text is left."""
@@ -122,6 +129,7 @@ class Transcript:
 
     def result(self, exited: Exited) -> ExecutionResult:
         stdout, stderr = self._streams["stdout"], self._streams["stderr"]
+        files = [self._redacted_name(item) for item in exited.files]
         found = find_result(stdout.text())
         ok, value, error = _outcome(found, exited)
         return ExecutionResult(
@@ -138,7 +146,21 @@ class Transcript:
             stderr_truncated=stderr.truncated,
             output_limit_exceeded=exited.output_capped,
             pids_limited=exited.pids_limited,
+            redacted=any(redactor.masked for redactor in self._redactors.values())
+            or self._names_masked,
+            usage=exited.usage,
+            files=files,
+            files_omitted=exited.files_omitted,
         )
+
+    def _redacted_name(self, item: OutputFile) -> OutputFile:
+        """The file with any secret in its name masked (contents are returned as written)."""
+        redactor = self._redactors["stdout"].sibling()
+        name = redactor(item.name) + redactor.flush()
+        if redactor.masked:
+            self._names_masked = True
+            item.name = name
+        return item
 
 
 def _outcome(found: Any, exited: Exited) -> tuple[bool, Any, ExecutionError | None]:

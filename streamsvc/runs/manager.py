@@ -210,7 +210,7 @@ class RunManager:
         """Pump ``source`` into the store in the manager's task group (the caller's context
         variables go with it, so the request's facts still see the run)."""
         assert self._tasks is not None, "the manager is not entered"
-        self._tasks.start_soon(self._pump, run, source, name=f"run {run.id}")
+        self._tasks.start_soon(self._guarded_pump, run, source, name=f"run {run.id}")
 
     async def started(self, run: Run) -> None:
         """Return once the first event is stored; raise the error that came instead."""
@@ -219,6 +219,13 @@ class RunManager:
             raise run.early
 
     # -- the pump ----------------------------------------------------------------------------
+
+    async def _guarded_pump(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
+        """A pump never takes the task group (and every other run) down with it."""
+        try:
+            await self._pump(run, source)
+        except Exception:
+            log.exception("run %s: the pump failed", run.id)
 
     async def _pump(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
         next_id = 0
@@ -234,8 +241,9 @@ class RunManager:
             body = exc.body()
             envelope = _encoder.encode(ErrorEnvelope(body))
             await put("error", envelope)
-            await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
-            ended = True
+            ended = True  # the terminal event is in: nothing may end the run a second time
+            with anyio.CancelScope(shield=True):
+                await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
 
         try:
             with run.scope:
@@ -259,8 +267,10 @@ class RunManager:
                     await put(event.name, encoded)
                     run.first.set()
                     if event.name == "done":
-                        await self.store.finish(run.id, "completed", result=msgspec.Raw(encoded))
                         ended = True
+                        with anyio.CancelScope(shield=True):
+                            result = msgspec.Raw(encoded)
+                            await self.store.finish(run.id, "completed", result=result)
                         return
                     event = await anext(source, None)
                 raise SandboxFailed("the run ended without an answer")
@@ -317,15 +327,26 @@ class RunManager:
                 if run.readers == 0 and not run.background and not run.done.is_set():
                     self._abandon_later(run)
 
+    def unattended(self, run: Run) -> None:
+        """Start the grace period now unless a reader is attached: the response that will
+        read the run may never start iterating (its client gone right after the headers)."""
+        if run.readers == 0 and not run.background and not run.done.is_set():
+            self._abandon_later(run)
+
     def _abandon_later(self, run: Run) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
         timer = anyio.CancelScope()
         run.timer = timer
 
         async def wait() -> None:
             with timer:
                 await anyio.sleep(run.grace)
-                log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
-                run.stop("abandoned")
+                if run.readers == 0:
+                    log.info(
+                        "run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace
+                    )
+                    run.stop("abandoned")
 
         assert self._tasks is not None
         self._tasks.start_soon(wait)

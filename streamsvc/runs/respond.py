@@ -70,6 +70,7 @@ async def respond(
         # or a shutdown meanwhile stops the run (the client never learnt its id).
         await sse.before_headers(request, found.streams, manager.started(run))
         if stream:
+            manager.unattended(run)  # until the response's reader attaches
             return sse.event_response(
                 None,
                 manager.reader(run.id, 0),

@@ -89,14 +89,16 @@ def backend_options() -> dict[str, bool]:
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
-async def serve(settings: Settings, listen_fd: int | None = None) -> None:
+async def serve(
+    settings: Settings, listen_fd: int | None = None, metrics_dir: str | None = None
+) -> None:
     config = hypercorn_config(settings.server)
     if listen_fd is None:
         check_exposure(settings.server)
         check_bindable(settings.server)
     else:
         config.bind = [f"fd://{listen_fd}"]
-    app = create_app(settings)
+    app = create_app(settings, metrics_dir=metrics_dir)
     # What imports and the app built so far lives as long as the process: freeze it out
     # of the cyclic collector, whose full collections otherwise walk it all again (pauses
     # under hundreds of open streams; docs/benchmarks.md, "Figures behind the code"). And
@@ -120,6 +122,7 @@ async def serve(settings: Settings, listen_fd: int | None = None) -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("received %s; shutting down", signal.Signals(signum).name)
+                    installed(app).streams.draining = True
                     stop.set()
                     tg.start_soon(drain_then_interrupt)
                     return

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 from streamsvc.serving.server import check_exposure, listen_socket
 from streamsvc.settings import ServerSettings
+from streamsvc.web import multiproc
 
 log = logging.getLogger("streamsvc")
 
@@ -35,19 +37,31 @@ def supervise(settings: ServerSettings) -> int:
     """Run ``STREAMSVC_WORKERS`` workers until a signal; the process's exit code."""
     check_exposure(settings)
     listener = listen_socket(settings)
+    metrics_dir = multiproc.make_dir()
+    try:
+        return _supervise(settings, listener, metrics_dir)
+    finally:
+        multiproc.remove_dir(metrics_dir)
+
+
+def _supervise(settings: ServerSettings, listener: socket.socket, metrics_dir: str) -> int:
     signals: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: signals.append(signum))
     command = [
         *(sys.executable, "-m", "streamsvc", "serve"),
         *("--host", settings.host, "--port", str(settings.port)),
-        *("--listen-fd", str(listener.fileno())),
+        *("--listen-fd", str(listener.fileno()), "--metrics-dir", metrics_dir),
     ]
+    # The workers' metrics go to files there, which every worker's /metrics sums; it must be
+    # in their environment before prometheus_client is imported.
+    env = {**os.environ, multiproc.MULTIPROC_ENV: metrics_dir}
 
     def start() -> Worker:
         return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
+            env=env,
             pass_fds=(listener.fileno(),),
             process_group=0,
             preexec_fn=_die_with_parent(),
@@ -73,6 +87,7 @@ def supervise(settings: ServerSettings) -> int:
                 log.error("worker %d %s; too many restarts, stopping", worker.pid, _ended(worker))
                 code = 1
                 break
+            multiproc.dead(metrics_dir, worker.pid)
             restarts.append(now)
             workers[index] = start()
             log.warning("worker %d %s; started %d", worker.pid, _ended(worker), workers[index].pid)

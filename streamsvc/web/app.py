@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,11 +39,13 @@ from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
 from streamsvc.web.budget import BodyBudget
+from streamsvc.web.health import health, live, ready
 from streamsvc.web.hosts import HostOriginMiddleware, allowed_hosts
+from streamsvc.web.limits import KeyLimits
 from streamsvc.web.observability import Metrics, ObservabilityMiddleware, printable
 from streamsvc.web.openapi import openapi_endpoint
 from streamsvc.web.pages import docs, playground, static_files
-from streamsvc.web.rendering import error_response, json_response
+from streamsvc.web.rendering import error_response
 from streamsvc.web.services import Services, install, installed, services
 from streamsvc.web.sse import StreamRegistry
 
@@ -52,8 +53,14 @@ log = logging.getLogger("streamsvc")
 
 #: What a browser page of an allowed origin (``STREAMSVC_CORS_ORIGINS``) may send and read.
 CORS_REQUEST_HEADERS = [
-    "authorization", "content-type", "x-api-key", "x-request-id", "accept", "last-event-id",
-]  # fmt: skip
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "x-request-id",
+    "accept",
+    "x-streamsvc-azure-extras",
+    "last-event-id",
+]
 CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after", "x-run-id", "location"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
@@ -87,25 +94,24 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(ServiceError("internal error"), request.url.path)
 
 
-async def health(request: Request) -> Response:
-    found = services(request)
-    chat = {
-        "state": "configured" if found.chat is not None else "not_configured",
-        "deployment": found.settings.chat.deployment,
-    }
-    components: dict[str, Any] = {"chat": chat}
-    if found.sandbox is not None:
-        components["sandbox"] = await found.sandbox.health()
-    healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
-    return json_response({"status": "ok" if healthy else "degraded", "components": components})
-
-
 async def metrics_endpoint(request: Request) -> Response:
-    registry = services(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = services(request).metrics
+    metrics.refresh()
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: Settings) -> Starlette:
+#: How often a worker writes its gauges for the others' scrapes (``STREAMSVC_WORKERS`` > 1).
+GAUGE_REFRESH_SECONDS = 1.0
+
+
+async def _refresh_gauges(metrics: Metrics) -> None:
+    while True:
+        metrics.refresh()
+        await anyio.sleep(GAUGE_REFRESH_SECONDS)
+
+
+def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
+    """The app; ``metrics_dir``: a worker of several, its metrics summed there (``multiproc``)."""
     if settings.chat.configured:
         from streamsvc.chat.provider import check_settings
 
@@ -118,26 +124,36 @@ def create_app(settings: Settings) -> Starlette:
             if settings.chat.configured:
                 from streamsvc.chat.provider import create_provider
 
-                provider = create_provider(settings.chat)
+                provider = create_provider(settings.chat, observer=metrics)
                 stack.push_async_callback(provider.aclose)
             store = open_store(settings.runs.store)
             if isinstance(store, SqliteStore):
                 await store.open()
             stack.push_async_callback(store.aclose)
-            sandbox = await _start_sandbox(settings.sandbox, stack)
+            sandbox = await _start_sandbox(settings.sandbox, stack, metrics)
             secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
             # Entered last, so it ends first: running runs are interrupted (their containers
             # removed, upstream calls closed) while the sandbox and the store are still open.
             runs = await stack.enter_async_context(RunManager(store, settings.runs, secret))
             install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox, runs=runs))
-            yield
+            if metrics_dir is None:
+                yield
+                return
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_refresh_gauges, metrics)
+                yield
+                tasks.cancel_scope.cancel()
 
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/health/live", live, methods=["GET"]),
+            Route("/health/ready", ready, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/v1/chat/completions", openai_compat.completions_endpoint, methods=["POST"]),
+            Route("/v1/models", openai_compat.models_endpoint, methods=["GET"]),
+            Route("/v1/models/{model:path}", openai_compat.model_endpoint, methods=["GET"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
             Route("/runs", runs_endpoint.list_runs, methods=["GET"]),
             Route("/runs/{run_id}", runs_endpoint.show_run, methods=["GET"]),
@@ -162,7 +178,7 @@ def create_app(settings: Settings) -> Starlette:
     def admission() -> object | None:
         return getattr(installed(app).sandbox, "admission", None)
 
-    metrics = Metrics(lambda: streams.active, admission)
+    metrics = Metrics(lambda: streams.active, admission, metrics_dir)
     # Without I/O clients until the lifespan opens them (an app served without one, as
     # in-process tests do, still answers, with chat and runs unavailable).
     bodies = BodyBudget(settings.server.max_body_bytes_in_flight)
@@ -173,6 +189,7 @@ def create_app(settings: Settings) -> Starlette:
         ApiKeyMiddleware,
         keys=server.api_keys,
         protected=("/chat", "/execute-connector", "/v1/"),
+        limits=KeyLimits(server.key_requests_per_minute, server.key_tokens_per_minute),
     )
     if server.cors_origins:
         # Outside the key check: a browser's preflight carries no key. Pure ASGI, so
@@ -196,10 +213,13 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
-async def _start_sandbox(settings: SandboxSettings, stack: contextlib.AsyncExitStack) -> Sandbox:
+async def _start_sandbox(
+    settings: SandboxSettings, stack: contextlib.AsyncExitStack, metrics: Metrics
+) -> Sandbox:
     """The Docker sandbox; an engine that is down now is reported by /health."""
     from streamsvc.sandbox.docker.api import connect
     from streamsvc.sandbox.docker.sandbox import DockerSandbox
 
     # Entered, not just started: it owns the task group that enforces run deadlines.
-    return await stack.enter_async_context(DockerSandbox(connect(settings.docker_host), settings))
+    sandbox = DockerSandbox(connect(settings.docker_host), settings, metrics.timing)
+    return await stack.enter_async_context(sandbox)

@@ -1,8 +1,8 @@
 """The API-key gate: a pure-ASGI middleware in front of the protected paths.
 
-Keys are accepted as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` and
-compared in constant time (as SHA-256 digests: no length leaks either). A
-missing or wrong key is a 401 ``unauthorized`` before the body is read.
+Keys (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) are compared in constant time; a
+missing or wrong one is a 401, a key over its limits (``web.limits``) a 429, before the body.
+A key is named only by ``key_id`` (never logged itself).
 """
 
 from __future__ import annotations
@@ -10,10 +10,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from streamsvc.errors import Unauthorized
+from streamsvc.errors import ServiceError, Unauthorized
+from streamsvc.web import observability
+from streamsvc.web.limits import KeyLimits
 from streamsvc.web.rendering import error_response
+
+#: Paths whose answers spend chat tokens (checked against the tokens-per-minute limit).
+CHAT_PATHS = ("/chat", "/v1/chat/")
+
+
+def key_id(key: str) -> str:
+    """A short stable id of an API key (the first 8 hex digits of its SHA-256): what logs,
+    metrics and run owners show instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 class ApiKeyMiddleware:
@@ -22,30 +34,64 @@ class ApiKeyMiddleware:
     Pure ASGI: streaming responses pass untouched.
     """
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], protected: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: tuple[str, ...],
+        protected: tuple[str, ...],
+        limits: KeyLimits | None = None,
+    ) -> None:
         self.app = app
         # Digests, so every comparison is between equal lengths: no length leaks either.
         self.keys = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self.ids = [key_id(key) for key in keys]
         self.protected = protected
+        self.limits = limits if limits is not None and limits.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.keys
-            and scope["path"].startswith(self.protected)
-            and not self._authorized(scope)
-        ):
+        if scope["type"] != "http" or not self.keys or not scope["path"].startswith(self.protected):
+            await self.app(scope, receive, send)
+            return
+        found = self._key_of(scope)
+        if found is None:
             response = error_response(Unauthorized("a valid API key is required"), scope["path"])
             response.headers["WWW-Authenticate"] = "Bearer"
-            # The body is left unread, so the connection cannot be reused: say so,
-            # or a keep-alive client may send its next request into a closed socket.
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+            await _refuse(response, scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        facts = observability.current()
+        facts.key_id = found
+        if self.limits is None:
+            await self.app(scope, receive, send)
+            return
+        chat = scope["path"].startswith(CHAT_PATHS)
+        try:
+            self.limits.check(found, uses_tokens=chat)
+        except ServiceError as exc:
+            facts.limited = (exc.details or {}).get("limit")
+            await _refuse(error_response(exc, scope["path"]), scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if chat and facts.total_tokens:
+                self.limits.spend(found, facts.total_tokens)
 
-    def _authorized(self, scope: Scope) -> bool:
-        return key_matches(offered_key(scope), self.keys)
+    def _key_of(self, scope: Scope) -> str | None:
+        """The id of the key the request offers, None when it offers none of ours."""
+        offered = offered_key(scope)
+        digest = hashlib.sha256(offered).digest()
+        found = -1
+        for index, key in enumerate(self.keys):  # no early exit: the time is the same for all
+            if hmac.compare_digest(digest, key):
+                found = index
+        return self.ids[found] if found >= 0 and offered else None
+
+
+async def _refuse(response: Response, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer before the body is read: the connection cannot be reused, so say so, or a
+    keep-alive client may send its next request into a closed socket."""
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def offered_key(scope: Scope) -> bytes:

@@ -1,7 +1,8 @@
 """``ObservabilityMiddleware`` (pure ASGI, streams unbuffered) logs one record per request;
 endpoints record what only they know on ``RequestFacts``. The rule: the middleware never reads
 the bytes it sends, no message content or secret is logged, and text lines have their control
-characters escaped. Notes: docs/architecture.md.
+characters escaped. Notes: docs/architecture.md. Over 400 lines: the request's facts, the
+metrics and the log lines they feed are one concern (``web.multiproc`` sums workers' files).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamsvc.settings import ServerSettings
+from streamsvc.web.multiproc import collect_workers
 
 access_log = logging.getLogger("streamsvc.access")
 content_log = logging.getLogger("streamsvc.content")
@@ -37,6 +46,52 @@ def printable(text: str) -> str:
 
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_INSTALL_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
+
+#: Run outcomes counted by ``streamsvc_run_outcomes_total`` (kind: ``chat`` or ``connector``).
+OUTCOMES = (
+    "completed",
+    "program_error",
+    "timeout",
+    "oom",
+    "output_limit",
+    "cancelled",
+    "refused",
+    "failed",
+)
+#: A connector answer's error code -> its outcome (others: ``program_error``).
+_PROGRAM_OUTCOMES = {"timeout": "timeout", "out_of_memory": "oom", "output_limit": "output_limit"}
+#: Error codes that mean the request was stopped, not failed -> the cancel reason.
+_CANCELLED = {"send_timeout": "send_timeout", "shutting_down": "shutdown"}
+#: The routes whose requests are runs, by kind.
+RUN_KINDS = {"/chat": "chat", "/v1/chat/completions": "chat", "/execute-connector": "connector"}
+
+
+def outcome_of(status: int, facts: RequestFacts, streamed: bool) -> str:
+    """A finished run request's outcome (and, when cancelled, ``facts.cancel_reason``)."""
+    error = facts.error
+    if facts.cancel_reason is None:
+        if status == 499:
+            facts.cancel_reason = "client_disconnected"
+        elif error in _CANCELLED:
+            facts.cancel_reason = _CANCELLED[error]
+        elif error == "cancelled":
+            facts.cancel_reason = "cancelled"
+    if facts.cancel_reason is not None:
+        return "cancelled"
+    if facts.outcome is not None:
+        return facts.outcome
+    if error == "upstream_timeout" or status == 504:
+        return "timeout"
+    if error == "busy" or 400 <= status < 500 or status == 503:
+        return "refused"
+    if error is not None or status >= 500:
+        return "failed"
+    if streamed and not facts.finished:  # the client went away mid-stream
+        facts.cancel_reason = "client_disconnected"
+        return "cancelled"
+    return "completed"
 
 
 class RequestFacts(msgspec.Struct):
@@ -52,6 +107,13 @@ class RequestFacts(msgspec.Struct):
     exit_code: int | None = None
     ok: bool | None = None
     error: str | None = None  # our code, where the answer shows another (an upstream's)
+    key_id: str | None = None  # web.auth.key_id of the request's API key
+    limited: str | None = None  # "requests" or "tokens": refused by the key's limit
+    model: str | None = None  # the chat deployment asked for
+    entry_point: str | None = None  # the connector's entry point
+    outcome: str | None = None  # a run's outcome, when its endpoint knows it (see OUTCOMES)
+    cancel_reason: str | None = None
+    finished: bool = False  # a stream reached its normal end (its last frame was produced)
 
     def first_token(self) -> None:
         """Mark the first token's arrival (only the first call counts)."""
@@ -75,9 +137,18 @@ class RequestFacts(msgspec.Struct):
                 "chat answer", extra={"fields": {"request_id": self.request_id, "content": answer}}
             )
 
-    def execution(self, exit_code: int | None, ok: bool) -> None:
+    def execution(self, exit_code: int | None, ok: bool, error_code: str | None = None) -> None:
+        """A connector run's end: its exit code, ``ok`` and the answer's error code."""
         self.exit_code = exit_code
         self.ok = ok
+        self.outcome = (
+            "completed" if ok else _PROGRAM_OUTCOMES.get(error_code or "", "program_error")
+        )
+
+    def cancelled(self, reason: str) -> None:
+        """The run was stopped before its end (``client_disconnected``, ``send_timeout``,
+        ``shutdown``, or an explicit cancel's reason): its outcome is ``cancelled``."""
+        self.cancel_reason = reason
 
 
 _current: ContextVar[RequestFacts | None] = ContextVar("streamsvc_request_facts", default=None)
@@ -115,15 +186,22 @@ async def observe_chat(source: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 class Metrics:
-    """The app's Prometheus registry (one per app, no process-wide state)."""
+    """The app's Prometheus metrics: in its own registry (one per app, no process-wide state),
+    or, with ``multiprocess_dir`` (``STREAMSVC_WORKERS`` > 1), in prometheus_client's
+    multiprocess files, which every worker's scrape sums (``web.multiproc``)."""
 
     def __init__(
-        self, open_streams: Callable[[], int], admission: Callable[[], object | None]
+        self,
+        open_streams: Callable[[], int],
+        admission: Callable[[], object | None],
+        multiprocess_dir: str | None = None,
     ) -> None:
         """``open_streams`` counts the open SSE streams; ``admission`` is the sandbox's
         admission control (``running``, ``queue``), None while there is none."""
         self.registry = CollectorRegistry()
-        registry = self.registry
+        self.multiprocess_dir = multiprocess_dir
+        # Multiprocess: the metrics write to their files, and the scrape reads all of them.
+        registry = None if multiprocess_dir else self.registry
         self.requests = Counter(
             "streamsvc_requests",
             "HTTP requests by route and status code",
@@ -156,9 +234,50 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.key_tokens = Counter(
+            "streamsvc_key_tokens",
+            "Chat tokens by API key id (none: no keys configured), model asked for and kind",
+            ["key", "model", "kind"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "streamsvc_rate_limited",
+            "Requests refused by an API key's per-minute limit, by key id and limit",
+            ["key", "limit"],
+            registry=registry,
+        )
+        self.outcomes = Counter(
+            "streamsvc_run_outcomes",
+            "Chat answers and connector runs by kind and outcome",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.upstream = Counter(
+            "streamsvc_upstream_attempts",
+            "Upstream retries and fallbacks to the next deployment, by the error that caused them",
+            ["action", "reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "streamsvc_queue_wait_seconds",
+            "Time a connector run waited for a slot (0 when one was free)",
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.install = Histogram(
+            "streamsvc_dependency_install_seconds",
+            "Time a dependency set's install took",
+            buckets=_INSTALL_BUCKETS,
+            registry=registry,
+        )
+        self._gauges: list[tuple[Gauge, Callable[[], float]]] = []
 
         def gauge(name: str, documentation: str, read: Callable[[], float]) -> None:
-            Gauge(name, documentation, registry=registry).set_function(read)
+            if multiprocess_dir:  # set by refresh(): a function cannot be read across processes
+                metric = Gauge(name, documentation, multiprocess_mode="livesum", registry=None)
+                self._gauges.append((metric, read))
+            else:
+                Gauge(name, documentation, registry=registry).set_function(read)
 
         def admitted(attribute: str) -> Callable[[], float]:
             def read() -> float:
@@ -173,10 +292,43 @@ class Metrics:
         gauge("streamsvc_active_streams", "Open SSE streams", lambda: float(open_streams()))
         gauge("streamsvc_active_runs", "Connector runs executing", admitted("running"))
         gauge("streamsvc_queue_length", "Connector runs waiting for a slot", admitted("queue"))
+        if multiprocess_dir:
+            collect_workers(self.registry, multiprocess_dir)
+        else:
+            ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    def refresh(self) -> None:
+        """Write this process's gauges to its multiprocess file (a no-op otherwise)."""
+        for gauge, read in self._gauges:
+            gauge.set(read())
+
+    def upstream_retry(self, reason: str) -> None:
+        self.upstream.labels("retry", reason).inc()
+
+    def upstream_fallback(self, reason: str) -> None:
+        self.upstream.labels("fallback", reason).inc()
+
+    def timing(self, name: str, seconds: float) -> None:
+        """A sandbox phase's duration: ``queue_wait`` or ``install``."""
+        (self.queue_wait if name == "queue_wait" else self.install).observe(seconds)
+
+    def run_outcome(self, kind: str, outcome: str) -> None:
+        """Count a run's outcome (the middleware does for runs answered in their request)."""
+        self.outcomes.labels(kind, outcome).inc()
 
     def observe(
-        self, route: str, status: int, error: str | None, duration: float, facts: RequestFacts
+        self,
+        route: str,
+        status: int,
+        error: str | None,
+        duration: float,
+        facts: RequestFacts,
+        streamed: bool = False,
+        path: str = "",
     ) -> None:
+        """Count one finished request (``path``: its run kind when no route matched, as
+        for a request the API-key gate refused)."""
         code = str(status)
         self.requests.labels(route, code).inc()
         if error is not None or status >= 400:
@@ -184,10 +336,20 @@ class Metrics:
         self.duration.labels(route).observe(duration)
         if facts.ttft_ms is not None:
             self.ttft.labels(route).observe(facts.ttft_ms / 1000)
+        key = facts.key_id or "none"
+        model = facts.model or "unknown"
         if facts.prompt_tokens:
             self.tokens.labels("prompt").inc(facts.prompt_tokens)
+            self.key_tokens.labels(key, model, "prompt").inc(facts.prompt_tokens)
         if facts.completion_tokens:
             self.tokens.labels("completion").inc(facts.completion_tokens)
+            self.key_tokens.labels(key, model, "completion").inc(facts.completion_tokens)
+        if facts.limited is not None:
+            self.rate_limited.labels(key, facts.limited).inc()
+        kind = RUN_KINDS.get(route) or RUN_KINDS.get(path)
+        if kind is not None and status != 202:  # 202: a background run counts at its end
+            facts.outcome = outcome_of(status, facts, streamed)
+            self.outcomes.labels(kind, facts.outcome).inc()
 
 
 # ---- the middleware ---------------------------------------------------------------------------
@@ -250,7 +412,7 @@ class ObservabilityMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             final = status or 500  # no response: the app raised; Starlette answers 500
             error = facts.error
-            self.metrics.observe(route, final, error, duration, facts)
+            self.metrics.observe(route, final, error, duration, facts, streamed, scope["path"])
             access_log.info(
                 "%s %s %d",
                 scope["method"],
@@ -284,15 +446,33 @@ def _access_fields(
         "bytes_sent": sent,
         "streamed": streamed,
     }
+    client = scope.get("client")
+    if client:
+        fields["client"] = client[0]
     if error is not None:
         fields["error"] = error
-    for name in ("ttft_ms", "prompt_tokens", "completion_tokens", "total_tokens", "exit_code"):
+    for name in _OPTIONAL_FIELDS:
         value = getattr(facts, name)
         if value is not None:
             fields[name] = value
-    if facts.ok is not None:
-        fields["ok"] = facts.ok
     return fields
+
+
+#: Access-log fields written when the request has them.
+_OPTIONAL_FIELDS = (
+    "key_id",
+    "model",
+    "entry_point",
+    "ttft_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "exit_code",
+    "ok",
+    "outcome",
+    "cancel_reason",
+    "limited",
+)
 
 
 # ---- log formatting ---------------------------------------------------------------------------

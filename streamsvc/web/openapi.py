@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from streamsvc.chat.endpoint import ChatDelta, ChatRequest, ChatResult
-from streamsvc.chat.openai_compat import CompletionRequest
+from streamsvc.chat.openai_chunks import AZURE_EXTRAS_HEADER
+from streamsvc.chat.openai_compat import CompletionRequest, Model, ModelList
 from streamsvc.chat.openai_errors import OpenAIErrorEnvelope
 from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
 from streamsvc.connectors.transcript import ExecutionResult
@@ -24,6 +25,7 @@ from streamsvc.runs.endpoint import RunList, RunView
 from streamsvc.runs.respond import Accepted
 from streamsvc.runs.store import RunStatus
 from streamsvc.sandbox.types import Status
+from streamsvc.web import health
 
 REF = "#/components/schemas/{name}"
 
@@ -61,13 +63,14 @@ class ChatCompletion(msgspec.Struct):
 
 
 class ChatCompletionChunk(msgspec.Struct):
-    """One upstream chunk as the upstream sent it (``chat.completion.chunk``, or Azure's extras)."""
+    """One ``chat.completion.chunk``: every choice has a ``delta``; ``choices`` is empty only
+    in the usage chunk asked for. ``id``, ``model`` and ``created`` are the same all along."""
 
     choices: list[dict[str, Any]]
-    id: str = ""
-    object: str = ""
-    created: int = 0
-    model: str = ""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
     usage: dict[str, Any] | None = None
 
 
@@ -82,10 +85,14 @@ _TYPES = (
     OutputText,
     ErrorEnvelope,
     HealthReport,
+    health.Liveness,
+    health.Readiness,
     CompletionRequest,
     ChatCompletion,
     ChatCompletionChunk,
     OpenAIErrorEnvelope,
+    Model,
+    ModelList,
     Accepted,
     RunView,
     RunList,
@@ -97,7 +104,11 @@ CHAT_EVENTS = {
     "error": ("ErrorEnvelope", "The last event when the stream failed after the headers."),
 }
 EXECUTE_EVENTS = {
-    "status": ("Status", "One per phase: validated, queued, installing_dependencies, ..."),
+    "status": (
+        "Status",
+        "One per step: validated, queued (position), installing_dependencies (then its"
+        " elapsed time), dependencies_ready (cache hit or miss), starting (warm or cold), running.",
+    ),
     "stdout": ("OutputText", "A chunk of the program's standard output, live."),
     "stderr": ("OutputText", "A chunk of the program's standard error, live."),
     "done": ("ExecutionResult", "The last event: exactly the JSON answer."),
@@ -106,7 +117,10 @@ EXECUTE_EVENTS = {
 
 #: Every error a route can answer with, by status.
 ERRORS = {
-    "400": "Malformed JSON (`malformed_json`) or a request that cannot be served as asked.",
+    "400": (
+        "Malformed JSON (`malformed_json`), under /v1 a body of the wrong shape "
+        "(`validation_error`, `param` names it), or a request that cannot be served as asked."
+    ),
     "401": "A valid API key is required (`unauthorized`), when the server has keys.",
     "403": "A browser page of another origin (`origin_not_allowed`), see STREAMSVC_CORS_ORIGINS.",
     "404": "The upstream has no such model or deployment.",
@@ -115,7 +129,7 @@ ERRORS = {
     "415": "The body is not `application/json` (`unsupported_media_type`).",
     "421": "A Host header this server does not answer for (`host_not_allowed`).",
     "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
-    "429": "Too many requests (`busy`, `upstream_rate_limited`); see Retry-After.",
+    "429": "Too many requests (`busy`, `upstream_rate_limited`, `rate_limited`); see Retry-After.",
     "500": "An unexpected failure (`internal_error`, `sandbox_failed`).",
     "502": "The chat upstream failed (`upstream_error`, `upstream_auth`).",
     "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
@@ -128,7 +142,16 @@ RUN_NOT_FOUND = "No such run (`not_found`), or one another API key created."
 _GUARDS = ("401", "403", "408", "413", "415", "421", "422", "429", "500")
 CHAT_ERRORS = ("400", *_GUARDS, "502", "503", "504")
 EXECUTE_ERRORS = ("400", *_GUARDS, "503")
-COMPLETIONS_ERRORS = ("400", *_GUARDS[:2], "404", *_GUARDS[2:], "502", "503", "504")
+#: /v1 answers a body of the wrong shape with 400 (OpenAI's BadRequestError), never 422.
+COMPLETIONS_ERRORS = (
+    "400",
+    *_GUARDS[:2],
+    "404",
+    *(status for status in _GUARDS[2:] if status != "422"),
+    "502",
+    "503",
+    "504",
+)
 
 _CONNECTOR_NOTE = (
     "The connector definition. `runtime`, `files` and `configuration` are read "
@@ -228,9 +251,23 @@ def _completions() -> dict[str, Any]:
                 "every other field (tools, tool_choice, functions, response_format, n, "
                 "seed, ...) goes to the upstream untouched. OPENAI_MAX_TOKENS and "
                 "OPENAI_TEMPERATURE fill only fields left out. The usage chunk is sent "
-                "when `stream_options.include_usage` is true."
+                "when `stream_options.include_usage` is true. Streams are cleaned for "
+                "OpenAI's clients: Azure's prompt-filter chunk and its annotation chunks "
+                "(no `delta`) are dropped; with the request header "
+                f"`{AZURE_EXTRAS_HEADER}: 1` the prompt-filter results ride on the "
+                "first chunk and annotations come with `delta: {}`. The JSON answer "
+                "keeps Azure's filter results, as Azure answers without streaming."
             ),
             "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+            "parameters": [
+                {
+                    "name": AZURE_EXTRAS_HEADER,
+                    "in": "header",
+                    "required": False,
+                    "description": "`1`: keep Azure's filter results in the stream.",
+                    "schema": {"type": "string", "enum": ["1", "true"]},
+                }
+            ],
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("CompletionRequest")}},
@@ -247,6 +284,41 @@ def _completions() -> dict[str, Any]:
             },
         }
     }
+
+
+def _models() -> dict[str, Any]:
+    listing = {
+        "get": {
+            "summary": "The configured deployments, in OpenAI's shape",
+            "description": (
+                "The default deployment (AZURE_OPENAI_DEPLOYMENT or OPENAI_MODEL), then "
+                "STREAMSVC_CHAT_FALLBACK_DEPLOYMENTS. `created` is 0 (not known)."
+            ),
+            "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+            "responses": {
+                "200": _json(_ref("ModelList"), "The list."),
+                **_errors(("401", "403", "421", "503"), "OpenAIErrorEnvelope"),
+            },
+        }
+    }
+    one = {
+        "get": {
+            "summary": "One configured deployment, in OpenAI's shape",
+            "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+            "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": _json(_ref("Model"), "The model."),
+                "404": _json(
+                    _ref("OpenAIErrorEnvelope"),
+                    "Not one of the configured deployments (`model_not_found`).",
+                ),
+                **_errors(("401", "403", "421", "503"), "OpenAIErrorEnvelope"),
+            },
+        }
+    }
+    return {"/v1/models": listing, "/v1/models/{model}": one}
 
 
 _RUN_HEADER = {
@@ -452,6 +524,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("HealthReport"), "The health report.")},
                 }
             },
+            **health.openapi_paths(REF),
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
@@ -486,6 +559,7 @@ def openapi_document() -> dict[str, Any]:
                 EXECUTE_ERRORS,
             ),
             "/v1/chat/completions": _completions(),
+            **_models(),
             **_runs(),
             "/openapi.json": {
                 "get": {

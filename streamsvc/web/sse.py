@@ -46,6 +46,8 @@ class StreamRegistry:
         self._drained = anyio.Event()
         self.active = 0
         self.closing = False
+        #: Set when shutdown begins (before ``closing``): /health/ready answers 503.
+        self.draining = False
 
     def opened(self, scope: anyio.CancelScope | None = None) -> None:
         """Count a stream; ``close_all`` cancels ``scope`` (at once when already closing)."""
@@ -153,7 +155,9 @@ async def _pump(
             if event is None:
                 if registry.closing:
                     yield failed(shutting_down())
-                elif end:
+                    return
+                observability.current().finished = True  # not cut short: its outcome
+                if end:
                     yield end
                 return
             yield encode(event)

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from streamsvc.sandbox.docker.api import SANDBOX_UID, labels
-from streamsvc.sandbox.runner.runner import BOOTSTRAP
+from streamsvc.sandbox.runner.runner import BOOTSTRAP, OUTPUT_DIR
 from streamsvc.sandbox.types import NetworkMode, RunSpec
 from streamsvc.settings import SandboxSettings
 
@@ -71,6 +71,7 @@ def fixed_env(deps_volume: str | None) -> dict[str, str]:
         "HOME": "/work",
         "PYTHONDONTWRITEBYTECODE": "1",
         "STREAMSVC_CONTEXT_FILE": CONTEXT_FILE,
+        "STREAMSVC_OUTPUT_DIR": OUTPUT_DIR,
     }
     if deps_volume is not None:
         env["PYTHONPATH"] = "/opt/deps"

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -42,7 +43,7 @@ from streamsvc.sandbox.docker.deps_inventory import (
 )
 from streamsvc.sandbox.docker.firewall import BridgeIsolation
 from streamsvc.sandbox.docker.host_lock import host_lock
-from streamsvc.sandbox.docker.installer import Installer
+from streamsvc.sandbox.docker.installer import Installer, packages, size_kb
 from streamsvc.settings import SandboxSettings
 
 log = logging.getLogger("streamsvc.deps")
@@ -55,6 +56,8 @@ class CachedSet(msgspec.Struct):
     last_used: float
     #: Known complete: installed or checked by this process.
     verified: bool = True
+    #: Distributions installed (dependencies of dependencies included); 0: not known.
+    packages: int = 0
 
 
 class _Install(msgspec.Struct):
@@ -92,6 +95,8 @@ class DependencyCache:
         #: The sandbox image the sets are for (``use_image``), once it is known.
         self.image_id: str | None = None
         self.installs = 0
+        #: Told each install's duration in seconds (failed ones too): the app's metrics.
+        self.on_install: Callable[[float], None] | None = None
 
     # -- keys ------------------------------------------------------------------------
 
@@ -137,6 +142,13 @@ class DependencyCache:
     def use_image(self, image_id: str) -> None:
         """The sandbox image (its id) whose sets are installed and looked up from now on."""
         self.image_id = image_id
+
+    async def lookup(self, dependencies: tuple[Dependency, ...]) -> CachedSet | None:
+        """The cached set of ``dependencies`` when there is one (installed by this process or
+        left by an earlier one), without checking that its volume is still there."""
+        python = await self.python_version()
+        await self._load(python)
+        return self._sets.get(self.volume_name(dependencies, python))
 
     async def known(self, dependencies: tuple[Dependency, ...]) -> str | None:
         """The volume of ``dependencies`` when this process has it installed or checked."""
@@ -292,7 +304,7 @@ class DependencyCache:
                 "remove a broken cache volume", DockerVolume(self._docker, name).delete()
             )
             return None
-        return CachedSet(name, [d.requirement for d in dependencies], _size(output), time.time())
+        return _entry(name, [d.requirement for d in dependencies], output)
 
     async def _install(
         self,
@@ -320,12 +332,14 @@ class DependencyCache:
         async def compiled(output: str, code: int) -> None:
             """The install's end, after compiling: its final size, then the cap again."""
             entry = self._sets.get(name)
-            if entry is not None and code == 0 and _size(output) > 0:
-                entry.size_kb = _size(output)
+            if entry is not None and code == 0 and size_kb(output) > 0:
+                entry.size_kb = size_kb(output)  # the last line: the size after compiling
             newest = max(self._sets.values(), key=lambda e: e.last_used, default=None)
             await self._evict(keep=newest.volume if newest else name)
 
         output, code = await self.installer.install(name, requirements, compiled)
+        if self.on_install is not None:
+            self.on_install(time.monotonic() - started)
         if code != 0:
             with contextlib.suppress(SandboxError):  # still mounted: eviction gets it later
                 await docker_call(
@@ -337,7 +351,7 @@ class DependencyCache:
             )
         self.installs += 1
         log.info("installed %s in %.1fs", requirements, time.monotonic() - started)
-        return CachedSet(name, requirements, _size(output), time.time())
+        return _entry(name, requirements, output)
 
     async def _evict(self, keep: str) -> None:
         cap_kb = self._settings.deps_cache_mb * 1024
@@ -375,6 +389,6 @@ def _timestamp(created: str | None) -> float:
         return 0.0
 
 
-def _size(output: str) -> int:
-    lines = output.strip().splitlines()
-    return int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
+def _entry(volume: str, requirements: list[str], output: str) -> CachedSet:
+    """A set just installed or checked, from its helper's ``SIZE PACKAGES`` line."""
+    return CachedSet(volume, requirements, size_kb(output), time.time(), packages=packages(output))

@@ -52,7 +52,8 @@ else
     --target /opt/deps "$@"
 fi
 touch /opt/deps/{COMPLETE_MARKER}
-echo "$done_line $(du -sk /opt/deps | cut -f1)"
+packages=$(find /opt/deps -maxdepth 1 -name '*.dist-info' | wc -l)
+echo "$done_line $(du -sk /opt/deps | cut -f1) $packages"
 if [ "$compile_later" = 1 ]; then
   python3 -m compileall -q /opt/deps >/dev/null 2>&1 || true
   du -sk /opt/deps | cut -f1
@@ -105,8 +106,12 @@ class Installer:
         return version
 
     async def check(self, volume: str) -> tuple[str, int]:
-        """Whether ``volume``'s install completed (exit code 0), and then its size (``du``)."""
-        check = f"test -f /opt/deps/{COMPLETE_MARKER} && du -sk /opt/deps | cut -f1"
+        """Whether ``volume``'s install completed (exit code 0), and then its size (``du``)
+        and how many distributions it holds."""
+        check = (
+            f"test -f /opt/deps/{COMPLETE_MARKER} && echo $(du -sk /opt/deps | cut -f1)"
+            " $(find /opt/deps -maxdepth 1 -name '*.dist-info' | wc -l)"
+        )
         return await self.one_shot(volume, ["sh", "-c", check], {}, action="check")
 
     async def install(
@@ -260,3 +265,19 @@ class Installer:
                 self._tasks.start_soon(remove_container, container)
             else:
                 await remove_container(container)
+
+
+def size_kb(output: str) -> int:
+    """The size (KiB) on a helper's last line: ``SIZE`` or ``SIZE PACKAGES``."""
+    lines = output.strip().splitlines()
+    first = lines[-1].split()[0] if lines and lines[-1].split() else ""
+    return int(first) if first.isdigit() else 0
+
+
+def packages(output: str) -> int:
+    """The distribution count on an install's (or check's) ``SIZE PACKAGES`` line."""
+    for line in output.strip().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            return int(parts[1])
+    return 0

@@ -35,7 +35,7 @@ from streamsvc.sandbox.docker.warm_protocol import (
     new_nonce,
 )
 from streamsvc.sandbox.runner.runner import PIDS_MARKER
-from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status
+from streamsvc.sandbox.types import Exited, Output, RunSpec, SandboxEvent, Status, Usage
 from streamsvc.sandbox.warm_pool import WarmPool
 from streamsvc.settings import SandboxSettings
 
@@ -53,6 +53,11 @@ class Start(Protocol):
 
     async def choose(self) -> str:
         """Prepare what fails before the first event may; what ``starting`` says."""
+        ...
+
+    @property
+    def warm(self) -> bool:
+        """Once chosen: whether a started sandbox takes the run (else one starts now)."""
         ...
 
     async def ready(self) -> tuple[DockerContainer, Stream]:
@@ -74,7 +79,8 @@ async def execute(
     """The run's events: ``starting``, ``running``, its output, then its ``Exited``."""
     run: Run | None = None
     try:
-        yield Status("starting", await start.choose())
+        message = await start.choose()
+        yield Status("starting", message, start="warm" if start.warm else "cold")
         container, stream = await start.ready()
         run = Run(container, stream, settings.output_cap_bytes, start.nonce)
         started = await start.launch(spec, stream)
@@ -118,6 +124,7 @@ class ColdStart:
         self._spec = spec
         self._warm: WarmSandbox | None = None
         self.nonce = new_nonce()
+        self.warm = False
 
     async def choose(self) -> str:
         return "starting the sandbox"
@@ -153,7 +160,9 @@ class WarmStart:
         self._key = key
         self._env = env
         self._warm = early
+        self._early = early is not None
         self.nonce = new_nonce()
+        self.warm = False
 
     async def choose(self) -> str:
         key, env = self._key, self._env
@@ -166,7 +175,12 @@ class WarmStart:
             self._containers.dispose(warm.container, warm.stream)
             warm = None
         self._warm = warm
-        return "using a warm sandbox" if warm is not None else "starting a sandbox (none was warm)"
+        self.warm = warm is not None
+        if warm is None:
+            return "starting a sandbox (none was warm)"
+        if self._early:  # the sandbox made while the dependencies were installed
+            return "using the sandbox started during the install"
+        return "using a warm sandbox"
 
     async def ready(self) -> tuple[DockerContainer, Stream]:
         if self._warm is None:
@@ -296,6 +310,9 @@ async def _exited(run: Run) -> Exited:
             oom_killed=oom,
             duration_ms=int((run.ended_at - run.started) * 1000),
             pids_limited=run.pids_limited,
+            usage=end.usage,
+            files=end.files,
+            files_omitted=end.files_omitted,
         )
     # Wait for the container to stop (the watchdog bounds that), then read its state.
     limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT
@@ -312,6 +329,7 @@ async def _exited(run: Run) -> Exited:
         duration_ms=duration_ms,
         output_capped=run.capped,
         pids_limited=run.pids_limited,
+        usage=Usage(cpu_ms=None, memory_peak_mb=None, wall_ms=duration_ms),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -16,8 +16,12 @@ import aiodocker
 import anyio
 from anyio.abc import TaskGroup
 
-from streamsvc.connectors.dependencies import Dependency
-from streamsvc.errors import DependencyInstallFailed, EngineUnreachable, SandboxError
+from streamsvc.errors import (
+    DependencyInstallFailed,
+    EngineUnreachable,
+    SandboxError,
+    SandboxFailed,
+)
 from streamsvc.sandbox.admission import Admission
 from streamsvc.sandbox.docker.api import ENGINE_ERRORS, docker_call, owner_label, ping
 from streamsvc.sandbox.docker.config import PoolKey
@@ -35,6 +39,10 @@ log = logging.getLogger("streamsvc.sandbox")
 #: Env names the interpreter reads at start-up: a request setting one runs cold.
 COLD_ENV_PREFIXES = ("PYTHON", "LC_")
 COLD_ENV_NAMES = frozenset({"LANG", "LANGUAGE"})
+#: How often an install in progress is reported (its elapsed time).
+PROGRESS_SECONDS = 2.0
+#: How long a run that goes away waits for its dependency step to stop.
+CLEANUP_WAIT = 10.0
 #: How long /health trusts its last look at the engine before refreshing it.
 ENGINE_LOOK_SECONDS = 2.0
 
@@ -42,9 +50,17 @@ ENGINE_LOOK_SECONDS = 2.0
 class DockerSandbox:
     """``Sandbox`` on a Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker, settings: SandboxSettings) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        settings: SandboxSettings,
+        timings: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """``timings`` is told ``("queue_wait", seconds)`` per admitted run and
+        ``("install", seconds)`` per dependency install (the app's metrics)."""
         self._docker = docker
         self._settings = settings
+        self._timings = timings
         self._owner = owner_label()
         self._tasks: TaskGroup | None = None
         self.admission = Admission(
@@ -54,6 +70,8 @@ class DockerSandbox:
         )
         self.bridge = BridgeIsolation(docker, settings.network)
         self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
+        if timings is not None:
+            self.deps.on_install = lambda seconds: timings("install", seconds)
         self.containers = Containers(docker, self._owner, self.deps)
         self.warm = WarmMaker(
             docker, settings, self._owner, self.deps, self.containers, self.bridge
@@ -186,14 +204,25 @@ class DockerSandbox:
             await self.remove_leftovers()
         if spec.network == "bridge":
             await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
+        entered = anyio.current_time()
         ticket = self.admission.enter()
         try:
             async for position in ticket.positions():
                 yield Status("queued", f"waiting for a free slot (position {position})", position)
-            deps_volume, early = None, None
+            if self._timings is not None:
+                self._timings("queue_wait", anyio.current_time() - entered)
+            prepared: list[tuple[str, WarmSandbox | None]] = []
             if spec.dependencies:
-                yield Status("installing_dependencies", _describe(spec.dependencies))
-                deps_volume, early = await self._dependencies(spec)
+                try:
+                    steps = self._prepare_dependencies(spec, prepared)
+                    async with contextlib.aclosing(steps):
+                        async for step in steps:
+                            yield step
+                except BaseException:  # gone while told the set is ready: let it go
+                    if prepared:
+                        await self._let_go(prepared.pop())
+                    raise
+            deps_volume, early = prepared[0] if prepared else (None, None)
             try:
                 events = execute(
                     self._start(spec, deps_volume, early),
@@ -209,6 +238,89 @@ class DockerSandbox:
                     self.deps.release(deps_volume)
         finally:
             ticket.release()
+
+    async def _prepare_dependencies(
+        self, spec: RunSpec, prepared: list[tuple[str, WarmSandbox | None]]
+    ) -> AsyncGenerator[Status, None]:
+        """``_dependencies`` (its answer into ``prepared``), saying what happens: a cache hit,
+        or an install and its elapsed time. A caller that leaves stops it (the set released)."""
+        requirements = ", ".join(dep.requirement for dep in spec.dependencies)
+        requested = len(spec.dependencies)
+        started = anyio.current_time()
+
+        def installing(elapsed: float | None = None) -> Status:
+            took = "" if elapsed is None else f" ({elapsed:.0f} s)"
+            message = f"installing {_plural(requested, 'package')}: {requirements}{took}"
+            elapsed_ms = None if elapsed is None else int(elapsed * 1000)
+            return Status("installing_dependencies", message, cache="miss",
+                          requested=requested, elapsed_ms=elapsed_ms)  # fmt: skip
+
+        cached = await self.deps.lookup(spec.dependencies)
+        if cached is None:
+            yield installing()
+        done, scope = anyio.Event(), anyio.CancelScope()
+        answers: list[tuple[str, WarmSandbox | None] | Exception] = []
+        owner: list[str] = []  # who owns the answer's volume hold (and early sandbox)
+
+        async def work() -> None:
+            try:
+                with scope:
+                    answers.append(await self._dependencies(spec))
+            except Exception as exc:  # raised to the caller below
+                answers.append(exc)
+            finally:
+                done.set()
+                if owner == ["gone"]:  # the caller left before this answer: let it go
+                    await self._abandon(answers, owner)
+
+        self._running_tasks().start_soon(work)
+        try:
+            while not done.is_set():
+                with anyio.move_on_after(PROGRESS_SECONDS):
+                    await done.wait()
+                if not done.is_set():
+                    yield installing(anyio.current_time() - started)
+        except BaseException:  # gone: stop the work, or let go of what it prepared
+            owner.append("gone")
+            scope.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_WAIT):
+                await done.wait()
+            await self._abandon(answers, owner)
+            raise
+        if not answers:
+            raise SandboxFailed("preparing the dependencies ended without an answer")
+        if isinstance(answers[0], Exception):
+            raise answers[0]
+        owner.append("caller")
+        prepared.append(answers[0])
+        entry = await self.deps.lookup(spec.dependencies)
+        size_kb = entry.size_kb if entry is not None else None
+        packages = (entry.packages or None) if entry is not None else None
+        held = f"{_plural(packages, 'package')} installed" if packages else requirements
+        held += f", {size_kb / 1024:.1f} MB" if size_kb else ""
+        elapsed = anyio.current_time() - started
+        how = "cached" if cached is not None else f"installed in {elapsed:.1f} s"
+        yield Status(
+            "dependencies_ready", f"dependencies {how}: {requirements} ({held})",
+            cache="hit" if cached is not None else "miss", requested=requested,
+            packages=packages, size_kb=size_kb,
+            elapsed_ms=None if cached is not None else int(elapsed * 1000),
+        )  # fmt: skip
+
+    async def _abandon(
+        self, answers: list[tuple[str, WarmSandbox | None] | Exception], owner: list[str]
+    ) -> None:
+        """Let go of a prepared answer nobody will take (once, whoever gets here first)."""
+        if answers and not isinstance(answers[0], Exception) and "released" not in owner:
+            owner.append("released")
+            await self._let_go(answers[0])
+
+    async def _let_go(self, prepared: tuple[str, WarmSandbox | None]) -> None:
+        """Release a set (and discard a sandbox) prepared for a run that went away."""
+        self.deps.release(prepared[0])
+        if prepared[1] is not None:
+            with anyio.CancelScope(shield=True):
+                await self.warm.discard(prepared[1])
 
     def _start(self, spec: RunSpec, deps_volume: str | None, early: WarmSandbox | None) -> Start:
         """Warm when the pool is on and the request allows it, else cold."""
@@ -279,8 +391,8 @@ class DockerSandbox:
         return PoolKey(self.image_id, spec.network, deps_volume, spec.memory_mb)
 
 
-def _describe(dependencies: tuple[Dependency, ...]) -> str:
-    return "installing " + ", ".join(dep.requirement for dep in dependencies)
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _needs_cold(env: dict[str, str]) -> bool:

@@ -10,12 +10,17 @@ import contextlib
 import json
 import secrets
 from importlib import resources
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 
-from streamsvc.sandbox.runner.runner import END_MARKER, READY_MARKER
-from streamsvc.sandbox.types import RunSpec
+from streamsvc.sandbox.runner.runner import (
+    END_MARKER,
+    MAX_INLINE_BYTES,
+    MAX_OUTPUT_FILES,
+    READY_MARKER,
+)
+from streamsvc.sandbox.types import OutputFile, RunSpec, Usage
 
 RUNNER = resources.files("streamsvc.sandbox.runner").joinpath("runner.py").read_bytes()
 #: Docker's attach stream numbers.
@@ -67,10 +72,14 @@ def ready_report(data: bytes) -> ReadyReport | None:
 
 
 class EndLine(msgspec.Struct):
-    """What a warm runner reports when its program has exited."""
+    """What a runner reports when its program has exited: on stderr the exit only, on
+    stdout also what it used and the files it wrote."""
 
     exit_code: int
     oom_killed: bool | None = None
+    usage: Usage | None = None
+    files: list[OutputFile] = []
+    files_omitted: int = 0
 
 
 class EndLines:
@@ -82,7 +91,11 @@ class EndLines:
     next chunk says whether it is.
     """
 
-    LIMIT = 4096  # an end line longer than this is not one of ours
+    #: An end line longer than this is not one of ours (stdout's carries the inline files).
+    LIMITS: ClassVar[dict[int, int]] = {
+        1: MAX_INLINE_BYTES * 4 // 3 + MAX_OUTPUT_FILES * 2048 + 4096,
+        2: 4096,
+    }
 
     def __init__(self, nonce: str) -> None:
         self.marker = END_MARKER + nonce.encode() + b" "
@@ -109,7 +122,7 @@ class EndLines:
             output, buffer = buffer[:at], buffer[at:]
             self._found[stream] = True
         newline = buffer.find(b"\n")
-        if newline < 0 and len(buffer) <= self.LIMIT:
+        if newline < 0 and len(buffer) <= self.LIMITS[stream]:
             self._held[stream] = buffer
             return output
         self._held[stream] = b""
@@ -131,10 +144,15 @@ class EndLines:
         return held
 
     def verdict(self) -> EndLine | None:
-        """The runner's report, once both lines are in and agree; else ``None``."""
-        if not self.complete or self._lines[1] != self._lines[2]:
+        """The runner's report (stdout's line), once both lines are in and agree on the
+        exit; else ``None``."""
+        if not self.complete:
             return None
         try:
-            return msgspec.json.decode(self._lines[1], type=EndLine)
+            full = msgspec.json.decode(self._lines[1], type=EndLine)
+            short = msgspec.json.decode(self._lines[2], type=EndLine)
         except msgspec.DecodeError:
             return None
+        if (full.exit_code, full.oom_killed) != (short.exit_code, short.oom_killed):
+            return None
+        return full

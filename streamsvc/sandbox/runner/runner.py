@@ -1,8 +1,8 @@
 """The program that starts a connector inside its container (standard library only).
 
-It runs under tini, gets every run (cold or warm) as one delivery on stdin, forks the entry
-point and supervises it. The rule: it imports nothing of streamsvc. Its full specification is
-in docs/architecture.md ("Module notes", ``sandbox/runner/runner.py``).
+It gets every run (cold or warm) as one delivery on stdin, forks the entry point, supervises it,
+then reports its usage and output files. The rule: it imports nothing of streamsvc. Over 400
+lines because it is sent as one file. Its specification: docs/architecture.md ("Module notes").
 """
 
 import asyncio
@@ -18,10 +18,12 @@ import re
 import runpy
 import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from types import TracebackType
+from typing import Any, NoReturn
 
 WORK = "/work"
 DEPS = "/opt/deps"
@@ -36,6 +38,22 @@ BOOTSTRAP = (
 _PIDS_EVENTS = ("/sys/fs/cgroup/pids/pids.events", "/sys/fs/cgroup/pids.events")
 _OOM_COUNTERS = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")
 _POLL_SECONDS = 0.05
+#: Where the program writes the files it returns (``$STREAMSVC_OUTPUT_DIR``).
+OUTPUT_DIR = WORK + "/out"
+#: Output files listed at most (the rest are only counted), directory levels walked,
+#: bytes read and hashed in all, bytes returned inline (base64) in all.
+MAX_OUTPUT_FILES = 32
+MAX_OUTPUT_DEPTH = 8
+MAX_OUTPUT_BYTES = 256 * 1024 * 1024
+MAX_INLINE_BYTES = 1024 * 1024
+#: Entries looked at, at most, while walking the output directory.
+_MAX_OUTPUT_ENTRIES = 10_000
+_CPU_USAGE = (
+    "/sys/fs/cgroup/cpuacct/cpuacct.usage",
+    "/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage",
+    "/sys/fs/cgroup/cpu.stat",
+)
+_MEMORY_PEAK = ("/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak")
 
 
 def main() -> int:
@@ -51,20 +69,211 @@ def main() -> int:
         if nonce is None:
             return 0  # the server closed stdin without a run: discarded unused
     os.chdir(WORK)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(OUTPUT_DIR, 0o755)
     # The runner's own objects never need collecting in the child: freezing them
     # keeps the child's collections (and its exit) off their pages.
     gc.freeze()
+    cpu_before, started = _cpu_ns(), time.monotonic()
     child = os.fork()
     if child == 0:
         os.setpgid(0, 0)  # a program that stops or kills its group misses the supervisor
         _finish(_run_program())
     code = _supervise(child)
     if nonce is not None:
-        end = {"exit_code": code, "oom_killed": _oom_killed()}
-        line = END_MARKER + nonce.encode() + b" " + json.dumps(end).encode() + b"\n"
-        os.write(1, line)
-        os.write(2, line)
+        end: dict[str, object] = {"exit_code": code, "oom_killed": _oom_killed()}
+        _write_line(2, nonce, end)
+        end["usage"] = _usage(cpu_before, started)
+        end["files"], end["files_omitted"] = _output_files()
+        _write_line(1, nonce, end)
     return code
+
+
+def _write_line(fd: int, nonce: str, end: dict[str, object]) -> None:
+    """One end line on ``fd``, written whole (it may be larger than a pipe's buffer)."""
+    line = memoryview(END_MARKER + nonce.encode() + b" " + json.dumps(end).encode() + b"\n")
+    while line:
+        line = line[os.write(fd, line) :]
+
+
+# -- what the run used and wrote ----------------------------------------------------
+
+
+def _read_number(paths: tuple[str, ...], key: str = "") -> int | None:
+    """The first readable counter of ``paths``: the file's number, or its ``key`` line's."""
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as handle:
+                if path.endswith(".stat"):
+                    for line in handle:
+                        name, _, value = line.partition(" ")
+                        if name == key:
+                            return int(value)
+                    continue
+                return int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _cpu_ns() -> int | None:
+    """The container's CPU time so far (cgroup v1 ``cpuacct.usage``, v2 ``usage_usec``)."""
+    found = _read_number(_CPU_USAGE[:2])
+    if found is not None:
+        return found
+    micro = _read_number(_CPU_USAGE[2:], "usage_usec")
+    return None if micro is None else micro * 1000
+
+
+def _usage(cpu_before: int | None, started: float) -> dict[str, int | None]:
+    """CPU time since the program started, the container's memory peak, the wall clock."""
+    cpu_after = _cpu_ns()
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None:
+        cpu_ms = max(cpu_after - cpu_before, 0) // 1_000_000
+    peak = _read_number(_MEMORY_PEAK)
+    return {
+        "cpu_ms": cpu_ms,
+        "memory_peak_mb": None if peak is None else -(-peak // (1024 * 1024)),
+        "wall_ms": int((time.monotonic() - started) * 1000),
+    }
+
+
+class _Collected:
+    """What the walk of the output directory found so far."""
+
+    def __init__(self) -> None:
+        self.files: list[dict[str, object]] = []
+        self.omitted = 0
+        self.seen = 0
+        self.read = 0
+        self.inline = 0
+
+
+def _output_files() -> tuple[list[dict[str, object]], int]:
+    """The files under ``OUTPUT_DIR``, without following a link, and how many were left out.
+
+    Each is ``{name, size, sha256, media_type, content_base64, error}``; anything
+    but a regular file (a link, a FIFO, a device, a socket) is listed with an
+    ``error`` and never opened. Walked through directory descriptors, so a
+    directory swapped for a link meanwhile is refused, not followed.
+    """
+    found = _Collected()
+    try:
+        top = os.open(OUTPUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return [], 0
+    try:
+        _walk(top, "", 0, found)
+    finally:
+        os.close(top)
+    return found.files, found.omitted
+
+
+def _walk(directory: int, prefix: str, depth: int, found: _Collected) -> None:
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return
+    for raw in names:
+        found.seen += 1
+        if found.seen > _MAX_OUTPUT_ENTRIES:
+            found.omitted += 1
+            return
+        name = prefix + raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        try:
+            info = os.stat(raw, dir_fd=directory, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            if depth + 1 >= MAX_OUTPUT_DEPTH:
+                found.omitted += 1
+                continue
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            try:
+                inner = os.open(raw, flags, dir_fd=directory)
+            except OSError:
+                continue
+            try:
+                _walk(inner, name + "/", depth + 1, found)
+            finally:
+                os.close(inner)
+        elif len(found.files) >= MAX_OUTPUT_FILES:
+            found.omitted += 1
+        else:
+            found.files.append(_output_file(directory, raw, name, info, found))
+
+
+def _output_file(
+    directory: int, raw: str, name: str, info: os.stat_result, found: _Collected
+) -> dict[str, object]:
+    base64, hashlib, mimetypes = _stdlib("base64", "hashlib", "mimetypes")
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    entry: dict[str, object] = {
+        "name": name, "size": info.st_size, "sha256": None, "media_type": media,
+        "content_base64": None, "error": None,
+    }  # fmt: skip
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        entry["size"], entry["media_type"] = 0, None
+        entry["error"] = {"code": "not_a_regular_file", "message": f"refused: {kind}"}
+        return entry
+    if found.read + info.st_size > MAX_OUTPUT_BYTES:
+        entry["error"] = {
+            "code": "output_too_large",
+            "message": f"past the {MAX_OUTPUT_BYTES} bytes read for all output files",
+        }
+        return entry
+    try:
+        fd = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except OSError as exc:
+        entry["error"] = {"code": "unreadable", "message": f"cannot open it: {exc.strerror}"}
+        return entry
+    digest, size, parts = hashlib.sha256(), 0, []
+    room = MAX_INLINE_BYTES - found.inline
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the listing
+            entry["error"] = {"code": "not_a_regular_file", "message": "refused: it changed"}
+            return entry
+        while size <= MAX_OUTPUT_BYTES and (chunk := os.read(fd, 1 << 20)):
+            digest.update(chunk)
+            size += len(chunk)
+            if size <= room:
+                parts.append(chunk)
+    finally:
+        os.close(fd)
+    found.read += size
+    entry["size"], entry["sha256"] = size, digest.hexdigest()
+    if size <= room:
+        entry["content_base64"] = base64.b64encode(b"".join(parts)).decode("ascii")
+        found.inline += size
+    else:
+        entry["error"] = {
+            "code": "too_large_to_inline",
+            "message": f"past the {MAX_INLINE_BYTES} bytes returned inline for all files"
+            " (no download yet)",
+        }
+    return entry
+
+
+def _stdlib(*names: str) -> list[Any]:
+    """Import ``names`` from the standard library only, now that they are needed (hashlib
+    alone loads OpenSSL): never a module of the same name in /work or /opt/deps."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if p and not p.startswith((WORK, DEPS))]
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path[:] = saved
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 # -- the warm delivery ----------------------------------------------------------------
@@ -271,12 +480,25 @@ def _run_program() -> int:
         print(exc.code, file=sys.stderr)
         return 1
     except BaseException as exc:
-        sys.excepthook(type(exc), exc, exc.__traceback__)
+        trimmed = _user_frames(exc.__traceback__)
+        sys.excepthook(type(exc), exc.with_traceback(trimmed), trimmed)
         if isinstance(exc, KeyboardInterrupt):  # Python ends by SIGINT then
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _finish(0, signal.SIGINT)
         return 1
     return 0
+
+
+def _user_frames(traceback: TracebackType | None) -> TracebackType | None:
+    """The traceback from the program's first frame on (the runner's and ``runpy``'s
+    frames above it dropped); whole when no frame is the program's."""
+    found = traceback
+    while found is not None:
+        name = found.tb_frame.f_code.co_filename
+        if name.startswith(WORK + "/") and not name.startswith(WORK + "/.streamsvc/"):
+            return found
+        found = found.tb_next
+    return traceback
 
 
 def _finish(code: int, by_signal: int = 0) -> NoReturn:
