@@ -149,11 +149,15 @@ def test_init_scaffolds_a_connector_that_runs_as_is(server: ServerProcess, tmp_p
     assert done.returncode == 0, done.stderr + done.stdout
     result = json.loads(done.stdout)
     assert result["ok"] is True and result["result"] == {"greeting": "Hello, world!"}
+    assert [f["name"] for f in result["files"]] == ["greeting.txt"]
     changed = streamsvc(
-        "run", "my-connector", "--set", "who=Ada", "--url", server.url, cwd=tmp_path
-    )
+        "run", "my-connector", "--set", "who=Ada", "--save", "out", "--url", server.url,
+        cwd=tmp_path,
+    )  # fmt: skip
     assert changed.returncode == 0, changed.stderr
     assert changed.stdout.startswith("Hello, Ada!\n")
+    assert (tmp_path / "out" / "greeting.txt").read_text() == "Hello, Ada!\n"
+    assert "[streamsvc] file greeting.txt (12 bytes)" in changed.stderr
 
 
 @pytest.mark.docker

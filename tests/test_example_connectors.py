@@ -6,6 +6,8 @@ relies on: modules in sub-folders, configuration, a requirements.txt) fails here
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -59,3 +61,21 @@ def test_csv_report_writes_its_files(server: ServerProcess, tmp_path: Path) -> N
     answer = run(server, "csv-report", tmp_path)
     assert answer["result"] == {"regions": 3, "total": 272.75}
     assert answer["stdout"].startswith("3 regions written to report.csv\n")
+    files = {file["name"]: file for file in answer["files"]}
+    assert sorted(files) == ["report.csv", "summary.json"]
+    report = base64.b64decode(files["report.csv"]["content_base64"])
+    assert report == b"region,total\r\neast,42.25\r\nnorth,150.50\r\nsouth,80.00\r\n"
+    assert files["report.csv"]["size"] == len(report)
+    assert files["report.csv"]["sha256"] == hashlib.sha256(report).hexdigest()
+    summary = json.loads(base64.b64decode(files["summary.json"]["content_base64"]))
+    assert summary == {"regions": 3, "total": 272.75}
+
+
+def test_save_writes_the_files_that_came_back(server: ServerProcess, tmp_path: Path) -> None:
+    done = streamsvc(
+        "run", str(EXAMPLES / "csv-report"), "--save", "out", "--url", server.url, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "report.csv").read_text().startswith("region,total\n")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["regions"] == 3
+    assert "[streamsvc] saved out/report.csv" in done.stderr
