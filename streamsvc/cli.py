@@ -8,24 +8,53 @@ the dependency cache on the Docker engine directly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 import anyio
 
-from streamsvc import client
-from streamsvc.settings import SandboxSettings, Settings, SettingsError, load_settings
+from streamsvc import commands as client
+from streamsvc.settings import (
+    ENV_FILE_VARIABLE,
+    SandboxSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from streamsvc.web.observability import configure_logging
+
+DESCRIPTION = """\
+streamsvc: chat completions and connector runs, streamed.
+
+  streamsvc serve               start the server (the default without a command)
+  streamsvc init my-connector   create a connector folder that runs as is
+  streamsvc run my-connector    run it on a server, output live
+  streamsvc chat "Hello"        stream a chat reply
+  streamsvc deps list|clear     the dependency cache on the Docker engine
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamsvc", description=__doc__)
-    commands = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(
+        prog="streamsvc",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each command has its own --help. Settings: .env (README, Settings).",
+    )
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     serve = commands.add_parser("serve", help="start the HTTP server")
     for target in (parser, serve):
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
+        target.add_argument(
+            "--env-file",
+            dest="settings_file",
+            metavar="FILE",
+            help="the .env file to read settings from, or none (default: the project's "
+            "and the working directory's .env)",
+        )
         # Internal: a worker serving its parent's socket (streamsvc.serving.workers).
         target.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
         # Internal: the workers' shared metrics directory (streamsvc.web.multiproc).
@@ -67,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     try:
+        if args.settings_file:
+            # Workers are started with this environment, so they read the same file.
+            os.environ[ENV_FILE_VARIABLE] = args.settings_file
         settings = _with_overrides(load_settings(), args.host, args.port)
         configure_logging(settings.server)
         if settings.server.workers > 1 and args.listen_fd is None:

@@ -1,37 +1,229 @@
-"""The command-line client: ``streamsvc run`` and ``streamsvc chat`` against a server.
+"""streamsvc's Python client: run connectors and chat on a server, sync (``Client``) or async.
 
-It streams the server's events to stdout/stderr and exits with the program's code (124 on
-timeout, 2 refused, 1 failed or unreachable, 130 interrupted). The rule: it only speaks HTTP.
-Options and exit codes in full: the README and docs/architecture.md ("Module notes").
+Both share the bodies, the SSE parsing and the typed events and results (msgspec structs that
+ignore unknown fields); the ``streamsvc`` command uses it. The rule: it only speaks HTTP.
+Over 400 lines: the two clients side by side stay alike. Usage: README ("Python client").
 """
 
 from __future__ import annotations
 
-import argparse
+import base64
 import json
-import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TypeAlias
 
+import anyio
 import httpx
 import msgspec
 
-from streamsvc.settings import SettingsError, load_client_settings, read_dotenv
+from streamsvc.authoring import load_request
+from streamsvc.settings import load_client_settings
 
-COMMANDS = ("run", "chat")
+__all__ = [
+    "Accepted",
+    "AsyncClient",
+    "Attachment",
+    "ChatDone",
+    "ChatResult",
+    "Client",
+    "ClientError",
+    "Delta",
+    "ErrorInfo",
+    "Frame",
+    "Output",
+    "OutputFile",
+    "RequestRefused",
+    "RunDone",
+    "RunInfo",
+    "RunPage",
+    "RunResult",
+    "Status",
+    "StreamFailed",
+    "Unreachable",
+    "Usage",
+    "parse_sse",
+]
+
 CONNECT_TIMEOUT = 10.0
 #: Between two bytes of a stream; the server sends keep-alives far more often.
 READ_TIMEOUT = 120.0
+#: A dropped stream is re-attached this many times in a row at most, waiting this long before
+#: each try; together well inside the server's grace for a run without a reader.
+RESUME_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0)
+TERMINAL = frozenset({"done", "error"})
 
 
-class ClientError(Exception):
-    """A failure to report on stderr, with the exit status to leave with."""
+# ---------------------------------------------------------------- types
 
-    def __init__(self, message: str, status: int = 1, body: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
+
+class ErrorInfo(msgspec.Struct):
+    """The ``error`` object of a refusal, of a stream's ``error`` event or of a result."""
+
+    code: str
+    message: str = ""
+    path: str | None = None
+    details: Any = None
+
+
+class Usage(msgspec.Struct):
+    """What a run used (``cpu_ms``, ``memory_peak_mb``, ``wall_ms``); absent figures are None."""
+
+    cpu_ms: float | None = None
+    memory_peak_mb: float | None = None
+    wall_ms: float | None = None
+
+
+class OutputFile(msgspec.Struct):
+    """A file the program wrote to the output directory (``content_base64`` when inline)."""
+
+    name: str = ""
+    size: int | None = None
+    sha256: str | None = None
+    media_type: str | None = None
+    content_base64: str | None = None
+    #: Why the content is not inline (too large, ...), when it is not.
+    error: ErrorInfo | None = None
+
+    def content(self) -> bytes | None:
+        """The file's bytes when they came inline, else None."""
+        if self.content_base64 is None:
+            return None
+        return base64.b64decode(self.content_base64)
+
+
+class RunResult(msgspec.Struct):
+    """The final object of ``POST /execute-connector`` (README, "The answer")."""
+
+    ok: bool
+    result: Any = None
+    error: ErrorInfo | None = None
+    exit_code: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    duration_ms: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    output_limit_exceeded: bool = False
+    pids_limited: bool = False
+    run_id: str | None = None
+    redacted: bool | None = None
+    files: list[OutputFile] = []
+    #: Files left out of ``files`` by the count cap.
+    files_omitted: int = 0
+    usage: Usage | None = None
+
+
+class ChatUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatResult(msgspec.Struct):
+    """The final object of ``POST /chat``."""
+
+    content: str
+    id: str | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: ChatUsage | None = None
+    run_id: str | None = None
+
+
+class Status(msgspec.Struct):
+    """A run's progress: ``phase`` (validated, queued, installing_dependencies, ...)."""
+
+    phase: str
+    message: str = ""
+    position: int | None = None
+    id: int | None = None
+
+
+class Output(msgspec.Struct):
+    """Text the program wrote to ``stream`` (stdout or stderr), in the order written."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+    id: int | None = None
+
+
+class RunDone(msgspec.Struct):
+    result: RunResult
+    id: int | None = None
+
+
+class Delta(msgspec.Struct):
+    """A piece of a chat reply."""
+
+    content: str
+    id: int | None = None
+
+
+class ChatDone(msgspec.Struct):
+    result: ChatResult
+    id: int | None = None
+
+
+RunEvent: TypeAlias = Status | Output | RunDone
+ChatEvent: TypeAlias = Delta | ChatDone
+
+
+class Accepted(msgspec.Struct):
+    """The answer to a background run (``"background": true``): follow it at ``url``."""
+
+    id: str
+    status: str = "queued"
+    url: str = ""
+    events_url: str = ""
+
+
+class RunInfo(msgspec.Struct):
+    """A run's record (``GET /runs/{id}``; in a listing without ``result``)."""
+
+    id: str
+    kind: str = "connector"
+    status: str = "queued"
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_event_id: int = 0
+    result: Any = None
+    error: Any = None
+    url: str | None = None
+    events_url: str | None = None
+
+
+class RunPage(msgspec.Struct):
+    """One page of ``GET /runs``, newest first; ``next`` is the next page's URL, or None."""
+
+    runs: list[RunInfo]
+    next: str | None = None
+
+
+class Attachment:
+    """Where a stream stands: its run (``X-Run-ID``) and the last event id received.
+
+    ``on_resume(attachment, reason)`` is called before each re-attachment after a drop."""
+
+    def __init__(self, on_resume: Callable[[Attachment, str], object] | None = None) -> None:
+        self.run_id: str | None = None
+        self.last_event_id = 0
+        self.resumed = 0
+        self.on_resume = on_resume
+
+    def seen(self, frame: Frame) -> bool:
+        """Whether ``frame`` was received before (a replay overlapping what came)."""
+        event_id = _event_id(frame)
+        if event_id is None:
+            return False
+        if event_id <= self.last_event_id:
+            return True
+        self.last_event_id = event_id
+        return False
 
 
 class Frame(msgspec.Struct, frozen=True):
@@ -42,279 +234,591 @@ class Frame(msgspec.Struct, frozen=True):
     id: str | None = None
 
 
-# ---------------------------------------------------------------- arguments
+# ---------------------------------------------------------------- errors
 
 
-def add_commands(commands: Any) -> None:
-    """Add ``run`` and ``chat`` to the ``streamsvc`` sub-command parsers."""
-    run = commands.add_parser("run", help="run a connector on a server, streaming its output")
-    run.add_argument("connector", type=Path, help="connector JSON, or a whole request body")
-    run.add_argument("--env-file", type=Path, help="KEY=VALUE lines added to env")
-    run.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="configuration override (dotted key; JSON value, else a string)",
-    )
-    run.add_argument("--network", choices=("none", "bridge"), help="network_mode of the run")
-    chat = commands.add_parser("chat", help="stream a chat reply from a server")
-    chat.add_argument("prompt", help="the user message ('-' reads stdin)")
-    chat.add_argument("--system", help="a system message to send first")
-    chat.add_argument("--model", help="the deployment to use instead of the server's default")
-    chat.add_argument("--temperature", type=float)
-    chat.add_argument("--max-tokens", type=int)
-    for command in (run, chat):
-        command.add_argument("--json", action="store_true", help="print the final object only")
-        command.add_argument("--url", help="server URL (default: STREAMSVC_URL)")
-        command.add_argument("--api-key", help="API key (default: STREAMSVC_API_KEY)")
+class ClientError(Exception):
+    """Any failure of a call; ``error`` and ``body`` hold the server's answer when there is one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        error: ErrorInfo | None = None,
+        body: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.error = error
+        self.body = body
 
 
-def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run the ``run`` or ``chat`` command parsed into ``args``."""
+class RequestRefused(ClientError):
+    """The server refused the request (4xx): bad input, no key, busy (429)."""
+
+
+class StreamFailed(ClientError):
+    """The server failed (5xx), or a started stream ended with an ``error`` event."""
+
+
+class Unreachable(ClientError):
+    """No answer: connection refused, or no data within the read timeout."""
+
+
+def _error_info(text: str) -> ErrorInfo | None:
     try:
-        defaults = load_client_settings()
-        api = Api(args.url or defaults.streamsvc_url, args.api_key or defaults.streamsvc_api_key)
-        if args.command == "run":
-            body = build_request(
-                _load_json(args.connector), _env_file(args.env_file), args.sets, args.network
-            )
-            return run_connector(api, body, args.json, out, err)
-        return chat(api, _chat_body(args), args.json, out, err)
-    except SettingsError as exc:
-        print(f"streamsvc: {exc}", file=err)
-        return 2
-    except ClientError as exc:
-        if args.json and exc.body is not None:
-            print(exc.body, file=out)
-        _line(err, f"streamsvc: {exc}")
-        return exc.status
+        return msgspec.convert(json.loads(text)["error"], ErrorInfo)
+    except (ValueError, KeyError, TypeError, msgspec.ValidationError):
+        return None
 
 
-# ---------------------------------------------------------------- requests
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ClientError(f"cannot read {path}: {exc.strerror}", 2) from None
-    except ValueError as exc:
-        raise ClientError(f"{path} is not JSON: {exc}", 2) from None
-
-
-def _env_file(path: Path | None) -> dict[str, str]:
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ClientError(f"cannot read {path}: no such file", 2)
-    return read_dotenv(path)
-
-
-def parse_set(item: str) -> tuple[list[str], Any]:
-    """``a.b=value`` as (``["a", "b"]``, value): JSON when it parses, else the text."""
-    key, sep, text = item.partition("=")
-    keys = key.strip().split(".")
-    if not sep or not all(keys):
-        raise ClientError(f"--set {item!r}: expected KEY=VALUE (KEY may be dotted: a.b)", 2)
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
-    return keys, value
-
-
-def build_request(
-    document: Any, env: dict[str, str], sets: list[str], network: str | None
-) -> dict[str, Any]:
-    """The /execute-connector body from a file and the command-line options."""
-    if not isinstance(document, dict):
-        raise ClientError("the connector file must hold a JSON object", 2)
-    whole = isinstance(document.get("connector"), dict)
-    body = dict(document) if whole else {"connector": document}
-    body["env"] = {**body.get("env", {}), **env}
-    overrides = body.setdefault("configuration_overrides", {})
-    for item in sets:
-        keys, value = parse_set(item)
-        target = overrides
-        for key in keys[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[keys[-1]] = value
-    if network is not None:
-        body["network_mode"] = network
-    body["stream"] = True
-    return body
-
-
-def _chat_body(args: argparse.Namespace) -> dict[str, Any]:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    messages = [{"role": "user", "content": prompt}]
-    if args.system:
-        messages.insert(0, {"role": "system", "content": args.system})
-    body: dict[str, Any] = {"messages": messages, "stream": True}
-    for name in ("model", "temperature", "max_tokens"):
-        if getattr(args, name) is not None:
-            body[name] = getattr(args, name)
-    return body
-
-
-# ---------------------------------------------------------------- the wire
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[Frame]:
-    """Frames from SSE lines; comments (keep-alives) and unnamed fields are skipped."""
-    fields: dict[str, str] = {}
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                yield Frame(fields.get("event", "message"), "\n".join(data), fields.get("id"))
-            fields, data = {}, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        else:
-            fields[name] = value
-    if data:
-        yield Frame(fields.get("event", "message"), "\n".join(data), fields.get("id"))
-
-
-class Api:
-    def __init__(self, url: str, api_key: str | None) -> None:
-        self.url = url.rstrip("/")
-        self.headers = {"Accept": "text/event-stream"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self.timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
-
-    def stream(self, path: str, body: dict[str, Any]) -> Iterator[Frame]:
-        """POST ``body`` and yield the answer's frames; a refusal is a ``ClientError``."""
-        try:
-            with (
-                httpx.Client(timeout=self.timeout) as http,
-                http.stream("POST", self.url + path, json=body, headers=self.headers) as response,
-            ):
-                if response.status_code != 200:
-                    raise _refusal(response.status_code, response.read().decode(errors="replace"))
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    raise ClientError(f"{path} did not answer with a stream")
-                yield from parse_sse(response.iter_lines())
-        except httpx.TimeoutException:
-            raise ClientError(f"{self.url} stopped answering (no data for a while)") from None
-        except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {self.url}: {exc}") from None
-
-
-def _refusal(status: int, text: str) -> ClientError:
-    try:
-        error = json.loads(text)["error"]
-        message = f"{status} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return ClientError(f"the server answered {status}: {text[:200]}", 1)
-    problems = (error.get("details") or {}).get("problems") if error.get("details") else None
+def refusal(status: int, text: str) -> ClientError:
+    """The error for an answer with a status other than 200."""
+    kind = RequestRefused if 400 <= status < 500 else StreamFailed
+    error = _error_info(text)
+    if error is None:
+        return kind(f"the server answered {status}: {text[:200]}", http_status=status, body=text)
+    message = f"{status} {error.code}: {error.message}"
+    problems = error.details.get("problems") if isinstance(error.details, dict) else None
     if isinstance(problems, list):
         message += "".join(
             f"\n  - {p.get('path')}: {p.get('message')} ({p.get('code')})"
             for p in problems
             if isinstance(p, dict)
         )
-    elif error.get("path"):
-        message += f" (at {error['path']})"
-    return ClientError(message, 2 if 400 <= status < 500 else 1, body=text)
+    elif error.path:
+        message += f" (at {error.path})"
+    return kind(message, http_status=status, error=error, body=text)
 
 
-def _stream_error(frame: Frame) -> ClientError:
-    try:
-        error = json.loads(frame.data)["error"]
-        message = f"{error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        message = frame.data
-    return ClientError(f"the stream failed: {message}", 1, body=frame.data)
+def _stream_error(frame: Frame) -> StreamFailed:
+    error = _error_info(frame.data)
+    what = f"{error.code}: {error.message}" if error else frame.data
+    return StreamFailed(f"the stream failed: {what}", error=error, body=frame.data)
 
 
-# ---------------------------------------------------------------- commands
+# ---------------------------------------------------------------- the wire
 
 
-class _Writer:
-    """Writes to a stream, remembering whether the last text ended a line."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.at_line_start = True
-
-    def write(self, text: str) -> None:
-        if text:
-            self.stream.write(text)
-            self.stream.flush()
-            self.at_line_start = text.endswith("\n")
-
-    def line(self, text: str) -> None:
-        self.write(("" if self.at_line_start else "\n") + text + "\n")
+def parse_sse(lines: Iterable[str]) -> Iterator[Frame]:
+    """Frames from SSE lines; comments (keep-alives) and unnamed fields are skipped."""
+    parser = _SseParser()
+    for line in lines:
+        frame = parser.feed(line)
+        if frame is not None:
+            yield frame
+    # An event not ended by a blank line when the stream ends is discarded (the SSE rule): a
+    # connection cut mid-event must not pass half of one on.
 
 
-def _line(stream: TextIO, text: str) -> None:
-    stream.write(text + "\n")
-    stream.flush()
+async def _aparse(response: httpx.Response) -> AsyncIterator[Frame]:
+    parser = _SseParser()
+    async for line in response.aiter_lines():
+        if (frame := parser.feed(line)) is not None:
+            yield frame
 
 
-def run_connector(api: Api, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
-    stdout, stderr = _Writer(out), _Writer(err)
-    for frame in api.stream("/execute-connector", body):
-        if frame.event == "error":
-            raise _stream_error(frame)
-        data = json.loads(frame.data)
-        if frame.event == "done":
-            if as_json:
-                stdout.write(frame.data + "\n")
+class _SseParser:
+    """Line by line, so the sync and the async reader share it."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> Frame | None:
+        if not line:
+            frame = None
+            if self.data:
+                event = self.fields.get("event", "message")
+                frame = Frame(event, "\n".join(self.data), self.fields.get("id"))
+            self.fields, self.data = {}, []
+            return frame
+        if not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                self.data.append(value)
             else:
-                if not stdout.at_line_start:
-                    stdout.write("\n")
-                stderr.line(_summary(data))
-            return _exit_status(data)
-        if as_json:
-            continue
-        if frame.event == "status":
-            stderr.line(f"[streamsvc] {data['phase'].replace('_', ' ')}: {data.get('message', '')}")
-        elif frame.event == "stdout":
-            stdout.write(data["text"])
-        elif frame.event == "stderr":
-            stderr.write(data["text"])
-    raise ClientError("the stream ended without a result")
+                self.fields[name] = value
+        return None
 
 
-def _summary(result: dict[str, Any]) -> str:
-    took = f"{result.get('duration_ms', 0) / 1000:.1f} s"
-    if result.get("ok"):
-        return f"[streamsvc] ok in {took}, exit code {result.get('exit_code')}"
-    error = result.get("error") or {}
-    return f"[streamsvc] failed in {took}: {error.get('code')}: {error.get('message')}"
+def _event_id(frame: Frame) -> int | None:
+    return int(frame.id) if frame.id and frame.id.isdigit() else None
 
 
-def _exit_status(result: dict[str, Any]) -> int:
-    code = result.get("exit_code")
-    if isinstance(code, int):
-        return code if 0 <= code <= 255 else 1
-    return 124 if result.get("timed_out") else 1
+def run_event(frame: Frame) -> RunEvent | None:
+    """The typed event of one frame of a run (None: a kind this client does not know)."""
+    event_id = _event_id(frame)
+    if frame.event == "error":
+        raise _stream_error(frame)
+    data = msgspec.json.decode(frame.data)
+    if frame.event == "done":
+        return RunDone(msgspec.convert(data, RunResult), event_id)
+    if frame.event == "status":
+        return msgspec.convert({**data, "id": event_id}, Status)
+    if frame.event == "stdout":
+        return Output("stdout", data["text"], event_id)
+    if frame.event == "stderr":
+        return Output("stderr", data["text"], event_id)
+    return None
 
 
-def chat(api: Api, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
-    stdout = _Writer(out)
-    for frame in api.stream("/chat", body):
-        if frame.event == "error":
-            raise _stream_error(frame)
-        if frame.event == "done":
-            if as_json:
-                stdout.write(frame.data + "\n")
-            elif not stdout.at_line_start:
-                stdout.write("\n")
-            return 0
-        if frame.event == "delta" and not as_json:
-            stdout.write(json.loads(frame.data)["content"])
-    raise ClientError("the stream ended without a result")
+def chat_event(frame: Frame) -> ChatEvent | None:
+    """The typed event of one frame of a chat (None: a kind this client does not know)."""
+    if frame.event == "error":
+        raise _stream_error(frame)
+    data = msgspec.json.decode(frame.data)
+    if frame.event == "done":
+        return ChatDone(msgspec.convert(data, ChatResult), _event_id(frame))
+    if frame.event == "delta":
+        return Delta(data["content"], _event_id(frame))
+    return None
+
+
+# ---------------------------------------------------------------- request bodies
+
+Connector: TypeAlias = Mapping[str, Any] | str | Path
+
+
+def run_body(
+    connector: Connector,
+    *,
+    env: Mapping[str, str] | None = None,
+    configuration_overrides: Mapping[str, Any] | None = None,
+    network_mode: Literal["none", "bridge"] | None = None,
+    secrets: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The ``/execute-connector`` body: ``connector`` is a connector, a whole body, a JSON file
+    or a connector folder (``streamsvc.authoring``); the options are added to it."""
+    if isinstance(connector, str | Path):
+        body = load_request(Path(connector))
+    elif isinstance(connector.get("connector"), Mapping):
+        body = dict(connector)
+    else:
+        body = {"connector": dict(connector)}
+    if env:
+        body["env"] = {**body.get("env", {}), **env}
+    if configuration_overrides:
+        body["configuration_overrides"] = _merge(
+            body.get("configuration_overrides", {}), configuration_overrides
+        )
+    if network_mode is not None:
+        body["network_mode"] = network_mode
+    if secrets is not None:
+        body["secrets"] = sorted({*body.get("secrets", ()), *secrets})
+    body["stream"] = True
+    return body
+
+
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        both = isinstance(old, Mapping) and isinstance(value, Mapping)
+        merged[key] = _merge(old, value) if both else value  # type: ignore[arg-type]
+    return merged
+
+
+def chat_body(
+    messages: str | Iterable[Mapping[str, Any]],
+    *,
+    system: str | None = None,
+    model: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """The ``/chat`` body: ``messages`` is a prompt or a list of ``{role, content}``."""
+    listed = [{"role": "user", "content": messages}] if isinstance(messages, str) else []
+    if not isinstance(messages, str):
+        listed = [dict(message) for message in messages]
+    if system is not None:
+        listed.insert(0, {"role": "system", "content": system})
+    body: dict[str, Any] = {"messages": listed, "stream": True}
+    for name, value in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)):
+        if value is not None:
+            body[name] = value
+    return body
+
+
+def _result(events: Iterable[RunEvent], on_event: Callable[[RunEvent], object] | None) -> Any:
+    for event in events:
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, RunDone):
+            return event.result
+    raise StreamFailed("the stream ended without a result")
+
+
+# ---------------------------------------------------------------- the clients
+
+
+class _Base:
+    def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
+        if url is None or api_key is None:
+            defaults = load_client_settings()
+            url = url or defaults.streamsvc_url
+            api_key = api_key if api_key is not None else defaults.streamsvc_api_key
+        self.url = url.rstrip("/")
+        self.headers = {"Accept": "text/event-stream"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
+
+    def _unreachable(self, exc: httpx.HTTPError | str) -> Unreachable:
+        if isinstance(exc, str):
+            return Unreachable(exc)
+        if isinstance(exc, httpx.TimeoutException):
+            return Unreachable(f"{self.url} stopped answering (no data for a while)")
+        return Unreachable(f"cannot reach {self.url}: {exc}")
+
+    def _opened(self, response: httpx.Response, path: str, at: Attachment) -> None:
+        at.run_id = response.headers.get("x-run-id") or at.run_id
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise StreamFailed(f"{path} did not answer with a stream")
+
+    def _events_request(self, at: Attachment) -> tuple[str, dict[str, str]]:
+        headers = {**self.headers, "Last-Event-ID": str(at.last_event_id)}
+        return f"{self.url}/runs/{at.run_id}/events", headers
+
+    def _resume_delay(self, at: Attachment, attempt: int, reason: str) -> float:
+        """Seconds to wait before re-attaching, or raise when it is no use any more."""
+        if at.run_id is None or attempt >= len(RESUME_DELAYS):
+            raise self._unreachable(f"the stream from {self.url} broke off: {reason}")
+        at.resumed += 1
+        if at.on_resume is not None:
+            at.on_resume(at, reason)
+        return RESUME_DELAYS[attempt]
+
+    @staticmethod
+    def _reason(exc: httpx.HTTPError | None) -> str:
+        if exc is None:
+            return "the connection closed before the end"
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+    def _run_request(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {**body, "background": True, "stream": False}
+
+    @staticmethod
+    def _list_params(
+        kind: str | None, status: str | None, limit: int | None, before: str | None
+    ) -> dict[str, str]:
+        params = {"kind": kind, "status": status, "before": before}
+        found = {k: v for k, v in params.items() if v is not None}
+        return found | ({"limit": str(limit)} if limit is not None else {})
+
+
+class Client(_Base):
+    """A blocking client of a streamsvc server (``url``; ``api_key`` when keys are set).
+
+    Without arguments: ``STREAMSVC_URL`` and ``STREAMSVC_API_KEY`` (environment or ``.env``).
+    """
+
+    def frames(
+        self, path: str, body: Mapping[str, Any], attachment: Attachment | None = None
+    ) -> Iterator[Frame]:
+        """POST ``body`` to ``path`` and yield the answer's SSE frames, to the terminal one.
+
+        A connection that drops mid-stream is re-attached (``GET /runs/{id}/events`` from the
+        last event received): no frame is lost or repeated. ``attachment`` tracks where it is.
+        """
+        at = attachment or Attachment()
+        with httpx.Client(timeout=self.timeout) as http:
+            yield from self._follow(http, self._post(http, path, body, at), at)
+
+    def follow(
+        self, run_id: str, after: int = 0, attachment: Attachment | None = None
+    ) -> Iterator[Frame]:
+        """A run's frames after event ``after`` (its whole log by default), then live."""
+        at = attachment or Attachment()
+        at.run_id, at.last_event_id = run_id, after
+        with httpx.Client(timeout=self.timeout) as http:
+            yield from self._follow(http, self._get_events(http, at), at)
+
+    def _post(
+        self, http: httpx.Client, path: str, body: Mapping[str, Any], at: Attachment
+    ) -> Iterator[Frame]:
+        with http.stream("POST", self.url + path, json=body, headers=self.headers) as response:
+            if response.status_code != 200:
+                raise refusal(response.status_code, response.read().decode(errors="replace"))
+            self._opened(response, path, at)
+            yield from parse_sse(response.iter_lines())
+
+    def _get_events(self, http: httpx.Client, at: Attachment) -> Iterator[Frame]:
+        url, headers = self._events_request(at)
+        with http.stream("GET", url, headers=headers) as response:
+            if response.status_code != 200:
+                raise refusal(response.status_code, response.read().decode(errors="replace"))
+            self._opened(response, url, at)
+            yield from parse_sse(response.iter_lines())
+
+    def _follow(
+        self, http: httpx.Client, source: Iterator[Frame], at: Attachment
+    ) -> Iterator[Frame]:
+        attempt = 0
+        while True:
+            failure: httpx.HTTPError | None = None
+            try:
+                for frame in source:
+                    if at.seen(frame):
+                        continue
+                    attempt = 0
+                    yield frame
+                    if frame.event in TERMINAL:
+                        return
+            except httpx.HTTPError as exc:
+                if at.run_id is None:
+                    raise self._unreachable(exc) from None
+                failure = exc
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            time.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            attempt += 1
+            source = self._get_events(http, at)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = httpx.request(
+                method, self.url + path, headers=self.headers, timeout=self.timeout, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise refusal(response.status_code, response.text)
+        return response
+
+    def start(self, connector: Connector, **options: Any) -> Accepted:
+        """Start a background run (``"background": true``) and return at once with its id."""
+        body = self._run_request(run_body(connector, **options))
+        return msgspec.json.decode(
+            self._call("POST", "/execute-connector", json=body).content, type=Accepted
+        )
+
+    def get_run(self, run_id: str) -> RunInfo:
+        """A run's record, with its final object once it has ended."""
+        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}").content, type=RunInfo)
+
+    def list_runs(
+        self,
+        *,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        before: str | None = None,
+    ) -> RunPage:
+        """Runs newest first (``before``: the id the previous page ended with)."""
+        params = self._list_params(kind, status, limit, before)
+        return msgspec.json.decode(self._call("GET", "/runs", params=params).content, type=RunPage)
+
+    def cancel(self, run_id: str) -> RunInfo:
+        """Stop a run now (idempotent); its record afterwards."""
+        return msgspec.json.decode(
+            self._call("POST", f"/runs/{run_id}/cancel").content, type=RunInfo
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a finished run and its events."""
+        self._call("DELETE", f"/runs/{run_id}")
+
+    def stream(self, connector: Connector, **options: Any) -> Iterator[RunEvent]:
+        """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``).
+
+        A failure after the start raises ``StreamFailed``; a refusal ``RequestRefused``.
+        """
+        for frame in self.frames("/execute-connector", run_body(connector, **options)):
+            if (event := run_event(frame)) is not None:
+                yield event
+
+    def run(
+        self,
+        connector: Connector,
+        *,
+        on_event: Callable[[RunEvent], object] | None = None,
+        **options: Any,
+    ) -> RunResult:
+        """Run a connector to its end and return the final object; ``on_event`` sees each event."""
+        result: RunResult = _result(self.stream(connector, **options), on_event)
+        return result
+
+    def chat_stream(
+        self, messages: str | Iterable[Mapping[str, Any]], **options: Any
+    ) -> Iterator[ChatEvent]:
+        """Stream a chat reply: ``Delta`` events, then ``ChatDone`` (options: ``chat_body``)."""
+        for frame in self.frames("/chat", chat_body(messages, **options)):
+            if (event := chat_event(frame)) is not None:
+                yield event
+
+    def chat(
+        self,
+        messages: str | Iterable[Mapping[str, Any]],
+        *,
+        on_event: Callable[[ChatEvent], object] | None = None,
+        **options: Any,
+    ) -> ChatResult:
+        """The whole chat reply; ``on_event`` sees each ``Delta`` as it comes."""
+        for event in self.chat_stream(messages, **options):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, ChatDone):
+                return event.result
+        raise StreamFailed("the stream ended without a result")
+
+
+class AsyncClient(_Base):
+    """The same client for asyncio/anyio code: ``await run(...)``, ``async for ... in stream()``."""
+
+    async def frames(
+        self, path: str, body: Mapping[str, Any], attachment: Attachment | None = None
+    ) -> AsyncIterator[Frame]:
+        """POST ``body`` to ``path`` and yield the answer's SSE frames, re-attaching after drops."""
+        at = attachment or Attachment()
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            async for frame in self._follow(http, self._post(http, path, body, at), at):
+                yield frame
+
+    async def follow(
+        self, run_id: str, after: int = 0, attachment: Attachment | None = None
+    ) -> AsyncIterator[Frame]:
+        """A run's frames after event ``after``, then live, to its end."""
+        at = attachment or Attachment()
+        at.run_id, at.last_event_id = run_id, after
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            async for frame in self._follow(http, self._get_events(http, at), at):
+                yield frame
+
+    async def _post(
+        self, http: httpx.AsyncClient, path: str, body: Mapping[str, Any], at: Attachment
+    ) -> AsyncIterator[Frame]:
+        async with http.stream(
+            "POST", self.url + path, json=body, headers=self.headers
+        ) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise refusal(response.status_code, text)
+            self._opened(response, path, at)
+            async for frame in _aparse(response):
+                yield frame
+
+    async def _get_events(self, http: httpx.AsyncClient, at: Attachment) -> AsyncIterator[Frame]:
+        url, headers = self._events_request(at)
+        async with http.stream("GET", url, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise refusal(response.status_code, text)
+            self._opened(response, url, at)
+            async for frame in _aparse(response):
+                yield frame
+
+    async def _follow(
+        self, http: httpx.AsyncClient, source: AsyncIterator[Frame], at: Attachment
+    ) -> AsyncIterator[Frame]:
+        attempt = 0
+        while True:
+            failure: httpx.HTTPError | None = None
+            try:
+                async for frame in source:
+                    if at.seen(frame):
+                        continue
+                    attempt = 0
+                    yield frame
+                    if frame.event in TERMINAL:
+                        return
+            except httpx.HTTPError as exc:
+                if at.run_id is None:
+                    raise self._unreachable(exc) from None
+                failure = exc
+            finally:
+                close = getattr(source, "aclose", None)
+                if close is not None:
+                    await close()
+            await anyio.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            attempt += 1
+            source = self._get_events(http, at)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as http:
+                response = await http.request(
+                    method, self.url + path, headers=self.headers, **kwargs
+                )
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise refusal(response.status_code, response.text)
+        return response
+
+    async def start(self, connector: Connector, **options: Any) -> Accepted:
+        """Start a background run and return at once with its id."""
+        body = self._run_request(run_body(connector, **options))
+        response = await self._call("POST", "/execute-connector", json=body)
+        return msgspec.json.decode(response.content, type=Accepted)
+
+    async def get_run(self, run_id: str) -> RunInfo:
+        response = await self._call("GET", f"/runs/{run_id}")
+        return msgspec.json.decode(response.content, type=RunInfo)
+
+    async def list_runs(
+        self,
+        *,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        before: str | None = None,
+    ) -> RunPage:
+        params = self._list_params(kind, status, limit, before)
+        response = await self._call("GET", "/runs", params=params)
+        return msgspec.json.decode(response.content, type=RunPage)
+
+    async def cancel(self, run_id: str) -> RunInfo:
+        response = await self._call("POST", f"/runs/{run_id}/cancel")
+        return msgspec.json.decode(response.content, type=RunInfo)
+
+    async def delete_run(self, run_id: str) -> None:
+        await self._call("DELETE", f"/runs/{run_id}")
+
+    async def stream(self, connector: Connector, **options: Any) -> AsyncIterator[RunEvent]:
+        """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``)."""
+        async for frame in self.frames("/execute-connector", run_body(connector, **options)):
+            if (event := run_event(frame)) is not None:
+                yield event
+
+    async def run(
+        self,
+        connector: Connector,
+        *,
+        on_event: Callable[[RunEvent], object] | None = None,
+        **options: Any,
+    ) -> RunResult:
+        """Run a connector to its end and return the final object; ``on_event`` sees each event."""
+        async for event in self.stream(connector, **options):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, RunDone):
+                return event.result
+        raise StreamFailed("the stream ended without a result")
+
+    async def chat_stream(
+        self, messages: str | Iterable[Mapping[str, Any]], **options: Any
+    ) -> AsyncIterator[ChatEvent]:
+        """Stream a chat reply: ``Delta`` events, then ``ChatDone`` (options: ``chat_body``)."""
+        async for frame in self.frames("/chat", chat_body(messages, **options)):
+            if (event := chat_event(frame)) is not None:
+                yield event
+
+    async def chat(
+        self,
+        messages: str | Iterable[Mapping[str, Any]],
+        *,
+        on_event: Callable[[ChatEvent], object] | None = None,
+        **options: Any,
+    ) -> ChatResult:
+        """The whole chat reply; ``on_event`` sees each ``Delta`` as it comes."""
+        async for event in self.chat_stream(messages, **options):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, ChatDone):
+                return event.result
+        raise StreamFailed("the stream ended without a result")

@@ -1,8 +1,8 @@
 """Settings: frozen structs per subsystem, built once from the environment and ``.env``.
 
 ``Settings`` holds one group per subsystem; each component receives only its group. The rule:
-the only module that reads the environment (``ENV_NAMES``). Over 400 lines: every group and
-every env name is here, so one module owns the environment.
+the only module that reads the environment (``ENV_NAMES``, ``dotenv_files``). Over 400 lines:
+every group, every env name and the ``.env`` search are here, so one module owns the environment.
 """
 
 from __future__ import annotations
@@ -23,10 +23,18 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "dotenv_files",
     "load_client_settings",
     "load_settings",
     "read_dotenv",
 ]
+
+#: The environment variable naming the one ``.env`` to read (``none``: read none).
+ENV_FILE_VARIABLE = "STREAMSVC_ENV_FILE"
+#: The source checkout this package runs from, when it runs from one (an editable install).
+_PROJECT = Path(__file__).resolve().parent.parent
+#: ``dotenv`` argument meaning: look for ``.env`` files as ``dotenv_files`` says.
+AUTO: Literal["auto"] = "auto"
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65_535)]
@@ -158,7 +166,7 @@ class SandboxSettings(msgspec.Struct, frozen=True):
     ca_bundle: str | None = None
     deps_cache_mb: Positive = 4096
     #: Warm sandboxes kept ready per key (image, network, dependency set, memory); 0 = off.
-    warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=8)] = 0
+    warm_pool_size: Annotated[int, msgspec.Meta(ge=0, le=8)] = 2
     #: Most keys kept warm at once (least recently used dropped first).
     warm_pool_keys: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
     max_files: Positive = 200
@@ -278,11 +286,36 @@ class ClientSettings(msgspec.Struct, frozen=True, rename="upper"):
     streamsvc_api_key: str | None = None
 
 
+def dotenv_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The ``.env`` files to read, later ones winning: ``STREAMSVC_ENV_FILE`` alone when set
+    (``none``: none), else the project's (a source checkout's) and the working directory's.
+    """
+    chosen = (os.environ if environ is None else environ).get(ENV_FILE_VARIABLE, "").strip()
+    if chosen:
+        if chosen.lower() != "none" and not Path(chosen).is_file():
+            raise SettingsError(f"invalid setting {ENV_FILE_VARIABLE}: {chosen} is not a file")
+        return [] if chosen.lower() == "none" else [Path(chosen)]
+    project = [_PROJECT / ".env"] if (_PROJECT / "pyproject.toml").is_file() else []
+    found: list[Path] = []
+    for path in (*project, Path(".env")):
+        if path.is_file() and not any(path.samefile(other) for other in found):
+            found.append(path)
+    return found
+
+
+def _read_dotenvs(environ: Mapping[str, str] | None, dotenv: Path | str | None) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    paths = dotenv_files(environ) if dotenv == AUTO else [] if dotenv is None else [Path(dotenv)]
+    for path in paths:
+        merged.update(read_dotenv(path))
+    return merged
+
+
 def load_client_settings(
-    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+    environ: Mapping[str, str] | None = None, dotenv: Path | Literal["auto"] | None = AUTO
 ) -> ClientSettings:
-    """The client's settings from ``.env`` overlaid by the environment."""
-    merged = read_dotenv(dotenv) if dotenv is not None else {}
+    """The client's settings from ``.env`` (``dotenv_files``) overlaid by the environment."""
+    merged = _read_dotenvs(environ, dotenv)
     merged.update(os.environ if environ is None else environ)
     names = {f.encode_name for f in msgspec.structs.fields(ClientSettings)}
     raw = {key: value for key, value in merged.items() if key in names and value}
@@ -330,11 +363,11 @@ def _default_ca_bundle(source: Mapping[str, str]) -> str | None:
 
 
 def load_settings(
-    environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")
+    environ: Mapping[str, str] | None = None, dotenv: Path | Literal["auto"] | None = AUTO
 ) -> Settings:
-    """Build the settings from ``.env`` overlaid by the environment."""
+    """Build the settings from ``.env`` (``dotenv_files``) overlaid by the environment."""
     env = dict(os.environ if environ is None else environ)
-    merged = read_dotenv(dotenv) if dotenv is not None else {}
+    merged = _read_dotenvs(environ, dotenv)
     merged.update(env)
     raw: dict[str, dict[str, Any]] = {"server": {}, "chat": {}, "sandbox": {}, "runs": {}}
     for key, value in merged.items():

@@ -59,11 +59,13 @@ class ServerProcess:
             for k, v in os.environ.items()
             if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
         }
-        # Each server its own run store (in its own directory) unless the test names one.
+        # Each server its own run store (in its own directory) unless the test names one, and
+        # no .env of the checkout's: a test server has only the settings its test gives it.
         base |= {
             "STREAMSVC_PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
             "XDG_STATE_HOME": self._workdir.name,
+            "STREAMSVC_ENV_FILE": "none",
         }
         base |= env or {}
         self._log = self.log_path.open("wb")
@@ -221,6 +223,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
         "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
         "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        # The pool is on by default (2); tests that count every container of their server
+        # need it off, and tests/test_warm_pool.py turns it on (as does a server's default).
+        "STREAMSVC_WARM_POOL_SIZE": "0",
         # A run outlives a dropped connection this long, waiting for a reader to come back.
         "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": RUN_GRACE,
         "STREAMSVC_RUN_GRACE_CHAT_SECONDS": RUN_GRACE,

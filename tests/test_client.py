@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from streamsvc.client import ClientError, Frame, build_request, parse_set, parse_sse
+from streamsvc.client import Frame, parse_sse
+from streamsvc.commands import UsageError, build_request, parse_set
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ROOT, ServerProcess, free_port, server_env
 
@@ -32,7 +33,7 @@ COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "stream
 
 def _env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
-    return {**base, "PYTHONUNBUFFERED": "1", **extra}
+    return {**base, "PYTHONUNBUFFERED": "1", "STREAMSVC_ENV_FILE": "none", **extra}
 
 
 def streamsvc(
@@ -66,11 +67,13 @@ def progress(stderr: str) -> list[str]:
 
 
 def test_parse_sse_skips_keepalives_and_joins_data_lines() -> None:
-    lines = [": ping", "", "event: delta", "id: 1", 'data: {"a":', "data: 1}", "", "data: x"]
+    lines = [": ping", "", "event: delta", "id: 1", 'data: {"a":', "data: 1}", "", "data: x", ""]
     assert list(parse_sse(iter(lines))) == [
         Frame("delta", '{"a":\n1}', "1"),
         Frame("message", "x", None),
     ]
+    # An event the stream ended in the middle of is dropped, as the SSE rules say.
+    assert list(parse_sse(iter(["id: 2", 'data: {"text": "li']))) == []
 
 
 def test_parse_set_reads_json_values_and_dotted_keys() -> None:
@@ -79,7 +82,7 @@ def test_parse_set_reads_json_values_and_dotted_keys() -> None:
     assert parse_set('quoted="5"') == (["quoted"], "5")
     assert parse_set("flag=true") == (["flag"], True)
     for bad in ("novalue", "=x", "a..b=1"):
-        with pytest.raises(ClientError):
+        with pytest.raises(UsageError):
             parse_set(bad)
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsvc.settings import SettingsError, load_settings
+from streamsvc import settings as settings_module
+from streamsvc.settings import SettingsError, dotenv_files, load_settings
 from tests.harness import ROOT
 
 AZURE = {
@@ -53,6 +54,7 @@ def test_defaults_and_empty_values(tmp_path: Path) -> None:
     assert settings.chat.azure_api_version == "2024-10-21"
     assert settings.chat.reasoning_models == ("gpt-5", "o1", "o3", "o4")
     assert not settings.chat.configured
+    assert settings.sandbox.warm_pool_size == 2  # the pool is on unless 0 turns it off
     # A missing .env file is no error.
     assert load_settings({}, tmp_path / "absent.env") == load_settings({}, None)
 
@@ -155,3 +157,61 @@ def test_start_up_stops_with_a_message_naming_the_variable(
     assert done.returncode == 2
     assert done.stderr.startswith(f"streamsvc: invalid setting {name}")
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_dotenv_is_found_in_the_project_and_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project, work = tmp_path / "project", tmp_path / "work"
+    project.mkdir()
+    work.mkdir()
+    (project / "pyproject.toml").write_text("")
+    (project / ".env").write_text("STREAMSVC_PORT=9001\nOPENAI_TEMPERATURE=1.0\n")
+    (work / ".env").write_text("OPENAI_TEMPERATURE=1.5\n")
+    monkeypatch.setattr(settings_module, "_PROJECT", project)
+    monkeypatch.chdir(work)
+    assert [p.resolve() for p in dotenv_files({})] == [project / ".env", work / ".env"]
+    found = load_settings({})
+    assert (found.server.port, found.chat.temperature) == (9001, 1.5)  # the working dir's wins
+    assert load_settings({"OPENAI_TEMPERATURE": "0.1"}).chat.temperature == 0.1
+    # Started from elsewhere, the project's .env still counts.
+    monkeypatch.chdir(tmp_path)
+    assert load_settings({}).server.port == 9001
+    # STREAMSVC_ENV_FILE names the one file to read, or none.
+    only = tmp_path / "only.env"
+    only.write_text("STREAMSVC_PORT=9002\n")
+    assert load_settings({"STREAMSVC_ENV_FILE": str(only)}).server.port == 9002
+    assert load_settings({"STREAMSVC_ENV_FILE": "none"}).server.port == 8000
+    with pytest.raises(SettingsError, match="STREAMSVC_ENV_FILE"):
+        load_settings({"STREAMSVC_ENV_FILE": str(tmp_path / "absent.env")})
+
+
+def test_serve_env_file_reads_that_file(tmp_path: Path) -> None:
+    chosen = tmp_path / "elsewhere" / "prod.env"
+    chosen.parent.mkdir()
+    chosen.write_text("STREAMSVC_IDLE_TIMEOUT_SECONDS=soon\n")
+    base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "serve", "--env-file", str(chosen)],
+        env={**base, "PYTHONPATH": str(ROOT), "STREAMSVC_PORT": "0"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("streamsvc: invalid setting STREAMSVC_IDLE_TIMEOUT_SECONDS")
+
+
+def test_help_is_plain_text() -> None:
+    base = {k: v for k, v in os.environ.items() if k in {"PATH", "HOME", "LANG"}}
+    for args in ([], ["run"], ["init"], ["serve"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "streamsvc", *args, "--help"],
+            env={**base, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "``" not in done.stdout and "usage: streamsvc" in done.stdout

@@ -61,10 +61,14 @@ HOSTNAME = """
 
 @pytest.fixture(scope="module")
 def warm(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
-    """A server with two warm sandboxes per key."""
-    process = ServerProcess(server_env(fake_azure, STREAMSVC_WARM_POOL_SIZE="2"))
+    """A server with the default pool: two warm sandboxes per key (empty: the default)."""
+    process = ServerProcess(server_env(fake_azure, STREAMSVC_WARM_POOL_SIZE=""))
     yield process
     process.close()
+
+
+def test_the_pool_is_on_by_default(warm: ServerProcess) -> None:
+    assert pool(warm)["size"] == 2
 
 
 def pool(server: ServerProcess) -> dict[str, Any]:
