@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fake_azure import FakeAzure, Reply, unauthorized
@@ -164,10 +165,19 @@ def page(browser: Browser, server: ServerProcess) -> Iterator[Browser]:
 
 
 def _set_connector(page: Browser, connector: dict[str, Any], network: str = "none") -> None:
-    page.call("fill", selector="#run-connector", value=json.dumps(connector, indent=2))
-    page.call("fill", selector="#run-env", value="{}")
-    page.call("fill", selector="#run-overrides", value="{}")
-    page.call("select", selector="#run-network", value=network)
+    """Fill the form from a request body, as the example menu does."""
+    body = {"connector": connector, "network_mode": network}
+    page.call("eval", expression=f"window.playground.loadRequest({json.dumps(body)})")
+
+
+def _request(page: Browser) -> dict[str, Any]:
+    """The body the form would send now."""
+    body: dict[str, Any] = page.call("eval", expression="window.playground.buildRequest()")
+    return body
+
+
+def _editor_text(page: Browser, name: str) -> str:
+    return str(page.call("text", selector=f'.editor[data-file="{name}"] .cm-content'))
 
 
 def _python_connector(source: str, timeout_ms: int = 60_000) -> dict[str, Any]:
@@ -264,11 +274,36 @@ def test_chat_panel_shows_errors(page: Browser, azure: FakeAzure) -> None:
 
 # ---------------------------------------------------------------- connector
 
+TABS = "[...document.querySelectorAll('#file-tabs .tab')].map((t) => t.dataset.file)"
+EDITOR_IS_CODEMIRROR = (
+    "!!document.querySelector('.editor:not([hidden]) .cm-editor .cm-content[contenteditable=true]')"
+)
+#: Each env row's name: [secret toggle checked, toggle locked by the name rule].
+SECRET_TOGGLES = """Object.fromEntries(
+  [...document.querySelectorAll('#env-rows .env-row')].map((r) =>
+    [r.querySelector('.env-name').value,
+     [r.querySelector('.env-secret').checked, r.querySelector('.env-secret').disabled]]))"""
+
 
 @pytest.mark.docker
 def test_connector_panel_runs_the_seed_example(page: Browser) -> None:
-    connector = json.loads(page.call("value", selector="#run-connector"))
-    assert connector["files"]["runner_entrypoint.py"].startswith("import json")
+    assert page.call("value", selector="#run-example") == "seed"
+    seed = json.loads((ROOT / "streamsvc" / "web" / "static" / "seed-example.json").read_text())
+    # One tab per file, in a code editor; the form sends back what the seed says.
+    tabs = page.call("eval", expression=TABS)
+    assert tabs == ["runner_entrypoint.py"]
+    assert _editor_text(page, "runner_entrypoint.py").startswith("import json")
+    assert page.call("eval", expression=EDITOR_IS_CODEMIRROR) is True
+    body = _request(page)
+    assert body["connector"]["files"] == seed["connector"]["files"]
+    assert body["connector"]["configuration"] == seed["connector"]["configuration"]
+    assert body["connector"]["runtime"]["dependencies"] == ["requests==2.32.3"]
+    assert body["connector"]["runtime"]["entryPoint"] == "runner_entrypoint.py"
+    assert body["env"] == seed["env"]
+    assert body["configuration_overrides"] == seed["configuration_overrides"]
+    assert "secrets" not in body  # CLIENT_SECRET looks secret: nothing to declare
+    secret = page.call("eval", expression=SECRET_TOGGLES)
+    assert secret == {"CLIENT_ID": [False, False], "CLIENT_SECRET": [True, True]}
     assert page.call("value", selector="#run-network") == "bridge"
     page.call("click", selector="#run-start")
     assert page.wait_state("run-panel", ("done", "failed", "error"), timeout=240) == "done"
@@ -312,6 +347,137 @@ def test_connector_panel_shows_output_live(page: Browser) -> None:
     assert page.call("text", selector="#run-stderr") == "a warning\n"
     assert json.loads(page.call("text", selector="#run-result")) == {"lines": 2}
     page.screenshot("playground-connector-live.png", "#run-panel")
+
+
+HELPERS = """def shout(text):
+    return text.upper() + "!"
+"""
+
+EDITED_MAIN = """import json
+import os
+import sys
+import time
+
+from helpers import shout
+
+
+def run(context):
+    print(shout("first"), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    time.sleep(2)
+    print(shout("second"), flush=True)
+    out = os.environ.get("STREAMSVC_OUTPUT_DIR")
+    if out:
+        with open(os.path.join(out, "report.csv"), "w") as handle:
+            handle.write("n,square\\n" + "".join(f"{n},{n * n}\\n" for n in range(5)))
+    greeting = context["connector"]["configuration"]["greeting"]
+    return {"greeting": greeting, "mode": os.environ["MODE"]}
+"""
+
+
+def _fields(server: ServerProcess, schema: str) -> set[str]:
+    """The fields of one of the server's types, as its own /openapi.json documents them."""
+    document = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    return set(document["components"]["schemas"][schema]["properties"])
+
+
+@pytest.mark.docker
+def test_connector_files_are_edited_in_tabs_and_run(page: Browser, server: ServerProcess) -> None:
+    _set_connector(page, _python_connector('print("unchanged")\n'))
+    assert page.call("eval", expression=TABS) == ["main.py"]
+    # A second file, added from the form and written in its own editor tab.
+    page.call("fill", selector="#file-new", value="helpers.py")
+    page.call("click", selector="#file-add")
+    assert page.call("eval", expression=TABS) == ["main.py", "helpers.py"]
+    helpers = '.editor[data-file="helpers.py"] .cm-content'
+    assert page.call("eval", expression=f"!!document.querySelector('{helpers}').offsetParent")
+    page.call("replace_text", selector=helpers, text=HELPERS)
+    # Back to main.py: its editor replaces the text, then a line typed key by key.
+    page.call("click", selector='.tab[data-file="main.py"] .tab-name')
+    main = '.editor[data-file="main.py"] .cm-content'
+    page.call("replace_text", selector=main, text=EDITED_MAIN)
+    page.call("press", selector=main, key="ControlOrMeta+End")
+    page.call("type", selector=main, text="# typed by hand")
+    page.call("replace_text", selector="#config-editor .cm-content", text='{"greeting": "hi"}')
+    page.call("click", selector="#env-add")
+    page.call("fill", selector="#env-rows .env-row:last-child .env-name", value="MODE")
+    page.call("fill", selector="#env-rows .env-row:last-child .env-value", value="staging")
+
+    body = _request(page)
+    files = body["connector"]["files"]
+    assert files["helpers.py"] == HELPERS
+    assert files["main.py"] == EDITED_MAIN + "# typed by hand"
+    assert body["connector"]["configuration"] == {"greeting": "hi"}
+    assert body["env"] == {"MODE": "staging"}
+    assert "secrets" not in body
+    page.screenshot("playground-connector-files.png", "#run-panel form")
+
+    page.call("click", selector="#run-start")
+    page.wait("document.getElementById('run-stdout').textContent.includes('FIRST!')", 120)
+    assert "SECOND!" not in page.call("text", selector="#run-stdout")
+    assert page.state("run-panel") == "running"
+    assert page.wait_state("run-panel", ("done", "failed", "error"), timeout=60) == "done"
+    assert page.call("text", selector="#run-stdout").startswith("FIRST!\nSECOND!\n")
+    assert page.call("text", selector="#run-stderr") == "to stderr\n"
+    result = json.loads(page.call("text", selector="#run-result"))
+    assert result == {"greeting": "hi", "mode": "staging"}
+
+    fields = _fields(server, "ExecutionResult")
+    usage = page.call("text", selector="#run-usage")
+    if "usage" in fields:  # issue 15's usage, once the engine reports it
+        assert re.search(r"usage: .*wall \d+ ms", usage), usage
+    else:
+        assert usage == ""
+    shown = page.call("eval", expression=FILES_SHOWN)
+    if "files" in fields:  # and its output files
+        assert [f["name"] for f in shown] == ["report.csv"], shown
+        assert shown[0]["download"] == "report.csv"
+        assert "text/csv" in shown[0]["text"]
+    else:
+        assert shown == []
+    page.screenshot("playground-connector-files-run.png", "#run-panel")
+
+
+#: The files the result pane lists: name, its link's download name, the text shown.
+FILES_SHOWN = """[...document.querySelectorAll('#run-files li[data-name]')].map((li) =>
+  ({name: li.dataset.name, download: li.querySelector('a')?.getAttribute('download') ?? null,
+    text: li.textContent}))"""
+
+
+@pytest.mark.docker
+def test_secret_toggle_declares_the_name(page: Browser, server: ServerProcess) -> None:
+    source = 'import os\nprint("note is " + os.environ["NOTE"])\nprint(\'{"ok": true}\')\n'
+    _set_connector(page, _python_connector(source))
+    page.call("click", selector="#env-add")
+    row = "#env-rows .env-row:last-child"
+    page.call("fill", selector=f"{row} .env-name", value="NOTE")
+    page.call("fill", selector=f"{row} .env-value", value="whisper-this-value")
+    value_type = f"document.querySelector('{row} .env-value').type"
+    assert page.call("eval", expression=value_type) == "text"
+    page.call("check", selector=f"{row} .env-secret")
+    assert page.call("eval", expression=value_type) == "password"  # shown as dots
+    body = _request(page)
+    assert body["env"] == {"NOTE": "whisper-this-value"}
+    assert body["secrets"] == ["NOTE"]
+    # A name the server's rule already treats as secret is locked on and not declared.
+    page.call("click", selector="#env-add")
+    page.call("fill", selector=f"{row} .env-name", value="SERVICE_TOKEN")
+    page.call("fill", selector=f"{row} .env-value", value="x")
+    assert page.call("eval", expression=SECRET_TOGGLES)["SERVICE_TOKEN"] == [True, True]
+    assert _request(page)["secrets"] == ["NOTE"]
+    page.call("click", selector=f"{row} .row-remove")
+
+    page.call("click", selector="#run-start")
+    final = page.wait_state("run-panel", ("done", "failed", "error"), timeout=120)
+    if "secrets" in _fields(server, "ExecuteRequest"):  # issue 15's secrets, once on main
+        assert final == "done"
+        stdout = page.call("text", selector="#run-stdout")
+        assert "whisper-this-value" not in stdout
+        assert "note is [REDACTED]" in stdout
+        assert "secrets redacted" in page.call("text", selector="#run-summary")
+    else:  # the page sent the list; this server does not know it yet
+        assert final == "error"
+        assert "secrets" in page.call("text", selector="#run-error")
 
 
 def test_connector_panel_lists_validation_problems(page: Browser) -> None:

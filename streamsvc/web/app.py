@@ -36,6 +36,7 @@ from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
 from streamsvc.web.budget import BodyBudget
+from streamsvc.web.examples import examples_endpoint
 from streamsvc.web.hosts import HostOriginMiddleware, allowed_hosts
 from streamsvc.web.observability import Metrics, ObservabilityMiddleware, printable
 from streamsvc.web.openapi import openapi_endpoint
@@ -127,6 +128,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
+            Route("/playground/examples", examples_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", app=static_files(), name="static"),
         ],

@@ -20,6 +20,7 @@ from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
 from streamsvc.connectors.transcript import ExecutionResult
 from streamsvc.errors import ErrorEnvelope
 from streamsvc.sandbox.types import Status
+from streamsvc.web.examples import ExampleIndex
 
 REF = "#/components/schemas/{name}"
 
@@ -78,6 +79,7 @@ _TYPES = (
     OutputText,
     ErrorEnvelope,
     HealthReport,
+    ExampleIndex,
     CompletionRequest,
     ChatCompletion,
     ChatCompletionChunk,
@@ -349,6 +351,16 @@ def openapi_document() -> dict[str, Any]:
                 EXECUTE_ERRORS,
             ),
             "/v1/chat/completions": _completions(),
+            "/playground/examples": {
+                "get": {
+                    "summary": "The playground's example connectors",
+                    "description": (
+                        "The seed example, then each connector folder of the source tree's "
+                        "`examples/`, as whole `POST /execute-connector` bodies."
+                    ),
+                    "responses": {"200": _json(_ref("ExampleIndex"), "The example index.")},
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

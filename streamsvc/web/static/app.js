@@ -119,16 +119,6 @@ function showError(box, err) {
   node.hidden = false;
 }
 
-function parseJsonField(id, label, fallback) {
-  const text = $(id).value.trim();
-  if (!text) return fallback;
-  try {
-    return JSON.parse(text);
-  } catch (err) {
-    throw Object.assign(new Error(`${label}: ${err.message}`), { code: "invalid_json" });
-  }
-}
-
 function isAbort(err) {
   return err && err.name === "AbortError";
 }
@@ -229,17 +219,206 @@ function clearChat() {
 }
 
 // ------------------------------------------------------------------ connector
+//
+// The connector is edited as files: one tab per file (a CodeMirror editor each,
+// from /static/editor.js), dependencies as a list, configuration as JSON, env as
+// name/value rows with a secret toggle. buildRequest() turns the form into a
+// POST /execute-connector body; loadRequest() fills the form from one.
 
-const run = { controller: null, example: null };
+const run = { controller: null, examples: [], example: null, files: new Map(), active: null, extra: {}, runtimeExtra: {} };
+const json = { config: null, overrides: null };
 
-function fillExample() {
-  const example = run.example;
-  if (!example) return;
-  $("run-connector").value = JSON.stringify(example.connector, null, 2);
-  $("run-env").value = JSON.stringify(example.env || {}, null, 2);
-  $("run-overrides").value = JSON.stringify(example.configuration_overrides || {}, null, 2);
-  $("run-network").value = example.network_mode || "none";
+//: The server's default rule for names whose values are always secret.
+const SECRET_NAME = /SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|KEY$|_(?:PASS|PWD|AUTH|DSN|COOKIE)$/i;
+const looksSecret = (name) => SECRET_NAME.test(name);
+
+function inputError(message) {
+  return Object.assign(new Error(message), { code: "invalid_input" });
 }
+
+// ---- files
+
+function selectFile(name) {
+  run.active = name;
+  for (const [fileName, file] of run.files) {
+    const selected = fileName === name;
+    file.tab.setAttribute("aria-selected", String(selected));
+    file.tab.classList.toggle("active", selected);
+    file.pane.hidden = !selected;
+  }
+}
+
+function refreshEntryPoints(preferred) {
+  const select = $("run-entry");
+  const current = preferred || select.value;
+  const names = [...run.files.keys()].filter((name) => name.endsWith(".py"));
+  select.replaceChildren(...names.map((name) => h("option", { value: name }, name)));
+  if (names.includes(current)) select.value = current;
+}
+
+function addFile(name, text) {
+  const pane = h("div", { class: "editor", "data-file": name, role: "tabpanel" });
+  $("file-editors").append(pane);
+  const editor = window.StreamsvcEditor.create(pane, { doc: text, language: window.StreamsvcEditor.languageFor(name), minLines: 14 });
+  const label = h("button", { type: "button", class: "tab-name", role: "tab" }, name);
+  const close = h("button", { type: "button", class: "tab-close", title: `Remove ${name}`, "aria-label": `Remove ${name}` }, "×");
+  const tab = h("span", { class: "tab", "data-file": name }, label, close);
+  label.addEventListener("click", () => selectFile(name));
+  close.addEventListener("click", () => removeFile(name));
+  $("file-tabs").append(tab);
+  run.files.set(name, { editor, tab, pane });
+}
+
+function removeFile(name) {
+  const file = run.files.get(name);
+  if (!file) return;
+  file.editor.destroy();
+  file.tab.remove();
+  file.pane.remove();
+  run.files.delete(name);
+  refreshEntryPoints();
+  if (run.active === name) selectFile(run.files.keys().next().value ?? null);
+}
+
+function newFile() {
+  const name = $("file-new").value.trim();
+  showError("run-error", null);
+  if (!name) return;
+  if (run.files.has(name)) {
+    showError("run-error", inputError(`a file named ${name} exists`));
+    return;
+  }
+  addFile(name, name.endsWith(".py") ? "" : name.endsWith(".json") ? "{}\n" : "");
+  $("file-new").value = "";
+  refreshEntryPoints();
+  selectFile(name);
+  run.files.get(name).editor.focus();
+}
+
+function clearFiles() {
+  for (const name of [...run.files.keys()]) removeFile(name);
+}
+
+// ---- dependencies and env rows
+
+function removeButton(row, label) {
+  const button = h("button", { type: "button", class: "row-remove", title: label, "aria-label": label }, "×");
+  button.addEventListener("click", () => row.remove());
+  return button;
+}
+
+function addDependency(text = "") {
+  const input = h("input", { class: "dep", placeholder: "requests==2.32.3", spellcheck: "false", "aria-label": "Requirement" });
+  input.value = text;
+  const row = h("div", { class: "dep-row" }, input);
+  row.append(removeButton(row, "Remove this dependency"));
+  $("deps-rows").append(row);
+  return input;
+}
+
+// One dependency of any accepted form (requirement string, {name, version}, name: version) as a requirement.
+function requirement(name, version) {
+  const text = version == null ? "" : String(version).trim();
+  if (!text || text === "*") return String(name);
+  return /^[<>=!~]/.test(text) ? `${name}${text}` : `${name}==${text}`;
+}
+
+function dependencyList(raw) {
+  if (!raw) return [];
+  if (typeof raw === "string") return raw.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (Array.isArray(raw)) return raw.map((item) => (typeof item === "string" ? item : requirement(item.name, item.version)));
+  return Object.entries(raw).map(([name, version]) => requirement(name, version));
+}
+
+function syncSecret(row) {
+  const name = row.querySelector(".env-name").value.trim();
+  const toggle = row.querySelector(".env-secret");
+  const forced = looksSecret(name);
+  if (forced) toggle.checked = true;
+  toggle.disabled = forced;
+  toggle.parentElement.title = forced ? "names like this are always secret" : "redact this value from the output";
+  row.querySelector(".env-value").type = toggle.checked ? "password" : "text";
+}
+
+function addEnv(name = "", value = "", secret = false) {
+  const nameInput = h("input", { class: "env-name", placeholder: "NAME", spellcheck: "false", "aria-label": "Name" });
+  const valueInput = h("input", { class: "env-value", placeholder: "value", spellcheck: "false", autocomplete: "off", "aria-label": "Value" });
+  const toggle = h("input", { type: "checkbox", class: "env-secret" });
+  nameInput.value = name;
+  valueInput.value = value;
+  toggle.checked = secret;
+  const row = h("div", { class: "env-row" }, nameInput, valueInput, h("label", { class: "secret" }, toggle, "secret"));
+  row.append(removeButton(row, "Remove this variable"));
+  nameInput.addEventListener("input", () => syncSecret(row));
+  toggle.addEventListener("change", () => syncSecret(row));
+  $("env-rows").append(row);
+  syncSecret(row);
+  return row;
+}
+
+// ---- the whole form
+
+function loadRequest(body) {
+  const connector = body.connector || {};
+  const { runtime = {}, files = {}, configuration = {}, ...extra } = connector;
+  const { language, entryPoint, timeoutMs, memoryMb, dependencies, ...runtimeExtra } = runtime;
+  run.extra = extra;
+  run.runtimeExtra = { language: language || "python", ...runtimeExtra };
+  clearFiles();
+  for (const [name, text] of Object.entries(files)) addFile(name, String(text));
+  refreshEntryPoints(entryPoint);
+  selectFile(run.files.has(entryPoint) ? entryPoint : run.files.keys().next().value ?? null);
+  $("run-timeout").value = timeoutMs ?? "";
+  $("run-memory").value = memoryMb ?? "";
+  $("run-network").value = body.network_mode || "none";
+  $("deps-rows").replaceChildren();
+  for (const dep of dependencyList(dependencies)) addDependency(dep);
+  json.config.setValue(JSON.stringify(configuration, null, 2));
+  json.overrides.setValue(JSON.stringify(body.configuration_overrides || {}, null, 2));
+  $("env-rows").replaceChildren();
+  const secrets = new Set(body.secrets || []);
+  for (const [name, value] of Object.entries(body.env || {})) addEnv(name, String(value), secrets.has(name));
+}
+
+function parseEditor(editor, label) {
+  const text = editor.getValue().trim();
+  if (!text) return {};
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw Object.assign(new Error(`${label}: ${err.message}`), { code: "invalid_json" });
+  }
+}
+
+function buildRequest() {
+  const files = {};
+  for (const [name, file] of run.files) files[name] = file.editor.getValue();
+  const runtime = { ...run.runtimeExtra, entryPoint: $("run-entry").value };
+  if ($("run-timeout").value !== "") runtime.timeoutMs = Number($("run-timeout").value);
+  if ($("run-memory").value !== "") runtime.memoryMb = Number($("run-memory").value);
+  const dependencies = [...document.querySelectorAll("#deps-rows .dep")].map((input) => input.value.trim()).filter(Boolean);
+  if (dependencies.length) runtime.dependencies = dependencies;
+  const env = {};
+  const secrets = [];
+  for (const row of document.querySelectorAll("#env-rows .env-row")) {
+    const name = row.querySelector(".env-name").value.trim();
+    if (!name) continue;
+    if (name in env) throw inputError(`env: ${name} is named twice`);
+    env[name] = row.querySelector(".env-value").value;
+    // Names that look secret are secret anyway; the others are declared.
+    if (row.querySelector(".env-secret").checked && !looksSecret(name)) secrets.push(name);
+  }
+  const body = {
+    connector: { ...run.extra, runtime, configuration: parseEditor(json.config, "Configuration"), files },
+    env,
+    configuration_overrides: parseEditor(json.overrides, "configuration_overrides"),
+    network_mode: $("run-network").value,
+  };
+  if (secrets.length) body.secrets = secrets;
+  return body;
+}
+
+// ---- the run
 
 function addStatus(phase, message) {
   const time = new Date().toLocaleTimeString();
@@ -253,29 +432,66 @@ function appendOut(id, text) {
   scrollDown(pane);
 }
 
+function formatBytes(size) {
+  if (size < 1024) return `${size} B`;
+  if (size < 1024 * 1024) return `${(size / 1024).toFixed(1)} KiB`;
+  return `${(size / 1024 / 1024).toFixed(1)} MiB`;
+}
+
+function fileLink(file) {
+  const bytes = Uint8Array.from(atob(file.content_base64), (c) => c.charCodeAt(0));
+  const url = URL.createObjectURL(new Blob([bytes], { type: file.media_type || "application/octet-stream" }));
+  return h("a", { href: url, download: file.name.split("/").pop() }, file.name);
+}
+
+function showFiles(files, omitted) {
+  const list = $("run-files");
+  list.replaceChildren();
+  for (const file of files || []) {
+    const name = file.content_base64 ? fileLink(file) : h("span", { class: "name" }, file.name);
+    const facts = [formatBytes(file.size || 0), file.media_type, file.sha256 && `sha256 ${file.sha256.slice(0, 12)}…`].filter(Boolean);
+    const item = h("li", { "data-name": file.name }, name, h("span", { class: "facts" }, ` ${facts.join(" · ")}`));
+    if (file.error) item.append(h("span", { class: "file-error" }, ` ${file.error.code || ""}: ${file.error.message || ""}`));
+    list.append(item);
+  }
+  if (omitted) list.append(h("li", { class: "omitted" }, `${omitted} more not listed`));
+}
+
+function showUsage(usage) {
+  const parts = [];
+  if (usage) {
+    if (usage.cpu_ms != null) parts.push(`cpu ${usage.cpu_ms} ms`);
+    if (usage.memory_peak_mb != null) parts.push(`memory peak ${usage.memory_peak_mb} MB`);
+    if (usage.wall_ms != null) parts.push(`wall ${usage.wall_ms} ms`);
+  }
+  $("run-usage").textContent = parts.length ? `usage: ${parts.join(" · ")}` : "";
+}
+
 function showResult(result) {
   const parts = [result.ok ? "ok" : "failed", `exit code ${result.exit_code}`, `${result.duration_ms} ms`];
   if (result.timed_out) parts.push("timed out");
   if (result.oom_killed) parts.push("out of memory");
+  if (result.redacted) parts.push("secrets redacted");
   if (result.error) parts.push(`${result.error.code}: ${result.error.message}`);
   $("run-summary").textContent = parts.join(" · ");
   $("run-summary").className = `meta ${result.ok ? "ok" : "failed"}`;
+  showUsage(result.usage);
+  showFiles(result.files, result.files_omitted);
   $("run-result").textContent = JSON.stringify(result.result, null, 2);
+}
+
+function clearOutput() {
+  for (const id of ["run-status", "run-stdout", "run-stderr", "run-result", "run-summary", "run-usage", "run-files"]) $(id).replaceChildren();
+  showError("run-error", null);
 }
 
 async function startRun(event) {
   event.preventDefault();
   if (run.controller) return;
-  for (const id of ["run-status", "run-stdout", "run-stderr", "run-result", "run-summary"]) $(id).replaceChildren();
-  showError("run-error", null);
+  clearOutput();
   let body;
   try {
-    body = {
-      connector: parseJsonField("run-connector", "Connector", null),
-      env: parseJsonField("run-env", "env", {}),
-      configuration_overrides: parseJsonField("run-overrides", "configuration_overrides", {}),
-      network_mode: $("run-network").value,
-    };
+    body = buildRequest();
   } catch (err) {
     showError("run-error", err);
     setState("run-panel", "run-state", "error");
@@ -318,6 +534,25 @@ function stopRun() {
   run.controller?.abort();
 }
 
+// ---- examples
+
+function chooseExample(id) {
+  const example = run.examples.find((e) => e.id === id);
+  if (!example) return;
+  run.example = example;
+  $("run-example").value = id;
+  $("run-example").title = example.description || example.title;
+  loadRequest(example.request);
+}
+
+async function loadExamples() {
+  const response = await fetch("/playground/examples");
+  if (!response.ok) throw new Error(`GET /playground/examples: HTTP ${response.status}`);
+  run.examples = (await response.json()).examples;
+  $("run-example").replaceChildren(...run.examples.map((e) => h("option", { value: e.id, title: e.description }, e.title)));
+  chooseExample(run.examples[0]?.id);
+}
+
 // ------------------------------------------------------------------ start-up
 
 async function checkHealth() {
@@ -333,15 +568,6 @@ async function checkHealth() {
   }
 }
 
-async function loadExample() {
-  try {
-    run.example = await (await fetch("/static/seed-example.json")).json();
-    fillExample();
-  } catch (err) {
-    showError("run-error", err);
-  }
-}
-
 function start() {
   const stored = sessionStorage.getItem("streamsvc-api-key");
   if (stored) $("api-key").value = stored;
@@ -354,9 +580,25 @@ function start() {
   });
   $("run-form").addEventListener("submit", startRun);
   $("run-stop").addEventListener("click", stopRun);
-  $("run-reset").addEventListener("click", fillExample);
+  $("run-reset").addEventListener("click", () => chooseExample(run.example?.id));
+  $("run-example").addEventListener("change", () => chooseExample($("run-example").value));
+  $("file-add").addEventListener("click", newFile);
+  $("file-new").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      newFile();
+    }
+  });
+  $("dep-add").addEventListener("click", () => addDependency().focus());
+  $("env-add").addEventListener("click", () => addEnv().querySelector(".env-name").focus());
+  json.config = window.StreamsvcEditor.create($("config-editor"), { language: "json", minLines: 5 });
+  json.overrides = window.StreamsvcEditor.create($("overrides-editor"), { language: "json", minLines: 5 });
+  // For tests and the console: what the form would send, and filling it from a request body.
+  window.playground = { buildRequest, loadRequest };
   checkHealth();
-  loadExample().then(() => document.body.setAttribute("data-ready", "true"));
+  loadExamples()
+    .catch((err) => showError("run-error", err))
+    .finally(() => document.body.setAttribute("data-ready", "true"));
 }
 
 document.addEventListener("DOMContentLoaded", start);
