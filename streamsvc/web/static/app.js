@@ -1,8 +1,10 @@
 // The streamsvc playground: a chat panel and a connector panel.
 //
-// Both POST with fetch and read the Server-Sent Events off the response body
-// with a streaming reader (EventSource cannot POST). Stop aborts the request;
-// the server then cancels the upstream call or kills the container.
+// Chat POSTs with fetch and reads the Server-Sent Events off the response body
+// with a streaming reader (EventSource cannot POST); Stop aborts the request and
+// the server cancels the upstream call. A connector run starts in the background
+// and is followed with an EventSource on its events_url (resumable, survives a
+// reload); Stop calls POST /runs/{id}/cancel, which kills the container.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -225,7 +227,10 @@ function clearChat() {
 // name/value rows with a secret toggle. buildRequest() turns the form into a
 // POST /execute-connector body; loadRequest() fills the form from one.
 
-const run = { controller: null, examples: [], example: null, files: new Map(), active: null, extra: {}, runtimeExtra: {} };
+const run = {
+  examples: [], example: null, files: new Map(), active: null, extra: {}, runtimeExtra: {},
+  source: null, current: null, starting: false, seen: [], reconnects: 0,
+};
 const json = { config: null, overrides: null };
 
 //: The server's default rule for names whose values are always secret.
@@ -472,6 +477,7 @@ function showResult(result) {
   if (result.timed_out) parts.push("timed out");
   if (result.oom_killed) parts.push("out of memory");
   if (result.redacted) parts.push("secrets redacted");
+  if (result.run_id) parts.push(`run ${result.run_id}`);
   if (result.error) parts.push(`${result.error.code}: ${result.error.message}`);
   $("run-summary").textContent = parts.join(" · ");
   $("run-summary").className = `meta ${result.ok ? "ok" : "failed"}`;
@@ -485,9 +491,84 @@ function clearOutput() {
   showError("run-error", null);
 }
 
+// ---- the run: started in the background, followed with an EventSource
+//
+// POST /execute-connector with "background": true answers 202 with the run's
+// events_url (a read-only token for that run in its query, as EventSource cannot
+// send an API key). The EventSource follows it and, when the connection drops,
+// reconnects by itself with Last-Event-ID: the server replays what was missed.
+// The run is remembered in localStorage until it ends, so a reload re-attaches.
+
+const LAST_RUN = "streamsvc-last-run";
+
+function busy(running) {
+  $("run-start").disabled = running;
+  $("run-stop").disabled = !running;
+}
+
+function remember(entry) {
+  if (entry) localStorage.setItem(LAST_RUN, JSON.stringify(entry));
+  else localStorage.removeItem(LAST_RUN);
+}
+
+function finish(state) {
+  run.source?.close();
+  run.source = null;
+  remember(null);
+  busy(false);
+  setState("run-panel", "run-state", state);
+}
+
+function onRunEvent(ev) {
+  const id = Number(ev.lastEventId);
+  run.seen.push(id);
+  const data = JSON.parse(ev.data);
+  if (ev.type === "status") addStatus(data.phase, data.message);
+  else if (ev.type === "stdout") appendOut("run-stdout", data.text);
+  else if (ev.type === "stderr") appendOut("run-stderr", data.text);
+  else if (ev.type === "done") {
+    showResult(data);
+    finish(data.ok ? "done" : "failed");
+  } else if (ev.type === "error") {
+    const error = data.error || {};
+    if (error.code === "cancelled") {
+      addStatus("stopped", error.message || "the run was cancelled; its container is removed");
+      finish("stopped");
+    } else {
+      showError("run-error", new ApiError(200, error));
+      finish("error");
+    }
+  }
+}
+
+// Follow a run's events from the start (a reload replays what was already shown).
+function follow(entry) {
+  run.current = entry;
+  run.seen = [];
+  const source = new EventSource(entry.events_url);
+  run.source = source;
+  for (const name of ["status", "stdout", "stderr", "done"]) source.addEventListener(name, onRunEvent);
+  source.addEventListener("error", (ev) => {
+    if (ev instanceof MessageEvent && ev.data) {
+      onRunEvent(ev); // the run's own terminal error event
+    } else if (source.readyState === EventSource.CONNECTING) {
+      run.reconnects += 1; // the connection dropped: EventSource retries with Last-Event-ID
+      $("run-state").textContent = "reconnecting";
+    } else if (run.source === source) {
+      showError("run-error", new Error(`lost the run's events (${entry.id}); see GET /runs/${entry.id}`));
+      finish("error");
+    }
+  });
+  source.addEventListener("open", () => {
+    if (run.source === source) $("run-state").textContent = "running";
+  });
+  busy(true);
+  setState("run-panel", "run-state", "running");
+}
+
 async function startRun(event) {
   event.preventDefault();
-  if (run.controller) return;
+  if (run.source || run.starting) return;
   clearOutput();
   let body;
   try {
@@ -497,41 +578,62 @@ async function startRun(event) {
     setState("run-panel", "run-state", "error");
     return;
   }
-  const controller = new AbortController();
-  run.controller = controller;
-  $("run-start").disabled = true;
-  $("run-stop").disabled = false;
+  run.starting = true;
+  busy(true);
   setState("run-panel", "run-state", "running");
-  let finished = "error";
   try {
-    for await (const ev of postStream("/execute-connector", body, controller.signal)) {
-      if (ev.name === "status") addStatus(ev.data.phase, ev.data.message);
-      else if (ev.name === "stdout") appendOut("run-stdout", ev.data.text);
-      else if (ev.name === "stderr") appendOut("run-stderr", ev.data.text);
-      else if (ev.name === "done") {
-        showResult(ev.data);
-        finished = ev.data.ok ? "done" : "failed";
-      } else if (ev.name === "error") throw new ApiError(200, ev.data.error);
+    const response = await fetch("/execute-connector", {
+      method: "POST",
+      headers: { ...headers(), Accept: "application/json" },
+      body: JSON.stringify({ ...body, background: true }),
+    });
+    const answer = await response.json().catch(() => null);
+    if (response.status !== 202 || !answer || !answer.events_url) {
+      const error = (answer && answer.error) || { code: "http_error", message: `HTTP ${response.status}` };
+      throw new ApiError(response.status, error);
     }
-    if (finished === "error") throw new Error("the stream ended without a result");
+    const entry = { id: answer.id, events_url: answer.events_url, started_at: Date.now() };
+    remember(entry);
+    follow(entry);
   } catch (err) {
-    if (isAbort(err)) {
-      finished = "stopped";
-      addStatus("stopped", "the request was aborted; the server stops the container");
-    } else {
-      finished = "error";
-      showError("run-error", err);
-    }
+    showError("run-error", err);
+    finish("error");
   } finally {
-    run.controller = null;
-    $("run-start").disabled = false;
-    $("run-stop").disabled = true;
-    setState("run-panel", "run-state", finished);
+    run.starting = false;
   }
 }
 
-function stopRun() {
-  run.controller?.abort();
+async function stopRun() {
+  const entry = run.current;
+  if (!entry || !run.source) return;
+  $("run-stop").disabled = true;
+  try {
+    const response = await fetch(`/runs/${encodeURIComponent(entry.id)}/cancel`, { method: "POST", headers: headers() });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({}));
+      throw new ApiError(response.status, answer.error || { code: "http_error", message: `HTTP ${response.status}` });
+    }
+    // The events end with the run's "cancelled" error event, which finishes the panel.
+  } catch (err) {
+    showError("run-error", err);
+    $("run-stop").disabled = false;
+  }
+}
+
+// After a reload: the run that was going on when the page went away, followed again.
+function reattach() {
+  let entry = null;
+  try {
+    entry = JSON.parse(localStorage.getItem(LAST_RUN) || "null");
+  } catch {
+    entry = null;
+  }
+  if (!entry || typeof entry.events_url !== "string" || !entry.events_url.startsWith("/runs/")) {
+    remember(null);
+    return;
+  }
+  addStatus("reattached", `following run ${entry.id} again`);
+  follow(entry);
 }
 
 // ---- examples
@@ -594,11 +696,14 @@ function start() {
   json.config = window.StreamsvcEditor.create($("config-editor"), { language: "json", minLines: 5 });
   json.overrides = window.StreamsvcEditor.create($("overrides-editor"), { language: "json", minLines: 5 });
   // For tests and the console: what the form would send, and filling it from a request body.
-  window.playground = { buildRequest, loadRequest };
+  window.playground = { buildRequest, loadRequest, run };
   checkHealth();
   loadExamples()
     .catch((err) => showError("run-error", err))
-    .finally(() => document.body.setAttribute("data-ready", "true"));
+    .finally(() => {
+      reattach();
+      document.body.setAttribute("data-ready", "true");
+    });
 }
 
 document.addEventListener("DOMContentLoaded", start);
