@@ -11,6 +11,7 @@ playwright-core; in CI (STREAMSVC_REQUIRE_DOCKER=1) their absence fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -514,6 +515,132 @@ def test_stop_ends_a_long_run_and_removes_its_container(
     assert _containers(server) == [], "the container outlived the stopped request"
     assert "stopped" in page.call("text", selector="#run-status")
     page.screenshot("playground-connector-stopped.png", "#run-panel")
+
+
+# ---------------------------------------------------------------- resumable runs (issue 13)
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the server whose connections the test cuts at will."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def drop(self) -> int:
+        """Close every open connection, both ways at once (a proxy that went away)."""
+        with self.lock:
+            cut, self.sockets = self.sockets, []
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pipes blocked on it, sends FIN
+            sock.close()
+        return len(cut) // 2
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop()
+
+
+NUMBERED = """import time
+for i in range(1, 41):
+    print(f"line {i:02d}", flush=True)
+    time.sleep(0.15)
+print('{"ok": true, "result": {"lines": 40}}')
+"""
+EXPECTED_LINES = "".join(f"line {i:02d}\n" for i in range(1, 41))
+#: The ids of the events the page took, in order, and how often its EventSource reconnected.
+SEEN = "({ids: window.playground.run.seen, reconnects: window.playground.run.reconnects})"
+
+
+def _stdout_lines(page: Browser) -> list[str]:
+    return str(page.call("text", selector="#run-stdout")).splitlines()
+
+
+def _assert_every_line_once(page: Browser) -> dict[str, Any]:
+    stdout = page.call("text", selector="#run-stdout")
+    assert stdout.startswith(EXPECTED_LINES), stdout
+    assert stdout.count("line 01") == 1
+    seen: dict[str, Any] = page.call("eval", expression=SEEN)
+    assert seen["ids"] == list(range(1, len(seen["ids"]) + 1)), seen  # no gap, no repeat
+    assert json.loads(page.call("text", selector="#run-result")) == {"lines": 40}
+    return seen
+
+
+@pytest.mark.docker
+def test_a_dropped_event_stream_reconnects_by_itself(
+    browser: Browser, server: ServerProcess
+) -> None:
+    proxy = DroppingProxy(server.port)
+    try:
+        browser.open(proxy.url + "/")
+        _set_connector(browser, _python_connector(NUMBERED))
+        browser.call("click", selector="#run-start")
+        browser.wait("document.getElementById('run-stdout').textContent.includes('line 08')", 120)
+        assert browser.state("run-panel") == "running"
+        assert proxy.drop() >= 1  # the EventSource's connection, mid-run
+        shown = len(_stdout_lines(browser))
+        assert 8 <= shown < 40
+        final = browser.wait_state("run-panel", ("done", "failed", "error", "stopped"), 120)
+        assert final == "done", browser.call("text", selector="#run-error")
+        seen = _assert_every_line_once(browser)
+        assert seen["reconnects"] >= 1, seen
+        # Chrome reports the cut stream itself, and nothing else.
+        errors = page_errors(browser)
+        assert all("ERR_INCOMPLETE_CHUNKED_ENCODING" in e for e in errors), errors
+    finally:
+        proxy.close()
+
+
+@pytest.mark.docker
+def test_a_reload_reattaches_to_the_running_run(page: Browser, server: ServerProcess) -> None:
+    _set_connector(page, _python_connector(NUMBERED))
+    page.call("click", selector="#run-start")
+    page.wait("document.getElementById('run-stdout').textContent.includes('line 05')", 120)
+    stored = json.loads(page.call("eval", expression="localStorage.getItem('streamsvc-last-run')"))
+    assert stored["events_url"].startswith(f"/runs/{stored['id']}/events?token=")
+    page.open(server.url + "/")  # a reload, mid-run
+    assert f"following run {stored['id']} again" in page.call("text", selector="#run-status")
+    assert page.state("run-panel") in ("running", "done")
+    final = page.wait_state("run-panel", ("done", "failed", "error", "stopped"), 120)
+    assert final == "done", page.call("text", selector="#run-error")
+    _assert_every_line_once(page)
+    assert f"run {stored['id']}" in page.call("text", selector="#run-summary")
+    # The run ended: the next load starts clean.
+    assert page.call("eval", expression="localStorage.getItem('streamsvc-last-run')") is None
+    page.open(server.url + "/")
+    assert page.state("run-panel") == "idle"
+    assert page.call("text", selector="#run-stdout") == ""
 
 
 # ---------------------------------------------------------------- docs

@@ -229,8 +229,14 @@ function clearChat() {
 
 const run = {
   examples: [], example: null, files: new Map(), active: null, extra: {}, runtimeExtra: {},
-  source: null, current: null, starting: false, seen: [], reconnects: 0,
+  source: null, current: null, starting: false, seen: [], reconnects: 0, leaving: false,
 };
+// Leaving the page closes the EventSource; the run goes on and the next load re-attaches.
+for (const name of ["beforeunload", "pagehide"]) {
+  window.addEventListener(name, () => {
+    run.leaving = true;
+  });
+}
 const json = { config: null, overrides: null };
 
 //: The server's default rule for names whose values are always secret.
@@ -555,8 +561,13 @@ function follow(entry) {
       run.reconnects += 1; // the connection dropped: EventSource retries with Last-Event-ID
       $("run-state").textContent = "reconnecting";
     } else if (run.source === source) {
-      showError("run-error", new Error(`lost the run's events (${entry.id}); see GET /runs/${entry.id}`));
-      finish("error");
+      // Closed for good (an answer other than a stream). Leaving the page closes it too, and
+      // then the run must stay remembered: a timer does not fire once the page is gone.
+      setTimeout(() => {
+        if (run.source !== source || run.leaving) return;
+        showError("run-error", new Error(`lost the run's events (${entry.id}); see GET /runs/${entry.id}`));
+        finish("error");
+      }, 250);
     }
   });
   source.addEventListener("open", () => {
