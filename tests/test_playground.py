@@ -2,11 +2,14 @@
 
 Debian's chromium, driven by tests/browser/driver.mjs (playwright-core; no
 browser download), loads the pages from a real server: the chat panel shows
-tokens from the fake upstream as they arrive, the connector panel shows the
-seed example's live status and output and its final ``{"hello": "world"}``,
-and Stop aborts a long run, whose container then disappears. Screenshots of
-each panel are kept in artifacts/. ``scripts/test`` installs chromium and
-playwright-core; in CI (STREAMSVC_REQUIRE_DOCKER=1) their absence fails.
+tokens from the fake upstream as they arrive; the connector panel loads the
+seed example into its file tabs (CodeMirror editors), runs files edited in
+them and shows the live status and output, usage and files; its EventSource
+reconnects by itself when a proxy cuts it mid-run (every line shown once), a
+reload re-attaches to the running run, and Stop cancels a long run, whose
+container then disappears. Screenshots of each panel are kept in artifacts/.
+``scripts/test`` installs chromium and playwright-core; in CI
+(STREAMSVC_REQUIRE_DOCKER=1) their absence fails.
 """
 
 from __future__ import annotations
@@ -507,8 +510,12 @@ def test_stop_ends_a_long_run_and_removes_its_container(
     page.call("click", selector="#run-start")
     page.wait("document.getElementById('run-stdout').textContent.includes('tick 2')", 120)
     assert _containers(server), "no container is running for this server"
-    page.call("click", selector="#run-stop")
+    run_id = page.call("eval", expression="window.playground.run.current.id")
+    page.call("click", selector="#run-stop")  # POST /runs/{id}/cancel
     assert page.wait_state("run-panel", ("stopped", "done", "failed", "error")) == "stopped"
+    record = httpx.get(f"{server.url}/runs/{run_id}", timeout=30).json()
+    assert record["status"] == "cancelled"
+    assert record["error"]["code"] == "cancelled"
     deadline = time.monotonic() + 20
     while _containers(server) and time.monotonic() < deadline:
         time.sleep(0.2)
