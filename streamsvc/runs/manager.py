@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +29,7 @@ from streamsvc.errors import (
     ErrorEnvelope,
     RunCancelled,
     RunInterrupted,
+    RunLogFull,
     SandboxFailed,
     ServiceError,
 )
@@ -47,6 +48,9 @@ _ENDINGS: dict[Reason, tuple[RunStatus, type[ServiceError], str]] = {
     "abandoned": ("cancelled", RunCancelled, "the run was abandoned: no reader came back in time"),
     "interrupted": ("interrupted", RunInterrupted, "the server stopped during the run"),
 }
+#: Most events one run's log holds (its bytes are bounded by the output caps; this bounds
+#: the count, e.g. of one-character lines); past it the run is stopped with ``run_log_full``.
+MAX_LOG_EVENTS = 100_000
 #: Longest wait, on shutdown, for the runs to record their end.
 STOP_TIMEOUT = 10.0
 
@@ -245,6 +249,8 @@ class RunManager:
                     return
                 await self.store.mark_running(run.id)
                 while event is not None:
+                    if next_id >= MAX_LOG_EVENTS and event.name != "done":
+                        raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)
@@ -290,7 +296,7 @@ class RunManager:
 
     # -- readers -----------------------------------------------------------------------------
 
-    async def reader(self, run_id: str, after: int) -> AsyncIterator[sse.Event]:
+    async def reader(self, run_id: str, after: int) -> AsyncGenerator[sse.Event, None]:
         """The run's events after ``after`` as ``StoredFrame``s, ending with the terminal one.
 
         While a reader is attached, the run never counts as abandoned; when the last one of a

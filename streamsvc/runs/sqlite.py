@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import msgspec
@@ -34,12 +34,15 @@ _Op = Callable[[sqlite3.Connection], object]
 
 #: Most queued writes committed in one transaction.
 BATCH = 2000
+#: How long the writer lets writes gather after the first one before it commits them.
+COALESCE_SECONDS = 0.005
 #: Longest wait for the writer to commit something a caller waits for.
 WRITE_TIMEOUT = 30.0
 #: How often a reader polls for the events of a run another process executes.
 POLL_SECONDS = 0.2
-#: Events read from the file per query when replaying.
+#: Events read from the file per query when replaying (the first query reads fewer).
 PAGE = 1000
+FIRST_PAGE = 50
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -103,7 +106,7 @@ class _Writer(threading.Thread):
     def __init__(self, path: Path) -> None:
         super().__init__(name="streamsvc-run-store", daemon=True)
         self.path = path
-        self.queue: queue.SimpleQueue[tuple[_Op, Callable[[], None] | None] | None] = (
+        self.queue: queue.SimpleQueue[tuple[_Op | _Append, Callable[[], None] | None] | None] = (
             queue.SimpleQueue()
         )
 
@@ -112,6 +115,7 @@ class _Writer(threading.Thread):
         try:
             while True:
                 batch = [self.queue.get()]
+                time.sleep(COALESCE_SECONDS)  # let a busy stream's appends gather (GIL released)
                 while len(batch) < BATCH:
                     try:
                         batch.append(self.queue.get_nowait())
@@ -128,22 +132,57 @@ class _Writer(threading.Thread):
             conn.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, work: list[tuple[_Op, Any]]) -> None:
+    def _commit(conn: sqlite3.Connection, work: list[tuple[_Op | _Append, Any]]) -> None:
+        """One transaction; consecutive appends (of any runs) become one insert and one
+        ``last_event_id`` update per run, the rest run in order, each in a savepoint."""
+        pending: list[_Append] = []
+
+        def flush() -> None:
+            if pending:
+                rows = [row for append in pending for row in append.rows]
+                last = {append.run_id: append.last for append in pending}
+                _guarded(conn, lambda c: _insert_events(c, rows, last))
+                pending.clear()
+
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, _ in work:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op(conn)
-                except sqlite3.Error:
-                    log.exception("a run-store write failed; it was skipped")
-                    conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                if isinstance(op, _Append):
+                    pending.append(op)
+                    continue
+                flush()
+                _guarded(conn, op)
+            flush()
             conn.execute("COMMIT")
         except sqlite3.Error:
             log.exception("a run-store transaction failed")
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+
+
+class _Append(NamedTuple):
+    run_id: str
+    rows: list[tuple[str, int, str, bytes]]
+    last: int
+
+
+def _guarded(conn: sqlite3.Connection, op: _Op) -> None:
+    conn.execute("SAVEPOINT op")
+    try:
+        op(conn)
+    except sqlite3.Error:
+        log.exception("a run-store write failed; it was skipped")
+        conn.execute("ROLLBACK TO op")
+    conn.execute("RELEASE op")
+
+
+def _insert_events(
+    conn: sqlite3.Connection, rows: list[tuple[str, int, str, bytes]], last: dict[str, int]
+) -> None:
+    conn.executemany("INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)", rows)
+    conn.executemany(
+        "UPDATE runs SET last_event_id = ? WHERE id = ?", [(n, r) for r, n in last.items()]
+    )
 
 
 class SqliteStore:
@@ -225,13 +264,7 @@ class SqliteStore:
             return
         self._active.append(run_id, events)
         rows = [(run_id, e.id, e.name, e.data) for e in events]
-        last = events[-1].id
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)", rows)
-            conn.execute("UPDATE runs SET last_event_id = ? WHERE id = ?", (last, run_id))
-
-        self._submit(write)
+        self._writer.queue.put((_Append(run_id, rows, events[-1].id), None))
 
     async def mark_running(self, run_id: str) -> None:
         self._active.mark_running(run_id)
@@ -269,8 +302,10 @@ class SqliteStore:
             async for event in live.follow(after):
                 yield event
             return
+        limit = FIRST_PAGE  # a small first page: the first event comes back quickly
         while True:
-            record, rows = await self._read(functools.partial(_events, run_id=run_id, after=after))
+            read = functools.partial(_events, run_id=run_id, after=after, limit=limit)
+            record, rows = await self._read(read)
             if record is None:
                 raise RunNotFound(f"no run {run_id}")
             if record.events_expired:
@@ -278,10 +313,11 @@ class SqliteStore:
             for row in rows:
                 yield StoredEvent(row[0], row[1], row[2])
                 after = row[0]
-            if len(rows) < PAGE:
+            if len(rows) < limit:
                 if record.status in FINISHED:
                     return
                 await anyio.sleep(POLL_SECONDS)  # run by another process: poll the file
+            limit = PAGE
 
     async def find(
         self,
@@ -390,7 +426,7 @@ def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
 
 
 def _events(
-    conn: sqlite3.Connection, *, run_id: str, after: int
+    conn: sqlite3.Connection, *, run_id: str, after: int, limit: int
 ) -> tuple[RunRecord | None, list[tuple[int, str, bytes]]]:
     """The record and the next page of events, read in one snapshot (a finished record
     read first means every one of its events is in the snapshot)."""
@@ -399,7 +435,7 @@ def _events(
         record = _get(conn, run_id)
         rows = conn.execute(
             "SELECT id, name, data FROM events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
-            (run_id, after, PAGE),
+            (run_id, after, limit),
         ).fetchall()
     finally:
         conn.execute("COMMIT")
