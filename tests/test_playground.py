@@ -24,7 +24,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -482,6 +482,52 @@ def test_secret_toggle_declares_the_name(page: Browser, server: ServerProcess) -
     else:  # the page sent the list; this server does not know it yet
         assert final == "error"
         assert "secrets" in page.call("text", selector="#run-error")
+
+
+def test_the_example_menu_loads_each_example_into_tabs(
+    page: Browser, server: ServerProcess
+) -> None:
+    index = httpx.get(server.url + "/playground/examples", timeout=30).json()["examples"]
+    options = page.call("eval", expression=MENU)
+    assert options == [[e["id"], e["title"]] for e in index]
+    for example in index[::-1]:  # the last first: the menu starts on the seed
+        page.call("select", selector="#run-example", value=example["id"])
+        connector = example["request"]["connector"]
+        assert page.call("eval", expression=TABS) == list(connector["files"])
+        body = _request(page)
+        assert body["connector"]["files"] == connector["files"]
+        assert body["connector"]["runtime"]["entryPoint"] == connector["runtime"]["entryPoint"]
+        assert body["connector"]["configuration"] == connector.get("configuration", {})
+        assert body["network_mode"] == example["request"].get("network_mode", "none")
+    # Reset brings the chosen example back after an edit.
+    first = next(iter(index[0]["request"]["connector"]["files"]))
+    page.call("replace_text", selector=f'.editor[data-file="{first}"] .cm-content', text="x = 1")
+    assert _request(page)["connector"]["files"][first] == "x = 1"
+    page.call("click", selector="#run-reset")
+    assert _request(page)["connector"]["files"] == index[0]["request"]["connector"]["files"]
+
+
+MENU = "[...document.querySelectorAll('#run-example option')].map((o) => [o.value, o.text])"
+
+
+@pytest.mark.docker
+def test_runs_follow_with_the_read_token_when_keys_are_on(
+    browser: Browser, start_server: Callable[..., ServerProcess]
+) -> None:
+    """EventSource cannot send the API key: events_url's token opens the run's events."""
+    key = "playground-key-0123456789"
+    keyed = start_server(STREAMSVC_API_KEYS=key)
+    browser.open(keyed.url + "/")
+    browser.call("fill", selector="#api-key", value=key)
+    _set_connector(browser, _python_connector(NUMBERED))
+    browser.call("click", selector="#run-start")
+    final = browser.wait_state("run-panel", ("done", "failed", "error", "stopped"), 120)
+    assert final == "done", browser.call("text", selector="#run-error")
+    _assert_every_line_once(browser)
+    assert page_errors(browser) == []
+    # Without the key the run is not there; the page's token opens its events only.
+    run_id = browser.call("eval", expression="window.playground.run.current.id")
+    assert httpx.get(f"{keyed.url}/runs/{run_id}", timeout=30).status_code == 401
 
 
 def test_connector_panel_lists_validation_problems(page: Browser) -> None:

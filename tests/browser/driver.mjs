@@ -62,10 +62,12 @@ const ops = {
   press: ({ selector, key }) => page.press(selector, key),
   // Key by key, as a person types (a code editor sees every keystroke).
   type: ({ selector, text }) => page.locator(selector).pressSequentially(text),
-  // Focus, select all, then insert the text as one input (a paste, without the clipboard).
+  // Focus, select all, delete, then insert the text as one input (a paste, without the
+  // clipboard). The delete is a key the editor handles itself, not the browser's editing.
   replace_text: async ({ selector, text }) => {
     await page.click(selector);
     await page.keyboard.press("ControlOrMeta+A");
+    await page.keyboard.press("Backspace");
     await page.keyboard.insertText(text);
   },
   text: ({ selector }) => page.textContent(selector),
