@@ -678,12 +678,21 @@ def test_a_dropped_event_stream_reconnects_by_itself(
 @pytest.mark.docker
 def test_a_reload_reattaches_to_the_running_run(page: Browser, server: ServerProcess) -> None:
     _set_connector(page, _python_connector(NUMBERED))
+    page.call("click", selector="#env-add")
+    page.call("fill", selector="#env-rows .env-row:last-child .env-name", value="API_TOKEN")
+    page.call("fill", selector="#env-rows .env-row:last-child .env-value", value="tok-0123456789")
     page.call("click", selector="#run-start")
     page.wait("document.getElementById('run-stdout').textContent.includes('line 05')", 120)
-    stored = json.loads(page.call("eval", expression="localStorage.getItem('streamsvc-last-run')"))
+    kept = page.call("eval", expression="localStorage.getItem('streamsvc-last-run')")
+    assert "tok-0123456789" not in kept  # a secret value is never stored
+    stored = json.loads(kept)
     assert stored["events_url"].startswith(f"/runs/{stored['id']}/events?token=")
     page.open(server.url + "/")  # a reload, mid-run
     assert f"following run {stored['id']} again" in page.call("text", selector="#run-status")
+    # The form shows the code that runs, not the example the page starts with.
+    assert page.call("eval", expression=TABS) == ["main.py"]
+    assert _editor_text(page, "main.py").startswith("import time")
+    assert _request(page)["env"] == {"API_TOKEN": ""}
     assert page.state("run-panel") in ("running", "done")
     final = page.wait_state("run-panel", ("done", "failed", "error", "stopped"), 120)
     assert final == "done", page.call("text", selector="#run-error")

@@ -603,8 +603,12 @@ async function startRun(event) {
       const error = (answer && answer.error) || { code: "http_error", message: `HTTP ${response.status}` };
       throw new ApiError(response.status, error);
     }
-    const entry = { id: answer.id, events_url: answer.events_url, started_at: Date.now() };
-    remember(entry);
+    const entry = { id: answer.id, events_url: answer.events_url, started_at: Date.now(), request: withoutSecrets(body) };
+    try {
+      remember(entry);
+    } catch {
+      remember({ ...entry, request: null }); // past the storage quota: the run alone
+    }
     follow(entry);
   } catch (err) {
     showError("run-error", err);
@@ -631,6 +635,15 @@ async function stopRun() {
   }
 }
 
+// The request as kept in localStorage: secret values are never stored (their names are).
+function withoutSecrets(body) {
+  const declared = new Set(body.secrets || []);
+  const env = Object.fromEntries(
+    Object.entries(body.env || {}).map(([name, value]) => [name, declared.has(name) || looksSecret(name) ? "" : value]),
+  );
+  return { ...body, env };
+}
+
 // After a reload: the run that was going on when the page went away, followed again.
 function reattach() {
   let entry = null;
@@ -643,6 +656,7 @@ function reattach() {
     remember(null);
     return;
   }
+  if (entry.request && typeof entry.request === "object") loadRequest(entry.request);
   addStatus("reattached", `following run ${entry.id} again`);
   follow(entry);
 }
