@@ -342,6 +342,46 @@ async def test_sigkill_mid_run_then_restart_interrupts_it(
     await eventually(lambda: not docker("ps", "-aq", "--filter", label).split(), 15)
 
 
+@pytest.mark.docker
+async def test_twenty_concurrent_runs_store_every_event_once_in_order(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    """4 at once and 16 queued (the default limits): every run's log complete and ordered."""
+    code = """
+        for i in range(1, 51):
+            print(f"{RUN}-{i}", flush=True)
+        print('{"ok": true}')
+    """
+
+    async def start(index: int) -> str:
+        payload = body(code.replace("{RUN}", str(index))) | {"background": True}
+        answer = await client.post(server.url + "/execute-connector", json=payload)
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    ids: dict[int, str] = {}
+
+    async def one(index: int) -> None:
+        ids[index] = await start(index)
+
+    async with anyio.create_task_group() as tasks:
+        for index in range(20):
+            tasks.start_soon(one, index)
+
+    async def all_finished() -> bool:
+        records = [(await client.get(f"{server.url}/runs/{i}")).json() for i in ids.values()]
+        return all(r["status"] in {"completed", "failed"} for r in records)
+
+    await poll(all_finished, 120)
+    for index, run_id in ids.items():
+        record = (await client.get(f"{server.url}/runs/{run_id}")).json()
+        assert record["status"] == "completed", record
+        _, events = await read(client, "GET", f"{server.url}/runs/{run_id}/events")
+        assert [int(f.id or 0) for f in events] == list(range(1, len(events) + 1))
+        lines = "".join(f"{index}-{i}\n" for i in range(1, 51)) + '{"ok": true}\n'
+        assert text_of(events) == lines
+
+
 # ---- chat ---------------------------------------------------------------------------------
 
 

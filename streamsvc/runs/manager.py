@@ -173,6 +173,7 @@ class RunManager:
         with anyio.move_on_after(STOP_TIMEOUT, shield=True):
             for run in list(self._runs.values()):
                 await run.done.wait()
+        self._tasks.cancel_scope.cancel()  # grace timers; a pump still going records its end
         return await self._tasks.__aexit__(kind, exc, tb)
 
     # -- tokens ------------------------------------------------------------------------------
