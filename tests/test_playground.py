@@ -250,14 +250,20 @@ def test_chat_panel_shows_tokens_as_they_arrive(page: Browser, azure: FakeAzure)
     page.screenshot("playground-chat.png", "#chat-panel")
 
 
-def test_chat_stop_cancels_the_upstream_call(page: Browser, azure: FakeAzure) -> None:
+def test_chat_stop_cancels_the_upstream_call(
+    page: Browser, azure: FakeAzure, server: ServerProcess
+) -> None:
     azure.push(Reply(text_chunks=["partial ", "answer ", *["more "] * 200], chunk_delay=0.5))
     page.call("fill", selector="#chat-prompt", value="Say something slowly")
     page.call("click", selector="#chat-send")
     page.wait("(document.getElementById('chat-output')?.textContent || '').includes('answer')")
-    page.call("click", selector="#chat-stop")
+    run_id = page.call("eval", expression="chat.runId")
+    page.call("click", selector="#chat-stop")  # POST /runs/{id}/cancel, then the abort
     assert page.wait_state("chat-panel", ("stopped", "done", "error")) == "stopped"
     assert azure.wait_disconnect(timeout=15), "the server kept the upstream call open"
+    record = httpx.get(f"{server.url}/runs/{run_id}", timeout=30).json()
+    # Cancelled by Stop, not abandoned after the grace a dropped stream gets.
+    assert (record["status"], record["error"]["message"]) == ("cancelled", "the run was cancelled")
     bubble = "#chat-log .message.assistant:last-child .text"
     shown = page.call("text", selector=bubble)
     assert shown.startswith("partial answer ")

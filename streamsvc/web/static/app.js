@@ -44,8 +44,9 @@ function parseBlock(block) {
   return { name, id, data: JSON.parse(data.join("\n")) };
 }
 
-// POST body as a stream and yield its events until the server ends it.
-async function* postStream(path, body, signal) {
+// POST body as a stream and yield its events until the server ends it; onRun(id) gets
+// the run's id (X-Run-ID) as soon as the headers are in.
+async function* postStream(path, body, signal, onRun = null) {
   const response = await fetch(path, {
     method: "POST",
     headers: headers(),
@@ -63,6 +64,7 @@ async function* postStream(path, body, signal) {
     }
     throw new ApiError(response.status, error || { code: "http_error", message: text.slice(0, 300) });
   }
+  if (onRun && response.headers.get("x-run-id")) onRun(response.headers.get("x-run-id"));
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   try {
@@ -131,7 +133,7 @@ function scrollDown(node) {
 
 // ------------------------------------------------------------------ chat
 
-const chat = { history: [], controller: null };
+const chat = { history: [], controller: null, runId: null, stopping: false };
 
 function chatBubble(role, text) {
   const body = h("div", { class: "text" }, text);
@@ -173,7 +175,10 @@ async function sendChat(event) {
   let text = "";
   let finished = "stopped";
   try {
-    for await (const ev of postStream("/chat", body, controller.signal)) {
+    const onRun = (id) => {
+      chat.runId = id;
+    };
+    for await (const ev of postStream("/chat", body, controller.signal, onRun)) {
       if (ev.name === "delta") {
         text += ev.data.content;
         output.append(ev.data.content);
@@ -189,9 +194,9 @@ async function sendChat(event) {
     }
     if (finished !== "done") throw new Error("the stream ended without a result");
   } catch (err) {
-    if (isAbort(err)) {
+    if (isAbort(err) || chat.stopping) {
       finished = "stopped";
-      $("chat-meta").textContent = "stopped: the request was aborted";
+      $("chat-meta").textContent = "stopped: the run was cancelled";
     } else {
       finished = "error";
       showError("chat-error", err);
@@ -201,14 +206,28 @@ async function sendChat(event) {
     output.classList.remove("streaming");
     output.removeAttribute("id");
     chat.controller = null;
+    chat.runId = null;
+    chat.stopping = false;
     $("chat-send").disabled = false;
     $("chat-stop").disabled = true;
     setState("chat-panel", "chat-state", finished);
   }
 }
 
+// Stop is immediate: the run is cancelled (a dropped stream alone would keep it for a
+// grace period, waiting for a reader to come back), then the request is aborted.
 function stopChat() {
-  chat.controller?.abort();
+  const controller = chat.controller;
+  if (!controller) return;
+  const id = chat.runId;
+  chat.stopping = true;
+  if (id) {
+    fetch(`/runs/${encodeURIComponent(id)}/cancel`, { method: "POST", headers: headers() })
+      .catch(() => null)
+      .finally(() => controller.abort());
+  } else {
+    controller.abort();
+  }
 }
 
 function clearChat() {
