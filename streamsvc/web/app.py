@@ -39,6 +39,7 @@ from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
 from streamsvc.web.budget import BodyBudget
+from streamsvc.web.examples import examples_endpoint
 from streamsvc.web.health import health, live, ready
 from streamsvc.web.hosts import HostOriginMiddleware, allowed_hosts
 from streamsvc.web.limits import KeyLimits
@@ -162,6 +163,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
             Route("/runs/{run_id}/cancel", runs_endpoint.cancel_run, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
+            Route("/playground/examples", examples_endpoint, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
             Mount("/static", app=static_files(), name="static"),
         ],

@@ -26,6 +26,7 @@ from streamsvc.runs.respond import Accepted
 from streamsvc.runs.store import RunStatus
 from streamsvc.sandbox.types import Status
 from streamsvc.web import health
+from streamsvc.web.examples import ExampleIndex
 
 REF = "#/components/schemas/{name}"
 
@@ -87,6 +88,7 @@ _TYPES = (
     HealthReport,
     health.Liveness,
     health.Readiness,
+    ExampleIndex,
     CompletionRequest,
     ChatCompletion,
     ChatCompletionChunk,
@@ -560,6 +562,16 @@ def openapi_document() -> dict[str, Any]:
             ),
             "/v1/chat/completions": _completions(),
             **_models(),
+            "/playground/examples": {
+                "get": {
+                    "summary": "The playground's example connectors",
+                    "description": (
+                        "The seed example, then each connector folder of the source tree's "
+                        "`examples/`, as whole `POST /execute-connector` bodies."
+                    ),
+                    "responses": {"200": _json(_ref("ExampleIndex"), "The example index.")},
+                }
+            },
             **_runs(),
             "/openapi.json": {
                 "get": {

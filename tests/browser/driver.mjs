@@ -4,9 +4,9 @@
 // fresh profile through playwright-core, then answers one JSON command per
 // line on stdin with one JSON reply per line on stdout:
 //   {"id": 1, "op": "goto", "url": "..."}  ->  {"id": 1, "ok": true, "value": null}
-// Ops: goto, wait_for, wait_function, fill, select, click, text, value, eval,
-// screenshot, errors, close. Page errors and console errors are collected
-// and returned by "errors", so a test can assert the page ran cleanly.
+// Ops: goto, wait_for, wait_function, fill, select, click, check, press, type,
+// replace_text, text, value, eval, screenshot, errors, close. Page errors and
+// console errors are collected and returned by "errors", so a test can assert the page ran cleanly.
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -58,6 +58,18 @@ const ops = {
   fill: ({ selector, value }) => page.fill(selector, value),
   select: ({ selector, value }) => page.selectOption(selector, value).then(() => null),
   click: ({ selector }) => page.click(selector),
+  check: ({ selector, checked = true }) => page.setChecked(selector, checked),
+  press: ({ selector, key }) => page.press(selector, key),
+  // Key by key, as a person types (a code editor sees every keystroke).
+  type: ({ selector, text }) => page.locator(selector).pressSequentially(text),
+  // Focus, select all, delete, then insert the text as one input (a paste, without the
+  // clipboard). The delete is a key the editor handles itself, not the browser's editing.
+  replace_text: async ({ selector, text }) => {
+    await page.click(selector);
+    await page.keyboard.press("ControlOrMeta+A");
+    await page.keyboard.press("Backspace");
+    await page.keyboard.insertText(text);
+  },
   text: ({ selector }) => page.textContent(selector),
   value: ({ selector }) => page.inputValue(selector),
   eval: ({ expression }) => page.evaluate(expression),
