@@ -220,6 +220,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
 
 #: Where an in-process app looks for a Docker engine: nowhere, so it never starts containers.
 NO_DOCKER = "unix:///nonexistent/docker.sock"
+#: The tests' Redis and second Docker engine (scripts/_lib.sh: ensure_redis, ensure_second_engine).
+REDIS_URL = os.environ.get("STREAMSVC_TEST_REDIS_URL") or "redis://127.0.0.1:6390/0"
+ENGINE2 = os.environ.get("STREAMSVC_TEST_DOCKER_HOST_2") or "unix:///run/streamsvc-docker2.sock"
 
 
 @contextlib.asynccontextmanager
