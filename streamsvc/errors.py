@@ -14,6 +14,9 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   └── ValidationFailed          422  validation_error: well-formed JSON of the wrong shape
     ├── Unauthorized                  401  unauthorized
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
+    ├── RunNotFound                   404  not_found: no such run (or not this key's)
+    ├── RunNotFinished                409  run_not_finished: a running run cannot be deleted
+    ├── EventsExpired                 410  events_expired: the run's events were pruned
     ├── BodyTimeout                   408  body_timeout: the body did not arrive in time
     ├── PayloadTooLarge               413  payload_too_large
     ├── UnsupportedMediaType          415  unsupported_media_type: a POST that is not JSON
@@ -135,6 +138,23 @@ class Unauthorized(ServiceError):
 class Forbidden(ServiceError):
     status = 403
     code = "origin_not_allowed"
+
+
+class RunNotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class RunNotFinished(ServiceError):
+    status = 409
+    code = "run_not_finished"
+
+
+class EventsExpired(ServiceError):
+    """The run's record is kept, but retention pruned its events."""
+
+    status = 410
+    code = "events_expired"
 
 
 class BodyTimeout(ServiceError):

@@ -6,7 +6,7 @@ The rule: event ids are per-run integers 1..n, appended once each, in order; sec
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -36,6 +36,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: Any = None
     #: Which executor ran it (a single process names itself).
     executor: str | None = None
+    #: Retention dropped its events (the record is kept a while longer): ``follow`` is a 410.
+    events_expired: bool = False
 
 
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -82,12 +84,15 @@ class RunStore(Protocol):
 
     async def delete(self, run_id: str) -> bool: ...
 
-    async def interrupt_unfinished(self) -> list[str]:
-        """At start-up: runs a dead process left unfinished become ``interrupted``."""
+    async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
+        """At start-up: unfinished runs whose ``executor`` is None or not ``alive(executor)``
+        (a dead process's, not a live peer worker's) become ``interrupted``; their ids."""
         ...
 
-    async def prune(self, older_than: float) -> int:
-        """Drop finished runs (and events) created before ``older_than`` (unix seconds)."""
+    async def prune(self, events_before: float, records_before: float) -> int:
+        """Retention (unix seconds, by ``finished_at``): finished runs before ``events_before``
+        lose their events (``follow`` then raises ``EventsExpired``, 410); finished runs before
+        ``records_before`` are dropped whole (404). Returns the number of runs touched."""
         ...
 
     async def aclose(self) -> None:
