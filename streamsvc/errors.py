@@ -33,6 +33,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── NotConfigured                 503  not_configured
     │   └── ChatNotConfigured         503  chat_not_configured
     ├── ShuttingDown                  503  shutting_down
+    ├── RunStoreUnavailable           503  run_store_unavailable: Redis did not answer
     └── SandboxError                       (raised only as one of these)
         ├── SandboxUnavailable        503  sandbox_unavailable: not ready now, try again
         │   └── EngineUnreachable     503  the engine did not answer, or was lost mid-run
@@ -230,6 +231,13 @@ class ChatNotConfigured(NotConfigured):
 class ShuttingDown(ServiceError):
     status = 503
     code = "shutting_down"
+
+
+class RunStoreUnavailable(ServiceError):
+    """The shared run store did not answer in time (``streamsvc.runs.redis``)."""
+
+    status = 503
+    code = "run_store_unavailable"
 
 
 class SandboxError(ServiceError):

@@ -37,6 +37,7 @@ ENDPOINT_IMPORTERS = {
 BOUNDARIES = {
     "openai": ("streamsvc.chat.provider",),
     "aiodocker": ("streamsvc.sandbox.docker.",),
+    "redis": ("streamsvc.runs.redis",),
 }
 
 

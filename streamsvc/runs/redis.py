@@ -1,0 +1,399 @@
+"""The shared run store on Redis (``STREAMSVC_RUN_STORE=redis://...``; issue 16).
+
+Records are hashes, each run's events a Redis Stream whose entry ids are ``<n>-0`` for
+SSE id n; appends and finishes are Lua scripts (atomic, idempotent on retry). The only
+module that imports ``redis``; its errors become ``RunStoreUnavailable`` here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
+from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
+from streamsvc.settings import SettingsError
+
+#: Event names that end a run's log (``follow`` stops after one).
+TERMINAL_EVENTS = frozenset({"done", "error"})
+#: The fields of a record hash; each value is JSON.
+FIELDS = tuple(f.name for f in msgspec.structs.fields(RunRecord))
+_LISTED = tuple(f for f in FIELDS if f != "result")
+
+# KEYS: events stream, record hash. ARGV: id, name, data, id, name, data, ...
+# Ids at or below the stored last one were stored by an earlier try: skipped (stored once).
+_APPEND = """
+if redis.call('HEXISTS', KEYS[2], 'id') == 0 then return redis.error_reply('NO_RUN') end
+local last = tonumber(redis.call('HGET', KEYS[2], 'last_event_id') or '0')
+for i = 1, #ARGV, 3 do
+  local id = tonumber(ARGV[i])
+  if id > last then
+    if id ~= last + 1 then return redis.error_reply('GAP after ' .. last .. ': ' .. id) end
+    redis.call('XADD', KEYS[1], id .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    last = id
+  end
+end
+redis.call('HSET', KEYS[2], 'last_event_id', last)
+return last
+"""
+# KEYS: record hash, events stream, unfinished set. ARGV: run id, record ttl, events ttl,
+# then field, value pairs. A finished run stays as it ended: returns 0 then.
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= '"queued"' and status ~= '"running"' then return 0 end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SREM', KEYS[3], ARGV[1])
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+return 1
+"""
+_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"queued"' then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1])
+return 1
+"""
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _json(value: Any) -> bytes:
+    return msgspec.json.encode(value)
+
+
+class RedisRunStore:
+    """A ``RunStore`` on one Redis (or a managed one speaking its protocol).
+
+    ``events_ttl``/``records_ttl`` (seconds, 0 = none) expire a finished run's events and
+    record inside Redis; ``prune`` does the same on demand. ``poll_seconds`` bounds each
+    blocking read of ``follow`` (it then looks at the record: finished, deleted, pruned).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "streamsvc:",
+        events_ttl: float = 0,
+        records_ttl: float = 0,
+        timeout: float = 5.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._unfinished_key = f"{prefix}unfinished"
+        self._events_ttl = int(events_ttl)
+        self._records_ttl = int(max(records_ttl, events_ttl) if records_ttl else 0)
+        self._timeout = timeout
+        self._poll_ms = max(1, int(poll_seconds * 1000))
+        self._append = client.register_script(_APPEND)
+        self._finish = client.register_script(_FINISH)
+        self._running = client.register_script(_RUNNING)
+
+    @classmethod
+    async def open(
+        cls, url: str, *, setting: str = "STREAMSVC_RUN_STORE", **kw: Any
+    ) -> RedisRunStore:
+        """Connect to ``url`` (redis:// or rediss://, password and db in it) and check it
+        answers; a ``SettingsError`` naming ``setting`` otherwise."""
+        timeout = float(kw.get("timeout", 5.0))
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+        try:
+            client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=retry,
+                retry_on_error=[ConnectionError, RedisTimeout],
+                health_check_interval=30,
+            )
+        except ValueError as exc:
+            raise SettingsError(f"{setting}={redact(url)}: {exc}") from None
+        try:
+            with anyio.fail_after(timeout * 2):
+                await client.ping()
+        except AuthenticationError as exc:
+            await client.aclose()
+            message = f"{setting}={redact(url)}: Redis refused the password ({exc})"
+            raise SettingsError(message) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            await client.aclose()
+            reason = str(exc) or type(exc).__name__
+            message = f"{setting}={redact(url)}: Redis does not answer ({reason})"
+            raise SettingsError(message) from None
+        return cls(client, **kw)
+
+    # -- keys
+
+    def _record_key(self, run_id: str) -> str:
+        return f"{self._prefix}run:{run_id}"
+
+    def _events_key(self, run_id: str) -> str:
+        return f"{self._prefix}events:{run_id}"
+
+    def _index_key(self, owner: str | None) -> str:
+        return f"{self._prefix}runs" if owner is None else f"{self._prefix}runs:owner:{owner}"
+
+    # -- calls
+
+    async def _call(self, call: Callable[[], Awaitable[Any]], extra: float = 0.0) -> Any:
+        """One bounded Redis call; a lost or late Redis is ``RunStoreUnavailable``."""
+        try:
+            with anyio.fail_after(self._timeout + extra):
+                return await call()
+        except (ConnectionError, RedisTimeout, TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RunStoreUnavailable(f"the run store (Redis) did not answer: {reason}") from None
+
+    @staticmethod
+    def _decode(raw: dict[bytes, bytes] | Sequence[bytes | None], fields: Sequence[str]) -> Any:
+        if isinstance(raw, dict):
+            pairs = {k.decode(): v for k, v in raw.items()}
+        else:
+            pairs = {f: v for f, v in zip(fields, raw, strict=True) if v is not None}
+        if "id" not in pairs:
+            return None
+        values = {k: msgspec.json.decode(v) for k, v in pairs.items() if k in FIELDS}
+        return msgspec.convert(values, RunRecord)
+
+    # -- the RunStore protocol
+
+    async def create(self, record: RunRecord) -> None:
+        mapping = {f: _json(getattr(record, f)) for f in FIELDS}
+        key = self._record_key(record.id)
+
+        async def run() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                for owner in {None, record.owner}:
+                    pipe.zadd(self._index_key(owner), {record.id: record.created_at})
+                if record.status in FINISHED:
+                    if self._records_ttl:
+                        pipe.expire(key, self._records_ttl)
+                else:
+                    pipe.sadd(self._unfinished_key, record.id)
+                await pipe.execute()
+
+        await self._call(run)
+
+    async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        args: list[bytes | str | int] = []
+        for event in events:
+            args += [event.id, event.name, event.data]
+        keys = [self._events_key(run_id), self._record_key(run_id)]
+        try:
+            await self._call(lambda: self._append(keys=keys, args=args))
+        except ResponseError as exc:
+            if "NO_RUN" in str(exc):
+                raise RunNotFound(f"no run {run_id}") from None
+            raise ValueError(f"run {run_id}: events out of order ({exc})") from None
+
+    async def finish(
+        self, run_id: str, status: RunStatus, *, result: Any = None, error: Any = None
+    ) -> None:
+        await self._finish_fields(
+            run_id,
+            {"status": status, "finished_at": time.time(), "result": result, "error": error},
+        )
+
+    async def _finish_fields(self, run_id: str, fields: dict[str, Any]) -> bool:
+        keys = [self._record_key(run_id), self._events_key(run_id), self._unfinished_key]
+        args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl]
+        for name, value in fields.items():
+            args += [name, _json(value)]
+        done = await self._call(lambda: self._finish(keys=keys, args=args))
+        return int(done) == 1
+
+    async def mark_running(self, run_id: str) -> None:
+        keys = [self._record_key(run_id)]
+        await self._call(lambda: self._running(keys=keys, args=[_json(time.time())]))
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._record_key(run_id))
+                pipe.exists(self._events_key(run_id))
+                return await pipe.execute()
+
+        raw, has_events = await self._call(run)
+        record: RunRecord | None = self._decode(raw, FIELDS)
+        if record is not None and self._expired(record, bool(has_events)):
+            record = msgspec.structs.replace(record, events_expired=True)
+        return record
+
+    @staticmethod
+    def _expired(record: RunRecord, has_events: bool) -> bool:
+        """Pruned by ``prune``, or its events' TTL ran out before its record's."""
+        return record.events_expired or (record.last_event_id > 0 and not has_events)
+
+    async def follow(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
+        record = await self.get(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+        if record.events_expired:
+            raise EventsExpired(f"the events of run {run_id} were pruned")
+        key = self._events_key(run_id)
+        cursor = max(after, 0)
+        block = self._poll_ms / 1000
+        while True:
+            read = await self._call(
+                partial(self._redis.xread, {key: f"{cursor}-0"}, count=512, block=self._poll_ms),
+                extra=block,
+            )
+            entries = read[0][1] if read else []
+            for entry_id, fields in entries:
+                event = StoredEvent(
+                    int(entry_id.split(b"-")[0]), fields[b"e"].decode(), fields[b"d"]
+                )
+                cursor = event.id
+                yield event
+                if event.name in TERMINAL_EVENTS:
+                    return
+            if entries:
+                continue
+            record = await self.get(run_id)
+            if record is None:
+                return  # deleted meanwhile
+            if record.status in FINISHED and cursor >= record.last_event_id:
+                return
+            if record.events_expired:
+                raise EventsExpired(f"the events of run {run_id} were pruned")
+
+    async def find(
+        self,
+        *,
+        owner: str | None,
+        kind: RunKind | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        index = self._index_key(owner)
+        top: float | str = "+inf"
+        if before is not None:
+            score = await self._call(lambda: self._redis.zscore(index, before))
+            if score is None:
+                return []
+            top = score
+        found: list[RunRecord] = []
+        offset, batch = 0, max(limit * 2, 64)
+        while len(found) < limit:
+            ids = await self._call(
+                partial(
+                    self._redis.zrevrangebyscore,
+                    index,
+                    top,
+                    "-inf",
+                    start=offset,
+                    num=batch,
+                    withscores=True,
+                )
+            )
+            if not ids:
+                break
+            offset += len(ids)
+            if before is not None:  # equal scores come in reverse order of ids
+                ids = [(m, s) for m, s in ids if not (s == top and m.decode() >= before)]
+            records = await self._records([m.decode() for m, _ in ids], _LISTED)
+            stale = [m for (m, _), r in zip(ids, records, strict=True) if r is None]
+            if stale:
+                await self._call(partial(self._redis.zrem, index, *stale))
+                offset -= len(stale)
+            for record in records:
+                if record is None or (owner is not None and record.owner != owner):
+                    continue
+                if (kind is None or record.kind == kind) and (
+                    status is None or record.status == status
+                ):
+                    found.append(record)
+        return found[:limit]
+
+    async def _records(self, ids: Sequence[str], fields: Sequence[str]) -> list[RunRecord | None]:
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for run_id in ids:
+                    pipe.hmget(self._record_key(run_id), list(fields))
+                return await pipe.execute()
+
+        return [self._decode(raw, fields) for raw in await self._call(run)] if ids else []
+
+    async def delete(self, run_id: str) -> bool:
+        record = await self.get(run_id)
+        if record is None:
+            return False
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._record_key(run_id), self._events_key(run_id))
+                for owner in {None, record.owner}:
+                    pipe.zrem(self._index_key(owner), run_id)
+                pipe.srem(self._unfinished_key, run_id)
+                return await pipe.execute()
+
+        return bool((await self._call(run))[0])
+
+    async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
+        members = await self._call(lambda: self._redis.smembers(self._unfinished_key))
+        ids = sorted(m.decode() for m in members)
+        interrupted = []
+        for run_id, record in zip(ids, await self._records(ids, _LISTED), strict=True):
+            if record is None:
+                await self._call(partial(self._redis.srem, self._unfinished_key, run_id))
+                continue
+            if record.executor is not None and alive(record.executor):
+                continue
+            fields = {"status": "interrupted", "finished_at": time.time()}
+            if await self._finish_fields(run_id, fields):
+                interrupted.append(run_id)
+        return interrupted
+
+    async def prune(self, events_before: float, records_before: float) -> int:
+        index = self._index_key(None)
+        cutoff = max(events_before, records_before)
+        candidates = await self._call(lambda: self._redis.zrangebyscore(index, "-inf", cutoff))
+        ids = [m.decode() for m in candidates]
+        fields = ("id", "kind", "created_at", "owner", "status", "finished_at", "events_expired")
+        touched = 0
+        for run_id, record in zip(ids, await self._records(ids, fields), strict=True):
+            if record is None:
+                await self._call(partial(self._redis.zrem, index, run_id))
+                continue
+            if record.status not in FINISHED or record.finished_at is None:
+                continue
+            if record.finished_at < records_before:
+                touched += await self.delete(run_id)
+            elif record.finished_at < events_before and not record.events_expired:
+                await self._call(partial(self._drop_events, run_id))
+                touched += 1
+        return touched
+
+    async def _drop_events(self, run_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._events_key(run_id))
+            pipe.hset(self._record_key(run_id), "events_expired", b"true")
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
+            await self._redis.aclose()

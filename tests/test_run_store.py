@@ -1,0 +1,310 @@
+"""The run store contract (streamsvc/runs/store.py), run against every backend.
+
+Each backend is a factory in ``BACKENDS`` (with the marker of the part it needs); a
+new backend plugs in there. Redis runs on the tests' real Redis under a per-test key
+prefix. The Redis-only checks (stream ids, TTLs, retries, bad URLs) close the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from streamsvc.errors import EventsExpired, RunNotFound
+from streamsvc.runs.redis import RedisRunStore, redact
+from streamsvc.runs.store import RunRecord, RunStore, StoredEvent
+from streamsvc.settings import SettingsError
+from tests.harness import REDIS_URL
+
+Factory = Callable[[], contextlib.AbstractAsyncContextManager[RunStore]]
+
+
+async def _wipe(prefix: str) -> None:
+    async with aioredis.Redis.from_url(REDIS_URL) as r:
+        keys = [key async for key in r.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await r.delete(*keys)
+
+
+@contextlib.asynccontextmanager
+async def redis_store(**kw: Any) -> AsyncIterator[RedisRunStore]:
+    prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
+    store = await RedisRunStore.open(REDIS_URL, prefix=prefix, poll_seconds=0.2, **kw)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await _wipe(prefix)
+
+
+#: name -> (factory, marks). memory:// and sqlite (issue 13) join here.
+BACKENDS: dict[str, tuple[Factory, list[pytest.MarkDecorator]]] = {
+    "redis": (redis_store, [pytest.mark.redis]),
+}
+
+
+@pytest.fixture(params=[pytest.param(n, marks=m) for n, (_, m) in BACKENDS.items()])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
+    factory, _ = BACKENDS[request.param]
+    async with factory() as opened:
+        yield opened
+
+
+def record(run_id: str | None = None, **kw: Any) -> RunRecord:
+    fields: dict[str, Any] = {"kind": "connector", "status": "queued", "created_at": time.time()}
+    return RunRecord(id=run_id or uuid.uuid4().hex, **(fields | kw))
+
+
+def events(first: int, last: int, terminal: bool = False) -> list[StoredEvent]:
+    out = [StoredEvent(i, "stdout", b'{"text": "line %d\\n"}' % i) for i in range(first, last + 1)]
+    if terminal:
+        out[-1] = StoredEvent(last, "done", b'{"ok": true}')
+    return out
+
+
+async def collect(store: RunStore, run_id: str, after: int, limit: float = 10) -> list[int]:
+    with anyio.fail_after(limit):
+        return [event.id async for event in store.follow(run_id, after)]
+
+
+# -- the contract
+
+
+async def test_a_record_round_trips(store: RunStore) -> None:
+    created = record(
+        owner="k1", background=True, request={"entrypoint": "main.py", "env": {}}, executor=None
+    )
+    await store.create(created)
+    assert await store.get(created.id) == created
+    assert await store.get("no-such-run") is None
+
+
+async def test_running_then_finished(store: RunStore) -> None:
+    run = record()
+    await store.create(run)
+    await store.mark_running(run.id)
+    running = await store.get(run.id)
+    assert running is not None and running.status == "running" and running.started_at
+    await store.append(run.id, events(1, 3, terminal=True))
+    await store.finish(run.id, "completed", result={"ok": True})
+    done = await store.get(run.id)
+    assert done is not None and done.status == "completed", done
+    assert done.result == {"ok": True} and done.error is None
+    assert done.finished_at is not None and done.finished_at >= running.started_at
+    assert done.last_event_id == 3
+
+
+async def test_follow_replays_after_an_id_and_ends_at_the_terminal_event(store: RunStore) -> None:
+    run = record()
+    await store.create(run)
+    await store.append(run.id, events(1, 4))
+    await store.append(run.id, events(5, 6, terminal=True))
+    await store.finish(run.id, "completed", result={"ok": True})
+    assert await collect(store, run.id, 0) == [1, 2, 3, 4, 5, 6]
+    assert await collect(store, run.id, 4) == [5, 6]
+    assert await collect(store, run.id, 6) == []
+    replay = [e async for e in store.follow(run.id, 5)]
+    assert replay == [StoredEvent(6, "done", b'{"ok": true}')]
+
+
+async def test_followers_see_live_events_in_order_without_gap_or_duplicate(
+    store: RunStore,
+) -> None:
+    run = record(status="running")
+    await store.create(run)
+    seen: dict[str, list[int]] = {}
+
+    async def follow(name: str, after: int) -> None:
+        seen[name] = await collect(store, run.id, after)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow, "early", 0)
+        for first in range(1, 200, 20):
+            await store.append(run.id, events(first, first + 19, terminal=first + 19 == 200))
+            if first == 101:
+                tg.start_soon(follow, "late", 50)
+            await anyio.sleep(0.01)
+        await store.finish(run.id, "completed")
+    assert seen["early"] == list(range(1, 201))
+    assert seen["late"] == list(range(51, 201))
+
+
+async def test_follow_ends_for_a_run_finished_without_a_terminal_event(store: RunStore) -> None:
+    run = record(status="running")
+    await store.create(run)
+    await store.append(run.id, events(1, 2))
+
+    async def finish_later() -> None:
+        await anyio.sleep(0.3)
+        await store.finish(run.id, "interrupted")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish_later)
+        assert await collect(store, run.id, 0, limit=5) == [1, 2]
+
+
+async def test_the_first_finish_wins(store: RunStore) -> None:
+    run = record(status="running")
+    await store.create(run)
+    await store.finish(run.id, "cancelled", error={"error": {"code": "cancelled"}})
+    await store.finish(run.id, "completed", result={"ok": True})
+    ended = await store.get(run.id)
+    assert ended is not None and ended.status == "cancelled" and ended.result is None
+
+
+async def test_find_is_newest_first_filtered_and_paginated(store: RunStore) -> None:
+    now = time.time()
+    runs = [
+        record(f"run-{i:02d}", created_at=now + i, owner="a" if i % 3 else "b",
+               kind="chat" if i % 2 else "connector")
+        for i in range(12)
+    ]  # fmt: skip
+    for run in runs:
+        await store.create(run)
+    await store.finish("run-11", "completed", result={"big": "x" * 100})
+    mine = [r for r in reversed(runs) if r.owner == "a"]
+    page1 = await store.find(owner="a", limit=3)
+    assert [r.id for r in page1] == [r.id for r in mine[:3]]
+    assert page1[0].status == "completed" and page1[0].result is None
+    page2 = await store.find(owner="a", limit=50, before=page1[-1].id)
+    assert [r.id for r in page2] == [r.id for r in mine[3:]]
+    chats = await store.find(owner="a", kind="chat")
+    assert [r.id for r in chats] == [r.id for r in mine if r.kind == "chat"]
+    done = await store.find(owner="a", status="completed")
+    assert [r.id for r in done] == ["run-11"]
+    assert [r.id for r in await store.find(owner="b")] == ["run-09", "run-06", "run-03", "run-00"]
+
+
+async def test_delete_removes_the_record_and_its_events(store: RunStore) -> None:
+    run = record()
+    await store.create(run)
+    await store.append(run.id, events(1, 2, terminal=True))
+    await store.finish(run.id, "completed")
+    assert await store.delete(run.id) is True
+    assert await store.get(run.id) is None
+    assert await store.delete(run.id) is False
+    assert [r.id for r in await store.find(owner=None)] == []
+    with pytest.raises(RunNotFound):
+        await collect(store, run.id, 0)
+
+
+async def test_unfinished_runs_of_dead_executors_are_interrupted(store: RunStore) -> None:
+    dead, live, orphan, finished = (
+        record(status="running", executor="host:1"),
+        record(status="running", executor="host:2"),
+        record(status="queued"),
+        record(status="running", executor="host:1"),
+    )
+    for run in (dead, live, orphan, finished):
+        await store.create(run)
+    await store.finish(finished.id, "completed")
+    interrupted = await store.interrupt_unfinished(lambda executor: executor == "host:2")
+    assert sorted(interrupted) == sorted([dead.id, orphan.id])
+    states = {r.id: r.status for r in await store.find(owner=None)}
+    assert states == {
+        dead.id: "interrupted", live.id: "running", orphan.id: "interrupted",
+        finished.id: "completed",
+    }  # fmt: skip
+    assert await store.interrupt_unfinished(lambda executor: False) == [live.id]
+
+
+async def test_prune_drops_events_then_records(store: RunStore) -> None:
+    old, older, running = record(), record(), record(status="running")
+    for run in (old, older, running):
+        await store.create(run)
+        await store.append(run.id, events(1, 3, terminal=True))
+    await store.finish(older.id, "completed")
+    await anyio.sleep(0.05)
+    middle = time.time()
+    await anyio.sleep(0.05)
+    await store.finish(old.id, "completed")
+    now = time.time() + 1
+
+    assert await store.prune(events_before=now, records_before=middle) == 2
+    assert await store.get(older.id) is None
+    kept = await store.get(old.id)
+    assert kept is not None and kept.events_expired and kept.status == "completed"
+    with pytest.raises(EventsExpired):
+        await collect(store, old.id, 0)
+    still = await store.get(running.id)
+    assert still is not None and not still.events_expired
+    assert await collect(store, running.id, 2) == [3]
+
+
+# -- Redis only
+
+
+@pytest.mark.redis
+async def test_redis_keeps_sse_ids_as_stream_ids_and_retries_store_once() -> None:
+    async with redis_store() as store:
+        run = record()
+        await store.create(run)
+        await store.append(run.id, events(1, 3))
+        await store.append(run.id, events(2, 5))  # a retry after a lost answer
+        with pytest.raises(ValueError, match="out of order"):
+            await store.append(run.id, events(7, 7))
+        raw = await store._redis.xrange(store._events_key(run.id)) or []
+        assert [entry_id for entry_id, _ in raw] == [b"1-0", b"2-0", b"3-0", b"4-0", b"5-0"]
+        with pytest.raises(RunNotFound):
+            await store.append("no-such-run", events(1, 1))
+
+
+@pytest.mark.redis
+async def test_redis_expires_a_finished_runs_keys() -> None:
+    async with redis_store(events_ttl=60, records_ttl=120) as store:
+        run = record(status="running")
+        await store.create(run)
+        await store.append(run.id, events(1, 1))
+        assert await store._redis.ttl(store._record_key(run.id)) == -1  # unfinished: kept
+        await store.finish(run.id, "completed")
+        assert 60 < await store._redis.ttl(store._record_key(run.id)) <= 120
+        assert 0 < await store._redis.ttl(store._events_key(run.id)) <= 60
+        await store._redis.delete(store._events_key(run.id))  # as the TTL would
+        got = await store.get(run.id)
+        assert got is not None and got.events_expired
+        with pytest.raises(EventsExpired):
+            await collect(store, run.id, 0)
+
+
+@pytest.mark.redis
+async def test_redis_reconnects_after_its_connections_are_killed() -> None:
+    async with redis_store() as store, aioredis.Redis.from_url(REDIS_URL) as admin:
+        run = record(status="running")
+        await store.create(run)
+        await store.append(run.id, events(1, 2))
+        await admin.client_kill_filter(_type="normal", skipme=True)
+        await store.append(run.id, events(3, 3, terminal=True))
+        assert await collect(store, run.id, 0) == [1, 2, 3]
+
+
+@pytest.mark.redis
+async def test_redis_bad_urls_name_the_setting() -> None:
+    port = REDIS_URL.rsplit(":", 1)[0] + ":1/0"
+    with pytest.raises(
+        SettingsError, match=r"STREAMSVC_RUN_STORE=redis://127\.0\.0\.1:1/0.*answer"
+    ):
+        await RedisRunStore.open(port, timeout=1)
+    user = f"streamsvc-test-{uuid.uuid4().hex[:8]}"
+    async with aioredis.Redis.from_url(REDIS_URL) as admin:
+        await admin.acl_setuser(
+            user, enabled=True, passwords=["+right-password"], commands=["+ping"]
+        )
+        try:
+            bad = REDIS_URL.replace("redis://", f"redis://{user}:wrong-password@")
+            with pytest.raises(SettingsError, match="refused the password") as caught:
+                await RedisRunStore.open(bad, timeout=2)
+            assert "wrong-password" not in str(caught.value)
+            good = await RedisRunStore.open(
+                REDIS_URL.replace("redis://", f"redis://{user}:right-password@")
+            )
+            await good.aclose()
+        finally:
+            await admin.acl_deluser(user)
+    assert redact("rediss://:s3cret@h:6380/1") == "rediss://:***@h:6380/1"
