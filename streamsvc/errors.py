@@ -16,6 +16,8 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
     ├── RunNotFound                   404  not_found: no such run (or not this key's)
     ├── RunNotFinished                409  run_not_finished: a running run cannot be deleted
+    ├── RunCancelled                  409  cancelled: cancelled, or abandoned by its readers
+    ├── RunElsewhere                  409  run_elsewhere: executed by another server process
     ├── EventsExpired                 410  events_expired: the run's events were pruned
     ├── BodyTimeout                   408  body_timeout: the body did not arrive in time
     ├── PayloadTooLarge               413  payload_too_large
@@ -33,6 +35,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── NotConfigured                 503  not_configured
     │   └── ChatNotConfigured         503  chat_not_configured
     ├── ShuttingDown                  503  shutting_down
+    ├── RunInterrupted                503  interrupted: the server stopped during the run
     ├── RunStoreUnavailable           503  run_store_unavailable: Redis did not answer
     └── SandboxError                       (raised only as one of these)
         ├── SandboxUnavailable        503  sandbox_unavailable: not ready now, try again
@@ -149,6 +152,21 @@ class RunNotFound(ServiceError):
 class RunNotFinished(ServiceError):
     status = 409
     code = "run_not_finished"
+
+
+class RunCancelled(ServiceError):
+    status = 409
+    code = "cancelled"
+
+
+class RunElsewhere(ServiceError):
+    status = 409
+    code = "run_elsewhere"
+
+
+class RunInterrupted(ServiceError):
+    status = 503
+    code = "interrupted"
 
 
 class EventsExpired(ServiceError):

@@ -160,12 +160,25 @@ class SandboxSettings(msgspec.Struct, frozen=True):
     max_file_bytes: Positive = 1024 * 1024
 
 
+class RunSettings(msgspec.Struct, frozen=True):
+    """Run records: the store, disconnect grace per kind, retention, read tokens."""
+
+    #: ``sqlite:////abs/path.db`` or ``memory://`` (default: in the XDG state dir); grace: how
+    #: long a run goes on without a reader before it is cancelled as abandoned.
+    store: str = "memory://"
+    connector_grace_seconds: Seconds = 30.0
+    chat_grace_seconds: Seconds = 10.0
+    retention_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86_400)] = 86_400.0
+    token_secret: str | None = None
+
+
 class Settings(msgspec.Struct, frozen=True):
     """All the server's settings, one group per subsystem."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     chat: ChatSettings = msgspec.field(default_factory=ChatSettings)
     sandbox: SandboxSettings = msgspec.field(default_factory=SandboxSettings)
+    runs: RunSettings = msgspec.field(default_factory=RunSettings)
 
 
 #: Every environment variable, by the group and field it sets.
@@ -231,6 +244,11 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_WARM_POOL_KEYS": ("sandbox", "warm_pool_keys"),
     "STREAMSVC_MAX_FILES": ("sandbox", "max_files"),
     "STREAMSVC_MAX_FILE_BYTES": ("sandbox", "max_file_bytes"),
+    "STREAMSVC_RUN_STORE": ("runs", "store"),
+    "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": ("runs", "connector_grace_seconds"),
+    "STREAMSVC_RUN_GRACE_CHAT_SECONDS": ("runs", "chat_grace_seconds"),
+    "STREAMSVC_RUN_RETENTION_SECONDS": ("runs", "retention_seconds"),
+    "STREAMSVC_RUN_TOKEN_SECRET": ("runs", "token_secret"),
 }
 _VARIABLES = {place: name for name, place in ENV_NAMES.items()}
 
@@ -311,7 +329,7 @@ def load_settings(
     env = dict(os.environ if environ is None else environ)
     merged = read_dotenv(dotenv) if dotenv is not None else {}
     merged.update(env)
-    raw: dict[str, dict[str, Any]] = {"server": {}, "chat": {}, "sandbox": {}}
+    raw: dict[str, dict[str, Any]] = {"server": {}, "chat": {}, "sandbox": {}, "runs": {}}
     for key, value in merged.items():
         if key not in ENV_NAMES or value == "":
             continue  # not ours, or an empty assignment: "use the default"
@@ -325,6 +343,8 @@ def load_settings(
         raw["sandbox"]["ca_bundle"] = _default_ca_bundle(merged)
     elif ca_bundle.strip().lower() == "none":
         raw["sandbox"]["ca_bundle"] = None
+    state = Path(merged.get("XDG_STATE_HOME") or "~/.local/state").expanduser()  # runs: XDG
+    raw["runs"].setdefault("store", f"sqlite:///{state.absolute()}/streamsvc/runs.db")
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -368,6 +388,8 @@ def _check(settings: Settings) -> None:
             raise SettingsError(
                 f"invalid setting STREAMSVC_ALLOWED_HOSTS: {name!r} is not a host name or address"
             )
+    if not re.fullmatch(r"memory://|sqlite:////.+", settings.runs.store):
+        raise SettingsError("invalid setting STREAMSVC_RUN_STORE: sqlite:////a/path or memory://")
     if chat.azure_endpoint and not chat.azure_endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")
     if not chat.openai_base_url.startswith(("http://", "https://")):

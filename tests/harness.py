@@ -59,7 +59,12 @@ class ServerProcess:
             for k, v in os.environ.items()
             if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_"))
         }
-        base |= {"STREAMSVC_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        # Each server its own run store (in its own directory) unless the test names one.
+        base |= {
+            "STREAMSVC_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": self._workdir.name,
+        }
         base |= env or {}
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -228,7 +233,9 @@ ENGINE2 = os.environ.get("STREAMSVC_TEST_DOCKER_HOST_2") or "unix:///run/streams
 @contextlib.asynccontextmanager
 async def asgi_client(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     """The real app in-process (lifespan run), with settings from ``env`` and no Docker engine."""
-    app = create_app(load_settings({"DOCKER_HOST": NO_DOCKER, **env}, None))
+    app = create_app(
+        load_settings({"DOCKER_HOST": NO_DOCKER, "STREAMSVC_RUN_STORE": "memory://", **env}, None)
+    )
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),

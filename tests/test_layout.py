@@ -25,6 +25,7 @@ ENDPOINTS = {
     "streamsvc.chat.endpoint",
     "streamsvc.chat.openai_compat",
     "streamsvc.connectors.endpoint",
+    "streamsvc.runs.endpoint",
 }
 #: Who may import an endpoint module: the app routes them, openapi reads their types, and
 #: /v1 shares /chat's deployment rules.

@@ -11,13 +11,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from streamsvc.chat.types import ChatProvider, UpstreamBody, UpstreamChunk, Usage
 from streamsvc.errors import ChatNotConfigured, ValidationFailed
+from streamsvc.runs.respond import manager_of, respond
 from streamsvc.settings import ChatSettings
 from streamsvc.web import observability, sse
+from streamsvc.web.auth import request_owner
 from streamsvc.web.bodies import JsonDecoder, read_body, wants_stream
 from streamsvc.web.services import Services, services
 
@@ -53,6 +55,8 @@ class ChatRequest(msgspec.Struct, forbid_unknown_fields=True):
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
     stream: bool | None = None
+    #: Answer 202 at once; the run goes on without a reader (``GET /runs/{id}``).
+    background: bool = False
 
 
 class ChatResult(msgspec.Struct):
@@ -63,6 +67,8 @@ class ChatResult(msgspec.Struct):
     content: str
     finish_reason: str | None
     usage: Usage | None
+    #: The run this answer ends (``GET /runs/{id}``).
+    run_id: str | None = None
 
 
 class ChatDelta(msgspec.Struct):
@@ -212,9 +218,6 @@ async def collect(source: AsyncIterator[ChatDelta | ChatResult]) -> ChatResult:
     raise RuntimeError("the chat answer ended without a result")
 
 
-_result_encoder = msgspec.json.Encoder()
-
-
 def configured_provider(found: Services) -> ChatProvider:
     """The app's chat provider, or a 503 naming the settings it still needs."""
     if found.chat is None:
@@ -229,20 +232,12 @@ async def chat_endpoint(request: Request) -> Response:
     body = _decoder.decode_body(await read_body(request, settings.server))
     provider = configured_provider(found)
     params = params_for(body, settings.chat)
-    try:
-        if not wants_stream(request, body.stream):
-            whole = collect(observability.observe_chat(answer(provider, params, settings.chat)))
-            result = await sse.before_headers(request, found.streams, whole)
-            encoded = _result_encoder.encode(result)
-            return sse.JsonAnswer(encoded, settings.server.send_timeout_seconds)
-        events = _events(observability.observe_chat(answer(provider, params, settings.chat)))
-        first = await sse.before_headers(request, found.streams, sse.start(events))
-    except ClientDisconnect:
-        return Response(status_code=499)  # nobody is listening any more
-    return sse.event_response(
-        first,
-        events,
-        found.streams,
-        keepalive=settings.server.keepalive_seconds,
-        send_timeout=settings.server.send_timeout_seconds,
+    run = await manager_of(found).create(
+        "chat",
+        owner=request_owner(request.scope, settings.server.api_keys),
+        background=body.background,
+        request=msgspec.to_builtins(body),
     )
+    events = _events(observability.observe_chat(answer(provider, params, settings.chat)))
+    stream = wants_stream(request, body.stream)
+    return await respond(request, found, run, events, background=body.background, stream=stream)

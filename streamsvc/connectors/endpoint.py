@@ -1,25 +1,29 @@
 """POST /execute-connector: validate, run in the sandbox, stream or answer.
 
 Events: ``status`` per phase, ``stdout``/``stderr`` in order, then ``done`` (the
-``ExecutionResult``) or one ``error``. The rule: a client that hangs up stops the run.
+``ExecutionResult``) or one ``error``. The run is pumped by ``runs.manager``; the response reads
+it, and a client that hangs up leaves it to its grace period (``runs.respond``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from streamsvc.connectors.redact import MIN_SECRET_LENGTH
-from streamsvc.connectors.request import decode_request, plan_off_loop
-from streamsvc.connectors.transcript import ExecutionResult, Transcript
+from streamsvc.connectors.request import ExecuteRequest, decode_request, plan_off_loop
+from streamsvc.connectors.transcript import Transcript
 from streamsvc.errors import SandboxFailed, SandboxUnavailable
+from streamsvc.runs.respond import manager_of, respond
 from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
 from streamsvc.web import observability, sse
+from streamsvc.web.auth import request_owner
 from streamsvc.web.bodies import read_body, wants_stream
 from streamsvc.web.services import services
 
@@ -31,12 +35,15 @@ REDACT_INLINE_CHARS = 4096
 
 
 async def _events(
-    first: SandboxEvent, runs: AsyncIterator[SandboxEvent], transcript: Transcript
+    runs: AsyncIterator[SandboxEvent], transcript: Transcript
 ) -> AsyncIterator[sse.Event]:
-    """Sandbox events as SSE events, ending with ``done``."""
+    """Sandbox events as SSE events, ending with ``done``. The sandbox's first event is
+    pulled before anything is yielded, so an engine that is down is a real status."""
     try:
+        pending = await anext(runs, None)
+        if pending is None:
+            raise SandboxFailed("the sandbox produced nothing")
         yield sse.Event("status", Status("validated", "the connector is valid"))
-        pending: SandboxEvent | None = first
         while True:
             event = pending if pending is not None else await anext(runs, None)
             pending = None
@@ -63,17 +70,11 @@ async def _events(
             await runs.aclose()  # type: ignore[attr-defined]
 
 
-async def _collect(events: AsyncIterator[sse.Event]) -> ExecutionResult:
-    """Run to the end for a JSON answer."""
-    try:
-        async for event in events:
-            if event.name == "done":
-                result: ExecutionResult = event.data
-                return result
-    finally:
-        with anyio.CancelScope(shield=True):
-            await events.aclose()  # type: ignore[attr-defined]
-    raise SandboxFailed("the run ended without an answer")
+def stored_request(body: ExecuteRequest) -> dict[str, Any]:
+    """The request as a run record keeps it: ``env`` names only, their values dropped."""
+    kept: dict[str, Any] = msgspec.to_builtins(body)
+    kept["env"] = dict.fromkeys(body.env)
+    return kept
 
 
 async def execute_endpoint(request: Request) -> Response:
@@ -91,24 +92,13 @@ async def execute_endpoint(request: Request) -> Response:
         transcript = await anyio.to_thread.run_sync(Transcript, secrets, cap)
     else:
         transcript = Transcript(secrets, cap)
-    runs = sandbox.run(spec)
-    try:
-        # Engine down, busy: a real status before any header. A hang-up or a shutdown
-        # while waiting stops the run (sse.before_headers).
-        first = await sse.before_headers(request, found.streams, sse.start(runs))
-        if first is None:
-            raise SandboxFailed("the sandbox produced nothing")
-        events = _events(first, runs, transcript)
-        if wants_stream(request, body.stream):
-            return sse.event_response(
-                None,
-                events,
-                found.streams,
-                keepalive=settings.server.keepalive_seconds,
-                send_timeout=settings.server.send_timeout_seconds,
-            )
-        result = await sse.before_headers(request, found.streams, _collect(events))
-    except ClientDisconnect:
-        log.info("client disconnected before the answer; the run was stopped")
-        return Response(status_code=499)  # nobody is listening; for the access log
-    return sse.JsonAnswer(_encoder.encode(result), settings.server.send_timeout_seconds)
+    manager = manager_of(found)
+    run = await manager.create(
+        "connector",
+        owner=request_owner(request.scope, settings.server.api_keys),
+        background=body.background,
+        request=stored_request(body),
+    )
+    events = _events(sandbox.run(spec), transcript)
+    stream = wants_stream(request, body.stream)
+    return await respond(request, found, run, events, background=body.background, stream=stream)

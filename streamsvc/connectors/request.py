@@ -71,6 +71,8 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     configuration_overrides: dict[str, Any] = {}
     network_mode: Literal["bridge", "none"] = "none"
     stream: bool | None = None
+    #: Answer 202 at once; the run goes on without a reader (``GET /runs/{id}``).
+    background: bool = False
 
 
 class Runtime(msgspec.Struct, rename="camel"):

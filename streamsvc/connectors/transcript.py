@@ -41,6 +41,8 @@ class ExecutionResult(msgspec.Struct):
     output_limit_exceeded: bool = False
     #: The program tried to start more processes than the pids limit allows.
     pids_limited: bool = False
+    #: The run this answer ends (``GET /runs/{id}``).
+    run_id: str | None = None
 
 
 _NOTHING = object()

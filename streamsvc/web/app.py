@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,6 +33,9 @@ from streamsvc.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
+from streamsvc.runs import endpoint as runs_endpoint
+from streamsvc.runs.manager import RunManager, load_secret, open_store
+from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
@@ -47,8 +51,10 @@ from streamsvc.web.sse import StreamRegistry
 log = logging.getLogger("streamsvc")
 
 #: What a browser page of an allowed origin (``STREAMSVC_CORS_ORIGINS``) may send and read.
-CORS_REQUEST_HEADERS = ["authorization", "content-type", "x-api-key", "x-request-id", "accept"]
-CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after"]
+CORS_REQUEST_HEADERS = [
+    "authorization", "content-type", "x-api-key", "x-request-id", "accept", "last-event-id",
+]  # fmt: skip
+CORS_EXPOSED_HEADERS = ["x-request-id", "retry-after", "x-run-id", "location"]
 
 #: Errors answered before the body was all read: the connection cannot be reused.
 _BODY_LEFT_UNREAD = (PayloadTooLarge, BodyTimeout, UnsupportedMediaType, BodiesBusy)
@@ -114,8 +120,16 @@ def create_app(settings: Settings) -> Starlette:
 
                 provider = create_provider(settings.chat)
                 stack.push_async_callback(provider.aclose)
+            store = open_store(settings.runs.store)
+            if isinstance(store, SqliteStore):
+                await store.open()
+            stack.push_async_callback(store.aclose)
             sandbox = await _start_sandbox(settings.sandbox, stack)
-            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox))
+            secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
+            # Entered last, so it ends first: running runs are interrupted (their containers
+            # removed, upstream calls closed) while the sandbox and the store are still open.
+            runs = await stack.enter_async_context(RunManager(store, settings.runs, secret))
+            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox, runs=runs))
             yield
 
     app = Starlette(
@@ -125,6 +139,11 @@ def create_app(settings: Settings) -> Starlette:
             Route("/chat", chat_endpoint, methods=["POST"]),
             Route("/v1/chat/completions", openai_compat.completions_endpoint, methods=["POST"]),
             Route("/execute-connector", execute_endpoint, methods=["POST"]),
+            Route("/runs", runs_endpoint.list_runs, methods=["GET"]),
+            Route("/runs/{run_id}", runs_endpoint.show_run, methods=["GET"]),
+            Route("/runs/{run_id}", runs_endpoint.delete_run, methods=["DELETE"]),
+            Route("/runs/{run_id}/events", runs_endpoint.run_events, methods=["GET"]),
+            Route("/runs/{run_id}/cancel", runs_endpoint.cancel_run, methods=["POST"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
             Route("/openapi.json", openapi_endpoint, methods=["GET"]),
@@ -161,7 +180,7 @@ def create_app(settings: Settings) -> Starlette:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=server.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=CORS_REQUEST_HEADERS,
             expose_headers=CORS_EXPOSED_HEADERS,
             max_age=600,

@@ -45,14 +45,34 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        offered = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                offered = value[7:].strip()
-            elif name == b"x-api-key":
-                offered = value.strip()
-        digest = hashlib.sha256(offered).digest()
-        found = False
-        for key in self.keys:  # no early exit: the time does not depend on which key
-            found |= hmac.compare_digest(digest, key)
-        return found and bool(offered)
+        return key_matches(offered_key(scope), self.keys)
+
+
+def offered_key(scope: Scope) -> bytes:
+    """The key a request offers (``Authorization: Bearer`` or ``X-API-Key``), or b""."""
+    offered = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            offered = value[7:].strip()
+        elif name == b"x-api-key":
+            offered = value.strip()
+    return offered
+
+
+def key_matches(offered: bytes, digests: list[bytes]) -> bool:
+    """``offered`` is one of the keys (given as SHA-256 digests), compared in constant time."""
+    digest = hashlib.sha256(offered).digest()
+    found = False
+    for key in digests:  # no early exit: the time does not depend on which key
+        found |= hmac.compare_digest(digest, key)
+    return found and bool(offered)
+
+
+def key_owner(offered: bytes) -> str:
+    """A short stable id of a key, stored with the runs it creates (never the key itself)."""
+    return hashlib.sha256(b"streamsvc-run-owner:" + offered).hexdigest()[:16]
+
+
+def request_owner(scope: Scope, keys: tuple[str, ...]) -> str | None:
+    """The owner of the runs a request creates: its key's id, or None when keys are off."""
+    return key_owner(offered_key(scope)) if keys else None

@@ -7,7 +7,7 @@ one schema per event (``x-sse-events``). It imports the endpoints for their type
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 from starlette.requests import Request
@@ -19,6 +19,9 @@ from streamsvc.chat.openai_errors import OpenAIErrorEnvelope
 from streamsvc.connectors.request import ConnectorCore, ExecuteRequest
 from streamsvc.connectors.transcript import ExecutionResult
 from streamsvc.errors import ErrorEnvelope
+from streamsvc.runs.endpoint import RunList, RunView
+from streamsvc.runs.respond import Accepted
+from streamsvc.runs.store import RunStatus
 from streamsvc.sandbox.types import Status
 
 REF = "#/components/schemas/{name}"
@@ -82,6 +85,9 @@ _TYPES = (
     ChatCompletion,
     ChatCompletionChunk,
     OpenAIErrorEnvelope,
+    Accepted,
+    RunView,
+    RunList,
 )
 
 CHAT_EVENTS = {
@@ -113,7 +119,11 @@ ERRORS = {
     "502": "The chat upstream failed (`upstream_error`, `upstream_auth`).",
     "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
     "504": "The chat upstream did not answer in time (`upstream_timeout`).",
+    "409": "Not now: `run_not_finished` (cancel it first), `run_elsewhere` (another process).",
+    "410": "Retention pruned the run's events (`events_expired`); its record is still there.",
 }
+#: The /runs routes' 404: no such run, or another key's (the same answer).
+RUN_NOT_FOUND = "No such run (`not_found`), or one another API key created."
 _GUARDS = ("401", "403", "408", "413", "415", "421", "422", "429", "500")
 CHAT_ERRORS = ("400", *_GUARDS, "502", "503", "504")
 EXECUTE_ERRORS = ("400", *_GUARDS, "503")
@@ -238,6 +248,120 @@ def _completions() -> dict[str, Any]:
     }
 
 
+_RUN_HEADER = {
+    "X-Run-ID": {"description": "The run's id (`GET /runs/{id}`).", "schema": {"type": "string"}}
+}
+_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_RUN_ERRORS = ("401", "403", "421", "500")
+RUN_EVENTS = {
+    **{name: entry for name, entry in EXECUTE_EVENTS.items() if name != "done"},
+    **{name: entry for name, entry in CHAT_EVENTS.items() if name != "done"},
+    "done": ("RunResult", "The last event of a run that completed: its final object."),
+}
+
+
+def _run_operation(summary: str, description: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "description": description,
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+        "parameters": [_RUN_ID],
+        "responses": {
+            **responses,
+            "404": _json(_ref("ErrorEnvelope"), RUN_NOT_FOUND),
+            **_errors(_RUN_ERRORS),
+        },
+    }
+
+
+def _runs() -> dict[str, Any]:
+    """The /runs routes (issue 13): records, resumable event streams, cancel, delete."""
+    show = _json(_ref("RunView"), "The run's record.")
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in (
+            ("kind", {"enum": ["connector", "chat"]}),
+            ("status", {"enum": list(get_args(RunStatus))}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
+            ("before", {"type": "string", "description": "A run id: the page after it."}),
+        )
+    ]
+    events = {
+        "summary": "A run's events: replayed after Last-Event-ID, then live",
+        "description": (
+            "Server-Sent Events with the run's own ids (1..n): the events after the "
+            "`Last-Event-ID` header (or `?after=N`), then the live ones, ending after the "
+            "terminal `done` or `error`. `?token=` (from `events_url`) opens this run's "
+            "events without an API key (for EventSource)."
+        ),
+        "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+        "parameters": [
+            _RUN_ID,
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "integer"}},
+            {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}},
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The events as SSE.",
+                "content": {
+                    "text/event-stream": {
+                        "schema": _ref("RunStreamEvent"),
+                        "x-sse-events": {
+                            name: {"description": text, "schema": _ref(schema)}
+                            for name, (schema, text) in RUN_EVENTS.items()
+                        },
+                    }
+                },
+            },
+            "404": _json(_ref("ErrorEnvelope"), RUN_NOT_FOUND),
+            "410": _json(_ref("ErrorEnvelope"), ERRORS["410"]),
+            **_errors((*_RUN_ERRORS, "422")),
+        },
+    }
+    return {
+        "/runs": {
+            "get": {
+                "summary": "The caller's runs, newest first, without result bodies",
+                "security": [{"bearerAuth": []}, {"apiKeyHeader": []}, {}],
+                "parameters": query,
+                "responses": {
+                    "200": _json(_ref("RunList"), "A page of runs; `next` is the next page."),
+                    **_errors((*_RUN_ERRORS, "422")),
+                },
+            }
+        },
+        "/runs/{run_id}": {
+            "get": _run_operation(
+                "A run's record", "Status, times, result or error.", {"200": show}
+            ),
+            "delete": _run_operation(
+                "Remove a finished run and its events",
+                "A run still going is a 409 `run_not_finished`: cancel it first.",
+                {
+                    "204": {"description": "Removed."},
+                    "409": _json(_ref("ErrorEnvelope"), ERRORS["409"]),
+                },
+            ),
+        },
+        "/runs/{run_id}/events": {"get": events},
+        "/runs/{run_id}/cancel": {
+            "post": _run_operation(
+                "Stop a run now (idempotent)",
+                "The container is killed or the upstream call closed; the run ends "
+                "`cancelled` with a terminal `error` event (`code: cancelled`). A finished "
+                "run is answered as it is.",
+                {"200": show, "409": _json(_ref("ErrorEnvelope"), ERRORS["409"])},
+            )
+        },
+    }
+
+
 def _streaming_post(
     summary: str,
     description: str,
@@ -257,10 +381,20 @@ def _streaming_post(
                 "content": {"application/json": {"schema": _ref(body)}},
             },
             "responses": {
+                "202": {
+                    "description": (
+                        "`background` was true: the run goes on without a reader. "
+                        "`Location: /runs/{id}`."
+                    ),
+                    "headers": _RUN_HEADER,
+                    "content": {"application/json": {"schema": _ref("Accepted")}},
+                },
                 "200": {
+                    "headers": _RUN_HEADER,
                     "description": (
                         "JSON, or a stream when `stream` is true (or, with `stream` "
-                        "absent, when Accept asks for text/event-stream)."
+                        "absent, when Accept asks for text/event-stream). Every answer "
+                        "of a started run, errors included, carries `X-Run-ID`."
                     ),
                     "content": {
                         "application/json": {"schema": _ref(answer)},
@@ -293,6 +427,8 @@ def openapi_document() -> dict[str, Any]:
     components["ChatStreamEvent"] = _frame(CHAT_EVENTS)
     components["ExecuteStreamEvent"] = _frame(EXECUTE_EVENTS)
     components["CompletionStreamEvent"] = _COMPLETIONS_FRAME
+    components["RunResult"] = {"oneOf": [_ref("ExecutionResult"), _ref("ChatResult")]}
+    components["RunStreamEvent"] = _frame(RUN_EVENTS)
     for passed_through in ("CompletionRequest", "CoreMessage"):
         components[passed_through]["additionalProperties"] = True
     return {
@@ -349,6 +485,7 @@ def openapi_document() -> dict[str, Any]:
                 EXECUTE_ERRORS,
             ),
             "/v1/chat/completions": _completions(),
+            **_runs(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

@@ -1,6 +1,6 @@
 """The app's services: one typed object on ``app.state``, completed by the lifespan.
 
-``Services`` holds the settings, stream registry, metrics, body budget, chat and sandbox.
+``Services`` holds the settings, stream registry, metrics, body budget, chat, sandbox, runs.
 The rule: routes reach it only through ``services(request)``, never untyped ``app.state``.
 """
 
@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from streamsvc.chat.types import ChatProvider
+from streamsvc.runs.manager import RunManager
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import Settings
 from streamsvc.web.budget import BodyBudget
@@ -32,6 +33,8 @@ class Services:
     bodies: BodyBudget
     chat: ChatProvider | None = None
     sandbox: Sandbox | None = None
+    #: The run lifecycle (``runs.manager``); every POST /chat and /execute-connector is a run.
+    runs: RunManager | None = None
 
 
 def install(app: Starlette, found: Services) -> None:

@@ -1,0 +1,204 @@
+"""The /runs routes: list, show, follow (resumable SSE), cancel and delete runs.
+
+With API keys a run is visible only to the key that created it (others get 404); a run's
+``events_url`` token opens that run's events and nothing else. Reads never touch the loop's CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from streamsvc.errors import (
+    EventsExpired,
+    RunElsewhere,
+    RunNotFinished,
+    RunNotFound,
+    Unauthorized,
+    ValidationFailed,
+)
+from streamsvc.runs.manager import RunManager, encode_frame
+from streamsvc.runs.respond import manager_of
+from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
+from streamsvc.web import sse
+from streamsvc.web.auth import key_matches, key_owner, offered_key
+from streamsvc.web.rendering import json_response
+from streamsvc.web.services import Services, services
+
+MAX_LIMIT = 200
+
+
+class RunView(msgspec.Struct):
+    """``GET /runs/{id}``: ``completed`` ended with ``done``, ``failed`` with ``error``."""
+
+    id: str
+    kind: RunKind
+    status: RunStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    last_event_id: int
+    #: The final object (the stream's ``done`` data), or null.
+    result: Any
+    #: The error object (``{code, message, ...}``), or null.
+    error: Any
+    #: The run's events (SSE) with a read-only token for this run.
+    events_url: str
+
+
+class RunSummary(msgspec.Struct):
+    """One run of ``GET /runs`` (no result body)."""
+
+    id: str
+    kind: RunKind
+    status: RunStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    last_event_id: int
+    error: Any
+    url: str
+
+
+class RunList(msgspec.Struct):
+    """Newest first; ``next`` is the next page's URL, or null on the last page."""
+
+    runs: list[RunSummary]
+    next: str | None
+
+
+class _Query(msgspec.Struct, forbid_unknown_fields=True):
+    kind: RunKind | None = None
+    status: RunStatus | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = 50
+    before: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    token: str | None = None
+    after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+def _query(request: Request) -> _Query:
+    try:
+        return msgspec.convert(dict(request.query_params), _Query, strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).rpartition(" - at `$")
+        raise ValidationFailed(message or str(exc), path="$.query" + where.rstrip("`")) from None
+
+
+def _caller(request: Request, found: Services) -> str | None:
+    """The owner id of the calling key (None when keys are off); 401 without a valid key."""
+    keys = found.settings.server.api_keys
+    if not keys:
+        return None
+    offered = offered_key(request.scope)
+    if not key_matches(offered, [hashlib.sha256(k.encode()).digest() for k in keys]):
+        raise Unauthorized("a valid API key is required")
+    return key_owner(offered)
+
+
+async def _visible(manager: RunManager, run_id: str, owner: str | None) -> RunRecord:
+    record = await manager.store.get(run_id)
+    if record is None or record.owner != owner:
+        raise RunNotFound(f"no run {run_id}")  # another key's run does not exist for this one
+    return record
+
+
+def _view(manager: RunManager, record: RunRecord) -> RunView:
+    url = f"/runs/{record.id}/events?token={manager.token(record.id)}"
+    return RunView(
+        record.id, record.kind, record.status, record.created_at, record.started_at,
+        record.finished_at, record.last_event_id, record.result, record.error, url,
+    )  # fmt: skip
+
+
+def _summary(r: RunRecord) -> RunSummary:
+    return RunSummary(
+        r.id, r.kind, r.status, r.created_at, r.started_at, r.finished_at,
+        r.last_event_id, r.error, f"/runs/{r.id}",
+    )  # fmt: skip
+
+
+async def list_runs(request: Request) -> Response:
+    found = services(request)
+    owner = _caller(request, found)
+    query = _query(request)
+    manager = manager_of(found)
+    records = await manager.store.find(
+        owner=owner, kind=query.kind, status=query.status, limit=query.limit, before=query.before
+    )
+    summaries = [_summary(r) for r in records]
+    following = None
+    if len(records) == query.limit:
+        params = {"kind": query.kind, "status": query.status, "limit": str(query.limit)}
+        extra = "".join(f"&{k}={v}" for k, v in params.items() if v is not None)
+        following = f"/runs?before={records[-1].id}{extra}"
+    return json_response(RunList(summaries, following))
+
+
+async def show_run(request: Request) -> Response:
+    found = services(request)
+    manager = manager_of(found)
+    record = await _visible(manager, request.path_params["run_id"], _caller(request, found))
+    return json_response(_view(manager, record))
+
+
+async def run_events(request: Request) -> Response:
+    """SSE: the events after ``Last-Event-ID`` (or ``?after=N``), then live, to the end."""
+    found = services(request)
+    manager = manager_of(found)
+    run_id: str = request.path_params["run_id"]
+    query = _query(request)
+    if query.token is not None:
+        if not manager.token_valid(run_id, query.token):
+            raise RunNotFound(f"no run {run_id}")
+        record = await manager.store.get(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+    else:
+        record = await _visible(manager, run_id, _caller(request, found))
+    if record.events_expired:
+        raise EventsExpired(f"the events of run {run_id} were pruned by retention")
+    after = query.after or 0
+    header = request.headers.get("last-event-id")
+    if header is not None:
+        if not header.strip().isdigit():
+            raise ValidationFailed("Last-Event-ID must be an event id", path="$.headers")
+        after = int(header)
+    server = found.settings.server
+    return sse.event_response(
+        None,
+        manager.reader(run_id, after),
+        found.streams,
+        keepalive=server.keepalive_seconds,
+        headers={"X-Run-ID": run_id},
+        send_timeout=server.send_timeout_seconds,
+        encode=encode_frame,
+    )
+
+
+async def cancel_run(request: Request) -> Response:
+    """Stop the run now; idempotent (a finished run is answered as it is)."""
+    found = services(request)
+    manager = manager_of(found)
+    run_id: str = request.path_params["run_id"]
+    record = await _visible(manager, run_id, _caller(request, found))
+    if record.status not in FINISHED:
+        if manager.running(run_id) is None:
+            raise RunElsewhere(f"run {run_id} is executed by another server process")
+        await manager.cancel(run_id)
+        record = await _visible(manager, run_id, record.owner)
+    return json_response(_view(manager, record))
+
+
+async def delete_run(request: Request) -> Response:
+    found = services(request)
+    manager = manager_of(found)
+    run_id: str = request.path_params["run_id"]
+    record = await _visible(manager, run_id, _caller(request, found))
+    if record.status not in FINISHED:
+        raise RunNotFinished(f"run {run_id} is {record.status}; cancel it first")
+    await manager.store.delete(run_id)
+    return Response(status_code=204)

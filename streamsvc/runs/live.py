@@ -1,0 +1,96 @@
+"""The runs this process is executing: their records and whole event logs, held in memory.
+
+``LiveLog.follow`` serves a reader from the log it holds, then waits for the next event, so a
+reader in the same process never sees a gap or a duplicate. Both embedded backends build on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from streamsvc.errors import RunNotFound
+from streamsvc.runs.store import FINISHED, RunRecord, RunStatus, StoredEvent
+
+
+class LiveLog:
+    """One run's events (ids 1..n, in order) and a wake-up for the readers following it."""
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.finished = False
+        self._changed = anyio.Event()
+
+    def add(self, events: Sequence[StoredEvent]) -> None:
+        self.events.extend(events)
+        self._wake()
+
+    def finish(self) -> None:
+        self.finished = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def follow(self, after: int) -> AsyncIterator[StoredEvent]:
+        index = max(0, after)
+        while True:
+            if index < len(self.events):
+                batch = self.events[index:]
+                index += len(batch)
+                for event in batch:
+                    yield event
+                continue
+            if self.finished:
+                return
+            await self._changed.wait()
+
+
+class Active:
+    """Records and logs of runs, updated as the ``RunStore`` calls arrive (no I/O)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, RunRecord] = {}
+        self.logs: dict[str, LiveLog] = {}
+
+    def create(self, record: RunRecord) -> None:
+        self.records[record.id] = record
+        self.logs[record.id] = LiveLog()
+
+    def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        record = self.records.get(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id}")
+        self.logs[run_id].add(events)
+        self.records[run_id] = msgspec.structs.replace(record, last_event_id=events[-1].id)
+
+    def mark_running(self, run_id: str) -> None:
+        record = self.records.get(run_id)
+        if record is not None and record.status == "queued":
+            self.records[run_id] = msgspec.structs.replace(
+                record, status="running", started_at=time.time()
+            )
+
+    def finish(self, run_id: str, status: RunStatus, result: Any, error: Any) -> RunRecord | None:
+        record = self.records.get(run_id)
+        if record is None or record.status in FINISHED:
+            return None
+        record = msgspec.structs.replace(
+            record, status=status, finished_at=time.time(), result=result, error=error
+        )
+        self.records[run_id] = record
+        self.logs[run_id].finish()
+        return record
+
+    def forget(self, run_id: str) -> None:
+        self.records.pop(run_id, None)
+        log = self.logs.pop(run_id, None)
+        if log is not None:
+            log.finish()  # a reader of a deleted run ends

@@ -1,0 +1,364 @@
+"""The run lifecycle: each run's events are pumped into the store by a task the manager owns.
+
+HTTP responses are only readers (``reader``); a run outlives them by a grace period, then is
+cancelled as abandoned. Cancel, graceful stop (``interrupted``), start-up recovery and retention
+live here. See docs/architecture.md, "Runs".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from streamsvc.errors import (
+    ErrorEnvelope,
+    RunCancelled,
+    RunInterrupted,
+    SandboxFailed,
+    ServiceError,
+)
+from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.sqlite import SqliteStore
+from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
+from streamsvc.settings import RunSettings
+from streamsvc.web import observability, sse
+
+log = logging.getLogger("streamsvc.runs")
+
+_encoder = msgspec.json.Encoder()
+Reason = Literal["cancelled", "abandoned", "interrupted"]
+_ENDINGS: dict[Reason, tuple[RunStatus, type[ServiceError], str]] = {
+    "cancelled": ("cancelled", RunCancelled, "the run was cancelled"),
+    "abandoned": ("cancelled", RunCancelled, "the run was abandoned: no reader came back in time"),
+    "interrupted": ("interrupted", RunInterrupted, "the server stopped during the run"),
+}
+#: Longest wait, on shutdown, for the runs to record their end.
+STOP_TIMEOUT = 10.0
+
+
+class StoredFrame(sse.Event, frozen=True):
+    """An event read back from the store: ``data`` is its encoded JSON, ``id`` its stored id."""
+
+    id: int = 0
+
+
+def encode_frame(event: sse.Event) -> bytes:
+    """SSE framing for readers: the stored id; a reader's own failure (shutdown) has none,
+    so a client's ``Last-Event-ID`` always names a stored event."""
+    if isinstance(event, StoredFrame):
+        return sse.frame(event.data, event.name, event.id)
+    return sse.frame(event.data, event.name)
+
+
+def executor_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def executor_alive(executor: str) -> bool:
+    """False only for a process of this host that no longer exists."""
+    host, _, pid = executor.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_store(url: str) -> MemoryStore | SqliteStore:
+    """``memory://`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's form)."""
+    if url == "memory://":
+        return MemoryStore()
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return SqliteStore(Path(url.removeprefix("sqlite:///")))
+    raise ValueError(f"unsupported run store {url!r}")
+
+
+def load_secret(settings: RunSettings) -> bytes:
+    """The read tokens' HMAC key: the setting, else a key file beside the SQLite store (made
+    once, mode 0600, so tokens survive a restart as runs do), else one per process."""
+    if settings.token_secret:
+        return settings.token_secret.encode()
+    if not settings.store.startswith("sqlite:///"):
+        return secrets.token_bytes(32)
+    path = Path(settings.store.removeprefix("sqlite:///")).parent / "token.key"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as file:
+        key = secrets.token_bytes(32)
+        file.write(key)
+    return key
+
+
+@dataclass(eq=False)
+class Run:
+    """A run this process executes."""
+
+    id: str
+    kind: RunKind
+    background: bool
+    grace: float
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: Set once the first event is stored, or the run failed before it.
+    first: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    early: ServiceError | None = None
+    failure: ServiceError | None = None
+    reason: Reason | None = None
+    readers: int = 0
+    timer: anyio.CancelScope | None = None
+
+    def stop(self, reason: Reason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+class RunManager:
+    """Starts, follows, cancels and ends runs; entered in the app's lifespan."""
+
+    def __init__(self, store: RunStore, settings: RunSettings, secret: bytes) -> None:
+        self.store = store
+        self.settings = settings
+        self.executor = executor_name()
+        self._secret = secret
+        self._runs: dict[str, Run] = {}
+        self._tasks: TaskGroup | None = None
+        self._pruning = anyio.CancelScope()
+
+    async def __aenter__(self) -> RunManager:
+        interrupted = await self.store.interrupt_unfinished(executor_alive)
+        if interrupted:
+            log.info("%d run(s) a stopped process left are now interrupted", len(interrupted))
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._prune_loop)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tasks is not None
+        self._pruning.cancel()
+        for run in list(self._runs.values()):
+            run.stop("interrupted")
+        with anyio.move_on_after(STOP_TIMEOUT, shield=True):
+            for run in list(self._runs.values()):
+                await run.done.wait()
+        return await self._tasks.__aexit__(kind, exc, tb)
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def token(self, run_id: str) -> str:
+        """A read-only token for one run's events (for ``EventSource``, which sends no key)."""
+        digest = hmac.new(self._secret, b"run-events:" + run_id.encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(digest.digest()[:24]).decode()
+
+    def token_valid(self, run_id: str, token: str) -> bool:
+        return hmac.compare_digest(self.token(run_id).encode(), token.encode())
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def create(
+        self, kind: RunKind, *, owner: str | None, background: bool, request: Any
+    ) -> Run:
+        run_id = secrets.token_urlsafe(16)
+        grace = (
+            self.settings.connector_grace_seconds
+            if kind == "connector"
+            else (self.settings.chat_grace_seconds)
+        )
+        record = RunRecord(
+            id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
+            background=background, request=request, executor=self.executor,
+        )  # fmt: skip
+        await self.store.create(record)
+        run = Run(run_id, kind, background, grace)
+        self._runs[run_id] = run
+        return run
+
+    def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
+        """Pump ``source`` into the store in the manager's task group (the caller's context
+        variables go with it, so the request's facts still see the run)."""
+        assert self._tasks is not None, "the manager is not entered"
+        self._tasks.start_soon(self._pump, run, source, name=f"run {run.id}")
+
+    async def started(self, run: Run) -> None:
+        """Return once the first event is stored; raise the error that came instead."""
+        await run.first.wait()
+        if run.early is not None:
+            raise run.early
+
+    # -- the pump ----------------------------------------------------------------------------
+
+    async def _pump(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
+        next_id = 0
+        ended = False
+
+        async def put(name: str, data: Any) -> None:
+            nonlocal next_id
+            next_id += 1
+            await self.store.append(run.id, [StoredEvent(next_id, name, data)])
+
+        async def end(status: RunStatus, exc: ServiceError) -> None:
+            nonlocal ended
+            body = exc.body()
+            envelope = _encoder.encode(ErrorEnvelope(body))
+            await put("error", envelope)
+            await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
+            ended = True
+
+        try:
+            with run.scope:
+                try:
+                    event = await anext(source, None)
+                    if event is None:
+                        raise SandboxFailed("the run produced nothing")
+                except ServiceError as exc:
+                    run.early = exc
+                    observability.current().failed(exc.code)
+                    await end("failed", exc)
+                    return
+                await self.store.mark_running(run.id)
+                while event is not None:
+                    data = event.data
+                    if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
+                        data = msgspec.structs.replace(data, run_id=run.id)
+                    encoded = _encoder.encode(data)
+                    await put(event.name, encoded)
+                    run.first.set()
+                    if event.name == "done":
+                        await self.store.finish(run.id, "completed", result=msgspec.Raw(encoded))
+                        ended = True
+                        return
+                    event = await anext(source, None)
+                raise SandboxFailed("the run ended without an answer")
+        except ServiceError as exc:
+            run.failure = exc
+            observability.current().failed(exc.code)
+            with anyio.CancelScope(shield=True):
+                await end("failed", exc)
+        except Exception:
+            log.exception("run %s failed", run.id)
+            run.failure = ServiceError("internal error")
+            with anyio.CancelScope(shield=True):
+                await end("failed", run.failure)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # the container is removed / the upstream call closed
+                if not ended:  # cancelled: by a client, as abandoned, or by shutdown
+                    status, kind, message = _ENDINGS[run.reason or "cancelled"]
+                    failure = kind(message)
+                    run.failure = run.failure or failure
+                    if not run.first.is_set():
+                        run.early = failure
+                    try:
+                        await end(status, failure)
+                    except Exception:
+                        log.exception("run %s: its end could not be recorded", run.id)
+                run.first.set()
+                run.done.set()
+                self._runs.pop(run.id, None)
+                if run.timer is not None:
+                    run.timer.cancel()
+
+    # -- readers -----------------------------------------------------------------------------
+
+    async def reader(self, run_id: str, after: int) -> AsyncIterator[sse.Event]:
+        """The run's events after ``after`` as ``StoredFrame``s, ending with the terminal one.
+
+        While a reader is attached, the run never counts as abandoned; when the last one of a
+        foreground run leaves before the end, the grace period starts."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            run.readers += 1
+            if run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
+        try:
+            async for event in self.store.follow(run_id, after):
+                yield StoredFrame(event.name, event.data, event.id)
+        finally:
+            if run is not None:
+                run.readers -= 1
+                if run.readers == 0 and not run.background and not run.done.is_set():
+                    self._abandon_later(run)
+
+    def _abandon_later(self, run: Run) -> None:
+        timer = anyio.CancelScope()
+        run.timer = timer
+
+        async def wait() -> None:
+            with timer:
+                await anyio.sleep(run.grace)
+                log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
+                run.stop("abandoned")
+
+        assert self._tasks is not None
+        self._tasks.start_soon(wait)
+
+    async def outcome(self, run: Run) -> bytes:
+        """Follow ``run`` to its end (as a reader); the final object, or its error raised."""
+        final = b""
+        async for event in self.reader(run.id, 0):
+            if event.name == "done":
+                final = event.data
+        if run.failure is not None:
+            raise run.failure
+        if not final:
+            raise SandboxFailed("the run ended without an answer")
+        return final
+
+    # -- control -----------------------------------------------------------------------------
+
+    def running(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    async def cancel(self, run_id: str) -> None:
+        """Stop a run this process executes and wait (bounded) until its end is recorded."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        run.stop("cancelled")
+        with anyio.move_on_after(STOP_TIMEOUT):
+            await run.done.wait()
+
+    async def _prune_loop(self) -> None:
+        retention = self.settings.retention_seconds
+        with self._pruning:
+            while True:
+                now = time.time()
+                try:
+                    pruned = await self.store.prune(now - retention, now - 2 * retention)
+                except Exception:
+                    log.exception("pruning the run store failed")
+                else:
+                    if pruned:
+                        log.info("retention: %d run(s) pruned", pruned)
+                await anyio.sleep(min(600.0, max(0.05, retention / 4)))

@@ -1,0 +1,440 @@
+"""The embedded run store: SQLite in WAL mode, one writer thread, reads in worker threads.
+
+Runs this process executes are served from memory (``live.Active``) while their writes queue;
+the writer commits whatever has queued in one short transaction. Nothing runs on the event loop.
+Over 400 lines: the schema and its queries stay together with the store that owns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from streamsvc.errors import EventsExpired, RunNotFound
+from streamsvc.runs.live import Active
+from streamsvc.runs.memory import page
+from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
+
+log = logging.getLogger("streamsvc.runs")
+
+T = TypeVar("T")
+_Op = Callable[[sqlite3.Connection], object]
+
+#: Most queued writes committed in one transaction.
+BATCH = 2000
+#: Longest wait for the writer to commit something a caller waits for.
+WRITE_TIMEOUT = 30.0
+#: How often a reader polls for the events of a run another process executes.
+POLL_SECONDS = 0.2
+#: Events read from the file per query when replaying.
+PAGE = 1000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, last_event_id INTEGER NOT NULL DEFAULT 0, owner TEXT,
+    background INTEGER NOT NULL DEFAULT 0, request BLOB, result BLOB, error BLOB, executor TEXT,
+    events_expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_newest ON runs (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_at);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL, id INTEGER NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (run_id, id)
+) WITHOUT ROWID;
+"""
+_COLUMNS = (
+    "id, kind, status, created_at, started_at, finished_at, last_event_id, owner, background,"
+    " request, result, error, executor, events_expired"
+)
+_encode = msgspec.json.Encoder().encode
+_INTERRUPTED = msgspec.json.encode(
+    {"error": {"code": "interrupted", "message": "the server stopped during the run"}}
+)
+
+
+def _blob(value: Any) -> bytes | None:
+    return None if value is None else _encode(value)
+
+
+def _row(record: RunRecord) -> tuple[Any, ...]:
+    return (
+        record.id, record.kind, record.status, record.created_at, record.started_at,
+        record.finished_at, record.last_event_id, record.owner, int(record.background),
+        _blob(record.request), _blob(record.result), _blob(record.error), record.executor,
+        int(record.events_expired),
+    )  # fmt: skip
+
+
+def _record(row: Sequence[Any]) -> RunRecord:
+    request, result, error = row[9], row[10], row[11]
+    return RunRecord(
+        id=row[0], kind=row[1], status=row[2], created_at=row[3], started_at=row[4],
+        finished_at=row[5], last_event_id=row[6], owner=row[7], background=bool(row[8]),
+        request=None if request is None else msgspec.json.decode(request),
+        result=None if result is None else msgspec.Raw(result),
+        error=None if error is None else msgspec.Raw(error),
+        executor=row[12], events_expired=bool(row[13]),
+    )  # fmt: skip
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class _Writer(threading.Thread):
+    """The one writer: takes every queued operation, commits them in one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="streamsvc-run-store", daemon=True)
+        self.path = path
+        self.queue: queue.SimpleQueue[tuple[_Op, Callable[[], None] | None] | None] = (
+            queue.SimpleQueue()
+        )
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        try:
+            while True:
+                batch = [self.queue.get()]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                work = [item for item in batch if item is not None]
+                self._commit(conn, work)
+                for _, done in work:
+                    if done is not None:
+                        done()
+                if None in batch:
+                    return
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, work: list[tuple[_Op, Any]]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _ in work:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op(conn)
+                except sqlite3.Error:
+                    log.exception("a run-store write failed; it was skipped")
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            log.exception("a run-store transaction failed")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+
+class SqliteStore:
+    """A ``RunStore`` in one SQLite file; ``open`` before use, ``aclose`` after."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._active = Active()
+        self._writer = _Writer(path)
+        self._readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await anyio.to_thread.run_sync(self._prepare)
+        self._writer.start()
+
+    def _prepare(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = connect(self.path)
+        try:
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _submit(self, op: _Op) -> None:
+        self._writer.queue.put((op, None))
+
+    async def _write(self, op: _Op) -> None:
+        """Queue ``op`` and wait until it is committed."""
+        assert self._loop is not None, "open() the store first"
+        loop = self._loop
+        future: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            def settle() -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        self._writer.queue.put((op, done))
+        with anyio.fail_after(WRITE_TIMEOUT):
+            await future
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._readers.pop() if self._readers else None
+        if conn is None:
+            conn = connect(self.path)
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                self._readers.append(conn)
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            with self._reader() as conn:
+                return query(conn)
+
+        return await anyio.to_thread.run_sync(run)
+
+    # -- the protocol --------------------------------------------------------------------
+
+    async def create(self, record: RunRecord) -> None:
+        self._active.create(record)
+        row = _row(record)
+        insert = f"INSERT INTO runs ({_COLUMNS}) VALUES ({','.join('?' * len(row))})"  # noqa: S608
+        self._submit(lambda c: c.execute(insert, row))
+
+    async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        if not events:
+            return
+        self._active.append(run_id, events)
+        rows = [(run_id, e.id, e.name, e.data) for e in events]
+        last = events[-1].id
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)", rows)
+            conn.execute("UPDATE runs SET last_event_id = ? WHERE id = ?", (last, run_id))
+
+        self._submit(write)
+
+    async def mark_running(self, run_id: str) -> None:
+        self._active.mark_running(run_id)
+        record = self._active.records.get(run_id)
+        if record is not None:
+            values = (record.status, record.started_at, run_id)
+            update = "UPDATE runs SET status=?, started_at=? WHERE id=?"
+            self._submit(lambda c: c.execute(update, values))
+
+    async def finish(
+        self, run_id: str, status: RunStatus, *, result: Any = None, error: Any = None
+    ) -> None:
+        record = self._active.finish(run_id, status, result, error)
+        if record is None:
+            return
+        values = (status, record.finished_at, _blob(result), _blob(error), run_id)
+        try:
+            await self._write(
+                lambda c: c.execute(
+                    "UPDATE runs SET status=?, finished_at=?, result=?, error=? WHERE id=?", values
+                )
+            )
+        finally:
+            self._active.forget(run_id)  # committed (or hopeless): the file answers from now on
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        record = self._active.records.get(run_id)
+        if record is not None:
+            return record
+        return await self._read(lambda c: _get(c, run_id))
+
+    async def follow(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
+        live = self._active.logs.get(run_id)
+        if live is not None:
+            async for event in live.follow(after):
+                yield event
+            return
+        while True:
+            record, rows = await self._read(functools.partial(_events, run_id=run_id, after=after))
+            if record is None:
+                raise RunNotFound(f"no run {run_id}")
+            if record.events_expired:
+                raise EventsExpired(f"the events of run {run_id} were pruned")
+            for row in rows:
+                yield StoredEvent(row[0], row[1], row[2])
+                after = row[0]
+            if len(rows) < PAGE:
+                if record.status in FINISHED:
+                    return
+                await anyio.sleep(POLL_SECONDS)  # run by another process: poll the file
+
+    async def find(
+        self,
+        *,
+        owner: str | None,
+        kind: RunKind | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        cursor: tuple[float, str] | None = None
+        if before is not None:
+            mark = await self.get(before)
+            if mark is None:
+                return []
+            cursor = (mark.created_at, mark.id)
+        stored = await self._read(lambda c: _find(c, owner, kind, status, limit, cursor))
+        merged = {r.id: r for r in stored} | dict(self._active.records)
+        chosen = page(list(merged.values()), owner, kind, status, len(merged), None)
+        if cursor is not None:
+            chosen = [r for r in chosen if (r.created_at, r.id) < cursor]
+        return chosen[:limit]
+
+    async def delete(self, run_id: str) -> bool:
+        found = await self.get(run_id) is not None
+        self._active.forget(run_id)
+        await self._write(lambda c: _delete(c, [run_id]))
+        return found
+
+    async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, executor FROM runs WHERE status IN ('queued', 'running')"
+            ).fetchall()
+        )
+        dead = [
+            run_id
+            for run_id, executor in rows
+            if run_id not in self._active.records and (executor is None or not alive(executor))
+        ]
+        now = time.time()
+
+        def interrupt(conn: sqlite3.Connection) -> None:
+            for run_id in dead:
+                (last,) = conn.execute(
+                    "SELECT COALESCE(MAX(id), 0) FROM events WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)",
+                    (run_id, last + 1, "error", _INTERRUPTED),
+                )
+                conn.execute(
+                    "UPDATE runs SET status='interrupted', finished_at=?, last_event_id=?,"
+                    " error=? WHERE id=?",
+                    (now, last + 1, _encode(msgspec.json.decode(_INTERRUPTED)["error"]), run_id),
+                )
+
+        if dead:
+            await self._write(interrupt)
+        return dead
+
+    async def prune(self, events_before: float, records_before: float) -> int:
+        touched: list[int] = [0]
+
+        def prune(conn: sqlite3.Connection) -> None:
+            gone = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM runs WHERE finished_at < ? AND status IN"
+                    " ('completed', 'failed', 'cancelled', 'interrupted')",
+                    (records_before,),
+                )
+            ]
+            _delete(conn, gone)
+            expired = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM runs WHERE finished_at < ? AND events_expired = 0 AND status"
+                    " IN ('completed', 'failed', 'cancelled', 'interrupted')",
+                    (events_before,),
+                )
+            ]
+            for run_id in expired:
+                conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+                conn.execute("UPDATE runs SET events_expired = 1 WHERE id = ?", (run_id,))
+            touched[0] = len(gone) + len(expired)
+
+        await self._write(prune)
+        return touched[0]
+
+    async def aclose(self) -> None:
+        if self._writer.is_alive():
+            self._writer.queue.put(None)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
+                await anyio.to_thread.run_sync(self._writer.join)
+        with self._lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+
+def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
+    query = f"SELECT {_COLUMNS} FROM runs WHERE id = ?"  # noqa: S608 (constant columns)
+    row = conn.execute(query, (run_id,)).fetchone()
+    return None if row is None else _record(row)
+
+
+def _events(
+    conn: sqlite3.Connection, *, run_id: str, after: int
+) -> tuple[RunRecord | None, list[tuple[int, str, bytes]]]:
+    """The record and the next page of events, read in one snapshot (a finished record
+    read first means every one of its events is in the snapshot)."""
+    conn.execute("BEGIN")
+    try:
+        record = _get(conn, run_id)
+        rows = conn.execute(
+            "SELECT id, name, data FROM events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
+            (run_id, after, PAGE),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return record, rows
+
+
+def _find(
+    conn: sqlite3.Connection,
+    owner: str | None,
+    kind: RunKind | None,
+    status: RunStatus | None,
+    limit: int,
+    cursor: tuple[float, str] | None,
+) -> list[RunRecord]:
+    where = ["owner IS ?"]
+    args: list[Any] = [owner]
+    if kind is not None:
+        where.append("kind = ?")
+        args.append(kind)
+    if status is not None:
+        where.append("status = ?")
+        args.append(status)
+    if cursor is not None:
+        where.append("(created_at, id) < (?, ?)")
+        args += list(cursor)
+    columns = _COLUMNS.replace(" request, result,", " NULL, NULL,")
+    rows = conn.execute(
+        f"SELECT {columns} FROM runs WHERE {' AND '.join(where)}"  # noqa: S608 (fixed clauses)
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    return [_record(row) for row in rows]
+
+
+def _delete(conn: sqlite3.Connection, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
