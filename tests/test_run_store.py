@@ -8,22 +8,29 @@ prefix. The Redis-only checks (stream ids, TTLs, retries, bad URLs) close the mo
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from streamsvc.errors import EventsExpired, RunNotFound
-from streamsvc.runs.redis import RedisRunStore, redact
+from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
+from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.redis import INTERRUPTED, RedisRunStore, redact
+from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.runs.store import RunRecord, RunStore, StoredEvent
 from streamsvc.settings import SettingsError
-from tests.harness import REDIS_URL
+from tests.harness import REDIS_URL, free_port, wait_until
 
-Factory = Callable[[], contextlib.AbstractAsyncContextManager[RunStore]]
+Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[RunStore]]
 
 
 async def _wipe(prefix: str) -> None:
@@ -34,27 +41,67 @@ async def _wipe(prefix: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def redis_store(**kw: Any) -> AsyncIterator[RedisRunStore]:
-    prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
-    store = await RedisRunStore.open(REDIS_URL, prefix=prefix, poll_seconds=0.2, **kw)
+async def redis_store(tmp: Path | None = None, **kw: Any) -> AsyncIterator[RedisRunStore]:
+    """A store under a prefix of its own: ``tmp``'s (the same for a reopened one), wiped
+    when the test's directory goes; without ``tmp`` a fresh one, wiped on leaving."""
+    prefix = f"streamsvc-test:{uuid.uuid5(uuid.NAMESPACE_URL, str(tmp or uuid.uuid4())).hex}:"
+    store = RedisRunStore.from_url(REDIS_URL, prefix=prefix, poll_seconds=0.2, **kw)
+    await store.open()
     try:
         yield store
     finally:
         await store.aclose()
-        await _wipe(prefix)
+        if tmp is None:
+            await _wipe(prefix)
 
 
-#: name -> (factory, marks). memory:// and sqlite (issue 13) join here.
+@contextlib.asynccontextmanager
+async def memory_store(tmp: Path) -> AsyncIterator[RunStore]:
+    store = MemoryStore()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def sqlite_store(tmp: Path) -> AsyncIterator[RunStore]:
+    store = SqliteStore(tmp / "runs.db")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+#: name -> (factory, marks); a new backend joins here.
 BACKENDS: dict[str, tuple[Factory, list[pytest.MarkDecorator]]] = {
+    "memory": (memory_store, []),
+    "sqlite": (sqlite_store, []),
     "redis": (redis_store, [pytest.mark.redis]),
 }
+#: Backends that keep runs across a restart (memory:// forgets them all).
+PERSISTENT = {"sqlite", "redis"}
 
 
 @pytest.fixture(params=[pytest.param(n, marks=m) for n, (_, m) in BACKENDS.items()])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RunStore]:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
+    """Opens the backend's store on this test's place: a second one there is a restart."""
     factory, _ = BACKENDS[request.param]
-    async with factory() as opened:
+    yield lambda _: factory(tmp_path)
+    if request.param == "redis":
+        await _wipe(f"streamsvc-test:{uuid.uuid5(uuid.NAMESPACE_URL, str(tmp_path)).hex}:")
+
+
+@pytest.fixture
+async def store(backend: Factory, tmp_path: Path) -> AsyncIterator[RunStore]:
+    async with backend(tmp_path) as opened:
         yield opened
+
+
+def plain(value: Any) -> Any:
+    """A result or error as JSON values (a backend may give ``msgspec.Raw`` back)."""
+    return msgspec.json.decode(msgspec.json.encode(value))
 
 
 def record(run_id: str | None = None, **kw: Any) -> RunRecord:
@@ -96,7 +143,7 @@ async def test_running_then_finished(store: RunStore) -> None:
     await store.finish(run.id, "completed", result={"ok": True})
     done = await store.get(run.id)
     assert done is not None and done.status == "completed", done
-    assert done.result == {"ok": True} and done.error is None
+    assert plain(done.result) == {"ok": True} and done.error is None
     assert done.finished_at is not None and done.finished_at >= running.started_at
     assert done.last_event_id == 3
 
@@ -195,16 +242,30 @@ async def test_delete_removes_the_record_and_its_events(store: RunStore) -> None
         await collect(store, run.id, 0)
 
 
-async def test_unfinished_runs_of_dead_executors_are_interrupted(store: RunStore) -> None:
+async def test_unfinished_runs_of_dead_executors_are_interrupted(
+    backend: Factory, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Runs a stopped process left: seen by the next process on the same store."""
+    if request.node.callspec.params["backend"] not in PERSISTENT:
+        pytest.skip("memory:// keeps no run across a restart")
     dead, live, orphan, finished = (
         record(status="running", executor="host:1"),
         record(status="running", executor="host:2"),
         record(status="queued"),
         record(status="running", executor="host:1"),
     )
-    for run in (dead, live, orphan, finished):
-        await store.create(run)
-    await store.finish(finished.id, "completed")
+    async with backend(tmp_path) as before:
+        for run in (dead, live, orphan, finished):
+            await before.create(run)
+        await before.append(dead.id, events(1, 2))
+        await before.finish(finished.id, "completed")
+    async with backend(tmp_path) as store:
+        await check_interrupted(store, dead, live, orphan, finished)
+
+
+async def check_interrupted(
+    store: RunStore, dead: RunRecord, live: RunRecord, orphan: RunRecord, finished: RunRecord
+) -> None:
     interrupted = await store.interrupt_unfinished(lambda executor: executor == "host:2")
     assert sorted(interrupted) == sorted([dead.id, orphan.id])
     states = {r.id: r.status for r in await store.find(owner=None)}
@@ -213,13 +274,17 @@ async def test_unfinished_runs_of_dead_executors_are_interrupted(store: RunStore
         finished.id: "completed",
     }  # fmt: skip
     assert await store.interrupt_unfinished(lambda executor: False) == [live.id]
+    ended = await store.get(dead.id)
+    assert ended is not None and plain(ended.error)["code"] == "interrupted"
+    replay = [(e.id, e.name, json.loads(e.data)) async for e in store.follow(dead.id, 1)]
+    assert replay == [(2, "stdout", {"text": "line 2\n"}), (3, "error", {"error": INTERRUPTED})]
 
 
 async def test_prune_drops_events_then_records(store: RunStore) -> None:
     old, older, running = record(), record(), record(status="running")
     for run in (old, older, running):
         await store.create(run)
-        await store.append(run.id, events(1, 3, terminal=True))
+        await store.append(run.id, events(1, 3, terminal=run is not running))
     await store.finish(older.id, "completed")
     await anyio.sleep(0.05)
     middle = time.time()
@@ -235,6 +300,7 @@ async def test_prune_drops_events_then_records(store: RunStore) -> None:
         await collect(store, old.id, 0)
     still = await store.get(running.id)
     assert still is not None and not still.events_expired
+    await store.finish(running.id, "cancelled")
     assert await collect(store, running.id, 2) == [3]
 
 
@@ -290,7 +356,7 @@ async def test_redis_bad_urls_name_the_setting() -> None:
     with pytest.raises(
         SettingsError, match=r"STREAMSVC_RUN_STORE=redis://127\.0\.0\.1:1/0.*answer"
     ):
-        await RedisRunStore.open(port, timeout=1)
+        await RedisRunStore.from_url(port, timeout=1).open()
     user = f"streamsvc-test-{uuid.uuid4().hex[:8]}"
     async with aioredis.Redis.from_url(REDIS_URL) as admin:
         await admin.acl_setuser(
@@ -299,12 +365,91 @@ async def test_redis_bad_urls_name_the_setting() -> None:
         try:
             bad = REDIS_URL.replace("redis://", f"redis://{user}:wrong-password@")
             with pytest.raises(SettingsError, match="refused the password") as caught:
-                await RedisRunStore.open(bad, timeout=2)
+                await RedisRunStore.from_url(bad, timeout=2).open()
             assert "wrong-password" not in str(caught.value)
-            good = await RedisRunStore.open(
+            good = RedisRunStore.from_url(
                 REDIS_URL.replace("redis://", f"redis://{user}:right-password@")
             )
+            await good.open()
             await good.aclose()
         finally:
             await admin.acl_deluser(user)
     assert redact("rediss://:s3cret@h:6380/1") == "rediss://:***@h:6380/1"
+
+
+class PrivateRedis:
+    """A redis-server of this test's own (AOF, fsync on every write), to kill and restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_until(self._answers, 10)
+
+    def _answers(self) -> bool:
+        try:
+            with redis.Redis.from_url(self.url, socket_timeout=1) as r:
+                return bool(r.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.redis
+async def test_redis_restarted_mid_run_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """SIGKILL Redis mid-append and start it again: the store reconnects by itself, and the
+    log holds every event once, in order (a retried append is not stored twice)."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        store = RedisRunStore.from_url(server.url, poll_seconds=0.2, timeout=2)
+        await store.open()
+        run = record(status="running")
+        await store.create(run)
+        acknowledged = 0
+        outages = 0
+        restarted, hundred = anyio.Event(), anyio.Event()
+
+        async def restart_redis() -> None:
+            await hundred.wait()
+            server.kill()  # mid-stream: an append may be in flight
+            await anyio.sleep(0.3)
+            await anyio.to_thread.run_sync(server.start)
+            restarted.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restart_redis)
+            for event_id in range(1, 301):
+                while True:
+                    try:
+                        await store.append(run.id, events(event_id, event_id, event_id == 300))
+                        break
+                    except RunStoreUnavailable:
+                        outages += 1  # the retries did not bridge the outage: try again
+                        await anyio.sleep(0.1)
+                acknowledged = event_id
+                if event_id == 100:
+                    hundred.set()
+                if event_id == 200:
+                    await restarted.wait()
+        await store.finish(run.id, "completed")
+        assert acknowledged == 300
+        assert await collect(store, run.id, 0) == list(range(1, 301))
+        stored = await store.get(run.id)
+        assert stored is not None and stored.status == "completed", (stored, outages)
+        await store.aclose()
+    finally:
+        server.kill()

@@ -33,6 +33,7 @@ from streamsvc.errors import (
     ServiceError,
 )
 from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
 from streamsvc.settings import RunSettings
@@ -83,12 +84,16 @@ def executor_alive(executor: str) -> bool:
     return True
 
 
-def open_store(url: str) -> MemoryStore | SqliteStore:
-    """``memory://`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's form)."""
+def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | RedisRunStore:
+    """``memory://``, ``sqlite:////absolute/path.db`` (SQLAlchemy's form) or ``redis://`` /
+    ``rediss://`` (Redis expires a finished run's events after ``retention``, its record
+    after twice that, as ``prune`` does)."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return SqliteStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("redis://", "rediss://")):
+        return RedisRunStore.from_url(url, events_ttl=retention, records_ttl=2 * retention)
     raise ValueError(f"unsupported run store {url!r}")
 
 

@@ -1,9 +1,8 @@
 """The shared run store on Redis (``STREAMSVC_RUN_STORE=redis://...``; issue 16).
 
-Records are hashes, each run's events a Redis Stream whose entry ids are ``<n>-0`` for
-SSE id n; appends and finishes are Lua scripts (atomic, idempotent on retry). The only
-module that imports ``redis``; its errors become ``RunStoreUnavailable`` here.
-"""
+Records are hashes, each run's events a Redis Stream at ids ``<n>-0`` (n: the SSE id);
+append and finish are Lua scripts. The only module importing ``redis``. Over 400 lines:
+the keys, the scripts and the store that owns them stay together (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import msgspec
@@ -25,11 +24,16 @@ from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
 from streamsvc.settings import SettingsError
 
+SETTING = "STREAMSVC_RUN_STORE"
+
 #: Event names that end a run's log (``follow`` stops after one).
 TERMINAL_EVENTS = frozenset({"done", "error"})
-#: The fields of a record hash; each value is JSON.
+#: The fields of a record hash; each value is JSON (``RAW`` ones are given back undecoded).
 FIELDS = tuple(f.name for f in msgspec.structs.fields(RunRecord))
-_LISTED = tuple(f for f in FIELDS if f != "result")
+RAW = frozenset({"result", "error"})
+_LISTED = tuple(f for f in FIELDS if f not in {"result", "request"})
+#: What ``interrupt_unfinished`` ends a dead process's run with (as the SQLite store does).
+INTERRUPTED = {"code": "interrupted", "message": "the server stopped during the run"}
 
 # KEYS: events stream, record hash. ARGV: id, name, data, id, name, data, ...
 # Ids at or below the stored last one were stored by an earlier try: skipped (stored once).
@@ -48,12 +52,18 @@ redis.call('HSET', KEYS[2], 'last_event_id', last)
 return last
 """
 # KEYS: record hash, events stream, unfinished set. ARGV: run id, record ttl, events ttl,
-# then field, value pairs. A finished run stays as it ended: returns 0 then.
+# a terminal event's name and data to add ('' for none), then field, value pairs. A
+# finished run stays as it ended (the first end wins): returns 0 then.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= '"queued"' and status ~= '"running"' then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] ~= '' then
+  local id = tonumber(redis.call('HGET', KEYS[1], 'last_event_id') or '0') + 1
+  redis.call('XADD', KEYS[2], id .. '-0', 'e', ARGV[4], 'd', ARGV[5])
+  redis.call('HSET', KEYS[1], 'last_event_id', id)
+end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SREM', KEYS[3], ARGV[1])
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
@@ -74,6 +84,13 @@ def redact(url: str) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+async def check_url(url: str) -> None:
+    """Redis at ``url`` answers and takes its password: a ``SettingsError`` otherwise."""
+    store = RedisRunStore.from_url(url)
+    await store.open()
+    await store.aclose()
 
 
 def _json(value: Any) -> bytes:
@@ -99,6 +116,7 @@ class RedisRunStore:
         poll_seconds: float = 1.0,
     ) -> None:
         self._redis = client
+        self._url = "redis"
         self._prefix = prefix
         self._unfinished_key = f"{prefix}unfinished"
         self._events_ttl = int(events_ttl)
@@ -110,37 +128,46 @@ class RedisRunStore:
         self._running = client.register_script(_RUNNING)
 
     @classmethod
-    async def open(
-        cls, url: str, *, setting: str = "STREAMSVC_RUN_STORE", **kw: Any
-    ) -> RedisRunStore:
-        """Connect to ``url`` (redis:// or rediss://, password and db in it) and check it
-        answers; a ``SettingsError`` naming ``setting`` otherwise."""
+    def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
+        """A store on ``url`` (redis:// or rediss://; password, db and ``?prefix=`` for the
+        keys in it); ``open`` checks it. A malformed URL: a ``SettingsError`` naming the setting."""
         timeout = float(kw.get("timeout", 5.0))
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for name, value in query:
+            if name == "prefix":
+                kw["prefix"] = value
+        url = urlunsplit(parts._replace(query=urlencode([q for q in query if q[0] != "prefix"])))
         try:
             client = aioredis.Redis.from_url(
                 url,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
-                retry=retry,
+                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
                 retry_on_error=[ConnectionError, RedisTimeout],
                 health_check_interval=30,
             )
         except ValueError as exc:
-            raise SettingsError(f"{setting}={redact(url)}: {exc}") from None
+            raise SettingsError(f"invalid setting {SETTING}={redact(url)}: {exc}") from None
+        store = cls(client, **kw)
+        store._url = redact(url)
+        return store
+
+    async def open(self) -> None:
+        """Check that Redis answers (and takes the password): a ``SettingsError`` otherwise."""
         try:
-            with anyio.fail_after(timeout * 2):
-                await client.ping()
+            with anyio.fail_after(self._timeout * 2):
+                await self._redis.ping()
         except AuthenticationError as exc:
-            await client.aclose()
-            message = f"{setting}={redact(url)}: Redis refused the password ({exc})"
+            await self.aclose()
+            message = f"{SETTING}={self._url}: Redis refused the password ({exc})"
             raise SettingsError(message) from None
         except (RedisError, OSError, TimeoutError) as exc:
-            await client.aclose()
+            await self.aclose()
             reason = str(exc) or type(exc).__name__
-            message = f"{setting}={redact(url)}: Redis does not answer ({reason})"
-            raise SettingsError(message) from None
-        return cls(client, **kw)
+            raise SettingsError(
+                f"{SETTING}={self._url}: Redis does not answer ({reason})"
+            ) from None
 
     # -- keys
 
@@ -150,8 +177,11 @@ class RedisRunStore:
     def _events_key(self, run_id: str) -> str:
         return f"{self._prefix}events:{run_id}"
 
-    def _index_key(self, owner: str | None) -> str:
-        return f"{self._prefix}runs" if owner is None else f"{self._prefix}runs:owner:{owner}"
+    def _index_key(self, owner: str | None, *, every: bool = False) -> str:
+        """Run ids by ``created_at``: of one owner (None: runs without one), or ``every`` run."""
+        if every:
+            return f"{self._prefix}runs"
+        return f"{self._prefix}runs:owner:{'-' if owner is None else 'k' + owner}"
 
     # -- calls
 
@@ -166,14 +196,17 @@ class RedisRunStore:
 
     @staticmethod
     def _decode(raw: dict[bytes, bytes] | Sequence[bytes | None], fields: Sequence[str]) -> Any:
+        pairs: dict[str, bytes]
         if isinstance(raw, dict):
             pairs = {k.decode(): v for k, v in raw.items()}
         else:
             pairs = {f: v for f, v in zip(fields, raw, strict=True) if v is not None}
         if "id" not in pairs:
             return None
-        values = {k: msgspec.json.decode(v) for k, v in pairs.items() if k in FIELDS}
-        return msgspec.convert(values, RunRecord)
+        values = {k: msgspec.json.decode(v) for k, v in pairs.items() if k not in RAW}
+        record = msgspec.convert(values, RunRecord)
+        kept = {k: msgspec.Raw(v) for k, v in pairs.items() if k in RAW and v != b"null"}
+        return msgspec.structs.replace(record, **kept) if kept else record
 
     # -- the RunStore protocol
 
@@ -184,8 +217,8 @@ class RedisRunStore:
         async def run() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-                for owner in {None, record.owner}:
-                    pipe.zadd(self._index_key(owner), {record.id: record.created_at})
+                for index in (self._index_key(record.owner), self._index_key(None, every=True)):
+                    pipe.zadd(index, {record.id: record.created_at})
                 if record.status in FINISHED:
                     if self._records_ttl:
                         pipe.expire(key, self._records_ttl)
@@ -212,14 +245,14 @@ class RedisRunStore:
     async def finish(
         self, run_id: str, status: RunStatus, *, result: Any = None, error: Any = None
     ) -> None:
-        await self._finish_fields(
-            run_id,
-            {"status": status, "finished_at": time.time(), "result": result, "error": error},
-        )
+        fields = {"status": status, "finished_at": time.time(), "result": result, "error": error}
+        await self._finish_fields(run_id, fields)
 
-    async def _finish_fields(self, run_id: str, fields: dict[str, Any]) -> bool:
+    async def _finish_fields(
+        self, run_id: str, fields: dict[str, Any], terminal: tuple[str, bytes] = ("", b"")
+    ) -> bool:
         keys = [self._record_key(run_id), self._events_key(run_id), self._unfinished_key]
-        args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl]
+        args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl, *terminal]
         for name, value in fields.items():
             args += [name, _json(value)]
         done = await self._call(lambda: self._finish(keys=keys, args=args))
@@ -321,7 +354,7 @@ class RedisRunStore:
                 await self._call(partial(self._redis.zrem, index, *stale))
                 offset -= len(stale)
             for record in records:
-                if record is None or (owner is not None and record.owner != owner):
+                if record is None or record.owner != owner:
                     continue
                 if (kind is None or record.kind == kind) and (
                     status is None or record.status == status
@@ -346,8 +379,8 @@ class RedisRunStore:
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._record_key(run_id), self._events_key(run_id))
-                for owner in {None, record.owner}:
-                    pipe.zrem(self._index_key(owner), run_id)
+                pipe.zrem(self._index_key(record.owner), run_id)
+                pipe.zrem(self._index_key(None, every=True), run_id)
                 pipe.srem(self._unfinished_key, run_id)
                 return await pipe.execute()
 
@@ -363,13 +396,14 @@ class RedisRunStore:
                 continue
             if record.executor is not None and alive(record.executor):
                 continue
-            fields = {"status": "interrupted", "finished_at": time.time()}
-            if await self._finish_fields(run_id, fields):
+            fields = {"status": "interrupted", "finished_at": time.time(), "error": INTERRUPTED}
+            terminal = ("error", msgspec.json.encode({"error": INTERRUPTED}))
+            if await self._finish_fields(run_id, fields, terminal):
                 interrupted.append(run_id)
         return interrupted
 
     async def prune(self, events_before: float, records_before: float) -> int:
-        index = self._index_key(None)
+        index = self._index_key(None, every=True)
         cutoff = max(events_before, records_before)
         candidates = await self._call(lambda: self._redis.zrangebyscore(index, "-inf", cutoff))
         ids = [m.decode() for m in candidates]

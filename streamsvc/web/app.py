@@ -35,6 +35,7 @@ from streamsvc.errors import (
 )
 from streamsvc.runs import endpoint as runs_endpoint
 from streamsvc.runs.manager import RunManager, load_secret, open_store
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
@@ -120,8 +121,8 @@ def create_app(settings: Settings) -> Starlette:
 
                 provider = create_provider(settings.chat)
                 stack.push_async_callback(provider.aclose)
-            store = open_store(settings.runs.store)
-            if isinstance(store, SqliteStore):
+            store = open_store(settings.runs.store, settings.runs.retention_seconds)
+            if isinstance(store, SqliteStore | RedisRunStore):
                 await store.open()
             stack.push_async_callback(store.aclose)
             sandbox = await _start_sandbox(settings.sandbox, stack)
