@@ -171,6 +171,15 @@ class RedisRunStore:
 
     # -- keys
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection pool (``runs/queue.py`` shares it)."""
+        return self._redis
+
+    def key(self, name: str) -> str:
+        """A key of this store's namespace."""
+        return f"{self._prefix}{name}"
+
     def _record_key(self, run_id: str) -> str:
         return f"{self._prefix}run:{run_id}"
 
@@ -185,7 +194,7 @@ class RedisRunStore:
 
     # -- calls
 
-    async def _call(self, call: Callable[[], Awaitable[Any]], extra: float = 0.0) -> Any:
+    async def call(self, call: Callable[[], Awaitable[Any]], extra: float = 0.0) -> Any:
         """One bounded Redis call; a lost or late Redis is ``RunStoreUnavailable``."""
         try:
             with anyio.fail_after(self._timeout + extra):
@@ -226,7 +235,7 @@ class RedisRunStore:
                     pipe.sadd(self._unfinished_key, record.id)
                 await pipe.execute()
 
-        await self._call(run)
+        await self.call(run)
 
     async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         if not events:
@@ -236,7 +245,7 @@ class RedisRunStore:
             args += [event.id, event.name, event.data]
         keys = [self._events_key(run_id), self._record_key(run_id)]
         try:
-            await self._call(lambda: self._append(keys=keys, args=args))
+            await self.call(lambda: self._append(keys=keys, args=args))
         except ResponseError as exc:
             if "NO_RUN" in str(exc):
                 raise RunNotFound(f"no run {run_id}") from None
@@ -248,6 +257,13 @@ class RedisRunStore:
         fields = {"status": status, "finished_at": time.time(), "result": result, "error": error}
         await self._finish_fields(run_id, fields)
 
+    async def end(self, run_id: str, status: RunStatus, error: dict[str, Any]) -> bool:
+        """End an unfinished run from outside its process: a terminal ``error`` event with
+        ``{"error": error}`` and the status, in one script. False if it had ended already."""
+        fields = {"status": status, "finished_at": time.time(), "error": error}
+        terminal = ("error", msgspec.json.encode({"error": error}))
+        return await self._finish_fields(run_id, fields, terminal)
+
     async def _finish_fields(
         self, run_id: str, fields: dict[str, Any], terminal: tuple[str, bytes] = ("", b"")
     ) -> bool:
@@ -255,12 +271,12 @@ class RedisRunStore:
         args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl, *terminal]
         for name, value in fields.items():
             args += [name, _json(value)]
-        done = await self._call(lambda: self._finish(keys=keys, args=args))
+        done = await self.call(lambda: self._finish(keys=keys, args=args))
         return int(done) == 1
 
     async def mark_running(self, run_id: str) -> None:
         keys = [self._record_key(run_id)]
-        await self._call(lambda: self._running(keys=keys, args=[_json(time.time())]))
+        await self.call(lambda: self._running(keys=keys, args=[_json(time.time())]))
 
     async def get(self, run_id: str) -> RunRecord | None:
         async def run() -> list[Any]:
@@ -269,7 +285,7 @@ class RedisRunStore:
                 pipe.exists(self._events_key(run_id))
                 return await pipe.execute()
 
-        raw, has_events = await self._call(run)
+        raw, has_events = await self.call(run)
         record: RunRecord | None = self._decode(raw, FIELDS)
         if record is not None and self._expired(record, bool(has_events)):
             record = msgspec.structs.replace(record, events_expired=True)
@@ -290,7 +306,7 @@ class RedisRunStore:
         cursor = max(after, 0)
         block = self._poll_ms / 1000
         while True:
-            read = await self._call(
+            read = await self.call(
                 partial(self._redis.xread, {key: f"{cursor}-0"}, count=512, block=self._poll_ms),
                 extra=block,
             )
@@ -325,14 +341,14 @@ class RedisRunStore:
         index = self._index_key(owner)
         top: float | str = "+inf"
         if before is not None:
-            score = await self._call(lambda: self._redis.zscore(index, before))
+            score = await self.call(lambda: self._redis.zscore(index, before))
             if score is None:
                 return []
             top = score
         found: list[RunRecord] = []
         offset, batch = 0, max(limit * 2, 64)
         while len(found) < limit:
-            ids = await self._call(
+            ids = await self.call(
                 partial(
                     self._redis.zrevrangebyscore,
                     index,
@@ -351,7 +367,7 @@ class RedisRunStore:
             records = await self._records([m.decode() for m, _ in ids], _LISTED)
             stale = [m for (m, _), r in zip(ids, records, strict=True) if r is None]
             if stale:
-                await self._call(partial(self._redis.zrem, index, *stale))
+                await self.call(partial(self._redis.zrem, index, *stale))
                 offset -= len(stale)
             for record in records:
                 if record is None or record.owner != owner:
@@ -369,7 +385,7 @@ class RedisRunStore:
                     pipe.hmget(self._record_key(run_id), list(fields))
                 return await pipe.execute()
 
-        return [self._decode(raw, fields) for raw in await self._call(run)] if ids else []
+        return [self._decode(raw, fields) for raw in await self.call(run)] if ids else []
 
     async def delete(self, run_id: str) -> bool:
         record = await self.get(run_id)
@@ -384,41 +400,39 @@ class RedisRunStore:
                 pipe.srem(self._unfinished_key, run_id)
                 return await pipe.execute()
 
-        return bool((await self._call(run))[0])
+        return bool((await self.call(run))[0])
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
-        members = await self._call(lambda: self._redis.smembers(self._unfinished_key))
+        members = await self.call(lambda: self._redis.smembers(self._unfinished_key))
         ids = sorted(m.decode() for m in members)
         interrupted = []
         for run_id, record in zip(ids, await self._records(ids, _LISTED), strict=True):
             if record is None:
-                await self._call(partial(self._redis.srem, self._unfinished_key, run_id))
+                await self.call(partial(self._redis.srem, self._unfinished_key, run_id))
                 continue
             if record.executor is not None and alive(record.executor):
                 continue
-            fields = {"status": "interrupted", "finished_at": time.time(), "error": INTERRUPTED}
-            terminal = ("error", msgspec.json.encode({"error": INTERRUPTED}))
-            if await self._finish_fields(run_id, fields, terminal):
+            if await self.end(run_id, "interrupted", INTERRUPTED):
                 interrupted.append(run_id)
         return interrupted
 
     async def prune(self, events_before: float, records_before: float) -> int:
         index = self._index_key(None, every=True)
         cutoff = max(events_before, records_before)
-        candidates = await self._call(lambda: self._redis.zrangebyscore(index, "-inf", cutoff))
+        candidates = await self.call(lambda: self._redis.zrangebyscore(index, "-inf", cutoff))
         ids = [m.decode() for m in candidates]
         fields = ("id", "kind", "created_at", "owner", "status", "finished_at", "events_expired")
         touched = 0
         for run_id, record in zip(ids, await self._records(ids, fields), strict=True):
             if record is None:
-                await self._call(partial(self._redis.zrem, index, run_id))
+                await self.call(partial(self._redis.zrem, index, run_id))
                 continue
             if record.status not in FINISHED or record.finished_at is None:
                 continue
             if record.finished_at < records_before:
                 touched += await self.delete(run_id)
             elif record.finished_at < events_before and not record.events_expired:
-                await self._call(partial(self._drop_events, run_id))
+                await self.call(partial(self._drop_events, run_id))
                 touched += 1
         return touched
 
