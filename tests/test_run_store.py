@@ -323,6 +323,30 @@ async def test_redis_keeps_sse_ids_as_stream_ids_and_retries_store_once() -> Non
 
 
 @pytest.mark.redis
+async def test_a_run_executed_here_is_followed_from_memory_and_elsewhere_from_redis() -> None:
+    async with redis_store() as here:
+        other = RedisRunStore.from_url(REDIS_URL, prefix=here.key(""), poll_seconds=0.1)
+        await other.open()
+        run = record(status="running", executor="this-process:1")
+        await here.create(run)
+        seen: dict[str, list[int]] = {}
+
+        async def follow(name: str, store: RunStore) -> None:
+            seen[name] = await collect(store, run.id, 0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow, "here", here)
+            tg.start_soon(follow, "other", other)
+            for first in range(1, 100, 10):
+                await here.append(run.id, events(first, first + 9, terminal=first == 91))
+            await here.finish(run.id, "completed")
+        await other.aclose()
+        assert seen == {"here": list(range(1, 101)), "other": list(range(1, 101))}
+        assert run.id not in here._active.records  # finished: Redis answers for it now
+        assert await collect(here, run.id, 95) == list(range(96, 101))
+
+
+@pytest.mark.redis
 async def test_redis_expires_a_finished_runs_keys() -> None:
     async with redis_store(events_ttl=60, records_ttl=120) as store:
         run = record(status="running")
@@ -409,15 +433,19 @@ class PrivateRedis:
 
 
 @pytest.mark.redis
-async def test_redis_restarted_mid_run_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", [None, "this-process:1"], ids=["queued", "executed-here"])
+async def test_redis_restarted_mid_run_loses_nothing_acknowledged(
+    tmp_path: Path, executor: str | None
+) -> None:
     """SIGKILL Redis mid-append and start it again: the store reconnects by itself, and the
-    log holds every event once, in order (a retried append is not stored twice)."""
+    log holds every event once, in order (a retried append is not stored twice). A run this
+    process executes keeps what Redis missed and writes it with the next append."""
     server = PrivateRedis(tmp_path)
     server.start()
     try:
         store = RedisRunStore.from_url(server.url, poll_seconds=0.2, timeout=2)
         await store.open()
-        run = record(status="running")
+        run = record(status="running", executor=executor)
         await store.create(run)
         acknowledged = 0
         outages = 0
@@ -447,6 +475,10 @@ async def test_redis_restarted_mid_run_loses_nothing_acknowledged(tmp_path: Path
                     await restarted.wait()
         await store.finish(run.id, "completed")
         assert acknowledged == 300
+        assert await collect(store, run.id, 0) == list(range(1, 301))
+        await store.aclose()
+        store = RedisRunStore.from_url(server.url, poll_seconds=0.2, timeout=2)  # another node
+        await store.open()
         assert await collect(store, run.id, 0) == list(range(1, 301))
         stored = await store.get(run.id)
         assert stored is not None and stored.status == "completed", (stored, outages)

@@ -6,6 +6,7 @@ the keys, the scripts and the store that owns them stay together (docs/architect
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
@@ -21,10 +22,14 @@ from redis.exceptions import AuthenticationError, ConnectionError, RedisError, R
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
+from streamsvc.runs.live import Active
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
 from streamsvc.settings import SettingsError
 
 SETTING = "STREAMSVC_RUN_STORE"
+#: Most events of one run held while Redis is away before ``append`` gives up (503).
+BACKLOG = 10_000
+log = logging.getLogger("streamsvc.runs")
 
 #: Event names that end a run's log (``follow`` stops after one).
 TERMINAL_EVENTS = frozenset({"done", "error"})
@@ -126,6 +131,10 @@ class RedisRunStore:
         self._append = client.register_script(_APPEND)
         self._finish = client.register_script(_FINISH)
         self._running = client.register_script(_RUNNING)
+        #: The runs this process executes (readers here follow them in memory), and the
+        #: events Redis has not acknowledged yet, per run.
+        self._active = Active()
+        self._unsent: dict[str, list[StoredEvent]] = {}
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
@@ -236,10 +245,32 @@ class RedisRunStore:
                 await pipe.execute()
 
         await self.call(run)
+        if record.executor is not None and record.status not in FINISHED:
+            self._active.create(record)  # executed here (a queued run names none yet)
 
     async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
+        """A run of this process: its readers here have the events at once; Redis gets
+        them now, or with the next append or the finish if it is away (up to ``BACKLOG``)."""
         if not events:
             return
+        if run_id not in self._active.records:
+            await self._write(run_id, events)
+            return
+        self._active.append(run_id, events)
+        unsent = self._unsent.setdefault(run_id, [])
+        unsent.extend(events)
+        try:
+            await self._write(run_id, unsent)
+        except RunStoreUnavailable:
+            if len(unsent) > BACKLOG:
+                raise
+            log.warning(
+                "run %s: Redis away, %d event(s) held for the next write", run_id, len(unsent)
+            )
+            return
+        del self._unsent[run_id]
+
+    async def _write(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         args: list[bytes | str | int] = []
         for event in events:
             args += [event.id, event.name, event.data]
@@ -254,15 +285,29 @@ class RedisRunStore:
     async def finish(
         self, run_id: str, status: RunStatus, *, result: Any = None, error: Any = None
     ) -> None:
-        fields = {"status": status, "finished_at": time.time(), "result": result, "error": error}
-        await self._finish_fields(run_id, fields)
+        self._active.finish(run_id, status, result, error)  # readers here end now
+        try:
+            if unsent := self._unsent.pop(run_id, None):
+                await self._write(run_id, unsent)
+            fields = {
+                "status": status,
+                "finished_at": time.time(),
+                "result": result,
+                "error": error,
+            }
+            await self._finish_fields(run_id, fields)
+        finally:
+            self._active.forget(run_id)  # stored (or hopeless): Redis answers from now on
 
     async def end(self, run_id: str, status: RunStatus, error: dict[str, Any]) -> bool:
         """End an unfinished run from outside its process: a terminal ``error`` event with
         ``{"error": error}`` and the status, in one script. False if it had ended already."""
         fields = {"status": status, "finished_at": time.time(), "error": error}
         terminal = ("error", msgspec.json.encode({"error": error}))
-        return await self._finish_fields(run_id, fields, terminal)
+        try:
+            return await self._finish_fields(run_id, fields, terminal)
+        finally:
+            self._active.forget(run_id)  # a reader here ends; Redis has the terminal event
 
     async def _finish_fields(
         self, run_id: str, fields: dict[str, Any], terminal: tuple[str, bytes] = ("", b"")
@@ -275,10 +320,15 @@ class RedisRunStore:
         return int(done) == 1
 
     async def mark_running(self, run_id: str) -> None:
+        self._active.mark_running(run_id)
         keys = [self._record_key(run_id)]
         await self.call(lambda: self._running(keys=keys, args=[_json(time.time())]))
 
     async def get(self, run_id: str) -> RunRecord | None:
+        active = self._active.records.get(run_id)
+        if active is not None:
+            return active
+
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self._record_key(run_id))
@@ -297,6 +347,11 @@ class RedisRunStore:
         return record.events_expired or (record.last_event_id > 0 and not has_events)
 
     async def follow(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
+        live = self._active.logs.get(run_id)
+        if live is not None:  # a run of this process: its log here, no Redis round trip
+            async for event in live.follow(after):
+                yield event
+            return
         record = await self.get(run_id)
         if record is None:
             raise RunNotFound(f"no run {run_id}")
@@ -388,6 +443,8 @@ class RedisRunStore:
         return [self._decode(raw, fields) for raw in await self.call(run)] if ids else []
 
     async def delete(self, run_id: str) -> bool:
+        self._active.forget(run_id)
+        self._unsent.pop(run_id, None)
         record = await self.get(run_id)
         if record is None:
             return False
@@ -410,6 +467,8 @@ class RedisRunStore:
             if record is None:
                 await self.call(partial(self._redis.srem, self._unfinished_key, run_id))
                 continue
+            if run_id in self._active.records:
+                continue  # this process runs it
             if record.executor is not None and alive(record.executor):
                 continue
             if await self.end(run_id, "interrupted", INTERRUPTED):
