@@ -206,6 +206,8 @@ def seed_request() -> dict[str, Any]:
 
 
 AZURE_KEY = "azure-test-key-0123456789"
+#: The test servers' grace for runs whose last reader left (seconds).
+RUN_GRACE = "1"
 
 
 def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
@@ -219,6 +221,9 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         "STREAMSVC_RETRY_MAX_WAIT_SECONDS": "3",
         "STREAMSVC_KEEPALIVE_SECONDS": "0.5",
         "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "4",
+        # A run outlives a dropped connection this long, waiting for a reader to come back.
+        "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": RUN_GRACE,
+        "STREAMSVC_RUN_GRACE_CHAT_SECONDS": RUN_GRACE,
         **extra,
     }
 

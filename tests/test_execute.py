@@ -19,7 +19,8 @@ from tests.harness import SEED_EXAMPLE, ServerProcess, read_sse, seed_request
 
 
 def without_duration(answer: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in answer.items() if key != "duration_ms"}
+    """The answer without what differs between two runs of one program (time, run id)."""
+    return {key: value for key, value in answer.items() if key not in {"duration_ms", "run_id"}}
 
 
 # -- the seed example ------------------------------------------------------------------

@@ -7,6 +7,7 @@ and a client hanging up are checked against a real server process.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -47,16 +48,33 @@ async def test_keepalive_comments_flow_while_the_upstream_is_silent(
     assert all(c.startswith("ping") for c in response.comments)
 
 
-async def test_a_client_leaving_mid_stream_closes_the_upstream_request_promptly(
-    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+async def test_a_client_leaving_mid_stream_closes_the_upstream_request_after_the_grace(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
 ) -> None:
-    # 20 chunks 0.3 s apart: the upstream never goes idle, so only the hang-up ends it.
+    """The run outlives its connection for the grace period (a reader may come back with
+    Last-Event-ID), then is cancelled as abandoned and its upstream request closed."""
+    server = start_server(STREAMSVC_RUN_GRACE_CHAT_SECONDS="1")
+    # 20 chunks 0.3 s apart: the upstream never goes idle, so only the abandonment ends it.
     azure.push(Reply(text_chunks=["tick "] * 20, chunk_delay=0.3))
     response = await read_sse(client, server.url + "/chat", STREAM, stop_after=2)
     left = time.monotonic()
     assert [e.event for e in response.events] == ["delta", "delta"]
+    assert not await azure.await_disconnect(within=0.6)  # within the grace: still running
+    assert await azure.await_disconnect(within=3)
+    assert 0.9 < time.monotonic() - left < 3.5
+    assert azure.open_streams == 0
+
+
+async def test_cancel_closes_the_upstream_request_promptly(
+    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    azure.push(Reply(text_chunks=["tick "] * 20, chunk_delay=0.3))
+    response = await read_sse(client, server.url + "/chat", STREAM, stop_after=2)
+    started = time.monotonic()
+    cancel = await client.post(f"{server.url}/runs/{response.headers['x-run-id']}/cancel")
+    assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
     assert await azure.await_disconnect(within=2)
-    assert time.monotonic() - left < 2
+    assert time.monotonic() - started < 2
     assert azure.open_streams == 0
 
 
