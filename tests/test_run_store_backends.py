@@ -183,6 +183,25 @@ async def test_followers_see_live_events_in_order_without_gap_or_duplicate(
     assert seen["late"] == list(range(51, 201))
 
 
+async def test_200_concurrent_runs_store_every_event_once_in_order(store: RunStore) -> None:
+    """As 200 concurrent chats do (one process, one store: Redis's pool is bounded)."""
+    runs = [record(executor="this-process:1" if i % 2 else None) for i in range(200)]
+
+    async def one(run: RunRecord) -> None:
+        await store.create(run)
+        await store.mark_running(run.id)
+        for i in range(1, 6):
+            await store.append(run.id, events(i, i, terminal=i == 5))
+        await store.finish(run.id, "completed")
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for run in runs:
+                tg.start_soon(one, run)
+        for run in runs:
+            assert await collect(store, run.id, 0) == [1, 2, 3, 4, 5]
+
+
 async def test_follow_ends_for_a_run_finished_without_a_terminal_event(store: RunStore) -> None:
     run = record(status="running")
     await store.create(run)

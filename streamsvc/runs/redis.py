@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
@@ -27,6 +28,8 @@ from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, Stored
 from streamsvc.settings import SettingsError
 
 SETTING = "STREAMSVC_RUN_STORE"
+#: Connections to Redis per process (a reader on another node's run holds one per block).
+MAX_CONNECTIONS = 512
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
 BACKLOG = 10_000
 log = logging.getLogger("streamsvc.runs")
@@ -148,14 +151,18 @@ class RedisRunStore:
                 kw["prefix"] = value
         url = urlunsplit(parts._replace(query=urlencode([q for q in query if q[0] != "prefix"])))
         try:
-            client = aioredis.Redis.from_url(
+            # Blocking: past MAX_CONNECTIONS a call waits (bounded) for one to come back.
+            pool = BlockingConnectionPool.from_url(
                 url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
                 retry_on_error=[ConnectionError, RedisTimeout],
                 health_check_interval=30,
             )
+            client = aioredis.Redis(connection_pool=pool)
         except ValueError as exc:
             raise SettingsError(f"invalid setting {SETTING}={redact(url)}: {exc}") from None
         store = cls(client, **kw)
@@ -504,3 +511,4 @@ class RedisRunStore:
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
             await self._redis.aclose()
+            await self._redis.connection_pool.disconnect()
