@@ -28,6 +28,8 @@ from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, Stored
 from streamsvc.settings import SettingsError
 
 SETTING = "STREAMSVC_RUN_STORE"
+#: Events per read of ``follow``: the first read, then the next ones.
+FIRST_BATCH, BATCH = 16, 512
 #: Connections to Redis per process (a reader on another node's run holds one per block).
 MAX_CONNECTIONS = 512
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
@@ -359,7 +361,7 @@ class RedisRunStore:
             async for event in live.follow(after):
                 yield event
             return
-        record = await self.get(run_id)
+        record = await self._state(run_id)
         if record is None:
             raise RunNotFound(f"no run {run_id}")
         if record.events_expired:
@@ -367,11 +369,13 @@ class RedisRunStore:
         key = self._events_key(run_id)
         cursor = max(after, 0)
         block = self._poll_ms / 1000
+        count = FIRST_BATCH  # a resuming reader gets its first event soon, then bigger reads
         while True:
             read = await self.call(
-                partial(self._redis.xread, {key: f"{cursor}-0"}, count=512, block=self._poll_ms),
+                partial(self._redis.xread, {key: f"{cursor}-0"}, count=count, block=self._poll_ms),
                 extra=block,
             )
+            count = BATCH
             entries = read[0][1] if read else []
             for entry_id, fields in entries:
                 event = StoredEvent(
@@ -383,13 +387,28 @@ class RedisRunStore:
                     return
             if entries:
                 continue
-            record = await self.get(run_id)
+            record = await self._state(run_id)
             if record is None:
                 return  # deleted meanwhile
             if record.status in FINISHED and cursor >= record.last_event_id:
                 return
             if record.events_expired:
                 raise EventsExpired(f"the events of run {run_id} were pruned")
+
+    async def _state(self, run_id: str) -> RunRecord | None:
+        """The record without its request and result (what ``follow`` looks at)."""
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(self._record_key(run_id), list(_LISTED))
+                pipe.exists(self._events_key(run_id))
+                return await pipe.execute()
+
+        raw, has_events = await self.call(run)
+        record: RunRecord | None = self._decode(raw, _LISTED)
+        if record is not None and self._expired(record, bool(has_events)):
+            record = msgspec.structs.replace(record, events_expired=True)
+        return record
 
     async def find(
         self,
