@@ -56,6 +56,13 @@ async def redis_store(tmp: Path | None = None, **kw: Any) -> AsyncIterator[Redis
 
 
 @contextlib.asynccontextmanager
+async def redis_behind(tmp: Path | None = None) -> AsyncIterator[RedisRunStore]:
+    """As the app runs it: appends of the runs it executes written behind by one task."""
+    async with redis_store(tmp) as store, store.writer():
+        yield store
+
+
+@contextlib.asynccontextmanager
 async def memory_store(tmp: Path) -> AsyncIterator[RunStore]:
     store = MemoryStore()
     try:
@@ -89,7 +96,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """Opens the backend's store on this test's place: a second one there is a restart."""
     factory, _ = BACKENDS[request.param]
     yield lambda _: factory(tmp_path)
-    if request.param == "redis":
+    if request.param.startswith("redis"):
         await _wipe(f"streamsvc-test:{uuid.uuid5(uuid.NAMESPACE_URL, str(tmp_path)).hex}:")
 
 
@@ -104,8 +111,13 @@ def plain(value: Any) -> Any:
     return msgspec.json.decode(msgspec.json.encode(value))
 
 
+#: The executor ``record`` names by default (None: a queued run; a name: executed here).
+EXECUTOR: dict[str, str | None] = {"default": None}
+
+
 def record(run_id: str | None = None, **kw: Any) -> RunRecord:
     fields: dict[str, Any] = {"kind": "connector", "status": "queued", "created_at": time.time()}
+    fields["executor"] = EXECUTOR["default"]
     return RunRecord(id=run_id or uuid.uuid4().hex, **(fields | kw))
 
 
@@ -324,6 +336,37 @@ async def test_prune_drops_events_then_records(store: RunStore) -> None:
 
 
 # -- Redis only
+
+
+@pytest.mark.redis
+async def test_redis_write_behind_keeps_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store as the app runs it (``writer()``: the runs it executes written by one task,
+    in batches). Task groups cannot live in a fixture, so the checks are called here."""
+    checks = [
+        test_a_record_round_trips,
+        test_running_then_finished,
+        test_follow_replays_after_an_id_and_ends_at_the_terminal_event,
+        test_followers_see_live_events_in_order_without_gap_or_duplicate,
+        test_200_concurrent_runs_store_every_event_once_in_order,
+        test_the_first_finish_wins,
+        test_find_is_newest_first_filtered_and_paginated,
+        test_delete_removes_the_record_and_its_events,
+        test_prune_drops_events_then_records,
+    ]
+    monkeypatch.setitem(EXECUTOR, "default", "this-process:1")  # runs executed here
+    for check in checks:
+        async with redis_behind() as store:
+            await check(store)
+    async with redis_behind() as store:  # executed here: Redis has it all once finished
+        run = record(status="running", executor="this-process:1")
+        await store.create(run)
+        for first in range(1, 300, 20):
+            await store.append(run.id, events(first, first + 19, terminal=first == 281))
+        await store.finish(run.id, "completed")
+        other = RedisRunStore.from_url(REDIS_URL, prefix=store.key(""), poll_seconds=0.1)
+        await other.open()
+        assert await collect(other, run.id, 0) == list(range(1, 301))
+        await other.aclose()
 
 
 @pytest.mark.redis

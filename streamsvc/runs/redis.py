@@ -6,6 +6,7 @@ the keys, the scripts and the store that owns them stay together (docs/architect
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -103,6 +104,13 @@ async def check_url(url: str) -> None:
     await store.aclose()
 
 
+def _flat(events: Sequence[StoredEvent]) -> list[bytes | str | int]:
+    args: list[bytes | str | int] = []
+    for event in events:
+        args += [event.id, event.name, event.data]
+    return args
+
+
 def _json(value: Any) -> bytes:
     return msgspec.json.encode(value)
 
@@ -140,6 +148,10 @@ class RedisRunStore:
         #: events Redis has not acknowledged yet, per run.
         self._active = Active()
         self._unsent: dict[str, list[StoredEvent]] = {}
+        #: Inside ``writer()``: appends return at once and one task writes them in batches.
+        self._behind = False
+        self._dirty = anyio.Event()
+        self._inflight: dict[str, list[StoredEvent]] = {}
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
@@ -268,21 +280,85 @@ class RedisRunStore:
         self._active.append(run_id, events)
         unsent = self._unsent.setdefault(run_id, [])
         unsent.extend(events)
-        try:
-            await self._write(run_id, unsent)
-        except RunStoreUnavailable:
-            if len(unsent) > BACKLOG:
-                raise
-            log.warning(
-                "run %s: Redis away, %d event(s) held for the next write", run_id, len(unsent)
-            )
+        if len(unsent) > BACKLOG:
+            raise RunStoreUnavailable(f"run {run_id}: Redis took no events for too long")
+        if self._behind:  # the writer task takes them (batched); the pump goes on
+            self._dirty.set()
             return
-        del self._unsent[run_id]
+        sendable = self._sendable(run_id)
+        try:
+            await self._write(run_id, sendable)
+        except RunStoreUnavailable:
+            self._unsent[run_id] = sendable + self._unsent.get(run_id, [])
+            log.warning("run %s: Redis away, events held for the next write", run_id)
+
+    def _sendable(self, run_id: str) -> list[StoredEvent]:
+        """Take the run's held events before its terminal one, which waits for ``finish``
+        (written with the end in one transaction: no node sees ``done`` on a running run)."""
+        held = self._unsent.pop(run_id, [])
+        cut = next((i for i, e in enumerate(held) if e.name in TERMINAL_EVENTS), len(held))
+        if held[cut:]:
+            self._unsent[run_id] = held[cut:]
+        return held[:cut]
+
+    @contextlib.asynccontextmanager
+    async def writer(self) -> AsyncIterator[None]:
+        """Write-behind for the runs this process executes, while inside (the app's
+        lifespan): one task writes whatever events have queued, one pipeline per pass.
+        On leaving, everything held is written (bounded) before Redis is closed."""
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._write_behind)
+            self._behind = True
+            try:
+                yield
+            finally:
+                self._behind = False
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
+                    for run_id in list(self._unsent):
+                        await self._write(run_id, self._unsent.pop(run_id))
+                tasks.cancel_scope.cancel()
+
+    async def _write_behind(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            batch = {run_id: self._sendable(run_id) for run_id in list(self._unsent)}
+            batch = {run_id: events for run_id, events in batch.items() if events}
+            self._inflight = batch
+            try:
+                failed = await self._write_batch(batch)
+            except RunStoreUnavailable as exc:
+                failed = set(batch)
+                log.warning("Redis away (%s): %d run(s)' events held", exc, len(failed))
+                await anyio.sleep(0.2)
+            finally:
+                self._inflight = {}
+            for run_id in failed:  # back in front of what came meanwhile, if still running
+                if run_id in self._active.records:
+                    self._unsent[run_id] = batch[run_id] + self._unsent.get(run_id, [])
+                    self._dirty.set()
+
+    async def _write_batch(self, batch: dict[str, list[StoredEvent]]) -> set[str]:
+        """One pipeline of appends. A run whose script refused (deleted, or a gap: a bug) is
+        logged and not tried again; Redis away raises (the caller keeps the batch)."""
+        if not batch:
+            return set()
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for run_id, events in batch.items():
+                    keys = [self._events_key(run_id), self._record_key(run_id)]
+                    await self._append(keys=keys, args=_flat(events), client=pipe)
+                return await pipe.execute(raise_on_error=False)
+
+        answers = await self.call(run)
+        for run_id, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, Exception):
+                log.error("run %s: events not stored: %s", run_id, answer)
+        return set()
 
     async def _write(self, run_id: str, events: Sequence[StoredEvent]) -> None:
-        args: list[bytes | str | int] = []
-        for event in events:
-            args += [event.id, event.name, event.data]
+        args = _flat(events)
         keys = [self._events_key(run_id), self._record_key(run_id)]
         try:
             await self.call(lambda: self._append(keys=keys, args=args))
@@ -296,15 +372,15 @@ class RedisRunStore:
     ) -> None:
         self._active.finish(run_id, status, result, error)  # readers here end now
         try:
-            if unsent := self._unsent.pop(run_id, None):
-                await self._write(run_id, unsent)
+            # What the writer holds too: a script skips ids Redis has, so both may write them.
+            unsent = self._inflight.get(run_id, []) + self._unsent.pop(run_id, [])
             fields = {
                 "status": status,
                 "finished_at": time.time(),
                 "result": result,
                 "error": error,
             }
-            await self._finish_fields(run_id, fields)
+            await self._finish_fields(run_id, fields, events=unsent)
         finally:
             self._active.forget(run_id)  # stored (or hopeless): Redis answers from now on
 
@@ -319,14 +395,31 @@ class RedisRunStore:
             self._active.forget(run_id)  # a reader here ends; Redis has the terminal event
 
     async def _finish_fields(
-        self, run_id: str, fields: dict[str, Any], terminal: tuple[str, bytes] = ("", b"")
+        self,
+        run_id: str,
+        fields: dict[str, Any],
+        terminal: tuple[str, bytes] = ("", b""),
+        events: Sequence[StoredEvent] = (),
     ) -> bool:
+        """The end (after ``events``, in the same transaction); False if it had ended."""
         keys = [self._record_key(run_id), self._events_key(run_id), self._unfinished_key]
         args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl, *terminal]
         for name, value in fields.items():
             args += [name, _json(value)]
-        done = await self.call(lambda: self._finish(keys=keys, args=args))
-        return int(done) == 1
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if events:
+                    appended = [self._events_key(run_id), self._record_key(run_id)]
+                    await self._append(keys=appended, args=_flat(events), client=pipe)
+                await self._finish(keys=keys, args=args, client=pipe)
+                return await pipe.execute(raise_on_error=False)
+
+        answers = await self.call(run)
+        for answer in answers:
+            if isinstance(answer, ResponseError):
+                log.error("run %s: not stored as it ended: %s", run_id, answer)
+        return bool(answers[-1] == 1)
 
     async def mark_running(self, run_id: str) -> None:
         self._active.mark_running(run_id)

@@ -125,6 +125,8 @@ def create_app(settings: Settings) -> Starlette:
             if isinstance(store, SqliteStore | RedisRunStore):
                 await store.open()
             stack.push_async_callback(store.aclose)
+            if isinstance(store, RedisRunStore):  # its write-behind task, flushed before aclose
+                await stack.enter_async_context(store.writer())
             sandbox = await _start_sandbox(settings.sandbox, stack)
             secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
             # Entered last, so it ends first: running runs are interrupted (their containers
