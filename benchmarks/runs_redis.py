@@ -166,12 +166,13 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(f"{v}: {added[v]:+.1f} ms, {ratio[v]:.2f}x" for v in VARIANTS if v != "memory")
         + ". No queue hop yet: the run executes on node A itself.",
         "",
-        "Where the Redis time goes: the run's pump awaits every event's append (one Lua"
-        " script: a loopback round trip, plus a disk fsync under `appendfsync always`), so a"
-        " run of many events pays it per event; the 20,000-line run has several hundred events"
-        " (output comes in chunks). Readers on the node that runs it follow it in memory."
-        " Batching those appends behind the pump (as the SQLite store's writer thread does) is"
-        " the next step; the figures are from a shared 2-CPU machine under the load shown.",
+        "Where the Redis time goes: a run executed here is followed in memory by readers on "
+        "this node; its events are written behind the run by one task (one pipeline per "
+        "pass), but its end waits for a transaction that writes the terminal event and the "
+        "status together (a round trip, plus a disk fsync under `appendfsync always`). A "
+        "reader on another node reads Redis (hiredis parses). The machine is shared: at the "
+        "load shown, memory:// itself moves by 10 ms or more between runs minutes apart, so "
+        "only differences beyond that mean anything.",
         "",
         f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory']}, Python"
         f" {facts['python']}, Docker {facts['docker']}, commit {facts['commit']}, load"
