@@ -29,8 +29,8 @@ one keep-alive connection each (http.client), on loopback:
    0.3 s so the pool is full again: p50 and p95 of --runs requests per store;
 2. a run printing 20,000 lines, streamed and read to its `done`: median end-to-end time
    of --big-runs runs per store;
-3. resume: `GET /runs/{id}/events` with `Last-Event-ID` half-way through a finished
-   20,000-line run, on a new connection: time from connecting to the first replayed event,
+3. resume: `GET /runs/{id}/events` with `Last-Event-ID` half-way through the events of a
+   finished 20,000-line run, on a new connection: time from connecting to the first replayed event,
    p50 of --resumes reconnects per store.
 """
 
@@ -64,6 +64,14 @@ def streamed(conn: http.client.HTTPConnection, payload: Any) -> tuple[float, str
             last = line
     assert last == b"event: done\n", last
     return time.perf_counter() - started, run_id
+
+
+def last_event_id(port: int, run_id: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/runs/{run_id}")
+    found = int(json.loads(conn.getresponse().read())["last_event_id"])
+    conn.close()
+    return found
 
 
 def first_replayed(port: int, run_id: str, after: int) -> float:
@@ -132,10 +140,11 @@ def main(argv: list[str] | None = None) -> None:
             return took
 
         bigs = alternate(servers, args.big_runs, big)
+        halves = {name: last_event_id(servers[name].port, big_ids[name]) // 2 for name in servers}
         resumes = alternate(
             servers,
             args.resumes,
-            lambda name: first_replayed(servers[name].port, big_ids[name], 10_000),
+            lambda name: first_replayed(servers[name].port, big_ids[name], halves[name]),
         )
     finally:
         for server in servers.values():
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = statistics.median(bigs["sqlite"]) / statistics.median(bigs["memory"])
     facts = machine_facts()
     lines = [
-        "`python -m benchmarks.runs` (issue 13). " + METHOD.replace("\n", " ").strip(),
+        "`python -m benchmarks.runs` (issue 13).",
+        "",
+        METHOD.strip(),
         "",
         *markdown_table(
             ["store", "warm trivial p50 ms", "p95 ms", "20,000 lines median ms", "resume p50 ms"],

@@ -34,6 +34,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     │   └── UpstreamUnreachable       502  upstream_unreachable
     ├── NotConfigured                 503  not_configured
     │   └── ChatNotConfigured         503  chat_not_configured
+    ├── RunLogFull                    500  run_log_full: a run's log reached its event cap
     ├── ShuttingDown                  503  shutting_down
     ├── RunInterrupted                503  interrupted: the server stopped during the run
     ├── RunStoreUnavailable           503  run_store_unavailable: Redis did not answer
@@ -162,6 +163,11 @@ class RunCancelled(ServiceError):
 class RunElsewhere(ServiceError):
     status = 409
     code = "run_elsewhere"
+
+
+class RunLogFull(ServiceError):
+    status = 500
+    code = "run_log_full"
 
 
 class RunInterrupted(ServiceError):

@@ -17,7 +17,7 @@ from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess, read_sse
 
 USER = [{"role": "user", "content": "Hello"}]
-ANSWER_KEYS = {"id", "model", "content", "finish_reason", "usage"}
+ANSWER_KEYS = {"id", "model", "content", "finish_reason", "usage", "run_id"}
 
 
 async def test_stream_delivers_each_delta_as_it_arrives_then_the_json_answer(
@@ -66,8 +66,9 @@ async def test_final_event_equals_the_json_answer_for_the_same_reply(
     final = streamed.last.data
     assert streamed.last.event == "done"
     assert set(answer) == ANSWER_KEYS
-    # Same object except the upstream's per-completion id.
-    assert {**final, "id": None} == {**answer, "id": None}
+    # Same object except the upstream's per-completion id and the run's id.
+    assert {**final, "id": None, "run_id": None} == {**answer, "id": None, "run_id": None}
+    assert final["run_id"] == streamed.headers["x-run-id"] != answer["run_id"]
     assert answer["content"] == "one two"
     assert answer["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 2

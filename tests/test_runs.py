@@ -342,6 +342,46 @@ async def test_sigkill_mid_run_then_restart_interrupts_it(
     await eventually(lambda: not docker("ps", "-aq", "--filter", label).split(), 15)
 
 
+@pytest.mark.docker
+async def test_twenty_concurrent_runs_store_every_event_once_in_order(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    """4 at once and 16 queued (the default limits): every run's log complete and ordered."""
+    code = """
+        for i in range(1, 51):
+            print(f"{RUN}-{i}", flush=True)
+        print('{"ok": true}')
+    """
+
+    async def start(index: int) -> str:
+        payload = body(code.replace("{RUN}", str(index))) | {"background": True}
+        answer = await client.post(server.url + "/execute-connector", json=payload)
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    ids: dict[int, str] = {}
+
+    async def one(index: int) -> None:
+        ids[index] = await start(index)
+
+    async with anyio.create_task_group() as tasks:
+        for index in range(20):
+            tasks.start_soon(one, index)
+
+    async def all_finished() -> bool:
+        records = [(await client.get(f"{server.url}/runs/{i}")).json() for i in ids.values()]
+        return all(r["status"] in {"completed", "failed"} for r in records)
+
+    await poll(all_finished, 120)
+    for index, run_id in ids.items():
+        record = (await client.get(f"{server.url}/runs/{run_id}")).json()
+        assert record["status"] == "completed", record
+        _, events = await read(client, "GET", f"{server.url}/runs/{run_id}/events")
+        assert [int(f.id or 0) for f in events] == list(range(1, len(events) + 1))
+        lines = "".join(f"{index}-{i}\n" for i in range(1, 51)) + '{"ok": true}\n'
+        assert text_of(events) == lines
+
+
 # ---- chat ---------------------------------------------------------------------------------
 
 
@@ -460,3 +500,34 @@ async def test_retention_expires_events_then_records(
         return (await client.get(url)).status_code == 404
 
     await poll(dropped, 10)
+
+
+async def test_listing_pages_and_refusals(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure, client: httpx.AsyncClient
+) -> None:
+    server = start_server()
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    made = [
+        (await client.post(server.url + "/chat", json=chat)).headers["x-run-id"] for _ in range(5)
+    ]
+    first = (await client.get(server.url + "/runs?limit=2&kind=chat")).json()
+    assert [r["id"] for r in first["runs"]] == made[::-1][:2]
+    assert "result" not in first["runs"][0] and first["runs"][0]["status"] == "completed"
+    second = (await client.get(server.url + first["next"])).json()
+    assert [r["id"] for r in second["runs"]] == made[::-1][2:4]
+    assert (await client.get(server.url + "/runs?kind=connector")).json()["runs"] == []
+    for query in ("limit=0", "limit=201", "kind=shell", "status=done", "surprise=1"):
+        refused = await client.get(f"{server.url}/runs?{query}")
+        assert refused.status_code == 422, query
+        assert refused.json()["error"]["code"] == "validation_error"
+    assert (await client.get(server.url + "/runs/nope")).status_code == 404
+    assert (await client.get(server.url + "/runs/nope/events")).status_code == 404
+    bad = await client.get(f"{server.url}/runs/{made[0]}/events", headers={"last-event-id": "x"})
+    assert bad.status_code == 422
+    azure.push(Reply(text_chunks=["slow"] * 20, chunk_delay=0.2))
+    running = await client.post(server.url + "/chat", json=chat | {"background": True})
+    url = server.url + running.json()["url"]
+    deleting = await client.delete(url)
+    assert deleting.status_code == 409 and deleting.json()["error"]["code"] == "run_not_finished"
+    assert (await client.post(url + "/cancel")).json()["status"] == "cancelled"
+    assert (await client.delete(url)).status_code == 204

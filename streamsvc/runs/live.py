@@ -23,7 +23,8 @@ class LiveLog:
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
         self.finished = False
-        self._changed = anyio.Event()
+        #: Made by the first reader that waits, set (and dropped) by the next change.
+        self._changed: anyio.Event | None = None
 
     def add(self, events: Sequence[StoredEvent]) -> None:
         self.events.extend(events)
@@ -34,8 +35,9 @@ class LiveLog:
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def follow(self, after: int) -> AsyncIterator[StoredEvent]:
         index = max(0, after)
@@ -48,6 +50,8 @@ class LiveLog:
                 continue
             if self.finished:
                 return
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
 
 

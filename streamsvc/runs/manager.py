@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +29,7 @@ from streamsvc.errors import (
     ErrorEnvelope,
     RunCancelled,
     RunInterrupted,
+    RunLogFull,
     SandboxFailed,
     ServiceError,
 )
@@ -48,6 +49,9 @@ _ENDINGS: dict[Reason, tuple[RunStatus, type[ServiceError], str]] = {
     "abandoned": ("cancelled", RunCancelled, "the run was abandoned: no reader came back in time"),
     "interrupted": ("interrupted", RunInterrupted, "the server stopped during the run"),
 }
+#: Most events one run's log holds (its bytes are bounded by the output caps; this bounds
+#: the count, e.g. of one-character lines); past it the run is stopped with ``run_log_full``.
+MAX_LOG_EVENTS = 100_000
 #: Longest wait, on shutdown, for the runs to record their end.
 STOP_TIMEOUT = 10.0
 
@@ -174,6 +178,7 @@ class RunManager:
         with anyio.move_on_after(STOP_TIMEOUT, shield=True):
             for run in list(self._runs.values()):
                 await run.done.wait()
+        self._tasks.cancel_scope.cancel()  # grace timers; a pump still going records its end
         return await self._tasks.__aexit__(kind, exc, tb)
 
     # -- tokens ------------------------------------------------------------------------------
@@ -234,8 +239,9 @@ class RunManager:
             body = exc.body()
             envelope = _encoder.encode(ErrorEnvelope(body))
             await put("error", envelope)
-            await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
-            ended = True
+            ended = True  # the terminal event is in: nothing may end the run a second time
+            with anyio.CancelScope(shield=True):
+                await self.store.finish(run.id, status, error=msgspec.Raw(_encoder.encode(body)))
 
         try:
             with run.scope:
@@ -250,6 +256,8 @@ class RunManager:
                     return
                 await self.store.mark_running(run.id)
                 while event is not None:
+                    if next_id >= MAX_LOG_EVENTS and event.name != "done":
+                        raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)
@@ -257,8 +265,10 @@ class RunManager:
                     await put(event.name, encoded)
                     run.first.set()
                     if event.name == "done":
-                        await self.store.finish(run.id, "completed", result=msgspec.Raw(encoded))
                         ended = True
+                        with anyio.CancelScope(shield=True):
+                            result = msgspec.Raw(encoded)
+                            await self.store.finish(run.id, "completed", result=result)
                         return
                     event = await anext(source, None)
                 raise SandboxFailed("the run ended without an answer")
@@ -295,7 +305,7 @@ class RunManager:
 
     # -- readers -----------------------------------------------------------------------------
 
-    async def reader(self, run_id: str, after: int) -> AsyncIterator[sse.Event]:
+    async def reader(self, run_id: str, after: int) -> AsyncGenerator[sse.Event, None]:
         """The run's events after ``after`` as ``StoredFrame``s, ending with the terminal one.
 
         While a reader is attached, the run never counts as abandoned; when the last one of a

@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import msgspec
@@ -32,14 +31,16 @@ log = logging.getLogger("streamsvc.runs")
 T = TypeVar("T")
 _Op = Callable[[sqlite3.Connection], object]
 
-#: Most queued writes committed in one transaction.
-BATCH = 2000
+#: How long the writer lets writes gather after the first one before it commits them.
+COALESCE_SECONDS = 0.005
 #: Longest wait for the writer to commit something a caller waits for.
 WRITE_TIMEOUT = 30.0
 #: How often a reader polls for the events of a run another process executes.
 POLL_SECONDS = 0.2
-#: Events read from the file per query when replaying.
-PAGE = 1000
+#: Chunks (each the events of one commit) read per query when replaying; the first query
+#: reads fewer, so a resume's first event comes back quickly.
+PAGE = 64
+FIRST_PAGE = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,9 +51,9 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_newest ON runs (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_at);
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL, id INTEGER NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (run_id, id)
+CREATE TABLE IF NOT EXISTS chunks (
+    run_id TEXT NOT NULL, last_id INTEGER NOT NULL, events BLOB NOT NULL,
+    PRIMARY KEY (run_id, last_id)
 ) WITHOUT ROWID;
 """
 _COLUMNS = (
@@ -63,6 +64,18 @@ _encode = msgspec.json.Encoder().encode
 _INTERRUPTED = msgspec.json.encode(
     {"error": {"code": "interrupted", "message": "the server stopped during the run"}}
 )
+
+
+_packer = msgspec.msgpack.Encoder()
+_unpacker = msgspec.msgpack.Decoder(list[StoredEvent])
+
+
+def _pack(events: Sequence[StoredEvent]) -> bytes:
+    return _packer.encode(events)
+
+
+def _unpack(chunk: bytes) -> list[StoredEvent]:
+    return _unpacker.decode(chunk)
 
 
 def _blob(value: Any) -> bytes | None:
@@ -97,26 +110,40 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class _Append(NamedTuple):
+    run_id: str
+    events: Sequence[StoredEvent]
+
+
+_Item = tuple[_Op | _Append, Callable[[], None] | None]
+
+
 class _Writer(threading.Thread):
     """The one writer: takes every queued operation, commits them in one transaction."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(name="streamsvc-run-store", daemon=True)
         self.path = path
-        self.queue: queue.SimpleQueue[tuple[_Op, Callable[[], None] | None] | None] = (
-            queue.SimpleQueue()
-        )
+        self._ready = threading.Condition()
+        self._items: list[_Item | None] = []
+
+    def put(self, item: _Item | None) -> None:
+        """Queue a write (None: stop after the queued ones); wakes the writer when idle."""
+        with self._ready:
+            self._items.append(item)
+            if len(self._items) == 1:
+                self._ready.notify()
 
     def run(self) -> None:
         conn = connect(self.path)
         try:
             while True:
-                batch = [self.queue.get()]
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self.queue.get_nowait())
-                    except queue.Empty:
-                        break
+                with self._ready:
+                    while not self._items:
+                        self._ready.wait()
+                time.sleep(COALESCE_SECONDS)  # let a busy stream's appends gather (GIL released)
+                with self._ready:
+                    batch, self._items = self._items, []
                 work = [item for item in batch if item is not None]
                 self._commit(conn, work)
                 for _, done in work:
@@ -128,22 +155,56 @@ class _Writer(threading.Thread):
             conn.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, work: list[tuple[_Op, Any]]) -> None:
+    def _commit(conn: sqlite3.Connection, work: list[_Item]) -> None:
+        """One transaction; consecutive appends (of any runs) become one insert and one
+        ``last_event_id`` update per run, the rest run in order, each in a savepoint."""
+        pending: list[_Append] = []
+
+        def flush() -> None:
+            if pending:
+                by_run: dict[str, list[StoredEvent]] = {}
+                for append in pending:
+                    by_run.setdefault(append.run_id, []).extend(append.events)
+                _guarded(conn, lambda c: _insert_chunks(c, by_run))
+                pending.clear()
+
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, _ in work:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op(conn)
-                except sqlite3.Error:
-                    log.exception("a run-store write failed; it was skipped")
-                    conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                if isinstance(op, _Append):
+                    pending.append(op)
+                    continue
+                flush()
+                _guarded(conn, op)
+            flush()
             conn.execute("COMMIT")
         except sqlite3.Error:
             log.exception("a run-store transaction failed")
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+
+
+def _guarded(conn: sqlite3.Connection, op: _Op) -> None:
+    conn.execute("SAVEPOINT op")
+    try:
+        op(conn)
+    except sqlite3.Error:
+        log.exception("a run-store write failed; it was skipped")
+        conn.execute("ROLLBACK TO op")
+    conn.execute("RELEASE op")
+
+
+def _insert_chunks(conn: sqlite3.Connection, by_run: dict[str, list[StoredEvent]]) -> None:
+    """Each run's events of one commit as one row (a *chunk*, keyed by its last id): a few
+    rows instead of one per event keeps the writer's work, and its hold on the GIL, small."""
+    conn.executemany(
+        "INSERT INTO chunks (run_id, last_id, events) VALUES (?,?,?)",
+        [(run_id, events[-1].id, _pack(events)) for run_id, events in by_run.items()],
+    )
+    conn.executemany(
+        "UPDATE runs SET last_event_id = ? WHERE id = ?",
+        [(events[-1].id, run_id) for run_id, events in by_run.items()],
+    )
 
 
 class SqliteStore:
@@ -173,7 +234,7 @@ class SqliteStore:
     # -- plumbing ------------------------------------------------------------------------
 
     def _submit(self, op: _Op) -> None:
-        self._writer.queue.put((op, None))
+        self._writer.put((op, None))
 
     async def _write(self, op: _Op) -> None:
         """Queue ``op`` and wait until it is committed."""
@@ -189,7 +250,7 @@ class SqliteStore:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 loop.call_soon_threadsafe(settle)
 
-        self._writer.queue.put((op, done))
+        self._writer.put((op, done))
         with anyio.fail_after(WRITE_TIMEOUT):
             await future
 
@@ -224,14 +285,7 @@ class SqliteStore:
         if not events:
             return
         self._active.append(run_id, events)
-        rows = [(run_id, e.id, e.name, e.data) for e in events]
-        last = events[-1].id
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)", rows)
-            conn.execute("UPDATE runs SET last_event_id = ? WHERE id = ?", (last, run_id))
-
-        self._submit(write)
+        self._writer.put((_Append(run_id, events), None))
 
     async def mark_running(self, run_id: str) -> None:
         self._active.mark_running(run_id)
@@ -269,19 +323,24 @@ class SqliteStore:
             async for event in live.follow(after):
                 yield event
             return
+        limit = FIRST_PAGE  # a small first page: the first event comes back quickly
         while True:
-            record, rows = await self._read(functools.partial(_events, run_id=run_id, after=after))
+            read = functools.partial(_events, run_id=run_id, after=after, limit=limit)
+            record, rows = await self._read(read)
             if record is None:
                 raise RunNotFound(f"no run {run_id}")
             if record.events_expired:
                 raise EventsExpired(f"the events of run {run_id} were pruned")
-            for row in rows:
-                yield StoredEvent(row[0], row[1], row[2])
-                after = row[0]
-            if len(rows) < PAGE:
+            for chunk in rows:
+                for event in _unpack(chunk):
+                    if event.id > after:
+                        yield event
+                        after = event.id
+            if len(rows) < limit:
                 if record.status in FINISHED:
                     return
                 await anyio.sleep(POLL_SECONDS)  # run by another process: poll the file
+            limit = PAGE
 
     async def find(
         self,
@@ -327,12 +386,9 @@ class SqliteStore:
         def interrupt(conn: sqlite3.Connection) -> None:
             for run_id in dead:
                 (last,) = conn.execute(
-                    "SELECT COALESCE(MAX(id), 0) FROM events WHERE run_id = ?", (run_id,)
+                    "SELECT COALESCE(MAX(last_id), 0) FROM chunks WHERE run_id = ?", (run_id,)
                 ).fetchone()
-                conn.execute(
-                    "INSERT INTO events (run_id, id, name, data) VALUES (?,?,?,?)",
-                    (run_id, last + 1, "error", _INTERRUPTED),
-                )
+                _insert_chunks(conn, {run_id: [StoredEvent(last + 1, "error", _INTERRUPTED)]})
                 conn.execute(
                     "UPDATE runs SET status='interrupted', finished_at=?, last_event_id=?,"
                     " error=? WHERE id=?",
@@ -365,7 +421,7 @@ class SqliteStore:
                 )
             ]
             for run_id in expired:
-                conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM chunks WHERE run_id = ?", (run_id,))
                 conn.execute("UPDATE runs SET events_expired = 1 WHERE id = ?", (run_id,))
             touched[0] = len(gone) + len(expired)
 
@@ -374,7 +430,7 @@ class SqliteStore:
 
     async def aclose(self) -> None:
         if self._writer.is_alive():
-            self._writer.queue.put(None)
+            self._writer.put(None)
             with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
                 await anyio.to_thread.run_sync(self._writer.join)
         with self._lock:
@@ -390,20 +446,20 @@ def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
 
 
 def _events(
-    conn: sqlite3.Connection, *, run_id: str, after: int
-) -> tuple[RunRecord | None, list[tuple[int, str, bytes]]]:
+    conn: sqlite3.Connection, *, run_id: str, after: int, limit: int
+) -> tuple[RunRecord | None, list[bytes]]:
     """The record and the next page of events, read in one snapshot (a finished record
     read first means every one of its events is in the snapshot)."""
     conn.execute("BEGIN")
     try:
         record = _get(conn, run_id)
         rows = conn.execute(
-            "SELECT id, name, data FROM events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
-            (run_id, after, PAGE),
+            "SELECT events FROM chunks WHERE run_id = ? AND last_id > ? ORDER BY last_id LIMIT ?",
+            (run_id, after, limit),
         ).fetchall()
     finally:
         conn.execute("COMMIT")
-    return record, rows
+    return record, [row[0] for row in rows]
 
 
 def _find(
@@ -436,5 +492,5 @@ def _find(
 
 def _delete(conn: sqlite3.Connection, run_ids: list[str]) -> None:
     for run_id in run_ids:
-        conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM chunks WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))

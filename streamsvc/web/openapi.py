@@ -2,6 +2,7 @@
 
 The rule: built from the structs, so it cannot drift; streams are ``text/event-stream`` with
 one schema per event (``x-sse-events``). It imports the endpoints for their types only.
+Over 400 lines: the whole document (every route, /runs included) is built in one place.
 """
 
 from __future__ import annotations
