@@ -547,3 +547,23 @@ async def test_redis_restarted_mid_run_loses_nothing_acknowledged(
         await store.aclose()
     finally:
         server.kill()
+
+
+@pytest.mark.redis
+async def test_redis_health_follows_redis(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        store = RedisRunStore.from_url(server.url.replace("redis://", "redis://:pw@"), timeout=1)
+        assert (await store.health())["state"] == "ready"  # no requirepass: any password works
+        server.kill()
+        await anyio.sleep(1.05)  # one look per second at most
+        down = await store.health()
+        assert down["state"] == "unavailable" and down["reason"], down
+        assert "pw" not in str(down), down
+        await anyio.to_thread.run_sync(server.start)
+        await anyio.sleep(1.05)
+        assert (await store.health())["state"] == "ready"
+        await store.aclose()
+    finally:
+        server.kill()

@@ -83,6 +83,9 @@ async def test_a_stream_started_on_one_node_resumes_on_another(
     streamed = "".join(e.data["content"] for e in cut.events + rest if e.event == "delta")
     assert streamed == "".join(words) == rest[-1].data["content"]
 
+    health = (await client.get(f"{node_b.url}/health")).json()
+    assert health["components"]["runs"]["state"] == "ready", health
+    assert health["components"]["runs"]["store"] == "redis" and health["status"] == "ok"
     record = (await client.get(f"{node_b.url}/runs/{run_id}")).json()
     assert record["status"] == "completed" and record["last_event_id"] == len(ids), record
     assert record["result"]["content"] == "".join(words)

@@ -152,6 +152,8 @@ class RedisRunStore:
         self._behind = False
         self._dirty = anyio.Event()
         self._inflight: dict[str, list[StoredEvent]] = {}
+        self._looked_at = -1.0
+        self._verdict: str | None = None
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
@@ -619,6 +621,30 @@ class RedisRunStore:
             pipe.delete(self._events_key(run_id))
             pipe.hset(self._record_key(run_id), "events_expired", b"true")
             await pipe.execute()
+
+    async def health(self) -> dict[str, Any]:
+        """``/health``'s ``runs`` component: whether Redis answers a ping (bounded at 1 s;
+        one look per second at most), the runs executed here and the events they hold."""
+        now = time.monotonic()
+        if now - self._looked_at >= 1.0:
+            self._looked_at = now
+            try:
+                with anyio.fail_after(1.0):
+                    await self._redis.ping()
+                self._verdict = None
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._verdict = str(exc) or type(exc).__name__
+        held = sum(map(len, self._unsent.values()))
+        report: dict[str, Any] = {
+            "state": "ready" if self._verdict is None else "unavailable",
+            "store": "redis",
+            "url": self._url,
+            "running_here": len(self._active.records),
+            "held_events": held,
+        }
+        if self._verdict is not None:
+            report["reason"] = self._verdict
+        return report
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):

@@ -97,6 +97,8 @@ async def health(request: Request) -> Response:
     components: dict[str, Any] = {"chat": chat}
     if found.sandbox is not None:
         components["sandbox"] = await found.sandbox.health()
+    if found.runs is not None and isinstance(found.runs.store, RedisRunStore):
+        components["runs"] = await found.runs.store.health()
     healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
     return json_response({"status": "ok" if healthy else "degraded", "components": components})
 
