@@ -331,7 +331,13 @@ class RunManager:
 
         async def wait() -> None:
             with timer:
-                await anyio.sleep(run.grace)
+                while True:
+                    await anyio.sleep(run.grace)
+                    store = self.store
+                    if not (
+                        isinstance(store, RedisRunStore) and await store.read_elsewhere(run.id)
+                    ):
+                        break  # else read through another node: not abandoned
                 log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
                 run.stop("abandoned")
 

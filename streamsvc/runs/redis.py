@@ -465,7 +465,11 @@ class RedisRunStore:
         cursor = max(after, 0)
         block = self._poll_ms / 1000
         count = FIRST_BATCH  # a resuming reader gets its first event soon, then bigger reads
+        marked = 0.0
         while True:
+            if time.monotonic() - marked >= block:  # "a reader is here", for the running node
+                marked = time.monotonic()
+                await self.call(partial(self._mark_reader, run_id))
             read = await self.call(
                 partial(self._redis.xread, {key: f"{cursor}-0"}, count=count, block=self._poll_ms),
                 extra=block,
@@ -504,6 +508,18 @@ class RedisRunStore:
         if record is not None and self._expired(record, bool(has_events)):
             record = msgspec.structs.replace(record, events_expired=True)
         return record
+
+    async def _mark_reader(self, run_id: str) -> None:
+        await self._redis.set(self.key(f"reader:{run_id}"), b"1", px=3 * self._poll_ms)
+
+    async def read_elsewhere(self, run_id: str) -> bool:
+        """Whether a reader on another node followed the run within the last few polls (the
+        node running it does not cancel it as abandoned then)."""
+        try:
+            key = self.key(f"reader:{run_id}")
+            return bool(await self.call(partial(self._redis.exists, key)))
+        except RunStoreUnavailable:
+            return False  # Redis away: nobody can be reading through it
 
     async def find(
         self,
