@@ -141,7 +141,7 @@ async def test_cancel_reaches_the_executor_running_the_run_within_a_second(
     arrived = anyio.Event()
 
     async def listen() -> None:
-        async for cancelled in queue.control("exec-b", poll_seconds=0.2):
+        async for cancelled in queue.control("exec-b"):
             heard.append((cancelled, time.monotonic()))
             arrived.set()
             return

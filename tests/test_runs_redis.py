@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import anyio
 import httpx
 import pytest
 import redis
@@ -101,3 +102,30 @@ def test_an_unreachable_redis_stops_start_up_naming_the_setting(fake_azure: Fake
     message = str(failed.value)
     assert "STREAMSVC_RUN_STORE=redis://:***@127.0.0.1:1/0" in message, message
     assert "s3cret-pass" not in message and "Traceback" not in message, message
+
+
+async def test_a_cancel_through_another_node_stops_the_run_within_a_second(
+    azure: FakeAzure,
+    start_server: Callable[..., ServerProcess],
+    client: httpx.AsyncClient,
+    shared_store: str,
+) -> None:
+    azure.push(Reply(text_chunks=[f"w{i} " for i in range(100)], chunk_delay=0.1))
+    node_a = start_server(STREAMSVC_RUN_STORE=shared_store)
+    node_b = start_server(STREAMSVC_RUN_STORE=shared_store)
+    started = await client.post(node_a.url + "/chat", json=CHAT | {"background": True})
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    for _ in range(100):  # until it streams
+        if (await client.get(f"{node_b.url}/runs/{run_id}")).json()["last_event_id"] >= 2:
+            break
+        await anyio.sleep(0.05)
+
+    sent = time.monotonic()
+    cancelled = await client.post(f"{node_b.url}/runs/{run_id}/cancel")
+    took = time.monotonic() - sent
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled" and took < 1.0, (cancelled.json(), took)
+    assert await azure.await_disconnect(within=5)  # node A closed its upstream call
+    events = await run_events(client, f"{node_b.url}/runs/{run_id}/events", None)
+    assert events[-1].event == "error" and events[-1].data["error"]["code"] == "cancelled"

@@ -163,7 +163,15 @@ class RunManager:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._prune_loop)
+        if isinstance(self.store, RedisRunStore):  # cancels asked through another node
+            self._tasks.start_soon(self._listen_cancels, self.store)
         return self
+
+    async def _listen_cancels(self, store: RedisRunStore) -> None:
+        async for run_id in store.cancels(self.executor):
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.stop("cancelled")
 
     async def __aexit__(
         self,

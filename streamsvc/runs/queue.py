@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
-import anyio
 import msgspec
 from redis.exceptions import ResponseError
 
@@ -195,23 +194,8 @@ class RunQueue:
         record = await self._store.get(run_id)
         if record is None or record.executor is None:
             return 0
-        channel = self._store.key(f"control:{record.executor}")
-        return int(await self._store.call(lambda: self._redis.publish(channel, run_id)))
+        return await self._store.request_cancel(run_id, record.executor)
 
-    async def control(self, executor: str, poll_seconds: float = 1.0) -> AsyncIterator[str]:
+    def control(self, executor: str) -> AsyncIterator[str]:
         """Run ids whose cancel reached ``executor``, as they come (runs until cancelled)."""
-        pubsub = self._redis.pubsub()
-        try:
-            await self._store.call(lambda: pubsub.subscribe(self._store.key(f"control:{executor}")))
-            while True:
-                message = await self._store.call(
-                    lambda: pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=poll_seconds
-                    ),
-                    extra=poll_seconds,
-                )
-                if message is not None and message["type"] == "message":
-                    yield message["data"].decode()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await pubsub.aclose()
+        return self._store.cancels(executor)

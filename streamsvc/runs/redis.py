@@ -521,6 +521,32 @@ class RedisRunStore:
         except RunStoreUnavailable:
             return False  # Redis away: nobody can be reading through it
 
+    async def request_cancel(self, run_id: str, executor: str) -> int:
+        """Ask the process running ``run_id`` (its record's ``executor``) to cancel it; how
+        many processes heard (0: none listening)."""
+        channel = self.key(f"control:{executor}")
+        return int(await self.call(partial(self._redis.publish, channel, run_id)))
+
+    async def cancels(self, executor: str) -> AsyncIterator[str]:
+        """Run ids whose cancel was asked of ``executor``, as they come; subscribes again
+        after Redis was away. Runs until cancelled."""
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await self.call(partial(pubsub.subscribe, self.key(f"control:{executor}")))
+                while True:
+                    message = await self.call(
+                        partial(pubsub.get_message, ignore_subscribe_messages=True, timeout=1.0),
+                        extra=1.0,
+                    )
+                    if message is not None and message["type"] == "message":
+                        yield message["data"].decode()
+            except RunStoreUnavailable:
+                await anyio.sleep(1.0)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await pubsub.aclose()
+
     async def find(
         self,
         *,
