@@ -10,6 +10,10 @@
 #   ensure_browser        Debian's chromium and playwright-core in tests/browser
 #                         (scripts/test only; never downloads a browser)
 #   ensure_clients        the Vercel AI SDK in tests/clients (npm ci; scripts/test only)
+#   ensure_redis          a Redis answers at $STREAMSVC_TEST_REDIS_URL (installs Debian's
+#                         redis-server and starts a private instance when none does)
+#   ensure_second_engine  a second dockerd on $STREAMSVC_TEST_DOCKER_HOST_2 with the
+#                         sandbox image (scripts/test only: the multi-host tests)
 #
 # Environment:
 #   PYTHON                    interpreter for a new .venv (default python3, >= 3.11)
@@ -18,6 +22,10 @@
 #   SANDBOX_DEBIAN_MIRROR     mirror for debootstrap (default http://deb.debian.org/debian)
 #   STREAMSVC_SKIP_DOCKER=1   ensure_all skips the engine and the image
 #   STREAMSVC_SKIP_BROWSER=1  ensure_browser does nothing (the browser tests skip)
+#   STREAMSVC_SKIP_REDIS=1    ensure_redis does nothing (the Redis tests skip, not in CI)
+#   STREAMSVC_SKIP_ENGINE2=1  ensure_second_engine does nothing (likewise)
+#   STREAMSVC_TEST_REDIS_URL  the tests' Redis (default redis://127.0.0.1:6390/0, private)
+#   STREAMSVC_TEST_DOCKER_HOST_2  the second engine (default unix:///run/streamsvc-docker2.sock)
 #   CHROMIUM                  browser binary (default /usr/bin/chromium)
 #
 # Everything is idempotent, and the slow paths take a lock, so scripts/run and
@@ -451,6 +459,177 @@ ensure_clients() {
         _unlock
     fi
     _step clients "$t0" "ai $(node -p "require('$CLIENTS_DIR/node_modules/ai/package.json').version")"
+}
+
+# ---------------------------------------------------------------- redis
+
+# The tests' private Redis: loopback only, its own directory, config, pidfile and log.
+# Left running (like the engine) so the next scripts/test finds it; `redis-cli -p 6390
+# shutdown nosave` stops it. Persistence: appendonly, fsync every write (the tests
+# restart Redis and check that nothing acknowledged is lost).
+REDIS_TEST_PORT=6390
+REDIS_TEST_DIR=/tmp/streamsvc-redis
+STREAMSVC_TEST_REDIS_URL=${STREAMSVC_TEST_REDIS_URL:-redis://127.0.0.1:$REDIS_TEST_PORT/0}
+
+# _redis_answers URL: a PING answered PONG.
+_redis_answers() {
+    [[ $(timeout 5 redis-cli -u "$1" ping 2>/dev/null) == PONG ]]
+}
+
+ensure_redis() {
+    local t0 i what="" conf=$REDIS_TEST_DIR/redis.conf
+    t0=$(_now_ms)
+    export STREAMSVC_TEST_REDIS_URL
+    if [[ -n ${STREAMSVC_SKIP_REDIS:-} ]]; then
+        echo "redis: skipped (STREAMSVC_SKIP_REDIS is set)"
+        return 0
+    fi
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        if ((EUID != 0)) || [[ ! -r /etc/debian_version ]]; then
+            _die "the Redis tests need redis-server: install it (Debian: apt-get install" \
+                "redis-server) or set STREAMSVC_SKIP_REDIS=1"
+        fi
+        _lock /tmp/streamsvc-redis.lock
+        command -v redis-server >/dev/null || _apt_install redis-server redis-tools
+        _unlock
+        what="installed redis-server, "
+    fi
+    if _redis_answers "$STREAMSVC_TEST_REDIS_URL"; then
+        _step redis "$t0" "${what}$(_redact_url "$STREAMSVC_TEST_REDIS_URL") answers"
+        return 0
+    fi
+    [[ $STREAMSVC_TEST_REDIS_URL == "redis://127.0.0.1:$REDIS_TEST_PORT/"* ]] ||
+        _die "STREAMSVC_TEST_REDIS_URL=$(_redact_url "$STREAMSVC_TEST_REDIS_URL") does not" \
+            "answer: start that Redis or unset the variable (a private one is started then)"
+    _lock /tmp/streamsvc-redis.lock
+    if ! _redis_answers "$STREAMSVC_TEST_REDIS_URL"; then
+        mkdir -p "$REDIS_TEST_DIR"
+        cat >"$conf" <<CONF
+# Written by scripts/_lib.sh (ensure_redis): the test suite's private Redis.
+bind 127.0.0.1
+port $REDIS_TEST_PORT
+protected-mode yes
+dir $REDIS_TEST_DIR
+pidfile $REDIS_TEST_DIR/redis.pid
+logfile $REDIS_TEST_DIR/redis.log
+daemonize yes
+save ""
+appendonly yes
+appendfsync always
+maxmemory 256mb
+maxmemory-policy noeviction
+CONF
+        _log "starting redis-server on 127.0.0.1:$REDIS_TEST_PORT (log: $REDIS_TEST_DIR/redis.log)"
+        # daemonize: it leaves this shell at once and never holds the lock's fd.
+        redis-server "$conf" {_STREAMSVC_LOCK_FD}>&- >/dev/null 2>&1 ||
+            _die "redis-server did not start (log: $REDIS_TEST_DIR/redis.log)"
+        for ((i = 0; i < 50; i++)); do
+            if _redis_answers "$STREAMSVC_TEST_REDIS_URL"; then break; fi
+            sleep 0.2
+        done
+        what+="started, "
+    fi
+    _unlock
+    _redis_answers "$STREAMSVC_TEST_REDIS_URL" ||
+        _die "Redis did not answer on 127.0.0.1:$REDIS_TEST_PORT within 10 s" \
+            "(log: $REDIS_TEST_DIR/redis.log)"
+    _step redis "$t0" "${what}$(redis-server --version | awk '{sub("v=", "", $3); print $3}') on $STREAMSVC_TEST_REDIS_URL"
+}
+
+# A URL without its password, for messages.
+_redact_url() { sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#' <<<"$1"; }
+
+# ---------------------------------------------------------------- second engine
+
+# A second Docker engine on this machine, so the tests have two real Docker hosts.
+# Its own data root, exec root (so its own managed containerd), pidfile, socket,
+# cgroup parent, address pools and bridge interface; no iptables, forwarding or
+# masquerading. Never `--bridge none`: a dockerd started with it deletes docker0,
+# which belongs to the first engine. Left running; it never touches the first one.
+ENGINE2_NAME=streamsvc-docker2
+STREAMSVC_TEST_DOCKER_HOST_2=${STREAMSVC_TEST_DOCKER_HOST_2:-unix:///run/$ENGINE2_NAME.sock}
+ENGINE2_BRIDGE=ssvc2br0
+ENGINE2_BRIDGE_ADDR=10.232.0.1/24
+ENGINE2_POOLS=base=10.233.0.0/16,size=24
+ENGINE2_LOG=/tmp/$ENGINE2_NAME.log
+
+_engine2() { DOCKER_HOST=$STREAMSVC_TEST_DOCKER_HOST_2 docker "$@"; }
+_engine2_answers() { timeout 10 env DOCKER_HOST="$STREAMSVC_TEST_DOCKER_HOST_2" docker info >/dev/null 2>&1; }
+
+_start_engine2() {
+    local i pid
+    [[ $STREAMSVC_TEST_DOCKER_HOST_2 == "unix:///run/$ENGINE2_NAME.sock" ]] ||
+        _die "STREAMSVC_TEST_DOCKER_HOST_2=$STREAMSVC_TEST_DOCKER_HOST_2 does not answer:" \
+            "start that engine or unset the variable (a private one is started then)"
+    ((EUID == 0)) || _die "the second Docker engine needs root to start (or set" \
+        "STREAMSVC_SKIP_ENGINE2=1 outside CI)"
+    command -v dockerd >/dev/null || _die "dockerd not found (ensure_docker installs it)"
+    if [[ -s /run/$ENGINE2_NAME.pid ]]; then
+        pid=$(<"/run/$ENGINE2_NAME.pid")
+        if kill -0 "$pid" 2>/dev/null; then
+            _die "the second engine (pid $pid) is alive but does not answer (log: $ENGINE2_LOG)"
+        fi
+    fi
+    if ! ip link show "$ENGINE2_BRIDGE" >/dev/null 2>&1; then
+        ip link add name "$ENGINE2_BRIDGE" type bridge
+        ip addr add "$ENGINE2_BRIDGE_ADDR" dev "$ENGINE2_BRIDGE"
+    fi
+    mkdir -p "/var/lib/$ENGINE2_NAME" "/etc/$ENGINE2_NAME"
+    [[ -e /etc/$ENGINE2_NAME/daemon.json ]] || echo '{}' >"/etc/$ENGINE2_NAME/daemon.json"
+    _log "starting a second dockerd on $STREAMSVC_TEST_DOCKER_HOST_2 (log: $ENGINE2_LOG)"
+    (setsid nohup dockerd \
+        --config-file "/etc/$ENGINE2_NAME/daemon.json" \
+        --data-root "/var/lib/$ENGINE2_NAME" \
+        --exec-root "/run/$ENGINE2_NAME" \
+        --pidfile "/run/$ENGINE2_NAME.pid" \
+        -H "$STREAMSVC_TEST_DOCKER_HOST_2" \
+        --bridge "$ENGINE2_BRIDGE" \
+        --default-address-pool "$ENGINE2_POOLS" \
+        --iptables=false --ip-forward=false --ip-masq=false --userland-proxy=false \
+        --cgroup-parent "/$ENGINE2_NAME" \
+        >>"$ENGINE2_LOG" 2>&1 </dev/null {_STREAMSVC_LOCK_FD}>&- &)
+    for ((i = 0; i < 60; i++)); do
+        if _engine2_answers; then return 0; fi
+        sleep 1
+    done
+    tail -n 15 "$ENGINE2_LOG" >&2 || true
+    _die "the second Docker engine did not answer within 60 s (log: $ENGINE2_LOG)"
+}
+
+ensure_second_engine() {
+    local t0 what="" want have
+    t0=$(_now_ms)
+    export STREAMSVC_TEST_DOCKER_HOST_2
+    if [[ -n ${STREAMSVC_SKIP_ENGINE2:-} ]]; then
+        echo "engine2: skipped (STREAMSVC_SKIP_ENGINE2 is set)"
+        return 0
+    fi
+    if ! _engine2_answers; then
+        _lock /tmp/streamsvc-dockerd2.lock
+        if ! _engine2_answers; then
+            _start_engine2
+            what="started, "
+        fi
+        _unlock
+    fi
+    want=$(docker image inspect -f '{{.Id}}' "$SANDBOX_IMAGE" 2>/dev/null) ||
+        _die "the first engine has no $SANDBOX_IMAGE to copy (ensure_image builds it)"
+    have=$(_engine2 image inspect -f '{{.Id}}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+    if [[ $have != "$want" ]]; then
+        _lock /tmp/streamsvc-dockerd2.lock
+        have=$(_engine2 image inspect -f '{{.Id}}' "$SANDBOX_IMAGE" 2>/dev/null || true)
+        if [[ $have != "$want" ]]; then
+            _log "docker save $SANDBOX_IMAGE | docker load (into the second engine)"
+            docker save "$SANDBOX_IMAGE" | _engine2 load -q >/dev/null ||
+                _die "copying $SANDBOX_IMAGE into the second engine failed"
+            if [[ -n $have ]]; then _engine2 rmi "$have" >/dev/null 2>&1 || true; fi
+            what+="loaded $SANDBOX_IMAGE, "
+        fi
+        _unlock
+    fi
+    what=${what%, }
+    _step engine2 "$t0" "$(_engine2 version -f '{{.Server.Version}}') on\
+ $STREAMSVC_TEST_DOCKER_HOST_2 with $SANDBOX_IMAGE${what:+ ($what)}"
 }
 
 # ---------------------------------------------------------------- all

@@ -39,6 +39,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── RunLogFull                    500  run_log_full: a run's log reached its event cap
     ├── ShuttingDown                  503  shutting_down
     ├── RunInterrupted                503  interrupted: the server stopped during the run
+    ├── RunStoreUnavailable           503  run_store_unavailable: Redis did not answer
     └── SandboxError                       (raised only as one of these)
         ├── SandboxUnavailable        503  sandbox_unavailable: not ready now, try again
         │   └── EngineUnreachable     503  the engine did not answer, or was lost mid-run
@@ -270,6 +271,13 @@ class ChatNotConfigured(NotConfigured):
 class ShuttingDown(ServiceError):
     status = 503
     code = "shutting_down"
+
+
+class RunStoreUnavailable(ServiceError):
+    """The shared run store did not answer in time (``streamsvc.runs.redis``)."""
+
+    status = 503
+    code = "run_store_unavailable"
 
 
 class SandboxError(ServiceError):

@@ -428,8 +428,8 @@ def _check(settings: Settings) -> None:
             raise SettingsError(
                 f"invalid setting STREAMSVC_ALLOWED_HOSTS: {name!r} is not a host name or address"
             )
-    if not re.fullmatch(r"memory://|sqlite:////.+", settings.runs.store):
-        raise SettingsError("invalid setting STREAMSVC_RUN_STORE: sqlite:////a/path or memory://")
+    if not re.fullmatch(r"memory://|sqlite:////.+|rediss?://.+", settings.runs.store):
+        raise SettingsError("invalid setting STREAMSVC_RUN_STORE: sqlite:////, memory://, redis://")
     if chat.azure_endpoint and not chat.azure_endpoint.startswith(("http://", "https://")):
         raise SettingsError("invalid setting AZURE_OPENAI_ENDPOINT: expected an http(s) URL")
     if not chat.openai_base_url.startswith(("http://", "https://")):

@@ -11,38 +11,62 @@ import psutil
 import pytest
 
 from tests.fake_azure import FakeAzure
-from tests.harness import AZURE_KEY, ServerProcess, server_env
+from tests.harness import AZURE_KEY, ENGINE2, IMAGE, REDIS_URL, ServerProcess, server_env
 
 
-def docker_available() -> bool:
+def _answers(command: list[str], env: dict[str, str] | None = None) -> bool:
     import subprocess
 
     try:
-        result = subprocess.run(
-            [
-                "docker",
-                "image",
-                "inspect",
-                os.environ.get("STREAMSVC_SANDBOX_IMAGE", "streamsvc-sandbox:latest"),
-            ],
-            capture_output=True,
-            timeout=10,
-        )
+        result = subprocess.run(command, capture_output=True, timeout=10, env=env, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
 
 
+def docker_available(host: str | None = None) -> bool:
+    """The engine (the first, or ``host``) answers and has the sandbox image."""
+    env = {**os.environ, "DOCKER_HOST": host} if host else None
+    return _answers(["docker", "image", "inspect", IMAGE], env)
+
+
+def redis_available() -> bool:
+    import redis
+
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5) as r:
+            return bool(r.ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+#: marker -> (is the part there, the variable that makes it required, what it is).
+NEEDS: dict[str, tuple[Callable[[], bool], str, str]] = {
+    "docker": (
+        docker_available,
+        "STREAMSVC_REQUIRE_DOCKER",
+        "a Docker engine and the sandbox image",
+    ),
+    "engine2": (
+        lambda: docker_available(ENGINE2),
+        "STREAMSVC_REQUIRE_DOCKER",
+        f"the second Docker engine ({ENGINE2}) with the sandbox image",
+    ),
+    "redis": (redis_available, "STREAMSVC_REQUIRE_REDIS", f"the tests' Redis ({REDIS_URL})"),
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Docker tests skip on a machine without an engine, except in CI where that fails."""
-    if not any(item.get_closest_marker("docker") for item in items) or docker_available():
-        return
-    if os.environ.get("STREAMSVC_REQUIRE_DOCKER") == "1":
-        raise pytest.UsageError("a Docker engine and the sandbox image are required (CI)")
-    skip = pytest.mark.skip(reason="no Docker engine or sandbox image (run scripts/test)")
-    for item in items:
-        if item.get_closest_marker("docker"):
-            item.add_marker(skip)
+    """Tests of a missing part skip on a machine without it, except in CI where that fails."""
+    for marker, (available, required, what) in NEEDS.items():
+        if not any(item.get_closest_marker(marker) for item in items) or available():
+            continue
+        if os.environ.get(required) == "1":
+            raise pytest.UsageError(f"{what}: required (CI), missing")
+        skip = pytest.mark.skip(reason=f"{what}: missing (run scripts/test)")
+        for item in items:
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)
 
 
 def _identity(process: psutil.Process) -> tuple[int, float]:
@@ -107,6 +131,18 @@ def start_server(fake_azure: FakeAzure) -> Iterator[Callable[..., ServerProcess]
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture(scope="session")
+def engine2() -> str:
+    """``DOCKER_HOST`` of the second engine (tests marked ``engine2`` have it)."""
+    return ENGINE2
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The tests' Redis (tests marked ``redis`` have it); keys go under a per-test prefix."""
+    return REDIS_URL
 
 
 @pytest.fixture

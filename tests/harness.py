@@ -229,12 +229,18 @@ def server_env(fake: FakeAzure, **extra: str) -> dict[str, str]:
         # A run outlives a dropped connection this long, waiting for a reader to come back.
         "STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS": RUN_GRACE,
         "STREAMSVC_RUN_GRACE_CHAT_SECONDS": RUN_GRACE,
+        **({"STREAMSVC_RUN_STORE": TEST_RUN_STORE} if TEST_RUN_STORE else {}),
         **extra,
     }
 
 
 #: Where an in-process app looks for a Docker engine: nowhere, so it never starts containers.
 NO_DOCKER = "unix:///nonexistent/docker.sock"
+#: The tests' Redis and second Docker engine (scripts/_lib.sh: ensure_redis, ensure_second_engine).
+REDIS_URL = os.environ.get("STREAMSVC_TEST_REDIS_URL") or "redis://127.0.0.1:6390/0"
+ENGINE2 = os.environ.get("STREAMSVC_TEST_DOCKER_HOST_2") or "unix:///run/streamsvc-docker2.sock"
+#: The store of the test servers (e.g. redis://127.0.0.1:6390/0?prefix=t:); unset: the default.
+TEST_RUN_STORE = os.environ.get("STREAMSVC_TEST_RUN_STORE")
 
 
 @contextlib.asynccontextmanager

@@ -38,6 +38,7 @@ ENDPOINT_IMPORTERS = {
 BOUNDARIES = {
     "openai": ("streamsvc.chat.provider",),
     "aiodocker": ("streamsvc.sandbox.docker.",),
+    "redis": ("streamsvc.runs.redis", "streamsvc.runs.queue"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +22,8 @@ from streamsvc.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from streamsvc.runs.manager import RunManager, encode_frame
+from streamsvc.runs.manager import STOP_TIMEOUT, RunManager, encode_frame
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.respond import manager_of
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
 from streamsvc.web import sse
@@ -186,11 +188,28 @@ async def cancel_run(request: Request) -> Response:
     run_id: str = request.path_params["run_id"]
     record = await _visible(manager, run_id, _caller(request, found))
     if record.status not in FINISHED:
-        if manager.running(run_id) is None:
+        if manager.running(run_id) is not None:
+            await manager.cancel(run_id)
+        elif not await _cancel_elsewhere(manager, record):
             raise RunElsewhere(f"run {run_id} is executed by another server process")
-        await manager.cancel(run_id)
         record = await _visible(manager, run_id, record.owner)
     return json_response(_view(manager, record))
+
+
+async def _cancel_elsewhere(manager: RunManager, record: RunRecord) -> bool:
+    """With the Redis store: ask the process running it, then wait (bounded) for its end."""
+    store = manager.store
+    if not isinstance(store, RedisRunStore) or record.executor is None:
+        return False
+    if not await store.request_cancel(record.id, record.executor):
+        return False
+    with anyio.move_on_after(STOP_TIMEOUT):
+        for _ in range(int(STOP_TIMEOUT / 0.05)):
+            ended = await store.get(record.id)
+            if ended is None or ended.status in FINISHED:
+                break
+            await anyio.sleep(0.05)
+    return True
 
 
 async def delete_run(request: Request) -> Response:

@@ -34,6 +34,7 @@ from streamsvc.errors import (
     ServiceError,
 )
 from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
 from streamsvc.settings import RunSettings
@@ -87,12 +88,16 @@ def executor_alive(executor: str) -> bool:
     return True
 
 
-def open_store(url: str) -> MemoryStore | SqliteStore:
-    """``memory://`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's form)."""
+def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | RedisRunStore:
+    """``memory://``, ``sqlite:////absolute/path.db`` (SQLAlchemy's form) or ``redis://`` /
+    ``rediss://`` (Redis expires a finished run's events after ``retention``, its record
+    after twice that, as ``prune`` does)."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return SqliteStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("redis://", "rediss://")):
+        return RedisRunStore.from_url(url, events_ttl=retention, records_ttl=2 * retention)
     raise ValueError(f"unsupported run store {url!r}")
 
 
@@ -158,7 +163,15 @@ class RunManager:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._prune_loop)
+        if isinstance(self.store, RedisRunStore):  # cancels asked through another node
+            self._tasks.start_soon(self._listen_cancels, self.store)
         return self
+
+    async def _listen_cancels(self, store: RedisRunStore) -> None:
+        async for run_id in store.cancels(self.executor):
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.stop("cancelled")
 
     async def __aexit__(
         self,
@@ -341,12 +354,17 @@ class RunManager:
 
         async def wait() -> None:
             with timer:
-                await anyio.sleep(run.grace)
-                if run.readers == 0:
-                    log.info(
-                        "run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace
-                    )
-                    run.stop("abandoned")
+                while True:
+                    await anyio.sleep(run.grace)
+                    if run.readers:
+                        return  # a reader came back: its leaving starts a new timer
+                    store = self.store
+                    if not (
+                        isinstance(store, RedisRunStore) and await store.read_elsewhere(run.id)
+                    ):
+                        break  # else read through another node: not abandoned
+                log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
+                run.stop("abandoned")
 
         assert self._tasks is not None
         self._tasks.start_soon(wait)

@@ -98,6 +98,10 @@ async def serve(
         check_bindable(settings.server)
     else:
         config.bind = [f"fd://{listen_fd}"]
+    if settings.runs.store.startswith(("redis://", "rediss://")):
+        from streamsvc.runs.redis import check_url
+
+        await check_url(settings.runs.store)  # a SettingsError before listening, not a trace
     app = create_app(settings, metrics_dir=metrics_dir)
     # What imports and the app built so far lives as long as the process: freeze it out
     # of the cyclic collector, whose full collections otherwise walk it all again (pauses

@@ -34,6 +34,7 @@ from streamsvc.errors import (
 )
 from streamsvc.runs import endpoint as runs_endpoint
 from streamsvc.runs.manager import RunManager, load_secret, open_store
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import SandboxSettings, Settings
@@ -127,10 +128,12 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
 
                 provider = create_provider(settings.chat, observer=metrics)
                 stack.push_async_callback(provider.aclose)
-            store = open_store(settings.runs.store)
-            if isinstance(store, SqliteStore):
+            store = open_store(settings.runs.store, settings.runs.retention_seconds)
+            if isinstance(store, SqliteStore | RedisRunStore):
                 await store.open()
             stack.push_async_callback(store.aclose)
+            if isinstance(store, RedisRunStore):  # its write-behind task, flushed before aclose
+                await stack.enter_async_context(store.writer())
             sandbox = await _start_sandbox(settings.sandbox, stack, metrics)
             secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
             # Entered last, so it ends first: running runs are interrupted (their containers

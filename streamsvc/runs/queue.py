@@ -1,0 +1,201 @@
+"""The shared queue of connector runs on Redis (issue 16): a stream read by a consumer group.
+
+An executor takes a run when it has a free slot, heartbeats while it runs it (the entry's
+idle time in the group is its lease) and acknowledges at the end; whoever notices a lapsed
+lease ends that run ``interrupted``/``executor_lost``. Capacity is global. docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from typing import Any
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from streamsvc.errors import Busy
+from streamsvc.runs.redis import RedisRunStore
+
+GROUP = "executors"
+
+# KEYS: queue. ARGV: capacity, run id, payload. Nil when full (entries live until acked).
+_ENQUEUE = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
+"""
+# KEYS: queue. ARGV: group, executor, entry ids. Renews the entries this executor still
+# owns (their idle time restarts) and returns the ids it lost to a reaper.
+_HEARTBEAT = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then
+    table.insert(lost, ARGV[i])
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return lost
+"""
+
+
+class Taken(msgspec.Struct, frozen=True):
+    """A queued run handed to one executor: its queue entry, run id and payload."""
+
+    entry: str
+    run_id: str
+    payload: bytes
+
+
+class ExecutorSeen(msgspec.Struct, frozen=True):
+    """An executor as its last heartbeat described it (``/health`` lists these)."""
+
+    name: str
+    last_heartbeat: float
+    slots: int
+    running: int
+
+
+class RunQueue:
+    """Connector runs waiting for an executor, on the store's Redis and key prefix.
+
+    ``capacity`` bounds queued plus running runs across the cluster (past it: ``Busy``, 429);
+    ``lease_seconds`` is how long an executor may go without a heartbeat before its runs are
+    ended ``executor_lost`` by whoever calls ``reap``.
+    """
+
+    def __init__(
+        self, store: RedisRunStore, *, capacity: int = 64, lease_seconds: float = 15.0
+    ) -> None:
+        self._store = store
+        self._redis = store.client
+        self.capacity = capacity
+        self.lease_ms = max(1, int(lease_seconds * 1000))
+        self._queue = store.key("queue")
+        self._executors = store.key("executors")
+        self._enqueue = self._redis.register_script(_ENQUEUE)
+        self._heartbeat = self._redis.register_script(_HEARTBEAT)
+
+    async def open(self) -> None:
+        """Create the consumer group (and the stream) unless they exist."""
+        try:
+            await self._store.call(
+                lambda: self._redis.xgroup_create(self._queue, GROUP, id="0", mkstream=True)
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, run_id: str, payload: bytes) -> str:
+        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity."""
+        keys = [self._queue]
+        args: list[int | str | bytes] = [self.capacity, run_id, payload]
+        entry = await self._store.call(lambda: self._enqueue(keys=keys, args=args))
+        if entry is None:
+            raise Busy("the run queue is full; try again shortly", retry_after=1)
+        return str(entry.decode())
+
+    async def take(self, executor: str, block_seconds: float = 1.0) -> Taken | None:
+        """The next queued run for ``executor`` (call only with a free slot), or None after
+        ``block_seconds``. The run's record names the executor from here on."""
+        block = max(1, int(block_seconds * 1000))
+        read = await self._store.call(
+            lambda: self._redis.xreadgroup(
+                GROUP, executor, {self._queue: ">"}, count=1, block=block
+            ),
+            extra=block_seconds,
+        )
+        if not read:
+            return None
+        entry_id, fields = read[0][1][0]
+        taken = Taken(entry_id.decode(), fields[b"run"].decode(), fields[b"payload"])
+        record_key = self._store.key(f"run:{taken.run_id}")
+        await self._store.call(
+            lambda: self._redis.hset(record_key, "executor", msgspec.json.encode(executor))
+        )
+        return taken
+
+    async def heartbeat(
+        self, executor: str, entries: Sequence[str], *, slots: int, running: int
+    ) -> list[str]:
+        """Renew the leases of ``entries`` and say the executor is alive; returns the
+        entries it lost (reaped as ``executor_lost``: kill their containers)."""
+        seen = ExecutorSeen(executor, time.time(), slots, running)
+        await self._store.call(
+            lambda: self._redis.hset(self._executors, executor, msgspec.json.encode(seen))
+        )
+        if not entries:
+            return []
+        keys, args = [self._queue], [GROUP, executor, *entries]
+        lost = await self._store.call(lambda: self._heartbeat(keys=keys, args=args))
+        return [entry.decode() for entry in lost]
+
+    async def ack(self, entry: str) -> None:
+        """The run ended on its executor: its entry leaves the queue."""
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self._queue, GROUP, entry)
+                pipe.xdel(self._queue, entry)
+                return await pipe.execute()
+
+        await self._store.call(run)
+
+    async def reap(self, reaper: str) -> list[str]:
+        """End the runs whose executor's lease lapsed (``interrupted``, ``executor_lost``);
+        each is claimed first, so of several noticers one ends it. Returns their run ids."""
+        stale = await self._store.call(
+            lambda: self._redis.xpending_range(
+                self._queue, GROUP, "-", "+", 100, idle=self.lease_ms
+            )
+        )
+        ended: list[str] = []
+        for pending in stale:
+            entry, owner = pending["message_id"], pending["consumer"].decode()
+            claimed = await self._store.call(
+                partial(self._redis.xclaim, self._queue, GROUP, reaper, self.lease_ms, [entry])
+            )
+            if not claimed or claimed[0][1] is None:
+                continue  # renewed meanwhile, another noticer's, or deleted
+            run_id = claimed[0][1][b"run"].decode()
+            error = {
+                "code": "executor_lost",
+                "message": f"executor {owner} stopped heartbeating (lease {self.lease_ms} ms)",
+            }
+            if await self._store.end(run_id, "interrupted", error):
+                ended.append(run_id)
+            await self.ack(entry.decode())
+        return ended
+
+    async def executors(self, within: float) -> list[ExecutorSeen]:
+        """Executors that heartbeat within the last ``within`` seconds."""
+        raw = await self._store.call(lambda: self._redis.hgetall(self._executors))
+        now = time.time()
+        seen = [msgspec.json.decode(value, type=ExecutorSeen) for value in raw.values()]
+        return sorted((s for s in seen if now - s.last_heartbeat <= within), key=lambda s: s.name)
+
+    async def depth(self) -> tuple[int, int]:
+        """(waiting, running): entries not yet taken, and taken but not acknowledged."""
+
+        async def run() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self._queue)
+                pipe.xpending(self._queue, GROUP)
+                return await pipe.execute()
+
+        length, pending = await self._store.call(run)
+        return length - pending["pending"], pending["pending"]
+
+    async def cancel(self, run_id: str) -> int:
+        """Tell the executor running ``run_id`` to stop it (a control message): how many
+        executors heard it (0: none listening, e.g. the run is still queued)."""
+        record = await self._store.get(run_id)
+        if record is None or record.executor is None:
+            return 0
+        return await self._store.request_cancel(run_id, record.executor)
+
+    def control(self, executor: str) -> AsyncIterator[str]:
+        """Run ids whose cancel reached ``executor``, as they come (runs until cancelled)."""
+        return self._store.cancels(executor)

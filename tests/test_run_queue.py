@@ -1,0 +1,158 @@
+"""The shared run queue (streamsvc/runs/queue.py) on the tests' real Redis.
+
+Executors here are names calling the queue as an executor process would: take with a free
+slot, heartbeat, ack; one that stops heartbeating loses its run to ``reap``
+(``interrupted``/``executor_lost``, with the terminal event its readers wait for).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from streamsvc.errors import Busy
+from streamsvc.runs.queue import RunQueue
+from streamsvc.runs.redis import RedisRunStore
+from streamsvc.runs.store import RunRecord, StoredEvent
+from tests.harness import REDIS_URL
+
+pytestmark = pytest.mark.redis
+
+LEASE = 0.5
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisRunStore]:
+    prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
+    opened = RedisRunStore.from_url(REDIS_URL, prefix=prefix, poll_seconds=0.1)
+    await opened.open()
+    yield opened
+    await opened.aclose()
+    async with aioredis.Redis.from_url(REDIS_URL) as r:
+        keys = [key async for key in r.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await r.delete(*keys)
+
+
+async def queued(store: RedisRunStore, queue: RunQueue) -> str:
+    run = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=time.time())
+    await store.create(run)
+    await queue.enqueue(run.id, json.dumps({"run": run.id}).encode())
+    return run.id
+
+
+async def test_each_run_goes_to_one_executor_and_leaves_on_ack(store: RedisRunStore) -> None:
+    queue = RunQueue(store, capacity=10, lease_seconds=LEASE)
+    await queue.open()
+    await queue.open()  # idempotent
+    ids = [await queued(store, queue) for _ in range(4)]
+    assert await queue.depth() == (4, 0)
+    taken = [await queue.take(name, 0.1) for name in ("exec-a", "exec-b", "exec-a", "exec-b")]
+    assert [t.run_id for t in taken if t] == ids  # in order, each once
+    assert await queue.take("exec-a", 0.1) is None
+    assert await queue.depth() == (0, 4)
+    first = taken[0]
+    assert first is not None and json.loads(first.payload) == {"run": ids[0]}
+    record = await store.get(ids[0])
+    assert record is not None and record.executor == "exec-a"
+    for t in taken:
+        assert t is not None
+        await queue.ack(t.entry)
+    assert await queue.depth() == (0, 0)
+
+
+async def test_capacity_is_global_and_frees_on_ack(store: RedisRunStore) -> None:
+    queue = RunQueue(store, capacity=2, lease_seconds=LEASE)
+    await queue.open()
+    await queued(store, queue)
+    await queued(store, queue)
+    with pytest.raises(Busy) as full:
+        await queued(store, queue)
+    assert full.value.status == 429 and full.value.retry_after == 1
+    taken = await queue.take("exec-a", 0.1)
+    assert taken is not None
+    with pytest.raises(Busy):  # running runs count too
+        await queued(store, queue)
+    await queue.ack(taken.entry)
+    await queued(store, queue)
+
+
+async def test_a_lapsed_lease_ends_the_run_executor_lost_once(store: RedisRunStore) -> None:
+    queue = RunQueue(store, capacity=10, lease_seconds=LEASE)
+    await queue.open()
+    lost_id, kept_id = await queued(store, queue), await queued(store, queue)
+    lost = await queue.take("exec-dead", 0.1)
+    kept = await queue.take("exec-live", 0.1)
+    assert lost is not None and kept is not None
+    await store.mark_running(lost_id)
+    await store.append(lost_id, [StoredEvent(1, "stdout", b'{"text": "hi\\n"}')])
+
+    reaped: list[str] = []
+    started = time.monotonic()
+    with anyio.fail_after(LEASE * 6):
+        while lost_id not in reaped:
+            assert await queue.heartbeat("exec-live", [kept.entry], slots=2, running=1) == []
+            reaped += await queue.reap("api-1")
+            reaped += await queue.reap("api-2")  # a second noticer ends nothing more
+            await anyio.sleep(LEASE / 5)
+    assert time.monotonic() - started >= LEASE * 0.9
+    assert reaped == [lost_id]
+
+    ended = await store.get(lost_id)
+    assert ended is not None and ended.status == "interrupted", ended
+    replay = [(e.id, e.name) async for e in store.follow(lost_id, 0)]
+    assert replay == [(1, "stdout"), (2, "error")]
+    (last,) = [e async for e in store.follow(lost_id, 1)]
+    assert json.loads(last.data)["error"]["code"] == "executor_lost"
+    still = await store.get(kept_id)
+    assert still is not None and still.status == "queued"  # the live executor's run is not
+    # The dead executor comes back: its heartbeat says which run to clean up.
+    assert await queue.heartbeat("exec-dead", [lost.entry], slots=2, running=1) == [lost.entry]
+    assert await queue.depth() == (0, 1)
+
+
+async def test_executors_are_listed_by_their_heartbeats(store: RedisRunStore) -> None:
+    queue = RunQueue(store, lease_seconds=LEASE)
+    await queue.open()
+    await queue.heartbeat("exec-b", [], slots=4, running=0)
+    await queue.heartbeat("exec-a", [], slots=2, running=0)
+    seen = await queue.executors(within=5)
+    assert [(s.name, s.slots) for s in seen] == [("exec-a", 2), ("exec-b", 4)]
+    await anyio.sleep(0.3)
+    await queue.heartbeat("exec-a", [], slots=2, running=1)
+    assert [s.name for s in await queue.executors(within=0.2)] == ["exec-a"]
+
+
+async def test_cancel_reaches_the_executor_running_the_run_within_a_second(
+    store: RedisRunStore,
+) -> None:
+    queue = RunQueue(store, lease_seconds=LEASE)
+    await queue.open()
+    run_id = await queued(store, queue)
+    assert await queue.cancel(run_id) == 0  # queued: no executor to tell
+    assert await queue.take("exec-b", 0.1) is not None
+    heard: list[tuple[str, float]] = []
+    arrived = anyio.Event()
+
+    async def listen() -> None:
+        async for cancelled in queue.control("exec-b"):
+            heard.append((cancelled, time.monotonic()))
+            arrived.set()
+            return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listen)
+        for _ in range(100):  # until the subscription is in place
+            sent = time.monotonic()
+            if await queue.cancel(run_id):
+                break
+            await anyio.sleep(0.05)
+        with anyio.fail_after(5):
+            await arrived.wait()
+    assert heard[0][0] == run_id and heard[0][1] - sent < 1.0
