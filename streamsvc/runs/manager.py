@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -33,9 +32,7 @@ from streamsvc.errors import (
     SandboxFailed,
     ServiceError,
 )
-from streamsvc.runs.memory import MemoryStore
 from streamsvc.runs.redis import RedisRunStore
-from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
 from streamsvc.settings import RunSettings
 from streamsvc.web import observability, sse
@@ -86,38 +83,6 @@ def executor_alive(executor: str) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | RedisRunStore:
-    """``memory://``, ``sqlite:////absolute/path.db`` (SQLAlchemy's form) or ``redis://`` /
-    ``rediss://`` (Redis expires a finished run's events after ``retention``, its record
-    after twice that, as ``prune`` does)."""
-    if url == "memory://":
-        return MemoryStore()
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        return SqliteStore(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("redis://", "rediss://")):
-        return RedisRunStore.from_url(url, events_ttl=retention, records_ttl=2 * retention)
-    raise ValueError(f"unsupported run store {url!r}")
-
-
-def load_secret(settings: RunSettings) -> bytes:
-    """The read tokens' HMAC key: the setting, else a key file beside the SQLite store (made
-    once, mode 0600, so tokens survive a restart as runs do), else one per process."""
-    if settings.token_secret:
-        return settings.token_secret.encode()
-    if not settings.store.startswith("sqlite:///"):
-        return secrets.token_bytes(32)
-    path = Path(settings.store.removeprefix("sqlite:///")).parent / "token.key"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as file:
-        key = secrets.token_bytes(32)
-        file.write(key)
-    return key
 
 
 @dataclass(eq=False)

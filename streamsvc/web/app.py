@@ -33,7 +33,8 @@ from streamsvc.errors import (
     UnsupportedMediaType,
 )
 from streamsvc.runs import endpoint as runs_endpoint
-from streamsvc.runs.manager import RunManager, load_secret, open_store
+from streamsvc.runs.backends import load_secret, open_store
+from streamsvc.runs.manager import RunManager
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.sandbox.types import Sandbox
