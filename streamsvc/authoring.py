@@ -84,9 +84,11 @@ def _wanted(relative: Path) -> bool:
     return not any(part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts[:-1])
 
 
-def _files(folder: Path, include: list[str]) -> dict[str, str]:
+def _files(folder: Path, include: list[str], max_file_bytes: int | None) -> dict[str, str]:
     paths = {p for p in folder.rglob("*.py") if _wanted(p.relative_to(folder))}
     for pattern in include:
+        if pattern.startswith("/") or ".." in Path(pattern).parts:
+            raise AuthoringError(f"{folder}: include pattern {pattern!r} leaves the folder")
         matched = [p for p in folder.glob(pattern) if p.is_file()]
         if not matched:
             raise AuthoringError(f"{folder}: include pattern {pattern!r} matches no file")
@@ -98,6 +100,8 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
         name = path.relative_to(folder).as_posix()
         if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
             raise AuthoringError(f"{path}: a link out of the folder")
+        if max_file_bytes is not None and path.stat().st_size > max_file_bytes:
+            raise AuthoringError(f"{path}: larger than {max_file_bytes} bytes")
         try:
             files[name] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -105,8 +109,9 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
     return files
 
 
-def load_folder(folder: Path) -> dict[str, Any]:
-    """The request body of a connector folder (``network_mode`` from ``runtime.network``)."""
+def load_folder(folder: Path, max_file_bytes: int | None = None) -> dict[str, Any]:
+    """The request body of a connector folder (``network_mode`` from ``runtime.network``);
+    ``max_file_bytes`` refuses larger files (the server's example menu reads with a cap)."""
     manifest = _manifest(folder)
     runtime = {_CAMEL.get(k, k): v for k, v in dict(manifest.pop("runtime", None) or {}).items()}
     include = manifest.pop("include", [])
@@ -114,7 +119,7 @@ def load_folder(folder: Path) -> dict[str, Any]:
         raise AuthoringError(f"{folder}: include must be a list of glob patterns")
     if "files" in manifest:
         raise AuthoringError(f"{folder}: files come from the folder; use include for non-Python")
-    files = _files(folder, include)
+    files = _files(folder, include, max_file_bytes)
     if not files:
         raise AuthoringError(f"{folder}: no Python file")
     runtime.setdefault("language", "python")
