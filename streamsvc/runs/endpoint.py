@@ -23,7 +23,6 @@ from streamsvc.errors import (
     ValidationFailed,
 )
 from streamsvc.runs.manager import STOP_TIMEOUT, RunManager, encode_frame
-from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.respond import manager_of
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
 from streamsvc.web import sse
@@ -197,9 +196,9 @@ async def cancel_run(request: Request) -> Response:
 
 
 async def _cancel_elsewhere(manager: RunManager, record: RunRecord) -> bool:
-    """With the Redis store: ask the process running it, then wait (bounded) for its end."""
+    """Ask the process running it (through the store), then wait (bounded) for its end."""
     store = manager.store
-    if not isinstance(store, RedisRunStore) or record.executor is None:
+    if record.executor is None:
         return False
     if not await store.request_cancel(record.id, record.executor):
         return False

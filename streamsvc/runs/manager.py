@@ -11,9 +11,7 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -32,8 +30,15 @@ from streamsvc.errors import (
     SandboxFailed,
     ServiceError,
 )
-from streamsvc.runs.redis import RedisRunStore
-from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
+from streamsvc.runs.store import (
+    RunKind,
+    RunRecord,
+    RunStatus,
+    RunStore,
+    StoredEvent,
+    executor_alive,
+    executor_name,
+)
 from streamsvc.settings import RunSettings
 from streamsvc.web import observability, sse
 
@@ -65,24 +70,6 @@ def encode_frame(event: sse.Event) -> bytes:
     if isinstance(event, StoredFrame):
         return sse.frame(event.data, event.name, event.id)
     return sse.frame(event.data, event.name)
-
-
-def executor_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def executor_alive(executor: str) -> bool:
-    """False only for a process of this host that no longer exists."""
-    host, _, pid = executor.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(eq=False)
@@ -128,12 +115,12 @@ class RunManager:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._prune_loop)
-        if isinstance(self.store, RedisRunStore):  # cancels asked through another node
-            self._tasks.start_soon(self._listen_cancels, self.store)
+        # Cancels asked through another process (a worker, or an API node on Redis).
+        self._tasks.start_soon(self._listen_cancels)
         return self
 
-    async def _listen_cancels(self, store: RedisRunStore) -> None:
-        async for run_id in store.cancels(self.executor):
+    async def _listen_cancels(self) -> None:
+        async for run_id in self.store.cancels(self.executor):
             run = self._runs.get(run_id)
             if run is not None:
                 run.stop("cancelled")
@@ -323,10 +310,7 @@ class RunManager:
                     await anyio.sleep(run.grace)
                     if run.readers:
                         return  # a reader came back: its leaving starts a new timer
-                    store = self.store
-                    if not (
-                        isinstance(store, RedisRunStore) and await store.read_elsewhere(run.id)
-                    ):
+                    if not await self.store.read_elsewhere(run.id):
                         break  # else read through another node: not abandoned
                 log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
                 run.stop("abandoned")
