@@ -1,0 +1,80 @@
+"""Attacks on the /runs API (red-team pass on the run records), against a real server.
+
+Event-id cursors a client makes up (``Last-Event-ID``, ``?after=``) and a ``before=`` page
+cursor naming another key's run: each is refused or answered as if the run did not exist,
+never with a 500 or a hint that another key's run exists. Each test fails without its guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.fake_azure import FakeAzure
+from tests.harness import ServerProcess
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "background": True}
+ALICE = {"authorization": "Bearer key-alice-0123456789"}
+BOB = {"x-api-key": "key-bob-0123456789"}
+
+
+def finished_run(http: httpx.Client, server: ServerProcess, headers: dict[str, str]) -> str:
+    run_id: str = http.post(server.url + "/chat", json=CHAT, headers=headers).json()["id"]
+    with http.stream("GET", f"{server.url}/runs/{run_id}/events", headers=headers) as response:
+        assert response.status_code == 200
+        response.read()  # to its end: the run is finished
+    return run_id
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["²", "¹²", "9" * 5000, "-1", "1e3", "12x", "99999999999999999999999999"],
+    ids=["superscript", "superscripts", "5000-digits", "negative", "exponent", "junk", "huge"],
+)
+def test_a_made_up_last_event_id_is_refused(
+    server: ServerProcess, azure: FakeAzure, header: str
+) -> None:
+    with httpx.Client(timeout=15) as http:
+        run_id = finished_run(http, server, {})
+        raw = header.encode("latin-1")  # as a client sends it; the server decodes latin-1
+        answer = http.get(f"{server.url}/runs/{run_id}/events", headers=[(b"last-event-id", raw)])
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "validation_error"
+    assert answer.json()["error"]["path"] == "$.headers"
+
+
+@pytest.mark.parametrize("after", ["-1", "²", "9" * 5000, "99999999999999999999999999", "x"])
+def test_a_made_up_after_is_refused(server: ServerProcess, azure: FakeAzure, after: str) -> None:
+    with httpx.Client(timeout=15) as http:
+        run_id = finished_run(http, server, {})
+        answer = http.get(f"{server.url}/runs/{run_id}/events", params={"after": after})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "validation_error"
+
+
+def test_a_large_but_valid_cursor_reads_nothing_and_ends(
+    server: ServerProcess, azure: FakeAzure
+) -> None:
+    with httpx.Client(timeout=15) as http:
+        run_id = finished_run(http, server, {})
+        answer = http.get(f"{server.url}/runs/{run_id}/events", headers={"last-event-id": "9" * 15})
+    assert answer.status_code == 200
+    assert "event:" not in answer.text
+
+
+def test_a_page_cursor_of_another_keys_run_reveals_nothing(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure
+) -> None:
+    server = start_server(STREAMSVC_API_KEYS="key-alice-0123456789,key-bob-0123456789")
+    with httpx.Client(timeout=15) as http:
+        mine = finished_run(http, server, ALICE)
+        theirs = finished_run(http, server, BOB)  # newer than alice's run
+        own = http.get(server.url + "/runs", params={"before": mine}, headers=ALICE)
+        foreign = http.get(server.url + "/runs", params={"before": theirs}, headers=ALICE)
+        unknown = http.get(server.url + "/runs", params={"before": "no-such-run"}, headers=ALICE)
+    assert own.status_code == foreign.status_code == unknown.status_code == 200
+    assert own.json()["runs"] == []
+    # Answered as an unknown cursor is: bob's run does not exist for alice.
+    assert foreign.json() == unknown.json() == {"runs": [], "next": None}
