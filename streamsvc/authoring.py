@@ -87,6 +87,8 @@ def _wanted(relative: Path) -> bool:
 def _files(folder: Path, include: list[str]) -> dict[str, str]:
     paths = {p for p in folder.rglob("*.py") if _wanted(p.relative_to(folder))}
     for pattern in include:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise AuthoringError(f"{folder}: include pattern {pattern!r} reaches out of the folder")
         matched = [p for p in folder.glob(pattern) if p.is_file()]
         if not matched:
             raise AuthoringError(f"{folder}: include pattern {pattern!r} matches no file")
@@ -94,9 +96,10 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
     if len(paths) > MAX_FILES:
         raise AuthoringError(f"{folder}: more than {MAX_FILES} files; is it the right folder?")
     files = {}
+    root = folder.resolve()
     for path in sorted(paths):
         name = path.relative_to(folder).as_posix()
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        if not path.resolve().is_relative_to(root):  # the file or a folder on its way a link
             raise AuthoringError(f"{path}: a link out of the folder")
         try:
             files[name] = path.read_text(encoding="utf-8")

@@ -7,16 +7,30 @@ own errors. Each test fails without its guard.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
 from streamsvc import client as client_module
-from streamsvc.client import AsyncClient, Client, RequestRefused, StreamFailed
+from streamsvc.authoring import AuthoringError, load_folder
+from streamsvc.client import (
+    AsyncClient,
+    Client,
+    OutputFile,
+    RequestRefused,
+    RunResult,
+    StreamFailed,
+)
+from streamsvc.commands import _summary as summary_lines
+from streamsvc.commands import save_files
+from streamsvc.web.examples import folder_example
 
 MiB = 1024 * 1024
 Script = Callable[[socket.socket], None]
@@ -150,3 +164,66 @@ def test_a_huge_refusal_is_read_only_in_part(hostile: Callable[[Script], Hostile
     assert len(caught.value.body) <= client_module.MAX_ERROR_BYTES
     assert holder[0].answered.wait(10)
     assert holder[0].sent < 16 * MiB  # the rest was never asked for
+
+
+# ---- connector folders (streamsvc run DIR, the playground's examples) and --save ------------
+
+
+def linked_folder(tmp_path: Path) -> Path:
+    """A connector folder whose ``data`` is a link to a folder outside it holding a secret."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY\n")
+    (outside / "stolen.py").write_text("KEY = 1\n")
+    folder = tmp_path / "connector"
+    folder.mkdir()
+    (folder / "main.py").write_text("print('hi')\n")
+    (folder / "data").symlink_to(outside)
+    return folder
+
+
+@pytest.mark.parametrize("pattern", ["data/*", "data/id_rsa", "../outside/*", "/etc/host*"])
+def test_a_folder_sends_nothing_from_outside_it(tmp_path: Path, pattern: str) -> None:
+    folder = linked_folder(tmp_path)
+    (folder / "connector.json").write_text(json.dumps({"include": [pattern]}))
+    with pytest.raises(AuthoringError, match="out of the folder"):
+        load_folder(folder)
+    example = folder_example(folder)  # the server's reading of a folder skips them
+    assert example is not None
+    assert sorted(example.request["connector"]["files"]) == ["main.py"]
+
+
+def test_save_writes_nothing_outside_its_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "sub").symlink_to(outside)
+    (save / "report.csv").symlink_to(outside / "victim")
+    x = base64.b64encode(b"x").decode()
+    result = RunResult(
+        ok=True,
+        files=[
+            OutputFile("sub/victim", 1, content_base64=x),
+            OutputFile("sub/new/file", 1, content_base64=x),
+            OutputFile("report.csv", 1, content_base64=x),
+            OutputFile("a", 1, content_base64=x),
+            OutputFile("a/b", 1, content_base64=x),  # over a file just written: no crash
+            OutputFile("\x1b]0;pwned\x07\x1b[2J.txt", 1, content_base64=x),
+            OutputFile("bad-base64", 1, content_base64="a"),
+            OutputFile("nul\x00name", 1, content_base64=x),
+        ],
+    )
+    lines = save_files(result, save)
+    assert (outside / "victim").read_text() == "untouched"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (save / "a").read_bytes() == b"x"
+    assert sorted(p.name for p in save.iterdir()) == ["a", "report.csv", "sub"]
+    assert len(lines) == 8 and sum("[streamsvc] saved" in line for line in lines) == 1
+    assert all(line.isprintable() for line in lines)
+
+
+def test_summary_lines_escape_control_characters() -> None:
+    result = RunResult(ok=True, exit_code=0, files=[OutputFile("\x1b[2Jx.txt", 1)])
+    assert all(line.isprintable() for line in summary_lines(result))

@@ -93,9 +93,13 @@ def _sources(folder: Path, include: list[str]) -> dict[str, str]:
     """Its Python files and those ``include`` names, by relative path (no links, no caches)."""
     paths = {p for p in folder.rglob("*.py")}
     for pattern in include:
-        paths.update(p for p in folder.glob(pattern) if p.is_file())
+        if not Path(pattern).is_absolute() and ".." not in Path(pattern).parts:
+            paths.update(p for p in folder.glob(pattern) if p.is_file())
     files: dict[str, str] = {}
+    root = folder.resolve()
     for path in sorted(paths):
+        if not path.resolve().is_relative_to(root):  # through a linked folder
+            continue
         relative = path.relative_to(folder)
         if any(part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts[:-1]):
             continue
