@@ -12,7 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.fake_azure import FakeAzure
+from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "background": True}
@@ -78,3 +78,37 @@ def test_a_page_cursor_of_another_keys_run_reveals_nothing(
     assert own.json()["runs"] == []
     # Answered as an unknown cursor is: bob's run does not exist for alice.
     assert foreign.json() == unknown.json() == {"runs": [], "next": None}
+
+
+def test_unfinished_runs_are_capped_per_key_and_in_all(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure
+) -> None:
+    """Background chats that never end, and streamed ones dropped into their grace, count until
+    they end; past the key's cap or the process's, a new run is 429 too_many_runs."""
+    server = start_server(
+        STREAMSVC_API_KEYS="key-alice-0123456789,key-bob-0123456789",
+        STREAMSVC_MAX_ACTIVE_RUNS="5",
+        STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY="3",
+        STREAMSVC_RUN_GRACE_CHAT_SECONDS="30",
+        STREAMSVC_IDLE_TIMEOUT_SECONDS="30",
+    )
+    azure.push(*[Reply(text_chunks=["a", "b"], hang_after=1) for _ in range(6)])
+    with httpx.Client(timeout=15) as http:
+        started = [http.post(server.url + "/chat", json=CHAT, headers=ALICE) for _ in range(2)]
+        with http.stream(  # streamed, then dropped: in its grace it still counts
+            "POST", server.url + "/chat", json=CHAT | {"background": False, "stream": True},
+            headers=ALICE,
+        ) as dropped:  # fmt: skip
+            assert dropped.status_code == 200
+        refused = http.post(server.url + "/chat", json=CHAT, headers=ALICE)
+        others = [http.post(server.url + "/chat", json=CHAT, headers=BOB) for _ in range(3)]
+        assert [r.status_code for r in started] == [202, 202]
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "too_many_runs"
+        # Bob is not held back by alice's runs, but by the process's cap (5 in all).
+        assert [r.status_code for r in others] == [202, 202, 429]
+        assert others[2].json()["error"]["code"] == "too_many_runs"
+        # A run that ends gives its place back.
+        cancelled = http.post(f"{server.url}{started[0].json()['url']}/cancel", headers=ALICE)
+        assert cancelled.json()["status"] == "cancelled"
+        assert http.post(server.url + "/chat", json=CHAT, headers=ALICE).status_code == 202
