@@ -185,8 +185,8 @@ class RunSettings(msgspec.Struct, frozen=True):
     token_secret: str | None = None
     #: Unfinished runs (background, streamed, or left in their grace) this process holds at
     #: once, in all and per API key; past either a new one is refused (429 too_many_runs).
-    max_active_runs: Positive = 1000
-    max_active_runs_per_key: Positive = 200
+    max_active_runs: Positive = 2000
+    max_active_runs_per_key: Positive = 500
 
 
 class Settings(msgspec.Struct, frozen=True):
