@@ -7,11 +7,14 @@ never with a 500 or a hint that another key's run exists. Each test fails withou
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 
 import httpx
 import pytest
 
+from streamsvc.runs.live import LiveLog
+from streamsvc.runs.store import StoredEvent
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess
 
@@ -112,3 +115,22 @@ def test_unfinished_runs_are_capped_per_key_and_in_all(
         cancelled = http.post(f"{server.url}{started[0].json()['url']}/cancel", headers=ALICE)
         assert cancelled.json()["status"] == "cancelled"
         assert http.post(server.url + "/chat", json=CHAT, headers=ALICE).status_code == 202
+
+
+async def test_a_reader_of_a_long_log_holds_no_copy_of_it() -> None:
+    """Many slow readers of one long run: each holds a few events, not a copy of the log."""
+    log = LiveLog()
+    log.add([StoredEvent(i, "output", b"{}") for i in range(1, 100_001)])
+    log.finish()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        readers = [log.follow(0) for _ in range(100)]
+        for reader in readers:
+            assert (await anext(reader)).id == 1  # then each waits, as a slow client does
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * 1024 * 1024, f"{held} bytes for 100 readers"  # a copy each: 80 MB
+    for reader in readers:
+        await reader.aclose()  # type: ignore[attr-defined]

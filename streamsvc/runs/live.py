@@ -17,6 +17,9 @@ import msgspec
 from streamsvc.errors import RunNotFound, TooManyRuns
 from streamsvc.runs.store import FINISHED, RunRecord, RunStatus, StoredEvent
 
+#: Events a reader takes from the log at once.
+FOLLOW_BATCH = 64
+
 
 class LiveLog:
     """One run's events (ids 1..n, in order) and a wake-up for the readers following it."""
@@ -44,7 +47,9 @@ class LiveLog:
         index = max(0, after)
         while True:
             if index < len(self.events):
-                batch = self.events[index:]
+                # A few at a time: a copy of the rest per reader was up to MAX_LOG_EVENTS
+                # references for each slow reader of a long log.
+                batch = self.events[index : index + FOLLOW_BATCH]
                 index += len(batch)
                 for event in batch:
                     yield event
