@@ -641,27 +641,32 @@ class Client(_Base):
             attempt += 1
             source = self._get_events(http, at)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """The answer's body (at most ``MAX_EVENT_BYTES``), or its refusal raised."""
         try:
-            response = httpx.request(
+            with httpx.stream(
                 method, self.url + path, headers=self.headers, timeout=self.timeout, **kwargs
-            )
+            ) as response:
+                if response.status_code >= 400:
+                    raise refusal(response.status_code, _error_text(response))
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    _bounded(len(body))
+                return bytes(body)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise refusal(response.status_code, response.text)
-        return response
 
     def start(self, connector: Connector, **options: Any) -> Accepted:
         """Start a background run (``"background": true``) and return at once with its id."""
         body = self._run_request(run_body(connector, **options))
         return msgspec.json.decode(
-            self._call("POST", "/execute-connector", json=body).content, type=Accepted
+            self._call("POST", "/execute-connector", json=body), type=Accepted
         )
 
     def get_run(self, run_id: str) -> RunInfo:
         """A run's record, with its final object once it has ended."""
-        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}").content, type=RunInfo)
+        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}"), type=RunInfo)
 
     def list_runs(
         self,
@@ -673,13 +678,11 @@ class Client(_Base):
     ) -> RunPage:
         """Runs newest first (``before``: the id the previous page ended with)."""
         params = self._list_params(kind, status, limit, before)
-        return msgspec.json.decode(self._call("GET", "/runs", params=params).content, type=RunPage)
+        return msgspec.json.decode(self._call("GET", "/runs", params=params), type=RunPage)
 
     def cancel(self, run_id: str) -> RunInfo:
         """Stop a run now (idempotent); its record afterwards."""
-        return msgspec.json.decode(
-            self._call("POST", f"/runs/{run_id}/cancel").content, type=RunInfo
-        )
+        return msgspec.json.decode(self._call("POST", f"/runs/{run_id}/cancel"), type=RunInfo)
 
     def delete_run(self, run_id: str) -> None:
         """Remove a finished run and its events."""
@@ -798,27 +801,32 @@ class AsyncClient(_Base):
             attempt += 1
             source = self._get_events(http, at)
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """The answer's body (at most ``MAX_EVENT_BYTES``), or its refusal raised."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as http:
-                response = await http.request(
-                    method, self.url + path, headers=self.headers, **kwargs
-                )
+            async with (
+                httpx.AsyncClient(timeout=self.timeout) as http,
+                http.stream(method, self.url + path, headers=self.headers, **kwargs) as response,
+            ):
+                if response.status_code >= 400:
+                    raise refusal(response.status_code, await _aerror_text(response))
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    _bounded(len(body))
+                return bytes(body)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise refusal(response.status_code, response.text)
-        return response
 
     async def start(self, connector: Connector, **options: Any) -> Accepted:
         """Start a background run and return at once with its id."""
         body = self._run_request(run_body(connector, **options))
         response = await self._call("POST", "/execute-connector", json=body)
-        return msgspec.json.decode(response.content, type=Accepted)
+        return msgspec.json.decode(response, type=Accepted)
 
     async def get_run(self, run_id: str) -> RunInfo:
         response = await self._call("GET", f"/runs/{run_id}")
-        return msgspec.json.decode(response.content, type=RunInfo)
+        return msgspec.json.decode(response, type=RunInfo)
 
     async def list_runs(
         self,
@@ -830,11 +838,11 @@ class AsyncClient(_Base):
     ) -> RunPage:
         params = self._list_params(kind, status, limit, before)
         response = await self._call("GET", "/runs", params=params)
-        return msgspec.json.decode(response.content, type=RunPage)
+        return msgspec.json.decode(response, type=RunPage)
 
     async def cancel(self, run_id: str) -> RunInfo:
         response = await self._call("POST", f"/runs/{run_id}/cancel")
-        return msgspec.json.decode(response.content, type=RunInfo)
+        return msgspec.json.decode(response, type=RunInfo)
 
     async def delete_run(self, run_id: str) -> None:
         await self._call("DELETE", f"/runs/{run_id}")

@@ -166,6 +166,29 @@ def test_a_huge_refusal_is_read_only_in_part(hostile: Callable[[Script], Hostile
     assert holder[0].sent < 16 * MiB  # the rest was never asked for
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_huge_json_answer_is_cut_off(
+    hostile: Callable[[Script], HostileServer], monkeypatch: pytest.MonkeyPatch, flavour: str
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_EVENT_BYTES", 2 * MiB)
+    holder: list[HostileServer] = []
+
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n[")
+        for _ in range(64):  # 64 MiB of a JSON array, unless the client stops first
+            conn.sendall(b"1," * (MiB // 2))
+            holder[0].sent += MiB
+
+    holder.append(hostile(script))
+    with pytest.raises(StreamFailed, match="over 2097152 bytes"):
+        if flavour == "sync":
+            Client(holder[0].url).get_run("x")
+        else:
+            anyio.run(AsyncClient(holder[0].url).get_run, "x")
+    assert holder[0].answered.wait(10)
+    assert holder[0].sent < 16 * MiB
+
+
 # ---- connector folders (streamsvc run DIR, the playground's examples) and --save ------------
 
 
