@@ -134,3 +134,16 @@ async def test_a_reader_of_a_long_log_holds_no_copy_of_it() -> None:
     assert held < 2 * 1024 * 1024, f"{held} bytes for 100 readers"  # a copy each: 80 MB
     for reader in readers:
         await reader.aclose()  # type: ignore[attr-defined]
+
+
+def test_a_read_token_is_in_no_log_line(server: ServerProcess, azure: FakeAzure) -> None:
+    """The access log prints the path, never the query: an events_url's token stays out."""
+    with httpx.Client(timeout=15) as http:
+        accepted = http.post(server.url + "/chat", json=CHAT).json()
+        token = accepted["events_url"].partition("?token=")[2]
+        assert http.get(server.url + accepted["events_url"]).status_code == 200
+        wrong = http.get(f"{server.url}/runs/{accepted['id']}/events?token={token[:-2]}xx")
+        assert wrong.status_code == 404
+    log = server.log()
+    assert f"/runs/{accepted['id']}/events" in log  # the reads were logged
+    assert token not in log and token[:-2] not in log
