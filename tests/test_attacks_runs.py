@@ -7,6 +7,8 @@ never with a 500 or a hint that another key's run exists. Each test fails withou
 
 from __future__ import annotations
 
+import socket
+import time
 import tracemalloc
 from collections.abc import Callable
 
@@ -147,3 +149,27 @@ def test_a_read_token_is_in_no_log_line(server: ServerProcess, azure: FakeAzure)
     log = server.log()
     assert f"/runs/{accepted['id']}/events" in log  # the reads were logged
     assert token not in log and token[:-2] not in log
+
+
+def test_a_reader_that_never_reads_a_runs_events_is_dropped(
+    start_server: Callable[..., ServerProcess], azure: FakeAzure
+) -> None:
+    """/runs/{id}/events has the send timeout of every stream: an 8 MiB log read by nobody."""
+    server = start_server(STREAMSVC_SEND_TIMEOUT_SECONDS="2")
+    azure.push(Reply(text_chunks=["x" * 65536] * 128))
+    with httpx.Client(timeout=15) as http:
+        run_id = finished_run(http, server, {})
+    mark = len(server.log())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    with sock:
+        sock.settimeout(15)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(
+            f"GET /runs/{run_id}/events HTTP/1.1\r\nhost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        while "it was dropped" not in server.log()[mark:]:
+            assert time.monotonic() - started < 2 + 10, server.log()[mark:]
+            time.sleep(0.1)
+    assert "Traceback" not in server.log()[mark:]
