@@ -20,6 +20,8 @@ REQUIREMENTS = "requirements.txt"
 SKIPPED_DIRS = frozenset({"__pycache__", "venv", "env", "node_modules", "site-packages"})
 #: More files than the server takes at most by default; a guard against reading a whole tree.
 MAX_FILES = 500
+#: Largest file read (far past the server's default cap): a guard against reading a disk image.
+MAX_FILE_BYTES = 32 * 1024 * 1024
 #: The ``runtime`` keys a TOML manifest may spell in snake case.
 _CAMEL = {"entry_point": "entryPoint", "memory_mb": "memoryMb", "timeout_ms": "timeoutMs"}
 
@@ -101,6 +103,10 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
         name = path.relative_to(folder).as_posix()
         if not path.resolve().is_relative_to(root):  # the file or a folder on its way a link
             raise AuthoringError(f"{path}: a link out of the folder")
+        if not path.is_file():  # a FIFO named x.py would block the read forever
+            raise AuthoringError(f"{path}: not a regular file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise AuthoringError(f"{path}: over {MAX_FILE_BYTES} bytes")
         try:
             files[name] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import anyio
 import pytest
 
 from streamsvc import client as client_module
-from streamsvc.authoring import AuthoringError, load_folder
+from streamsvc.authoring import MAX_FILE_BYTES, AuthoringError, load_folder
 from streamsvc.client import (
     AsyncClient,
     Client,
@@ -250,3 +251,17 @@ def test_save_writes_nothing_outside_its_folder(tmp_path: Path) -> None:
 def test_summary_lines_escape_control_characters() -> None:
     result = RunResult(ok=True, exit_code=0, files=[OutputFile("\x1b[2Jx.txt", 1)])
     assert all(line.isprintable() for line in summary_lines(result))
+
+
+def test_a_fifo_or_a_huge_file_in_a_folder_is_refused_not_read(tmp_path: Path) -> None:
+    folder = tmp_path / "connector"
+    folder.mkdir()
+    (folder / "main.py").write_text("print('hi')\n")
+    os.mkfifo(folder / "pipe.py")  # reading it would wait for a writer forever
+    with pytest.raises(AuthoringError, match="not a regular file"):
+        load_folder(folder)
+    (folder / "pipe.py").unlink()
+    with (folder / "huge.py").open("wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(AuthoringError, match="over"):
+        load_folder(folder)
