@@ -86,11 +86,11 @@ def _wanted(relative: Path) -> bool:
     return not any(part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts[:-1])
 
 
-def _files(folder: Path, include: list[str]) -> dict[str, str]:
+def _files(folder: Path, include: list[str], max_file_bytes: int | None) -> dict[str, str]:
     paths = {p for p in folder.rglob("*.py") if _wanted(p.relative_to(folder))}
     for pattern in include:
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-            raise AuthoringError(f"{folder}: include pattern {pattern!r} reaches out of the folder")
+            raise AuthoringError(f"{folder}: include pattern {pattern!r} leaves the folder")
         matched = [p for p in folder.glob(pattern) if p.is_file()]
         if not matched:
             raise AuthoringError(f"{folder}: include pattern {pattern!r} matches no file")
@@ -105,8 +105,9 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
             raise AuthoringError(f"{path}: a link out of the folder")
         if not path.is_file():  # a FIFO named x.py would block the read forever
             raise AuthoringError(f"{path}: not a regular file")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise AuthoringError(f"{path}: over {MAX_FILE_BYTES} bytes")
+        limit = MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes
+        if path.stat().st_size > limit:
+            raise AuthoringError(f"{path}: larger than {limit} bytes")
         try:
             files[name] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -114,8 +115,10 @@ def _files(folder: Path, include: list[str]) -> dict[str, str]:
     return files
 
 
-def load_folder(folder: Path) -> dict[str, Any]:
-    """The request body of a connector folder (``network_mode`` from ``runtime.network``)."""
+def load_folder(folder: Path, max_file_bytes: int | None = None) -> dict[str, Any]:
+    """The request body of a connector folder (``network_mode`` from ``runtime.network``);
+    ``max_file_bytes`` refuses larger files (default ``MAX_FILE_BYTES``; the server's example
+    menu reads with a smaller cap)."""
     manifest = _manifest(folder)
     runtime = {_CAMEL.get(k, k): v for k, v in dict(manifest.pop("runtime", None) or {}).items()}
     include = manifest.pop("include", [])
@@ -123,7 +126,7 @@ def load_folder(folder: Path) -> dict[str, Any]:
         raise AuthoringError(f"{folder}: include must be a list of glob patterns")
     if "files" in manifest:
         raise AuthoringError(f"{folder}: files come from the folder; use include for non-Python")
-    files = _files(folder, include)
+    files = _files(folder, include, max_file_bytes)
     if not files:
         raise AuthoringError(f"{folder}: no Python file")
     runtime.setdefault("language", "python")

@@ -210,11 +210,9 @@ def linked_folder(tmp_path: Path) -> Path:
 def test_a_folder_sends_nothing_from_outside_it(tmp_path: Path, pattern: str) -> None:
     folder = linked_folder(tmp_path)
     (folder / "connector.json").write_text(json.dumps({"include": [pattern]}))
-    with pytest.raises(AuthoringError, match="out of the folder"):
+    with pytest.raises(AuthoringError, match=r"out of the folder|leaves the folder"):
         load_folder(folder)
-    example = folder_example(folder)  # the server's reading of a folder skips them
-    assert example is not None
-    assert sorted(example.request["connector"]["files"]) == ["main.py"]
+    assert folder_example(folder) is None  # the server's example menu reads it the same way
 
 
 def test_save_writes_nothing_outside_its_folder(tmp_path: Path) -> None:
@@ -263,5 +261,5 @@ def test_a_fifo_or_a_huge_file_in_a_folder_is_refused_not_read(tmp_path: Path) -
     (folder / "pipe.py").unlink()
     with (folder / "huge.py").open("wb") as handle:
         handle.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk used
-    with pytest.raises(AuthoringError, match="over"):
+    with pytest.raises(AuthoringError, match="larger than"):
         load_folder(folder)

@@ -125,6 +125,17 @@ def test_a_link_out_of_the_folder_is_refused(tmp_path: Path) -> None:
         load_folder(folder)
 
 
+@pytest.mark.parametrize("pattern", ["../*.txt", "/etc/host*", "sub/../../*.txt"])
+def test_an_include_pattern_that_leaves_the_folder_is_refused(tmp_path: Path, pattern: str) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "main.py").write_text("print(1)\n")
+    (tmp_path / "secret.txt").write_text("outside\n")
+    (folder / "connector.json").write_text(json.dumps({"include": [pattern]}))
+    with pytest.raises(AuthoringError, match="leaves the folder"):
+        load_folder(folder)
+
+
 def test_init_refuses_a_folder_with_files(tmp_path: Path) -> None:
     write(tmp_path / "taken", {"keep.txt": "mine"})
     with pytest.raises(AuthoringError, match="not an empty folder"):

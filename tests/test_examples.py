@@ -3,7 +3,8 @@
 The seed example comes first; each connector folder becomes a whole request body, as
 ``streamsvc run DIR`` reads it (Python files and ``include`` patterns with relative paths,
 ``requirements.txt`` as dependencies, ``connector.json`` or ``.toml`` for the rest). Links,
-cache or hidden folders and oversized files are left out.
+cache or hidden folders are left out; a folder with an oversized file or a link out of it
+is not an example (``streamsvc run DIR`` refuses it too).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ async def test_the_index_starts_with_the_seed(fake_azure: FakeAzure) -> None:
         decode_request(json.dumps(example["request"]).encode())
 
 
-def _folder(root: Path) -> Path:
+def _folder(root: Path, hostile: bool = False) -> Path:
     folder = root / "csv-report"
     (folder / "lib").mkdir(parents=True)
     (folder / "main.py").write_text("from lib.rows import rows\nprint(rows())\n")
@@ -52,9 +53,10 @@ def _folder(root: Path) -> Path:
     for skipped in (".git", "__pycache__", "venv"):
         (folder / skipped).mkdir()
         (folder / skipped / "x.py").write_text("x = 1\n")
-    (folder / "big.py").write_text("#" * (examples.MAX_FILE_BYTES + 1))
-    (folder / "linked.py").symlink_to(root / "outside.py")
-    (root / "outside.py").write_text("print('outside')\n")
+    if hostile:
+        (folder / "big.py").write_text("#" * (examples.MAX_FILE_BYTES + 1))
+        (folder / "linked.py").symlink_to(root / "outside.py")
+        (root / "outside.py").write_text("print('outside')\n")
     return folder
 
 
@@ -78,6 +80,17 @@ def test_a_connector_folder_becomes_a_request(tmp_path: Path) -> None:
     assert connector["configuration"] == {"rows": 2}
     assert "include" not in connector
     decode_request(msgspec.json.encode(example.request))
+
+
+def test_a_folder_with_an_oversized_file_or_an_outside_link_is_not_an_example(
+    tmp_path: Path,
+) -> None:
+    folder = _folder(tmp_path, hostile=True)
+    assert examples.folder_example(folder) is None
+    (folder / "big.py").unlink()
+    assert examples.folder_example(folder) is None  # the link out is left
+    (folder / "linked.py").unlink()
+    assert examples.folder_example(folder) is not None
 
 
 def test_a_toml_manifest_in_snake_case(tmp_path: Path) -> None:
