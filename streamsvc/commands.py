@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import msgspec
@@ -336,23 +337,53 @@ def run_connector(
     return _stream(client, "/execute-connector", body, printer, err)
 
 
+def _shown(text: str) -> str:
+    """``text`` for a terminal: as it is when printable, else quoted with its escapes."""
+    return text if text.isprintable() else repr(text)
+
+
+def _plain_parts(name: str) -> tuple[str, ...] | None:
+    """The parts of a plain relative file name (no control character, ``..`` or root)."""
+    path = PurePosixPath(name)
+    if not name.isprintable() or path.is_absolute() or ".." in path.parts or not path.parts:
+        return None
+    return path.parts
+
+
 def save_files(result: RunResult, folder: Path) -> list[str]:
-    """Write the files that came inline under ``folder``; a line for each one."""
+    """Write the files that came inline under ``folder``; a line for each one. The names come
+    from the server: none is written outside ``folder``, through a link, or over a folder."""
     lines = []
     for file in result.files:
-        parts = Path(file.name).parts
-        content = file.content()
-        if not parts or Path(file.name).is_absolute() or ".." in parts:
+        parts = _plain_parts(file.name)
+        try:
+            content = file.content()
+        except ValueError:
+            content = None
+        if parts is None:
             lines.append(f"[streamsvc] not saved: {file.name!r} is not a plain relative name")
         elif content is None:
             why = file.error.message if file.error else "its content did not come inline"
-            lines.append(f"[streamsvc] not saved: {file.name}: {why}")
+            lines.append(f"[streamsvc] not saved: {_shown(file.name)}: {_shown(why)}")
         else:
-            target = folder.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-            lines.append(f"[streamsvc] saved {target}")
+            lines.append(_save_one(folder, parts, content))
     return lines
+
+
+def _save_one(folder: Path, parts: tuple[str, ...], content: bytes) -> str:
+    name = "/".join(parts)
+    for depth in range(1, len(parts)):
+        if folder.joinpath(*parts[:depth]).is_symlink():
+            return f"[streamsvc] not saved: {name}: {'/'.join(parts[:depth])} is a link"
+    target = folder.joinpath(*parts)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(target, flags, 0o644), "wb") as written:
+            written.write(content)
+    except OSError as exc:  # a link (ELOOP), a folder of that name, no room, ...
+        return f"[streamsvc] not saved: {name}: {exc.strerror or exc}"
+    return f"[streamsvc] saved {target}"
 
 
 def detach(client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
@@ -381,7 +412,7 @@ def _summary(result: RunResult) -> list[str]:
         lines = [f"[streamsvc] failed in {took}: {what}"]
     for file in result.files:
         size = f"{file.size} bytes" if file.size is not None else "size unknown"
-        lines.append(f"[streamsvc] file {file.name} ({size})")
+        lines.append(f"[streamsvc] file {_shown(file.name)} ({size})")
     return lines
 
 

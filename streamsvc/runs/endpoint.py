@@ -7,6 +7,7 @@ With API keys a run is visible only to the key that created it (others get 404);
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Annotated, Any
 
 import anyio
@@ -31,6 +32,9 @@ from streamsvc.web.rendering import json_response
 from streamsvc.web.services import Services, services
 
 MAX_LIMIT = 200
+#: The largest event id a cursor may name (``Last-Event-ID``, ``?after=``): far past any log.
+MAX_EVENT_ID = 10**15
+_EVENT_ID = re.compile(r"[0-9]{1,16}")
 
 
 class RunView(msgspec.Struct):
@@ -78,7 +82,7 @@ class _Query(msgspec.Struct, forbid_unknown_fields=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = 50
     before: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     token: str | None = None
-    after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    after: Annotated[int, msgspec.Meta(ge=0, le=MAX_EVENT_ID)] | None = None
 
 
 def _query(request: Request) -> _Query:
@@ -127,6 +131,10 @@ async def list_runs(request: Request) -> Response:
     owner = _caller(request, found)
     query = _query(request)
     manager = manager_of(found)
+    if query.before is not None:
+        cursor = await manager.store.get(query.before)
+        if cursor is None or cursor.owner != owner:  # another key's run is no cursor either
+            return json_response(RunList([], None))
     records = await manager.store.find(
         owner=owner, kind=query.kind, status=query.status, limit=query.limit, before=query.before
     )
@@ -165,9 +173,11 @@ async def run_events(request: Request) -> Response:
     after = query.after or 0
     header = request.headers.get("last-event-id")
     if header is not None:
-        if not header.strip().isdigit():
+        # ASCII digits only (str.isdigit takes "²", which int() refuses), a bounded count.
+        match = _EVENT_ID.fullmatch(header.strip())
+        if match is None or int(match.group()) > MAX_EVENT_ID:
             raise ValidationFailed("Last-Event-ID must be an event id", path="$.headers")
-        after = int(header)
+        after = int(match.group())
     server = found.settings.server
     return sse.event_response(
         None,

@@ -30,6 +30,7 @@ from streamsvc.errors import (
     SandboxFailed,
     ServiceError,
 )
+from streamsvc.runs.live import Held
 from streamsvc.runs.store import (
     RunKind,
     RunRecord,
@@ -80,6 +81,7 @@ class Run:
     kind: RunKind
     background: bool
     grace: float
+    owner: str | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set once the first event is stored, or the run failed before it.
     first: anyio.Event = field(default_factory=anyio.Event)
@@ -105,6 +107,7 @@ class RunManager:
         self.executor = executor_name()
         self._secret = secret
         self._runs: dict[str, Run] = {}
+        self._held = Held(settings.max_active_runs, settings.max_active_runs_per_key)
         self._tasks: TaskGroup | None = None
         self._pruning = anyio.CancelScope()
 
@@ -156,6 +159,7 @@ class RunManager:
     async def create(
         self, kind: RunKind, *, owner: str | None, background: bool, request: Any
     ) -> Run:
+        self._held.admit(owner)  # else background or dropped runs could pile up without end
         run_id = secrets.token_urlsafe(16)
         grace = (
             self.settings.connector_grace_seconds
@@ -166,10 +170,19 @@ class RunManager:
             id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
             background=background, request=request, executor=self.executor,
         )  # fmt: skip
-        await self.store.create(record)
-        run = Run(run_id, kind, background, grace)
+        run = Run(run_id, kind, background, grace, owner)
         self._runs[run_id] = run
+        self._held.hold(owner)
+        try:
+            await self.store.create(record)
+        except BaseException:
+            self._release(run)
+            raise
         return run
+
+    def _release(self, run: Run) -> None:
+        if self._runs.pop(run.id, None) is not None:
+            self._held.release(run.owner)
 
     def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
         """Pump ``source`` into the store in the manager's task group (the caller's context
@@ -266,7 +279,7 @@ class RunManager:
                         log.exception("run %s: its end could not be recorded", run.id)
                 run.first.set()
                 run.done.set()
-                self._runs.pop(run.id, None)
+                self._release(run)
                 if run.timer is not None:
                     run.timer.cancel()
 
