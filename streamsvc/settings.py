@@ -183,6 +183,12 @@ class RunSettings(msgspec.Struct, frozen=True):
     chat_grace_seconds: Seconds = 10.0
     retention_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86_400)] = 86_400.0
     token_secret: str | None = None
+    #: With a Redis store (issue 16): queued plus running connector runs across the cluster
+    #: (past it: 429 ``busy``); how long an executor may go without a heartbeat before its
+    #: runs end ``executor_lost``; how often executors heartbeat (and nodes reap).
+    queue_capacity: Positive = 64
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -264,6 +270,9 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_RUN_GRACE_CHAT_SECONDS": ("runs", "chat_grace_seconds"),
     "STREAMSVC_RUN_RETENTION_SECONDS": ("runs", "retention_seconds"),
     "STREAMSVC_RUN_TOKEN_SECRET": ("runs", "token_secret"),
+    "STREAMSVC_QUEUE_CAPACITY": ("runs", "queue_capacity"),
+    "STREAMSVC_LEASE_SECONDS": ("runs", "lease_seconds"),
+    "STREAMSVC_HEARTBEAT_SECONDS": ("runs", "heartbeat_seconds"),
 }
 _VARIABLES = {place: name for name, place in ENV_NAMES.items()}
 

@@ -32,6 +32,8 @@ from streamsvc.web.rendering import json_response
 from streamsvc.web.services import Services, services
 
 MAX_LIMIT = 200
+#: A run cancelled before an executor took it (the executor skips it).
+QUEUED_CANCEL = {"code": "cancelled", "message": "the run was cancelled"}
 
 
 class RunView(msgspec.Struct):
@@ -190,6 +192,8 @@ async def cancel_run(request: Request) -> Response:
     if record.status not in FINISHED:
         if manager.running(run_id) is not None:
             await manager.cancel(run_id)
+        elif record.executor is None and isinstance(manager.store, RedisRunStore):
+            await manager.store.end(run_id, "cancelled", QUEUED_CANCEL)  # not taken yet
         elif not await _cancel_elsewhere(manager, record):
             raise RunElsewhere(f"run {run_id} is executed by another server process")
         record = await _visible(manager, run_id, record.owner)

@@ -112,10 +112,12 @@ class Run:
 class RunManager:
     """Starts, follows, cancels and ends runs; entered in the app's lifespan."""
 
-    def __init__(self, store: RunStore, settings: RunSettings, secret: bytes) -> None:
+    def __init__(
+        self, store: RunStore, settings: RunSettings, secret: bytes, name: str | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
-        self.executor = executor_name()
+        self.executor = name or executor_name()
         self._secret = secret
         self._runs: dict[str, Run] = {}
         self._tasks: TaskGroup | None = None
@@ -182,6 +184,26 @@ class RunManager:
         await self.store.create(record)
         run = Run(run_id, kind, background, grace)
         self._runs[run_id] = run
+        return run
+
+    async def create_queued(
+        self, kind: RunKind, *, owner: str | None, background: bool, request: Any
+    ) -> str:
+        """A run's record for an executor to take (no executor named yet); its id."""
+        run_id = secrets.token_urlsafe(16)
+        record = RunRecord(
+            id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
+            background=background, request=request, executor=None,
+        )  # fmt: skip
+        await self.store.create(record)
+        return run_id
+
+    def adopt(self, record: RunRecord) -> Run:
+        """A queued run created by another node, executed here (``runs.executor``)."""
+        if isinstance(self.store, RedisRunStore):
+            self.store.adopt(msgspec.structs.replace(record, executor=self.executor))
+        run = Run(record.id, record.kind, record.background, self.settings.connector_grace_seconds)
+        self._runs[record.id] = run
         return run
 
     def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:

@@ -7,24 +7,32 @@ lease ends that run ``interrupted``/``executor_lost``. Capacity is global. docs/
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
+import anyio
 import msgspec
 from redis.exceptions import ResponseError
 
-from streamsvc.errors import Busy
+from streamsvc.errors import Busy, RunStoreUnavailable
 from streamsvc.runs.redis import RedisRunStore
 
 GROUP = "executors"
+log = logging.getLogger("streamsvc.runs")
 
-# KEYS: queue. ARGV: capacity, run id, payload. Nil when full (entries live until acked).
+# KEYS: queue, env key. ARGV: capacity, run id, payload, env values (JSON, '' for none),
+# their ttl. Nil when full (entries live until acked); the env values only when queued.
 _ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 return redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
 """
+#: Longest a queued run's env values wait in Redis for an executor (then the run fails).
+ENV_TTL_SECONDS = 3600
 # KEYS: queue. ARGV: group, executor, entry ids. Renews the entries this executor still
 # owns (their idle time restarts) and returns the ids it lost to a reaper.
 _HEARTBEAT = """
@@ -88,10 +96,14 @@ class RunQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def enqueue(self, run_id: str, payload: bytes) -> str:
-        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity."""
-        keys = [self._queue]
-        args: list[int | str | bytes] = [self.capacity, run_id, payload]
+    def _env_key(self, run_id: str) -> str:
+        return self._store.key(f"env:{run_id}")
+
+    async def enqueue(self, run_id: str, payload: bytes, env: bytes = b"") -> str:
+        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity. ``env``: the
+        run's env values (JSON), kept apart from the payload until an executor takes them."""
+        keys = [self._queue, self._env_key(run_id)]
+        args: list[int | str | bytes] = [self.capacity, run_id, payload, env, ENV_TTL_SECONDS]
         entry = await self._store.call(lambda: self._enqueue(keys=keys, args=args))
         if entry is None:
             raise Busy("the run queue is full; try again shortly", retry_after=1)
@@ -116,6 +128,16 @@ class RunQueue:
             lambda: self._redis.hset(record_key, "executor", msgspec.json.encode(executor))
         )
         return taken
+
+    async def take_env(self, run_id: str) -> bytes | None:
+        """The run's env values, deleted from Redis as they are read (None: none or gone)."""
+        key = self._env_key(run_id)
+        value = await self._store.call(lambda: self._redis.getdel(key))
+        return None if value is None else bytes(value)
+
+    async def drop_env(self, run_id: str) -> None:
+        key = self._env_key(run_id)
+        await self._store.call(lambda: self._redis.delete(key))
 
     async def heartbeat(
         self, executor: str, entries: Sequence[str], *, slots: int, running: int
@@ -168,6 +190,44 @@ class RunQueue:
                 ended.append(run_id)
             await self.ack(entry.decode())
         return ended
+
+    @contextlib.asynccontextmanager
+    async def reaper(self, name: str, every: float) -> AsyncIterator[None]:
+        """While inside, ``reap`` every ``every`` seconds (API nodes; executors reap too)."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    ended = await self.reap(name)
+                    if ended:
+                        log.warning("%d run(s) ended executor_lost", len(ended))
+                except RunStoreUnavailable as exc:
+                    log.warning("reaping lapsed leases failed (%s)", exc)
+                await anyio.sleep(every)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(loop)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+
+    async def health(self) -> dict[str, Any]:
+        """``/health``'s ``queue`` component: its depth and the executors seen within two
+        leases (last heartbeat, slots, running). Degraded with no executor seen."""
+        try:
+            with anyio.fail_after(1.0):
+                waiting, running = await self.depth()
+                seen = await self.executors(2 * self.lease_ms / 1000)
+        except (RunStoreUnavailable, TimeoutError) as exc:
+            return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
+        return {
+            "state": "ready" if seen else "no_executors",
+            "waiting": waiting,
+            "running": running,
+            "capacity": self.capacity,
+            "executors": msgspec.to_builtins(seen),
+        }
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
         """Executors that heartbeat within the last ``within`` seconds."""

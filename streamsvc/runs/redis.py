@@ -154,6 +154,8 @@ class RedisRunStore:
         self._inflight: dict[str, list[StoredEvent]] = {}
         self._looked_at = -1.0
         self._verdict: str | None = None
+        #: Kinds whose unfinished runs are the queue's (leases), not ``interrupt_unfinished``'s.
+        self.queued_kinds: frozenset[str] = frozenset()
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
@@ -270,6 +272,10 @@ class RedisRunStore:
         await self.call(run)
         if record.executor is not None and record.status not in FINISHED:
             self._active.create(record)  # executed here (a queued run names none yet)
+
+    def adopt(self, record: RunRecord) -> None:
+        """A run created elsewhere (queued) that this process now executes."""
+        self._active.create(record)
 
     async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         """A run of this process: its readers here have the events at once; Redis gets
@@ -630,8 +636,8 @@ class RedisRunStore:
             if record is None:
                 await self.call(partial(self._redis.srem, self._unfinished_key, run_id))
                 continue
-            if run_id in self._active.records:
-                continue  # this process runs it
+            if run_id in self._active.records or record.kind in self.queued_kinds:
+                continue  # this process runs it, or the queue's leases judge it
             if record.executor is not None and alive(record.executor):
                 continue
             if await self.end(run_id, "interrupted", INTERRUPTED):

@@ -7,12 +7,13 @@ a failure before the first event is a real status (the run is then ``failed`` wi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.errors import NotConfigured, ServiceError, ShuttingDown
+from streamsvc.errors import NotConfigured, SandboxFailed, ServiceError, ShuttingDown
 from streamsvc.runs.manager import Run, RunManager, encode_frame
 from streamsvc.runs.store import RunStatus
 from streamsvc.web import sse
@@ -38,15 +39,85 @@ def manager_of(found: Services) -> RunManager:
     return found.runs
 
 
-def accepted(manager: RunManager, run: Run) -> Response:
-    url = f"/runs/{run.id}"
-    body = Accepted(run.id, "queued", url, f"{url}/events?token={manager.token(run.id)}")
+def accepted(manager: RunManager, run: Run | str) -> Response:
+    run_id = run if isinstance(run, str) else run.id
+    url = f"/runs/{run_id}"
+    body = Accepted(run_id, "queued", url, f"{url}/events?token={manager.token(run_id)}")
     return Response(
         _encoder.encode(body),
         status_code=202,
         media_type="application/json",
-        headers={"Location": url, "X-Run-ID": run.id},
+        headers={"Location": url, "X-Run-ID": run_id},
     )
+
+
+def _classes(base: type[ServiceError]) -> list[type[ServiceError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _classes(sub)
+    return found
+
+
+def stored_error(data: bytes) -> ServiceError:
+    """A stored ``error`` event (``{"error": {code, message, ...}}``) as the error it was,
+    with its class's HTTP status (a run executed on another node failed before its start)."""
+    body: dict[str, Any] = msgspec.json.decode(data).get("error") or {}
+    code = str(body.get("code", "internal_error"))
+    status = next((c.status for c in _classes(ServiceError) if c.code == code), 500)
+    return ServiceError(
+        str(body.get("message", "the run failed")),
+        code=code,
+        status=status,
+        path=body.get("path"),
+        details=body.get("details"),
+    )
+
+
+async def respond_queued(
+    request: Request, found: Services, run_id: str, *, background: bool, stream: bool
+) -> Response:
+    """Answer for a run queued for an executor (Redis store): its events come from Redis."""
+    manager = manager_of(found)
+    if background:
+        return accepted(manager, run_id)
+    server = found.settings.server
+    headers = {"X-Run-ID": run_id}
+    events = manager.reader(run_id, 0)
+    try:
+        if stream:
+            first = await sse.before_headers(request, found.streams, anext(events, None))
+            if first is None:
+                raise SandboxFailed("the run ended without an answer")
+            if first.name == "error":
+                raise stored_error(first.data)
+            return sse.event_response(
+                first,
+                events,
+                found.streams,
+                keepalive=server.keepalive_seconds,
+                headers=headers,
+                send_timeout=server.send_timeout_seconds,
+                encode=encode_frame,
+            )
+
+        async def outcome() -> bytes:
+            async for event in events:
+                if event.name == "done":
+                    return bytes(event.data)
+                if event.name == "error":
+                    raise stored_error(event.data)
+            raise SandboxFailed("the run ended without an answer")
+
+        final = await sse.before_headers(request, found.streams, outcome())
+    except ClientDisconnect:
+        return Response(status_code=499, headers=headers)
+    except ServiceError as exc:
+        response = error_response(exc, request.url.path)
+        response.headers.update(headers)
+        return response
+    answer = sse.JsonAnswer(final, server.send_timeout_seconds)
+    answer.headers.update(headers)
+    return answer
 
 
 async def respond(
