@@ -52,6 +52,8 @@ class RunView(msgspec.Struct):
     error: Any
     #: The run's events (SSE) with a read-only token for this run.
     events_url: str
+    #: The process running (or that ran) it, ``host:pid``; null while queued.
+    executor: str | None = None
 
 
 class RunSummary(msgspec.Struct):
@@ -115,6 +117,7 @@ def _view(manager: RunManager, record: RunRecord) -> RunView:
     return RunView(
         record.id, record.kind, record.status, record.created_at, record.started_at,
         record.finished_at, record.last_event_id, record.result, record.error, url,
+        record.executor,
     )  # fmt: skip
 
 

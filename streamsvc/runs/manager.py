@@ -263,6 +263,8 @@ class RunManager:
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)
+                        if "executor" in data.__struct_fields__:
+                            data = msgspec.structs.replace(data, executor=self.executor)
                     encoded = _encoder.encode(data)
                     await put(event.name, encoded)
                     run.first.set()

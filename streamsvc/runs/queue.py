@@ -214,7 +214,7 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running). Degraded with no executor seen."""
+        leases (last heartbeat, slots, running); an empty list: no run will start."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
@@ -222,7 +222,7 @@ class RunQueue:
         except (RunStoreUnavailable, TimeoutError) as exc:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
         return {
-            "state": "ready" if seen else "no_executors",
+            "state": "ready",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
