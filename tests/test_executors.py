@@ -312,3 +312,67 @@ def test_bad_settings_stop_an_executor_with_one_line_naming_the_setting(
     code, err = bad_executor({"STREAMSVC_RUN_STORE": redis_url, "DOCKER_HOST": down})
     assert code == 2 and f"DOCKER_HOST={down}" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+async def test_past_the_capacity_or_with_no_executor_a_run_is_busy(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.env |= {"STREAMSVC_QUEUE_CAPACITY": "1", "STREAMSVC_QUEUE_TIMEOUT_SECONDS": "1"}
+    node = cluster.node()
+    queued = await client.post(
+        node.url + "/execute-connector", json=program(LINES, background=True)
+    )
+    assert queued.status_code == 202, queued.text
+    full = await client.post(node.url + "/execute-connector", json=program(LINES, background=True))
+    assert full.status_code == 429 and full.headers["retry-after"] == "1", full.text
+    assert full.json()["error"]["code"] == "busy"
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert (health["waiting"], health["executors"]) == (1, []), health
+    cancelled = await client.post(f"{node.url}/runs/{queued.json()['id']}/cancel")
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+
+    waited = time.monotonic()
+    alone = await client.post(node.url + "/execute-connector", json=program(LINES))
+    assert alone.status_code == 429 and alone.json()["error"]["code"] == "busy", alone.text
+    assert time.monotonic() - waited < 5
+    record = (await client.get(f"{node.url}/runs/{alone.headers['x-run-id']}")).json()
+    assert record["status"] == "failed" and record["error"]["code"] == "busy", record
+
+
+SECRET = "env-value-7f3a9c"
+
+
+async def test_env_values_leave_redis_once_an_executor_took_the_run(
+    cluster: Cluster, redis_url: str, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    code = "import os, json\nprint(json.dumps({'ok': True, 'result': len(os.environ['TOKEN'])}))\n"
+    body = program(code, env={"TOKEN": SECRET}, background=True)
+    started = await client.post(node.url + "/execute-connector", json=body)
+    run_id = started.json()["id"]
+    prefix = cluster.store.partition("?prefix=")[2]
+
+    def everything() -> bytes:
+        """Every value under the test's prefix, as bytes."""
+        found = []
+        with redis.Redis.from_url(redis_url) as r:
+            for key in r.scan_iter(match=f"{prefix}*", count=500):
+                kind = r.type(key)
+                if kind == b"string":
+                    found.append(r.get(key) or b"")
+                elif kind == b"hash":
+                    found += [k + v for k, v in r.hgetall(key).items()]
+                elif kind == b"stream":
+                    found += [repr(e).encode() for e in r.xrange(key)]
+        return b"\n".join(found)
+
+    assert SECRET.encode() in everything()  # queued: waiting for an executor, in one key
+    cluster.executor()
+
+    async def done() -> Any:
+        record = (await client.get(f"{node.url}/runs/{run_id}")).json()
+        return record if record["status"] == "completed" else None
+
+    record = await wait_for(done, 60, "the run completes")
+    assert record["result"]["result"] == len(SECRET)
+    assert SECRET.encode() not in everything()

@@ -195,8 +195,9 @@ async def cancel_run(request: Request) -> Response:
     if record.status not in FINISHED:
         if manager.running(run_id) is not None:
             await manager.cancel(run_id)
-        elif record.executor is None and isinstance(manager.store, RedisRunStore):
-            await manager.store.end(run_id, "cancelled", QUEUED_CANCEL)  # not taken yet
+        elif record.executor is None and found.queue is not None:
+            if not await found.queue.withdraw(run_id, QUEUED_CANCEL):  # taken meanwhile
+                await _cancel_elsewhere(manager, await _visible(manager, run_id, record.owner))
         elif not await _cancel_elsewhere(manager, record):
             raise RunElsewhere(f"run {run_id} is executed by another server process")
         record = await _visible(manager, run_id, record.owner)

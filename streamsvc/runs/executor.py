@@ -138,6 +138,7 @@ class Executor:
         run = self.manager.adopt(record)
         self.running[taken.entry] = run
         self.manager.start(run, self._source(taken.payload, env))
+        self.manager.unattended(run)  # a foreground run nobody follows (anywhere) is abandoned
         tasks.start_soon(self._finish, taken.entry, run)
 
     @property

@@ -129,6 +129,24 @@ class RunQueue:
         )
         return taken
 
+    async def withdraw(self, run_id: str, error: dict[str, Any]) -> bool:
+        """End a run no executor took yet (cancelled, or waited too long): its entry and env
+        values leave the queue. False if it had ended, or an executor has it now."""
+        record = await self._store.get(run_id)
+        if record is None or record.status != "queued" or record.executor is not None:
+            return False
+        # The stream holds at most ``capacity`` entries: one bounded read finds the run's.
+        entries = await self._store.call(
+            lambda: self._redis.xrange(self._queue, "-", "+", count=self.capacity + 1)
+        )
+        for entry_id, fields in entries:
+            if fields.get(b"run") == run_id.encode():
+                await self._store.call(partial(self._redis.xdel, self._queue, entry_id))
+        await self.drop_env(run_id)
+        return await self._store.end(
+            run_id, "cancelled" if error["code"] == "cancelled" else "failed", error
+        )
+
     async def take_env(self, run_id: str) -> bytes | None:
         """The run's env values, deleted from Redis as they are read (None: none or gone)."""
         key = self._env_key(run_id)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.errors import NotConfigured, SandboxFailed, ServiceError, ShuttingDown
+from streamsvc.errors import Busy, NotConfigured, SandboxFailed, ServiceError, ShuttingDown
 from streamsvc.runs.manager import Run, RunManager, encode_frame
 from streamsvc.runs.store import RunStatus
 from streamsvc.web import sse
@@ -21,6 +22,8 @@ from streamsvc.web.rendering import error_response
 from streamsvc.web.services import Services
 
 _encoder = msgspec.json.Encoder()
+BUSY = "no executor took the run within the queue's timeout; try again shortly"
+NOT_TAKEN = {"code": "busy", "message": BUSY}
 
 
 class Accepted(msgspec.Struct):
@@ -82,14 +85,28 @@ async def respond_queued(
         return accepted(manager, run_id)
     server = found.settings.server
     headers = {"X-Run-ID": run_id}
-    events = manager.reader(run_id, 0)
+    wait = found.settings.sandbox.queue_timeout_seconds
+    Following = tuple[sse.Event, AsyncIterator[sse.Event]]
+
+    async def first_event() -> Following:
+        """The run's first event and its reader; past the queue's timeout with no executor
+        having taken the run: ``busy`` (the run ends so; an executor skips it)."""
+        while True:
+            events = manager.reader(run_id, 0)
+            with anyio.move_on_after(wait):
+                first = await anext(events, None)
+                if first is None:
+                    raise SandboxFailed("the run ended without an answer")
+                if first.name == "error":
+                    raise stored_error(first.data)
+                return first, events
+            if found.queue is not None and await found.queue.withdraw(run_id, NOT_TAKEN):
+                raise Busy(BUSY, retry_after=1)
+            # taken meanwhile: it runs, bounded by its own timeout
+
     try:
         if stream:
-            first = await sse.before_headers(request, found.streams, anext(events, None))
-            if first is None:
-                raise SandboxFailed("the run ended without an answer")
-            if first.name == "error":
-                raise stored_error(first.data)
+            first, events = await sse.before_headers(request, found.streams, first_event())
             return sse.event_response(
                 first,
                 events,
@@ -101,12 +118,15 @@ async def respond_queued(
             )
 
         async def outcome() -> bytes:
-            async for event in events:
-                if event.name == "done":
-                    return bytes(event.data)
-                if event.name == "error":
-                    raise stored_error(event.data)
-            raise SandboxFailed("the run ended without an answer")
+            event, events = await first_event()
+            while event.name != "done":
+                following = await anext(events, None)
+                if following is None:
+                    raise SandboxFailed("the run ended without an answer")
+                if following.name == "error":
+                    raise stored_error(following.data)
+                event = following
+            return bytes(event.data)
 
         final = await sse.before_headers(request, found.streams, outcome())
     except ClientDisconnect:
