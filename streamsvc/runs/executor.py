@@ -121,12 +121,11 @@ class Executor:
                 continue
             try:
                 taken = await self.queue.take(self.name, block_seconds=0.5)
-            except RunStoreUnavailable as exc:
+                if taken is not None:
+                    await self._begin(taken, tasks)
+            except RunStoreUnavailable as exc:  # a taken run not begun: its lease lapses
                 log.warning("the queue is unavailable (%s); trying again", exc)
                 await anyio.sleep(1.0)
-                continue
-            if taken is not None:
-                await self._begin(taken, tasks)
 
     async def _begin(self, taken: Taken, tasks: TaskGroup) -> None:
         record = await self.queue_store.get(taken.run_id)
@@ -191,4 +190,8 @@ class Executor:
                 await self.queue.reap(self.name)
             except RunStoreUnavailable as exc:
                 log.warning("heartbeat failed (%s)", exc)
+            except Exception:  # e.g. Redis restarted empty: the group is made again
+                log.exception("heartbeat failed")
+                with contextlib.suppress(Exception):
+                    await self.queue.open()
             await anyio.sleep(every)

@@ -113,12 +113,18 @@ class RunQueue:
         """The next queued run for ``executor`` (call only with a free slot), or None after
         ``block_seconds``. The run's record names the executor from here on."""
         block = max(1, int(block_seconds * 1000))
-        read = await self._store.call(
-            lambda: self._redis.xreadgroup(
-                GROUP, executor, {self._queue: ">"}, count=1, block=block
-            ),
-            extra=block_seconds,
-        )
+        try:
+            read = await self._store.call(
+                lambda: self._redis.xreadgroup(
+                    GROUP, executor, {self._queue: ">"}, count=1, block=block
+                ),
+                extra=block_seconds,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.open()  # Redis came back without the queue (no persistence)
+            return None
         if not read:
             return None
         entry_id, fields = read[0][1][0]
