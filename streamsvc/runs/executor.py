@@ -128,23 +128,15 @@ class Executor:
                 await anyio.sleep(1.0)
 
     async def _begin(self, taken: Taken, tasks: TaskGroup) -> None:
-        record = await self.queue_store.get(taken.run_id)
+        record = taken.record
         if record is None or record.status in FINISHED:  # cancelled or deleted while queued
-            await self.queue.drop_env(taken.run_id)
             await self.queue.ack(taken.entry)
             return
-        env = await self.queue.take_env(taken.run_id)
         run = self.manager.adopt(record)
         self.running[taken.entry] = run
-        self.manager.start(run, self._source(taken.payload, env))
+        self.manager.start(run, self._source(taken.payload, taken.env))
         self.manager.unattended(run)  # a foreground run nobody follows (anywhere) is abandoned
         tasks.start_soon(self._finish, taken.entry, run)
-
-    @property
-    def queue_store(self) -> RedisRunStore:
-        store = self.manager.store
-        assert isinstance(store, RedisRunStore)
-        return store
 
     async def _source(self, payload: bytes, env: bytes | None) -> AsyncIterator[sse.Event]:
         """The run's events: its request rebuilt with the env values, planned, then run."""

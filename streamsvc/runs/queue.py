@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from streamsvc.errors import Busy, RunStoreUnavailable
 from streamsvc.runs.redis import RedisRunStore
+from streamsvc.runs.store import RunRecord
 
 GROUP = "executors"
 log = logging.getLogger("streamsvc.runs")
@@ -50,11 +51,14 @@ return lost
 
 
 class Taken(msgspec.Struct, frozen=True):
-    """A queued run handed to one executor: its queue entry, run id and payload."""
+    """A queued run handed to one executor: its queue entry, run id and payload; its record
+    (None: deleted) and env values (taken out of Redis), read in the same round trip."""
 
     entry: str
     run_id: str
     payload: bytes
+    record: RunRecord | None = None
+    env: bytes | None = None
 
 
 class ExecutorSeen(msgspec.Struct, frozen=True):
@@ -128,12 +132,19 @@ class RunQueue:
         if not read:
             return None
         entry_id, fields = read[0][1][0]
-        taken = Taken(entry_id.decode(), fields[b"run"].decode(), fields[b"payload"])
-        record_key = self._store.key(f"run:{taken.run_id}")
-        await self._store.call(
-            lambda: self._redis.hset(record_key, "executor", msgspec.json.encode(executor))
-        )
-        return taken
+        run_id = fields[b"run"].decode()
+        record_key = self._store.key(f"run:{run_id}")
+
+        async def claim() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(record_key, "executor", msgspec.json.encode(executor))
+                pipe.hgetall(record_key)
+                pipe.getdel(self._env_key(run_id))
+                return await pipe.execute()
+
+        _, raw, env = await self._store.call(claim)
+        record = RedisRunStore.decode_record(raw)
+        return Taken(entry_id.decode(), run_id, fields[b"payload"], record, env)
 
     async def withdraw(self, run_id: str, error: dict[str, Any]) -> bool:
         """End a run no executor took yet (cancelled, or waited too long): its entry and env

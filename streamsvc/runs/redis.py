@@ -251,6 +251,12 @@ class RedisRunStore:
         kept = {k: msgspec.Raw(v) for k, v in pairs.items() if k in RAW and v != b"null"}
         return msgspec.structs.replace(record, **kept) if kept else record
 
+    @classmethod
+    def decode_record(cls, raw: dict[bytes, bytes]) -> RunRecord | None:
+        """A record hash as ``HGETALL`` gives it (None: no such run)."""
+        record: RunRecord | None = cls._decode(raw, FIELDS)
+        return record
+
     # -- the RunStore protocol
 
     async def create(self, record: RunRecord) -> None:
