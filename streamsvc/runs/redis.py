@@ -468,7 +468,7 @@ class RedisRunStore:
             async for event in live.follow(after):
                 yield event
             return
-        record = await self._state(run_id)
+        record = await self._state(run_id, mark=True)  # and "a reader is here", one trip
         if record is None:
             raise RunNotFound(f"no run {run_id}")
         if record.events_expired:
@@ -477,7 +477,7 @@ class RedisRunStore:
         cursor = max(after, 0)
         block = self._poll_ms / 1000
         count = FIRST_BATCH  # a resuming reader gets its first event soon, then bigger reads
-        marked = 0.0
+        marked = time.monotonic()
         while True:
             if time.monotonic() - marked >= block:  # "a reader is here", for the running node
                 marked = time.monotonic()
@@ -506,16 +506,19 @@ class RedisRunStore:
             if record.events_expired:
                 raise EventsExpired(f"the events of run {run_id} were pruned")
 
-    async def _state(self, run_id: str) -> RunRecord | None:
-        """The record without its request and result (what ``follow`` looks at)."""
+    async def _state(self, run_id: str, *, mark: bool = False) -> RunRecord | None:
+        """The record without its request and result (what ``follow`` looks at); ``mark``:
+        and mark a reader (``read_elsewhere``) in the same round trip."""
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(self._record_key(run_id), list(_LISTED))
                 pipe.exists(self._events_key(run_id))
+                if mark:
+                    pipe.set(self.key(f"reader:{run_id}"), b"1", px=3 * self._poll_ms)
                 return await pipe.execute()
 
-        raw, has_events = await self.call(run)
+        raw, has_events, *_ = await self.call(run)
         record: RunRecord | None = self._decode(raw, _LISTED)
         if record is not None and self._expired(record, bool(has_events)):
             record = msgspec.structs.replace(record, events_expired=True)
