@@ -242,6 +242,8 @@ async def test_sigterm_takes_no_new_runs_and_finishes_its_own(
     )
     queued_id = second.json()["id"]
     assert leaving.process.wait(30) == 0, leaving.log()
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert health["executors"] == [] and health["waiting"] == 1, health
     done = (await client.get(f"{node.url}/runs/{run_id}")).json()
     assert done["status"] == "completed" and done["result"]["result"] == "slept", done
     waiting = (await client.get(f"{node.url}/runs/{queued_id}")).json()

@@ -103,6 +103,8 @@ class Executor:
                 while self.running:
                     await self._wait_freed()
             tasks.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), contextlib.suppress(RunStoreUnavailable):
+            await self.queue.leave(self.name)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -189,6 +189,10 @@ class RunQueue:
         lost = await self._store.call(lambda: self._heartbeat(keys=keys, args=args))
         return [entry.decode() for entry in lost]
 
+    async def leave(self, executor: str) -> None:
+        """An executor stopped cleanly: it leaves ``/health``'s list at once."""
+        await self._store.call(lambda: self._redis.hdel(self._executors, executor))
+
     async def ack(self, entry: str) -> None:
         """The run ended on its executor: its entry leaves the queue."""
 
