@@ -378,3 +378,20 @@ async def test_env_values_leave_redis_once_an_executor_took_the_run(
     record = await wait_for(done, 60, "the run completes")
     assert record["result"]["result"] == len(SECRET)
     assert SECRET.encode() not in everything()
+
+
+async def test_a_client_gone_before_the_first_event_withdraws_its_queued_run(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()  # no executor: the run stays queued
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(node.url + "/execute-connector", json=program(LINES), timeout=1.0)
+
+    async def withdrawn() -> Any:
+        found = (await client.get(node.url + "/runs")).json()["runs"]
+        return found if found and found[0]["status"] == "cancelled" else None
+
+    runs = await wait_for(withdrawn, 10, "the run is cancelled")
+    assert runs[0]["error"]["code"] == "cancelled", runs
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert health["waiting"] == 0, health

@@ -7,6 +7,7 @@ a failure before the first event is a real status (the run is then ``failed`` wi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from streamsvc.web.services import Services
 _encoder = msgspec.json.Encoder()
 BUSY = "no executor took the run within the queue's timeout; try again shortly"
 NOT_TAKEN = {"code": "busy", "message": BUSY}
+GONE = "the client left before the run's first event"
 
 
 class Accepted(msgspec.Struct):
@@ -74,6 +76,17 @@ def stored_error(data: bytes) -> ServiceError:
         path=body.get("path"),
         details=body.get("details"),
     )
+
+
+async def _stop_queued(found: Services, run_id: str) -> None:
+    """Withdraw a run still queued, else ask its executor to cancel it."""
+    queue, store = found.queue, manager_of(found).store
+    if queue is None or await queue.withdraw(run_id, {"code": "cancelled", "message": GONE}):
+        return
+    record = await store.get(run_id)
+    request_cancel = getattr(store, "request_cancel", None)
+    if record is not None and record.executor is not None and request_cancel is not None:
+        await request_cancel(run_id, record.executor)
 
 
 async def respond_queued(
@@ -129,7 +142,9 @@ async def respond_queued(
             return bytes(event.data)
 
         final = await sse.before_headers(request, found.streams, outcome())
-    except ClientDisconnect:
+    except ClientDisconnect:  # the client never learnt the run's id: stop it, as here
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5), suppress(ServiceError):
+            await _stop_queued(found, run_id)
         return Response(status_code=499, headers=headers)
     except ServiceError as exc:
         response = error_response(exc, request.url.path)
