@@ -33,6 +33,7 @@ streamsvc: chat completions and connector runs, streamed.
   streamsvc run my-connector    run it on a server, output live
   streamsvc chat "Hello"        stream a chat reply
   streamsvc deps list|clear     the dependency cache on the Docker engine
+  streamsvc executor            run queued connector runs (Redis store; README, Scaling out)
 """
 
 
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     serve = commands.add_parser("serve", help="start the HTTP server")
+    executor = commands.add_parser(
+        "executor", help="run queued connector runs on this Docker engine (Redis store)"
+    )
+    executor.add_argument(
+        "--env-file", dest="settings_file", metavar="FILE", help="the .env file to read, or none"
+    )
     for target in (parser, serve):
         target.add_argument("--host", help="address to listen on (overrides STREAMSVC_HOST)")
         target.add_argument("--port", type=int, help="port (overrides STREAMSVC_PORT)")
@@ -90,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "deps":
         return _deps(args)
+    if args.command == "executor":
+        return _executor(args)
     if args.command in client.COMMANDS:
         try:
             return client.main(args)
@@ -112,6 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except SettingsError as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _executor(args: argparse.Namespace) -> int:
+    """``streamsvc executor``: until SIGTERM; a bad setting is one line naming it (exit 2)."""
+    from streamsvc.runs.executor import serve_executor
+
+    try:
+        if args.settings_file:
+            os.environ[ENV_FILE_VARIABLE] = args.settings_file
+        settings = load_settings()
+        configure_logging(settings.server)
+        anyio.run(serve_executor, settings)
+    except SettingsError as exc:
+        print(f"streamsvc executor: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -187,6 +187,12 @@ class RunSettings(msgspec.Struct, frozen=True):
     #: once, in all and per API key; past either a new one is refused (429 too_many_runs).
     max_active_runs: Positive = 2000
     max_active_runs_per_key: Positive = 500
+    #: With a Redis store (issue 16): queued plus running connector runs across the cluster
+    #: (past it: 429 ``busy``); how long an executor may go without a heartbeat before its
+    #: runs end ``executor_lost``; how often executors heartbeat (and nodes reap).
+    queue_capacity: Positive = 64
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -270,6 +276,9 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_RUN_TOKEN_SECRET": ("runs", "token_secret"),
     "STREAMSVC_MAX_ACTIVE_RUNS": ("runs", "max_active_runs"),
     "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": ("runs", "max_active_runs_per_key"),
+    "STREAMSVC_QUEUE_CAPACITY": ("runs", "queue_capacity"),
+    "STREAMSVC_LEASE_SECONDS": ("runs", "lease_seconds"),
+    "STREAMSVC_HEARTBEAT_SECONDS": ("runs", "heartbeat_seconds"),
 }
 _VARIABLES = {place: name for name, place in ENV_NAMES.items()}
 

@@ -511,3 +511,63 @@ HARDENING_REPORT = """
     print(json.dumps(report), flush=True)
     time.sleep(30)  # the test reads the engine's record, then hangs up
 """
+
+
+class ExecutorProcess:
+    """A real ``python -m streamsvc executor`` (issue 16), ready once it logged so."""
+
+    def __init__(self, env: dict[str, str], *, wait: bool = True) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="streamsvc-executor-")
+        self.log_path = Path(self._workdir.name) / "executor.log"
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AZURE_", "OPENAI_", "STREAMSVC_", "DOCKER_HOST"))
+        }
+        base |= {
+            "PYTHONUNBUFFERED": "1",
+            "XDG_STATE_HOME": self._workdir.name,
+            "STREAMSVC_ENV_FILE": "none",
+            "STREAMSVC_WARM_POOL_SIZE": "0",
+            "STREAMSVC_SHUTDOWN_GRACE_SECONDS": "20",
+        }
+        base |= env
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streamsvc", "executor"],
+            cwd=self._workdir.name,
+            env=base,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.name = f"{socket.gethostname()}:{self.process.pid}"
+        if wait:
+            self.wait_for("ready:")
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"executor exited {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"executor: no {text!r} in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def close(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self._workdir.cleanup()
+        return self.process.returncode

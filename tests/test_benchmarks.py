@@ -231,3 +231,17 @@ def test_the_execution_table_keeps_the_recorded_layout() -> None:
     assert (
         lines[-1] == "| f | warm pool on (2 ready at start) | 4 | 2.00 | 2.0 | 400 | 500 | 1.00 |"
     )
+
+
+def test_the_executor_benchmark_runs_as_a_module_with_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.executors", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmarks.executors ")
+    assert "--throughput" in done.stdout and "streamsvc executor" in done.stdout

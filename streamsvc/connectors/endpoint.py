@@ -1,28 +1,25 @@
-"""POST /execute-connector: validate, run in the sandbox, stream or answer.
+"""POST /execute-connector: validate, run in the sandbox (or queue for an executor), answer.
 
 Events: ``status`` per phase, ``stdout``/``stderr`` in order, then ``done`` (the
-``ExecutionResult``) or one ``error``. The run is pumped by ``runs.manager``; the response reads
-it, and a client that hangs up leaves it to its grace period (``runs.respond``).
+``ExecutionResult``) or one ``error`` (``connectors.events``). The run is pumped by
+``runs.manager`` here, or by an executor with the Redis store; the response reads it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from streamsvc.connectors.redact import secret_values
+from streamsvc.connectors.events import connector_events, transcript_for
 from streamsvc.connectors.request import ExecuteRequest, decode_request, plan_off_loop
-from streamsvc.connectors.transcript import Transcript
-from streamsvc.errors import SandboxFailed, SandboxUnavailable
-from streamsvc.runs.respond import manager_of, respond
-from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
-from streamsvc.web import observability, sse
+from streamsvc.errors import Busy, SandboxUnavailable
+from streamsvc.runs.queue import RunQueue
+from streamsvc.runs.respond import manager_of, respond, respond_queued
+from streamsvc.web import observability
 from streamsvc.web.auth import request_owner
 from streamsvc.web.bodies import read_body, wants_stream
 from streamsvc.web.services import services
@@ -30,45 +27,6 @@ from streamsvc.web.services import services
 log = logging.getLogger("streamsvc.execute")
 
 _encoder = msgspec.json.Encoder()
-#: Output chunks (and secrets) larger than this are redacted in a worker thread.
-REDACT_INLINE_CHARS = 4096
-
-
-async def _events(
-    runs: AsyncIterator[SandboxEvent], transcript: Transcript
-) -> AsyncIterator[sse.Event]:
-    """Sandbox events as SSE events, ending with ``done``. The sandbox's first event is
-    pulled before anything is yielded, so an engine that is down is a real status."""
-    try:
-        pending = await anext(runs, None)
-        if pending is None:
-            raise SandboxFailed("the sandbox produced nothing")
-        yield sse.Event("status", Status("validated", "the connector is valid"))
-        while True:
-            event = pending if pending is not None else await anext(runs, None)
-            pending = None
-            if event is None:
-                raise SandboxFailed("the sandbox ended without an exit status")
-            if isinstance(event, Output):
-                if len(event.text) > REDACT_INLINE_CHARS:  # CPU-bound: off the event loop
-                    forwarded = await anyio.to_thread.run_sync(transcript.output, event)
-                else:
-                    forwarded = transcript.output(event)
-                if forwarded is not None:
-                    yield sse.Event(forwarded.stream, {"text": forwarded.text})
-            elif isinstance(event, Status):
-                yield sse.Event("status", event)
-            elif isinstance(event, Exited):
-                for tail in transcript.flush():
-                    yield sse.Event(tail.stream, {"text": tail.text})
-                result = transcript.result(event)
-                error = result.error.code if result.error is not None else None
-                observability.current().execution(result.exit_code, result.ok, error)
-                yield sse.Event("done", result)
-                return
-    finally:
-        with anyio.CancelScope(shield=True):
-            await runs.aclose()  # type: ignore[attr-defined]
 
 
 def stored_request(body: ExecuteRequest) -> dict[str, Any]:
@@ -78,6 +36,15 @@ def stored_request(body: ExecuteRequest) -> dict[str, Any]:
     return kept
 
 
+def queue_payload(raw: bytes) -> tuple[bytes, bytes]:
+    """The request as queued (``env`` names only) and its env values apart (JSON, b"" for
+    none): the values leave Redis when an executor takes the run (README, Scaling out)."""
+    whole: dict[str, Any] = msgspec.json.decode(raw)
+    env = whole.get("env") or {}
+    whole["env"] = dict.fromkeys(env)
+    return _encoder.encode(whole), (_encoder.encode(env) if env else b"")
+
+
 async def execute_endpoint(request: Request) -> Response:
     found = services(request)
     settings = found.settings
@@ -85,22 +52,40 @@ async def execute_endpoint(request: Request) -> Response:
     body = decode_request(raw)
     spec = await plan_off_loop(body, raw, settings.sandbox, settings.server.max_body_bytes)
     observability.current().entry_point = spec.entry_point
+    stream = wants_stream(request, body.stream)
+    owner = request_owner(request.scope, settings.server.api_keys)
+    if found.queue is not None:
+        return await _enqueue(request, found.queue, body, raw, owner, stream)
     sandbox = found.sandbox
     if sandbox is None:
         raise SandboxUnavailable("connector execution is not available on this server")
-    secrets = secret_values(body.env, body.secrets)
-    cap = settings.sandbox.output_cap_bytes
-    if sum(map(len, secrets)) > REDACT_INLINE_CHARS:  # building the scanner is CPU-bound too
-        transcript = await anyio.to_thread.run_sync(Transcript, secrets, cap)
-    else:
-        transcript = Transcript(secrets, cap)
+    transcript = await transcript_for(body, settings.sandbox.output_cap_bytes)
     manager = manager_of(found)
     run = await manager.create(
-        "connector",
-        owner=request_owner(request.scope, settings.server.api_keys),
-        background=body.background,
-        request=stored_request(body),
+        "connector", owner=owner, background=body.background, request=stored_request(body)
     )
-    events = _events(sandbox.run(spec), transcript)
-    stream = wants_stream(request, body.stream)
+    events = connector_events(sandbox.run(spec), transcript)
     return await respond(request, found, run, events, background=body.background, stream=stream)
+
+
+async def _enqueue(
+    request: Request,
+    queue: RunQueue,
+    body: ExecuteRequest,
+    raw: bytes,
+    owner: str | None,
+    stream: bool,
+) -> Response:
+    """Create the run and queue it for an executor (429 ``busy`` past the queue's capacity)."""
+    found = services(request)
+    manager = manager_of(found)
+    run_id = await manager.create_queued(
+        "connector", owner=owner, background=body.background, request=stored_request(body)
+    )
+    payload, env = queue_payload(raw)
+    try:
+        await queue.enqueue(run_id, payload, env)
+    except Busy:
+        await manager.store.delete(run_id)
+        raise
+    return await respond_queued(request, found, run_id, background=body.background, stream=stream)

@@ -43,6 +43,8 @@ class ExecutionResult(msgspec.Struct):
     pids_limited: bool = False
     #: The run this answer ends (``GET /runs/{id}``).
     run_id: str | None = None
+    #: The process that ran it (``host:pid``: the server, or the executor with Redis).
+    executor: str | None = None
     #: Some secret was masked somewhere in this answer (stdout, stderr, result, a file name).
     redacted: bool = False
     usage: Usage | None = None

@@ -35,6 +35,8 @@ MAX_LIMIT = 200
 #: The largest event id a cursor may name (``Last-Event-ID``, ``?after=``): far past any log.
 MAX_EVENT_ID = 10**15
 _EVENT_ID = re.compile(r"[0-9]{1,16}")
+#: A run cancelled before an executor took it (the executor skips it).
+QUEUED_CANCEL = {"code": "cancelled", "message": "the run was cancelled"}
 
 
 class RunView(msgspec.Struct):
@@ -53,6 +55,8 @@ class RunView(msgspec.Struct):
     error: Any
     #: The run's events (SSE) with a read-only token for this run.
     events_url: str
+    #: The process running (or that ran) it, ``host:pid``; null while queued.
+    executor: str | None = None
 
 
 class RunSummary(msgspec.Struct):
@@ -116,6 +120,7 @@ def _view(manager: RunManager, record: RunRecord) -> RunView:
     return RunView(
         record.id, record.kind, record.status, record.created_at, record.started_at,
         record.finished_at, record.last_event_id, record.result, record.error, url,
+        record.executor,
     )  # fmt: skip
 
 
@@ -199,6 +204,9 @@ async def cancel_run(request: Request) -> Response:
     if record.status not in FINISHED:
         if manager.running(run_id) is not None:
             await manager.cancel(run_id)
+        elif record.executor is None and found.queue is not None:
+            if not await found.queue.withdraw(run_id, QUEUED_CANCEL):  # taken meanwhile
+                await _cancel_elsewhere(manager, await _visible(manager, run_id, record.owner))
         elif not await _cancel_elsewhere(manager, record):
             raise RunElsewhere(f"run {run_id} is executed by another server process")
         record = await _visible(manager, run_id, record.owner)

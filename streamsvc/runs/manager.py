@@ -31,6 +31,7 @@ from streamsvc.errors import (
     ServiceError,
 )
 from streamsvc.runs.live import Held
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import (
     RunKind,
     RunRecord,
@@ -101,10 +102,12 @@ class Run:
 class RunManager:
     """Starts, follows, cancels and ends runs; entered in the app's lifespan."""
 
-    def __init__(self, store: RunStore, settings: RunSettings, secret: bytes) -> None:
+    def __init__(
+        self, store: RunStore, settings: RunSettings, secret: bytes, name: str | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
-        self.executor = executor_name()
+        self.executor = name or executor_name()
         self._secret = secret
         self._runs: dict[str, Run] = {}
         self._held = Held(settings.max_active_runs, settings.max_active_runs_per_key)
@@ -184,6 +187,28 @@ class RunManager:
         if self._runs.pop(run.id, None) is not None:
             self._held.release(run.owner)
 
+    async def create_queued(
+        self, kind: RunKind, *, owner: str | None, background: bool, request: Any
+    ) -> str:
+        """A run's record for an executor to take (no executor named yet); its id."""
+        run_id = secrets.token_urlsafe(16)
+        record = RunRecord(
+            id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
+            background=background, request=request, executor=None,
+        )  # fmt: skip
+        await self.store.create(record)
+        return run_id
+
+    def adopt(self, record: RunRecord) -> Run:
+        """A queued run created by another node, executed here (``runs.executor``)."""
+        if isinstance(self.store, RedisRunStore):
+            self.store.adopt(msgspec.structs.replace(record, executor=self.executor))
+        grace = self.settings.connector_grace_seconds
+        run = Run(record.id, record.kind, record.background, grace, record.owner)
+        self._held.hold(record.owner)  # released with the run (its slots bound how many)
+        self._runs[record.id] = run
+        return run
+
     def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
         """Pump ``source`` into the store in the manager's task group (the caller's context
         variables go with it, so the request's facts still see the run)."""
@@ -241,6 +266,8 @@ class RunManager:
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)
+                        if "executor" in data.__struct_fields__:
+                            data = msgspec.structs.replace(data, executor=self.executor)
                     encoded = _encoder.encode(data)
                     await put(event.name, encoded)
                     run.first.set()

@@ -7,24 +7,33 @@ lease ends that run ``interrupted``/``executor_lost``. Capacity is global. docs/
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
+import anyio
 import msgspec
 from redis.exceptions import ResponseError
 
-from streamsvc.errors import Busy
+from streamsvc.errors import Busy, RunStoreUnavailable
 from streamsvc.runs.redis import RedisRunStore
+from streamsvc.runs.store import RunRecord
 
 GROUP = "executors"
+log = logging.getLogger("streamsvc.runs")
 
-# KEYS: queue. ARGV: capacity, run id, payload. Nil when full (entries live until acked).
+# KEYS: queue, env key. ARGV: capacity, run id, payload, env values (JSON, '' for none),
+# their ttl. Nil when full (entries live until acked); the env values only when queued.
 _ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 return redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
 """
+#: Longest a queued run's env values wait in Redis for an executor (then the run fails).
+ENV_TTL_SECONDS = 3600
 # KEYS: queue. ARGV: group, executor, entry ids. Renews the entries this executor still
 # owns (their idle time restarts) and returns the ids it lost to a reaper.
 _HEARTBEAT = """
@@ -42,11 +51,14 @@ return lost
 
 
 class Taken(msgspec.Struct, frozen=True):
-    """A queued run handed to one executor: its queue entry, run id and payload."""
+    """A queued run handed to one executor: its queue entry, run id and payload; its record
+    (None: deleted) and env values (taken out of Redis), read in the same round trip."""
 
     entry: str
     run_id: str
     payload: bytes
+    record: RunRecord | None = None
+    env: bytes | None = None
 
 
 class ExecutorSeen(msgspec.Struct, frozen=True):
@@ -88,10 +100,14 @@ class RunQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def enqueue(self, run_id: str, payload: bytes) -> str:
-        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity."""
-        keys = [self._queue]
-        args: list[int | str | bytes] = [self.capacity, run_id, payload]
+    def _env_key(self, run_id: str) -> str:
+        return self._store.key(f"env:{run_id}")
+
+    async def enqueue(self, run_id: str, payload: bytes, env: bytes = b"") -> str:
+        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity. ``env``: the
+        run's env values (JSON), kept apart from the payload until an executor takes them."""
+        keys = [self._queue, self._env_key(run_id)]
+        args: list[int | str | bytes] = [self.capacity, run_id, payload, env, ENV_TTL_SECONDS]
         entry = await self._store.call(lambda: self._enqueue(keys=keys, args=args))
         if entry is None:
             raise Busy("the run queue is full; try again shortly", retry_after=1)
@@ -101,21 +117,62 @@ class RunQueue:
         """The next queued run for ``executor`` (call only with a free slot), or None after
         ``block_seconds``. The run's record names the executor from here on."""
         block = max(1, int(block_seconds * 1000))
-        read = await self._store.call(
-            lambda: self._redis.xreadgroup(
-                GROUP, executor, {self._queue: ">"}, count=1, block=block
-            ),
-            extra=block_seconds,
-        )
+        try:
+            read = await self._store.call(
+                lambda: self._redis.xreadgroup(
+                    GROUP, executor, {self._queue: ">"}, count=1, block=block
+                ),
+                extra=block_seconds,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.open()  # Redis came back without the queue (no persistence)
+            return None
         if not read:
             return None
         entry_id, fields = read[0][1][0]
-        taken = Taken(entry_id.decode(), fields[b"run"].decode(), fields[b"payload"])
-        record_key = self._store.key(f"run:{taken.run_id}")
-        await self._store.call(
-            lambda: self._redis.hset(record_key, "executor", msgspec.json.encode(executor))
+        run_id = fields[b"run"].decode()
+        record_key = self._store.key(f"run:{run_id}")
+
+        async def claim() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(record_key, "executor", msgspec.json.encode(executor))
+                pipe.hgetall(record_key)
+                pipe.getdel(self._env_key(run_id))
+                return await pipe.execute()
+
+        _, raw, env = await self._store.call(claim)
+        record = RedisRunStore.decode_record(raw)
+        return Taken(entry_id.decode(), run_id, fields[b"payload"], record, env)
+
+    async def withdraw(self, run_id: str, error: dict[str, Any]) -> bool:
+        """End a run no executor took yet (cancelled, or waited too long): its entry and env
+        values leave the queue. False if it had ended, or an executor has it now."""
+        record = await self._store.get(run_id)
+        if record is None or record.status != "queued" or record.executor is not None:
+            return False
+        # The stream holds at most ``capacity`` entries: one bounded read finds the run's.
+        entries = await self._store.call(
+            lambda: self._redis.xrange(self._queue, "-", "+", count=self.capacity + 1)
         )
-        return taken
+        for entry_id, fields in entries:
+            if fields.get(b"run") == run_id.encode():
+                await self._store.call(partial(self._redis.xdel, self._queue, entry_id))
+        await self.drop_env(run_id)
+        return await self._store.end(
+            run_id, "cancelled" if error["code"] == "cancelled" else "failed", error
+        )
+
+    async def take_env(self, run_id: str) -> bytes | None:
+        """The run's env values, deleted from Redis as they are read (None: none or gone)."""
+        key = self._env_key(run_id)
+        value = await self._store.call(lambda: self._redis.getdel(key))
+        return None if value is None else bytes(value)
+
+    async def drop_env(self, run_id: str) -> None:
+        key = self._env_key(run_id)
+        await self._store.call(lambda: self._redis.delete(key))
 
     async def heartbeat(
         self, executor: str, entries: Sequence[str], *, slots: int, running: int
@@ -131,6 +188,10 @@ class RunQueue:
         keys, args = [self._queue], [GROUP, executor, *entries]
         lost = await self._store.call(lambda: self._heartbeat(keys=keys, args=args))
         return [entry.decode() for entry in lost]
+
+    async def leave(self, executor: str) -> None:
+        """An executor stopped cleanly: it leaves ``/health``'s list at once."""
+        await self._store.call(lambda: self._redis.hdel(self._executors, executor))
 
     async def ack(self, entry: str) -> None:
         """The run ended on its executor: its entry leaves the queue."""
@@ -168,6 +229,44 @@ class RunQueue:
                 ended.append(run_id)
             await self.ack(entry.decode())
         return ended
+
+    @contextlib.asynccontextmanager
+    async def reaper(self, name: str, every: float) -> AsyncIterator[None]:
+        """While inside, ``reap`` every ``every`` seconds (API nodes; executors reap too)."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    ended = await self.reap(name)
+                    if ended:
+                        log.warning("%d run(s) ended executor_lost", len(ended))
+                except RunStoreUnavailable as exc:
+                    log.warning("reaping lapsed leases failed (%s)", exc)
+                await anyio.sleep(every)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(loop)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+
+    async def health(self) -> dict[str, Any]:
+        """``/health``'s ``queue`` component: its depth and the executors seen within two
+        leases (last heartbeat, slots, running); an empty list: no run will start."""
+        try:
+            with anyio.fail_after(1.0):
+                waiting, running = await self.depth()
+                seen = await self.executors(2 * self.lease_ms / 1000)
+        except (RunStoreUnavailable, TimeoutError) as exc:
+            return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
+        return {
+            "state": "ready",
+            "waiting": waiting,
+            "running": running,
+            "capacity": self.capacity,
+            "executors": msgspec.to_builtins(seen),
+        }
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
         """Executors that heartbeat within the last ``within`` seconds."""

@@ -154,6 +154,8 @@ class RedisRunStore:
         self._inflight: dict[str, list[StoredEvent]] = {}
         self._looked_at = -1.0
         self._verdict: str | None = None
+        #: Kinds whose unfinished runs are the queue's (leases), not ``interrupt_unfinished``'s.
+        self.queued_kinds: frozenset[str] = frozenset()
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisRunStore:
@@ -249,6 +251,12 @@ class RedisRunStore:
         kept = {k: msgspec.Raw(v) for k, v in pairs.items() if k in RAW and v != b"null"}
         return msgspec.structs.replace(record, **kept) if kept else record
 
+    @classmethod
+    def decode_record(cls, raw: dict[bytes, bytes]) -> RunRecord | None:
+        """A record hash as ``HGETALL`` gives it (None: no such run)."""
+        record: RunRecord | None = cls._decode(raw, FIELDS)
+        return record
+
     # -- the RunStore protocol
 
     async def create(self, record: RunRecord) -> None:
@@ -270,6 +278,10 @@ class RedisRunStore:
         await self.call(run)
         if record.executor is not None and record.status not in FINISHED:
             self._active.create(record)  # executed here (a queued run names none yet)
+
+    def adopt(self, record: RunRecord) -> None:
+        """A run created elsewhere (queued) that this process now executes."""
+        self._active.create(record)
 
     async def append(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         """A run of this process: its readers here have the events at once; Redis gets
@@ -456,7 +468,7 @@ class RedisRunStore:
             async for event in live.follow(after):
                 yield event
             return
-        record = await self._state(run_id)
+        record = await self._state(run_id, mark=True)  # and "a reader is here", one trip
         if record is None:
             raise RunNotFound(f"no run {run_id}")
         if record.events_expired:
@@ -465,7 +477,7 @@ class RedisRunStore:
         cursor = max(after, 0)
         block = self._poll_ms / 1000
         count = FIRST_BATCH  # a resuming reader gets its first event soon, then bigger reads
-        marked = 0.0
+        marked = time.monotonic()
         while True:
             if time.monotonic() - marked >= block:  # "a reader is here", for the running node
                 marked = time.monotonic()
@@ -494,16 +506,19 @@ class RedisRunStore:
             if record.events_expired:
                 raise EventsExpired(f"the events of run {run_id} were pruned")
 
-    async def _state(self, run_id: str) -> RunRecord | None:
-        """The record without its request and result (what ``follow`` looks at)."""
+    async def _state(self, run_id: str, *, mark: bool = False) -> RunRecord | None:
+        """The record without its request and result (what ``follow`` looks at); ``mark``:
+        and mark a reader (``read_elsewhere``) in the same round trip."""
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(self._record_key(run_id), list(_LISTED))
                 pipe.exists(self._events_key(run_id))
+                if mark:
+                    pipe.set(self.key(f"reader:{run_id}"), b"1", px=3 * self._poll_ms)
                 return await pipe.execute()
 
-        raw, has_events = await self.call(run)
+        raw, has_events, *_ = await self.call(run)
         record: RunRecord | None = self._decode(raw, _LISTED)
         if record is not None and self._expired(record, bool(has_events)):
             record = msgspec.structs.replace(record, events_expired=True)
@@ -630,8 +645,8 @@ class RedisRunStore:
             if record is None:
                 await self.call(partial(self._redis.srem, self._unfinished_key, run_id))
                 continue
-            if run_id in self._active.records:
-                continue  # this process runs it
+            if run_id in self._active.records or record.kind in self.queued_kinds:
+                continue  # this process runs it, or the queue's leases judge it
             if record.executor is not None and alive(record.executor):
                 continue
             if await self.end(run_id, "interrupted", INTERRUPTED):

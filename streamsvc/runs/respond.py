@@ -7,12 +7,15 @@ a failure before the first event is a real status (the run is then ``failed`` wi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any
 
+import anyio
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.errors import NotConfigured, ServiceError, ShuttingDown
+from streamsvc.errors import Busy, NotConfigured, SandboxFailed, ServiceError, ShuttingDown
 from streamsvc.runs.manager import Run, RunManager, encode_frame
 from streamsvc.runs.store import RunStatus
 from streamsvc.web import sse
@@ -20,6 +23,9 @@ from streamsvc.web.rendering import error_response
 from streamsvc.web.services import Services
 
 _encoder = msgspec.json.Encoder()
+BUSY = "no executor took the run within the queue's timeout; try again shortly"
+NOT_TAKEN = {"code": "busy", "message": BUSY}
+GONE = "the client left before the run's first event"
 
 
 class Accepted(msgspec.Struct):
@@ -38,15 +44,115 @@ def manager_of(found: Services) -> RunManager:
     return found.runs
 
 
-def accepted(manager: RunManager, run: Run) -> Response:
-    url = f"/runs/{run.id}"
-    body = Accepted(run.id, "queued", url, f"{url}/events?token={manager.token(run.id)}")
+def accepted(manager: RunManager, run: Run | str) -> Response:
+    run_id = run if isinstance(run, str) else run.id
+    url = f"/runs/{run_id}"
+    body = Accepted(run_id, "queued", url, f"{url}/events?token={manager.token(run_id)}")
     return Response(
         _encoder.encode(body),
         status_code=202,
         media_type="application/json",
-        headers={"Location": url, "X-Run-ID": run.id},
+        headers={"Location": url, "X-Run-ID": run_id},
     )
+
+
+def _classes(base: type[ServiceError]) -> list[type[ServiceError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found += _classes(sub)
+    return found
+
+
+def stored_error(data: bytes) -> ServiceError:
+    """A stored ``error`` event (``{"error": {code, message, ...}}``) as the error it was,
+    with its class's HTTP status (a run executed on another node failed before its start)."""
+    body: dict[str, Any] = msgspec.json.decode(data).get("error") or {}
+    code = str(body.get("code", "internal_error"))
+    status = next((c.status for c in _classes(ServiceError) if c.code == code), 500)
+    return ServiceError(
+        str(body.get("message", "the run failed")),
+        code=code,
+        status=status,
+        path=body.get("path"),
+        details=body.get("details"),
+    )
+
+
+async def _stop_queued(found: Services, run_id: str) -> None:
+    """Withdraw a run still queued, else ask its executor to cancel it."""
+    queue, store = found.queue, manager_of(found).store
+    if queue is None or await queue.withdraw(run_id, {"code": "cancelled", "message": GONE}):
+        return
+    record = await store.get(run_id)
+    request_cancel = getattr(store, "request_cancel", None)
+    if record is not None and record.executor is not None and request_cancel is not None:
+        await request_cancel(run_id, record.executor)
+
+
+async def respond_queued(
+    request: Request, found: Services, run_id: str, *, background: bool, stream: bool
+) -> Response:
+    """Answer for a run queued for an executor (Redis store): its events come from Redis."""
+    manager = manager_of(found)
+    if background:
+        return accepted(manager, run_id)
+    server = found.settings.server
+    headers = {"X-Run-ID": run_id}
+    wait = found.settings.sandbox.queue_timeout_seconds
+    Following = tuple[sse.Event, AsyncIterator[sse.Event]]
+
+    async def first_event() -> Following:
+        """The run's first event and its reader; past the queue's timeout with no executor
+        having taken the run: ``busy`` (the run ends so; an executor skips it)."""
+        while True:
+            events = manager.reader(run_id, 0)
+            with anyio.move_on_after(wait):
+                first = await anext(events, None)
+                if first is None:
+                    raise SandboxFailed("the run ended without an answer")
+                if first.name == "error":
+                    raise stored_error(first.data)
+                return first, events
+            if found.queue is not None and await found.queue.withdraw(run_id, NOT_TAKEN):
+                raise Busy(BUSY, retry_after=1)
+            # taken meanwhile: it runs, bounded by its own timeout
+
+    try:
+        if stream:
+            first, events = await sse.before_headers(request, found.streams, first_event())
+            return sse.event_response(
+                first,
+                events,
+                found.streams,
+                keepalive=server.keepalive_seconds,
+                headers=headers,
+                send_timeout=server.send_timeout_seconds,
+                encode=encode_frame,
+            )
+
+        async def outcome() -> bytes:
+            event, events = await first_event()
+            while event.name != "done":
+                following = await anext(events, None)
+                if following is None:
+                    raise SandboxFailed("the run ended without an answer")
+                if following.name == "error":
+                    raise stored_error(following.data)
+                event = following
+            return bytes(event.data)
+
+        final = await sse.before_headers(request, found.streams, outcome())
+    except ClientDisconnect:  # the client never learnt the run's id: stop it, as here
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5), suppress(ServiceError):
+            await _stop_queued(found, run_id)
+        return Response(status_code=499, headers=headers)
+    except ServiceError as exc:
+        response = error_response(exc, request.url.path)
+        response.headers.update(headers)
+        return response
+    answer = sse.JsonAnswer(final, server.send_timeout_seconds)
+    answer.headers.update(headers)
+    return answer
 
 
 async def respond(

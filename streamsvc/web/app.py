@@ -35,10 +35,12 @@ from streamsvc.errors import (
 from streamsvc.runs import endpoint as runs_endpoint
 from streamsvc.runs.backends import load_secret, open_store
 from streamsvc.runs.manager import RunManager
+from streamsvc.runs.queue import RunQueue
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
+from streamsvc.runs.store import executor_name
 from streamsvc.sandbox.types import Sandbox
-from streamsvc.settings import SandboxSettings, Settings
+from streamsvc.settings import RunSettings, SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
 from streamsvc.web.budget import BodyBudget
 from streamsvc.web.examples import examples_endpoint
@@ -135,12 +137,14 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
             stack.push_async_callback(store.aclose)
             if isinstance(store, RedisRunStore):  # its write-behind task, flushed before aclose
                 await stack.enter_async_context(store.writer())
-            sandbox = await _start_sandbox(settings.sandbox, stack, metrics)
+            queue = await _open_queue(store, settings.runs, stack)
+            sandbox = None if queue else await _start_sandbox(settings.sandbox, stack, metrics)
             secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
             # Entered last, so it ends first: running runs are interrupted (their containers
             # removed, upstream calls closed) while the sandbox and the store are still open.
             runs = await stack.enter_async_context(RunManager(store, settings.runs, secret))
-            install(app, dataclasses.replace(base, chat=provider, sandbox=sandbox, runs=runs))
+            found = dataclasses.replace(base, chat=provider, sandbox=sandbox, runs=runs)
+            install(app, dataclasses.replace(found, queue=queue))
             if metrics_dir is None:
                 yield
                 return
@@ -217,6 +221,20 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
     # Outermost of ours: 401s, 403s and 421s get a request id and an access-log line too.
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_content=server.log_content)
     return app
+
+
+async def _open_queue(
+    store: object, settings: RunSettings, stack: contextlib.AsyncExitStack
+) -> RunQueue | None:
+    """With the Redis store, connector runs go to executors through its queue (issue 16);
+    this node reaps lapsed leases. None with the embedded stores (this process runs them)."""
+    if not isinstance(store, RedisRunStore):
+        return None
+    store.queued_kinds = frozenset({"connector"})
+    queue = RunQueue(store, capacity=settings.queue_capacity, lease_seconds=settings.lease_seconds)
+    await queue.open()
+    await stack.enter_async_context(queue.reaper(executor_name(), settings.heartbeat_seconds))
+    return queue
 
 
 async def _start_sandbox(

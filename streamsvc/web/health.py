@@ -44,6 +44,8 @@ async def health(request: Request) -> Response:
         components["sandbox"] = await found.sandbox.health()
     if found.runs is not None and isinstance(found.runs.store, RedisRunStore):
         components["runs"] = await found.runs.store.health()
+    if found.queue is not None:
+        components["queue"] = await found.queue.health()
     healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
     return json_response({"status": "ok" if healthy else "degraded", "components": components})
 
@@ -60,7 +62,9 @@ async def not_ready(found: Services) -> list[str]:
         reasons.append("draining: the server is shutting down")
     if found.settings.chat.configured and found.chat is None:
         reasons.append("chat: configured, but its upstream client is not open")
-    if found.sandbox is None:
+    if found.queue is not None:
+        pass  # connector runs go to executors; /health lists them
+    elif found.sandbox is None:
         reasons.append("sandbox: not started")
     else:
         report = await found.sandbox.health()

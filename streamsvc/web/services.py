@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from streamsvc.chat.types import ChatProvider
 from streamsvc.runs.manager import RunManager
+from streamsvc.runs.queue import RunQueue
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import Settings
 from streamsvc.web.budget import BodyBudget
@@ -35,6 +36,8 @@ class Services:
     sandbox: Sandbox | None = None
     #: The run lifecycle (``runs.manager``); every POST /chat and /execute-connector is a run.
     runs: RunManager | None = None
+    #: With the Redis store: the connector runs' queue (executors run them, not this process).
+    queue: RunQueue | None = None
 
 
 def install(app: Starlette, found: Services) -> None:

@@ -1,0 +1,397 @@
+"""API nodes and executors on one Redis (issue 16): queued connector runs on two real engines.
+
+Real server processes (``ServerProcess``) on ``STREAMSVC_RUN_STORE=redis://...?prefix=<this
+test's>``, real ``streamsvc executor`` processes on the first engine and the second one
+(``engine2``), short leases and heartbeats. Bad settings stop an executor naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis
+
+from tests.harness import ExecutorProcess, ServerProcess, SSEEvent, read_sse
+from tests.test_runs_redis import run_events
+
+pytestmark = [pytest.mark.redis, pytest.mark.docker]
+
+LEASE = 2.0
+SETTINGS = {"STREAMSVC_LEASE_SECONDS": str(LEASE), "STREAMSVC_HEARTBEAT_SECONDS": "0.3"}
+
+
+def program(code: str, **extra: Any) -> dict[str, Any]:
+    connector = {
+        "runtime": {"language": "python", "entryPoint": "main.py", "timeoutMs": 60000},
+        "files": {"main.py": code},
+    }
+    return {"connector": connector, "network_mode": "none", **extra}
+
+
+LINES = """\
+import json, time
+for i in range(5):
+    print("line", i, flush=True)
+    time.sleep(0.05)
+print(json.dumps({"ok": True, "result": {"lines": 5}}))
+"""
+SLOW = """\
+import json, time
+for i in range({n}):
+    print("tick", i, flush=True)
+    time.sleep(0.2)
+print(json.dumps({{"ok": True, "result": "slept"}}))
+"""
+
+
+class Cluster:
+    """Nodes and executors on one store prefix; all stopped at the end."""
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+        self.env = {"STREAMSVC_RUN_STORE": store, **SETTINGS}
+        self.nodes: list[ServerProcess] = []
+        self.executors: list[ExecutorProcess] = []
+
+    def node(self) -> ServerProcess:
+        process = ServerProcess(self.env)
+        self.nodes.append(process)
+        return process
+
+    def executor(self, docker_host: str | None = None, **env: str) -> ExecutorProcess:
+        extra = {"DOCKER_HOST": docker_host} if docker_host else {}
+        process = ExecutorProcess(self.env | extra | env)
+        self.executors.append(process)
+        return process
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture
+def cluster(redis_url: str) -> Iterator[Cluster]:
+    prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
+    found = Cluster(f"{redis_url}?prefix={prefix}")
+    yield found
+    found.close()
+    with redis.Redis.from_url(redis_url) as r:
+        keys = list(r.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            r.delete(*keys)
+
+
+def stored_events(redis_url: str, store: str, run_id: str) -> list[tuple[int, str]]:
+    prefix = store.partition("?prefix=")[2]
+    with redis.Redis.from_url(redis_url) as r:
+        entries = r.xrange(f"{prefix}events:{run_id}")
+    return [(int(i.split(b"-")[0]), f[b"e"].decode()) for i, f in entries]
+
+
+async def wait_for(check: Callable[[], Any], within: float, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = await check()
+        if found:
+            return found
+        await anyio.sleep(0.1)
+    raise AssertionError(f"not within {within} s: {what}")
+
+
+def containers(docker_host: str | None, owner: str) -> list[str]:
+    env = {**os.environ, "DOCKER_HOST": docker_host} if docker_host else None
+    listed = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=streamsvc.owner={owner}"],
+        capture_output=True, text=True, env=env, check=True, timeout=30,
+    )  # fmt: skip
+    return listed.stdout.split()
+
+
+@pytest.mark.engine2
+async def test_twenty_runs_through_two_nodes_and_two_executors(
+    cluster: Cluster, engine2: str, redis_url: str, client: httpx.AsyncClient
+) -> None:
+    nodes = [cluster.node(), cluster.node()]
+    first, second = cluster.executor(), cluster.executor(engine2)
+    health = (await client.get(nodes[0].url + "/health")).json()["components"]["queue"]
+    assert {e["name"] for e in health["executors"]} == {first.name, second.name}, health
+
+    async def one(i: int, answers: list[dict[str, Any]]) -> None:
+        response = await client.post(
+            nodes[i % 2].url + "/execute-connector", json=program(LINES), timeout=180
+        )
+        assert response.status_code == 200, response.text
+        answers.append(response.json() | {"run": response.headers["x-run-id"]})
+
+    answers: list[dict[str, Any]] = []
+    async with anyio.create_task_group() as tasks:
+        for i in range(20):
+            tasks.start_soon(one, i, answers)
+    assert len(answers) == 20 and all(a["ok"] for a in answers), answers
+    assert all(a["stdout"].count("line ") == 5 for a in answers)
+    ran = {a["executor"] for a in answers}
+    assert ran == {first.name, second.name}, ran
+    for answer in answers:
+        events = stored_events(redis_url, cluster.store, answer["run"])
+        assert [i for i, _ in events] == list(range(1, len(events) + 1)), events
+        assert [name for _, name in events].count("stdout") >= 1
+        assert events[-1][1] == "done" and [n for _, n in events].count("done") == 1
+        record = (await client.get(f"{nodes[1].url}/runs/{answer['run']}")).json()
+        assert record["executor"] == answer["executor"] and record["status"] == "completed"
+    queue = (await client.get(nodes[1].url + "/health")).json()["components"]["queue"]
+    assert (queue["waiting"], queue["running"]) == (0, 0), queue
+
+
+async def test_a_stream_through_node_a_resumes_through_node_b(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node_a, node_b = cluster.node(), cluster.node()
+    cluster.executor()
+    body = program(SLOW.format(n=10), stream=True)
+    cut = await read_sse(client, node_a.url + "/execute-connector", body, stop_after=4)
+    assert cut.status == 200, cut.body
+    run_id = cut.headers["x-run-id"]
+    assert [e.id for e in cut.events] == ["1", "2", "3", "4"]
+    rest = await run_events(client, f"{node_b.url}/runs/{run_id}/events", cut.events[-1].id)
+    ids = [int(e.id or 0) for e in cut.events + rest]
+    assert ids == list(range(1, len(ids) + 1)), ids
+    ticks = [e.data["text"] for e in cut.events + rest if e.event == "stdout"]
+    assert "".join(ticks).count("tick") == 10, ticks
+    assert rest[-1].event == "done" and rest[-1].data["result"] == "slept"
+
+
+async def test_a_killed_executor_loses_its_run_and_its_container_goes_on_restart(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    doomed = cluster.executor()
+    started = await client.post(
+        node.url + "/execute-connector", json=program(SLOW.format(n=200), background=True)
+    )
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+
+    async def running() -> bool:
+        record = (await client.get(f"{node.url}/runs/{run_id}")).json()
+        return bool(record["status"] == "running" and record["last_event_id"] >= 4)
+
+    await wait_for(running, 60, "the run streams")
+    assert containers(None, doomed.name), "the run's container"
+    events: list[SSEEvent] = []
+
+    async def follow() -> None:
+        events.extend(await run_events(client, f"{node.url}/runs/{run_id}/events", None))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(follow)
+        await anyio.sleep(0.3)
+        doomed.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        doomed.process.wait()
+
+        async def ended() -> Any:
+            record = (await client.get(f"{node.url}/runs/{run_id}")).json()
+            return record if record["status"] != "running" else None
+
+        record = await wait_for(ended, LEASE + 3, "the run ends executor_lost")
+        took = time.monotonic() - killed
+    assert record["status"] == "interrupted", record
+    assert record["error"]["code"] == "executor_lost" and took < LEASE + 3, (record, took)
+    assert events[-1].event == "error", events[-3:]
+    assert events[-1].data["error"]["code"] == "executor_lost"
+
+    left = containers(None, doomed.name)
+    assert left, "a killed executor cannot remove its container"
+    other = cluster.executor()  # same host and engine: removes the dead one's leftovers
+    assert containers(None, doomed.name) == []
+    answer = await client.post(node.url + "/execute-connector", json=program(LINES))
+    assert answer.status_code == 200 and answer.json()["executor"] == other.name, answer.text
+
+
+async def test_sigterm_takes_no_new_runs_and_finishes_its_own(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    leaving = cluster.executor()
+    first = await client.post(
+        node.url + "/execute-connector", json=program(SLOW.format(n=15), background=True)
+    )
+    run_id = first.json()["id"]
+
+    async def running() -> bool:
+        record = (await client.get(f"{node.url}/runs/{run_id}")).json()
+        return bool(record["status"] == "running" and record["last_event_id"] >= 4)
+
+    await wait_for(running, 60, "the run streams")
+    leaving.signal(signal.SIGTERM)
+    leaving.wait_for("draining")
+    second = await client.post(
+        node.url + "/execute-connector", json=program(LINES, background=True)
+    )
+    queued_id = second.json()["id"]
+    assert leaving.process.wait(30) == 0, leaving.log()
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert health["executors"] == [] and health["waiting"] == 1, health
+    done = (await client.get(f"{node.url}/runs/{run_id}")).json()
+    assert done["status"] == "completed" and done["result"]["result"] == "slept", done
+    waiting = (await client.get(f"{node.url}/runs/{queued_id}")).json()
+    assert waiting["status"] == "queued" and waiting["executor"] is None, waiting
+    cancelled = await client.post(f"{node.url}/runs/{queued_id}/cancel")
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+
+
+@pytest.mark.engine2
+async def test_a_cancel_through_node_b_stops_a_run_on_engine_two(
+    cluster: Cluster, engine2: str, client: httpx.AsyncClient
+) -> None:
+    node_a, node_b = cluster.node(), cluster.node()
+    remote = cluster.executor(engine2)
+    started = await client.post(
+        node_a.url + "/execute-connector", json=program(SLOW.format(n=200), background=True)
+    )
+    run_id = started.json()["id"]
+
+    async def running() -> bool:
+        record = (await client.get(f"{node_b.url}/runs/{run_id}")).json()
+        return bool(record["status"] == "running" and record["last_event_id"] >= 4)
+
+    await wait_for(running, 60, "the run streams")
+    assert containers(engine2, remote.name)
+    sent = time.monotonic()
+    cancelled = await client.post(f"{node_b.url}/runs/{run_id}/cancel")
+    took = time.monotonic() - sent
+    assert cancelled.status_code == 200, cancelled.text
+    body = cancelled.json()
+    assert body["status"] == "cancelled" and body["executor"] == remote.name, body
+    assert took < 1.0, took
+    events = await run_events(client, f"{node_a.url}/runs/{run_id}/events", None)
+    assert events[-1].event == "error" and events[-1].data["error"]["code"] == "cancelled"
+
+    async def gone() -> bool:
+        return not containers(engine2, remote.name)
+
+    await wait_for(gone, 10, "the container is removed")
+
+
+def bad_executor(env: dict[str, str]) -> tuple[int, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "executor"],
+        env=base | {"STREAMSVC_ENV_FILE": "none"} | env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return done.returncode, done.stderr
+
+
+def test_bad_settings_stop_an_executor_with_one_line_naming_the_setting(
+    redis_url: str,
+) -> None:
+    code, err = bad_executor({"STREAMSVC_RUN_STORE": "redis://127.0.0.1:1/0"})
+    assert code == 2 and "STREAMSVC_RUN_STORE=redis://127.0.0.1:1/0" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    wrong = redis_url.replace("redis://", "redis://nobody:wrong-pass@")
+    code, err = bad_executor({"STREAMSVC_RUN_STORE": wrong})
+    assert code == 2 and "STREAMSVC_RUN_STORE" in err and "wrong-pass" not in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    code, err = bad_executor({"STREAMSVC_RUN_STORE": "memory://"})
+    assert code == 2 and "STREAMSVC_RUN_STORE=memory://" in err, err
+
+    down = "unix:///tmp/streamsvc-no-engine.sock"
+    code, err = bad_executor({"STREAMSVC_RUN_STORE": redis_url, "DOCKER_HOST": down})
+    assert code == 2 and f"DOCKER_HOST={down}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+async def test_past_the_capacity_or_with_no_executor_a_run_is_busy(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.env |= {"STREAMSVC_QUEUE_CAPACITY": "1", "STREAMSVC_QUEUE_TIMEOUT_SECONDS": "1"}
+    node = cluster.node()
+    queued = await client.post(
+        node.url + "/execute-connector", json=program(LINES, background=True)
+    )
+    assert queued.status_code == 202, queued.text
+    full = await client.post(node.url + "/execute-connector", json=program(LINES, background=True))
+    assert full.status_code == 429 and full.headers["retry-after"] == "1", full.text
+    assert full.json()["error"]["code"] == "busy"
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert (health["waiting"], health["executors"]) == (1, []), health
+    cancelled = await client.post(f"{node.url}/runs/{queued.json()['id']}/cancel")
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+
+    waited = time.monotonic()
+    alone = await client.post(node.url + "/execute-connector", json=program(LINES))
+    assert alone.status_code == 429 and alone.json()["error"]["code"] == "busy", alone.text
+    assert time.monotonic() - waited < 5
+    record = (await client.get(f"{node.url}/runs/{alone.headers['x-run-id']}")).json()
+    assert record["status"] == "failed" and record["error"]["code"] == "busy", record
+
+
+SECRET = "env-value-7f3a9c"
+
+
+async def test_env_values_leave_redis_once_an_executor_took_the_run(
+    cluster: Cluster, redis_url: str, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    code = "import os, json\nprint(json.dumps({'ok': True, 'result': len(os.environ['TOKEN'])}))\n"
+    body = program(code, env={"TOKEN": SECRET}, background=True)
+    started = await client.post(node.url + "/execute-connector", json=body)
+    run_id = started.json()["id"]
+    prefix = cluster.store.partition("?prefix=")[2]
+
+    def everything() -> bytes:
+        """Every value under the test's prefix, as bytes."""
+        found = []
+        with redis.Redis.from_url(redis_url) as r:
+            for key in r.scan_iter(match=f"{prefix}*", count=500):
+                kind = r.type(key)
+                if kind == b"string":
+                    found.append(r.get(key) or b"")
+                elif kind == b"hash":
+                    found += [k + v for k, v in r.hgetall(key).items()]
+                elif kind == b"stream":
+                    found += [repr(e).encode() for e in r.xrange(key)]
+        return b"\n".join(found)
+
+    assert SECRET.encode() in everything()  # queued: waiting for an executor, in one key
+    cluster.executor()
+
+    async def done() -> Any:
+        record = (await client.get(f"{node.url}/runs/{run_id}")).json()
+        return record if record["status"] == "completed" else None
+
+    record = await wait_for(done, 60, "the run completes")
+    assert record["result"]["result"] == len(SECRET)
+    assert SECRET.encode() not in everything()
+
+
+async def test_a_client_gone_before_the_first_event_withdraws_its_queued_run(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()  # no executor: the run stays queued
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(node.url + "/execute-connector", json=program(LINES), timeout=1.0)
+
+    async def withdrawn() -> Any:
+        found = (await client.get(node.url + "/runs")).json()["runs"]
+        return found if found and found[0]["status"] == "cancelled" else None
+
+    runs = await wait_for(withdrawn, 10, "the run is cancelled")
+    assert runs[0]["error"]["code"] == "cancelled", runs
+    health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+    assert health["waiting"] == 0, health
