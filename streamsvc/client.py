@@ -8,6 +8,7 @@ Over 400 lines: the two clients side by side stay alike. Usage: README ("Python 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -83,8 +84,10 @@ class OutputFile(msgspec.Struct):
     sha256: str | None = None
     media_type: str | None = None
     content_base64: str | None = None
-    #: Why the content is not inline (too large, ...), when it is not.
+    #: Why the content is neither inline nor downloadable (too large, ...).
     error: ErrorInfo | None = None
+    #: Past the inline cap: where the run keeps it (``Client.download``).
+    url: str | None = None
 
     def content(self) -> bytes | None:
         """The file's bytes when they came inline, else None."""
@@ -454,6 +457,34 @@ def _result(events: Iterable[RunEvent], on_event: Callable[[RunEvent], object] |
 # ---------------------------------------------------------------- the clients
 
 
+def plain_name(name: str) -> tuple[str, ...] | None:
+    """``name``'s parts when it is a plain relative path (no ``..``, not absolute), else None."""
+    path = Path(name)
+    parts = path.parts
+    if not parts or path.is_absolute() or ".." in parts or "\\" in name or "\x00" in name:
+        return None
+    return parts
+
+
+def _download_path(file: OutputFile) -> str:
+    """The file's url, checked to be a path of this server (never another host)."""
+    url = file.url or ""
+    if not url.startswith("/runs/") or "//" in url or "\\" in url:
+        raise ClientError(f"{file.name!r} has no download url of this server")
+    return url
+
+
+def _part(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
+def _check_digest(file: OutputFile, digest: str, part: Path, target: Path) -> None:
+    if file.sha256 is not None and digest != file.sha256:
+        part.unlink(missing_ok=True)
+        raise ClientError(f"{file.name!r}: the download's sha256 does not match the listing")
+    part.replace(target)
+
+
 class _Base:
     def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
         if url is None or api_key is None:
@@ -623,6 +654,31 @@ class Client(_Base):
         """Remove a finished run and its events."""
         self._call("DELETE", f"/runs/{run_id}")
 
+    def download(self, file: OutputFile, target: Path) -> None:
+        """Stream a file past the inline cap (its ``url``) to ``target``, checking its sha256
+        (written to ``target.part`` first, renamed once complete)."""
+        path, part, digest = _download_path(file), _part(target), hashlib.sha256()
+        try:
+            with (
+                httpx.stream(
+                    "GET", self.url + path, headers=self.headers, timeout=self.timeout
+                ) as response,
+                part.open("wb") as sink,
+            ):
+                if response.status_code >= 400:
+                    response.read()
+                    raise refusal(response.status_code, response.text)
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    sink.write(chunk)
+        except httpx.HTTPError as exc:
+            part.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        _check_digest(file, digest.hexdigest(), part, target)
+
     def stream(self, connector: Connector, **options: Any) -> Iterator[RunEvent]:
         """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``).
 
@@ -755,6 +811,30 @@ class AsyncClient(_Base):
         body = self._run_request(run_body(connector, **options))
         response = await self._call("POST", "/execute-connector", json=body)
         return msgspec.json.decode(response.content, type=Accepted)
+
+    async def download(self, file: OutputFile, target: Path) -> None:
+        """As ``Client.download`` (the file written in a worker thread)."""
+        path, part, digest = _download_path(file), _part(target), hashlib.sha256()
+        try:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout) as http,
+                http.stream("GET", self.url + path, headers=self.headers) as response,
+            ):
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise refusal(response.status_code, response.text)
+                sink = await anyio.open_file(part, "wb")
+                async with sink:
+                    async for chunk in response.aiter_bytes():
+                        digest.update(chunk)
+                        await sink.write(chunk)
+        except httpx.HTTPError as exc:
+            part.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        _check_digest(file, digest.hexdigest(), part, target)
 
     async def get_run(self, run_id: str) -> RunInfo:
         response = await self._call("GET", f"/runs/{run_id}")

@@ -32,6 +32,7 @@ from streamsvc.client import (
     Status,
     chat_body,
     chat_event,
+    plain_name,
     run_body,
     run_event,
 )
@@ -257,9 +258,15 @@ class _Printer:
     """Prints a run's frames as they come: output live, progress and the summary on stderr."""
 
     def __init__(
-        self, kind: str, as_json: bool, out: TextIO, err: TextIO, save: Path | None = None
+        self,
+        kind: str,
+        as_json: bool,
+        out: TextIO,
+        err: TextIO,
+        save: Path | None = None,
+        client: Client | None = None,
     ) -> None:
-        self.kind, self.as_json, self.save = kind, as_json, save
+        self.kind, self.as_json, self.save, self.client = kind, as_json, save, client
         self.stdout, self.stderr = _Writer(out), _Writer(err)
 
     def resumed(self, at: Attachment, reason: str) -> None:
@@ -282,7 +289,7 @@ class _Printer:
                 for line in _summary(event.result):
                     self.stderr.line(line)
             if self.save is not None:
-                for line in save_files(event.result, self.save):
+                for line in save_files(event.result, self.save, self.client):
                     self.stderr.line(line)
             return _exit_status(event.result)
         if self.as_json:
@@ -332,26 +339,36 @@ def run_connector(
     err: TextIO,
     save: Path | None = None,
 ) -> int:
-    printer = _Printer("connector", as_json, out, err, save)
+    printer = _Printer("connector", as_json, out, err, save, client)
     return _stream(client, "/execute-connector", body, printer, err)
 
 
-def save_files(result: RunResult, folder: Path) -> list[str]:
-    """Write the files that came inline under ``folder``; a line for each one."""
+def save_files(result: RunResult, folder: Path, client: Client | None = None) -> list[str]:
+    """Write the files under ``folder``: inline ones as they came, larger ones downloaded
+    through ``client`` (their ``url``); a line for each one."""
     lines = []
     for file in result.files:
-        parts = Path(file.name).parts
+        parts = plain_name(file.name)
         content = file.content()
-        if not parts or Path(file.name).is_absolute() or ".." in parts:
+        if parts is None:
             lines.append(f"[streamsvc] not saved: {file.name!r} is not a plain relative name")
-        elif content is None:
+            continue
+        target = folder.joinpath(*parts)
+        if content is None and (file.url is None or client is None):
             why = file.error.message if file.error else "its content did not come inline"
             lines.append(f"[streamsvc] not saved: {file.name}: {why}")
-        else:
-            target = folder.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if content is not None:
             target.write_bytes(content)
-            lines.append(f"[streamsvc] saved {target}")
+        else:
+            assert client is not None
+            try:
+                client.download(file, target)
+            except ClientError as exc:
+                lines.append(f"[streamsvc] not saved: {file.name}: {exc}")
+                continue
+        lines.append(f"[streamsvc] saved {target}")
     return lines
 
 

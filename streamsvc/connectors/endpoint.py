@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import msgspec
@@ -21,7 +22,8 @@ from streamsvc.connectors.request import ExecuteRequest, decode_request, plan_of
 from streamsvc.connectors.transcript import Transcript
 from streamsvc.errors import SandboxFailed, SandboxUnavailable
 from streamsvc.runs.respond import manager_of, respond
-from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
+from streamsvc.runs.store import FILES_EVENT, RunFile
+from streamsvc.sandbox.types import Exited, Output, OutputFile, SandboxEvent, Status
 from streamsvc.web import observability, sse
 from streamsvc.web.auth import request_owner
 from streamsvc.web.bodies import read_body, wants_stream
@@ -35,10 +37,11 @@ REDACT_INLINE_CHARS = 4096
 
 
 async def _events(
-    runs: AsyncIterator[SandboxEvent], transcript: Transcript
+    runs: AsyncIterator[SandboxEvent], transcript: Transcript, run_id: str
 ) -> AsyncIterator[sse.Event]:
     """Sandbox events as SSE events, ending with ``done``. The sandbox's first event is
-    pulled before anything is yielded, so an engine that is down is a real status."""
+    pulled before anything is yielded, so an engine that is down is a real status. Files
+    past the inline cap go to the run's store first (``FILES_EVENT``, never in the log)."""
     try:
         pending = await anext(runs, None)
         if pending is None:
@@ -61,7 +64,14 @@ async def _events(
             elif isinstance(event, Exited):
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
-                result = transcript.result(event)
+                listed = {item.name: item for item in event.files}
+                kept = [(listed[d.name], d.data) for d in event.downloads if d.name in listed]
+                event.downloads = []
+                result = transcript.result(event)  # may mask a secret in a name, in place
+                if kept:
+                    yield sse.Event(
+                        FILES_EVENT, [_stored(item, data, run_id) for item, data in kept]
+                    )
                 error = result.error.code if result.error is not None else None
                 observability.current().execution(result.exit_code, result.ok, error)
                 yield sse.Event("done", result)
@@ -69,6 +79,13 @@ async def _events(
     finally:
         with anyio.CancelScope(shield=True):
             await runs.aclose()  # type: ignore[attr-defined]
+
+
+def _stored(item: OutputFile, data: bytes, run_id: str) -> RunFile:
+    """The file for the run's store; its listing gets the url and no content."""
+    item.url = f"/runs/{run_id}/files/{quote(item.name, safe='/')}"
+    item.content_base64 = None
+    return RunFile(item.name, item.media_type or "application/octet-stream", data)
 
 
 def stored_request(body: ExecuteRequest) -> dict[str, Any]:
@@ -101,6 +118,6 @@ async def execute_endpoint(request: Request) -> Response:
         background=body.background,
         request=stored_request(body),
     )
-    events = _events(sandbox.run(spec), transcript)
+    events = _events(sandbox.run(spec), transcript, run.id)
     stream = wants_stream(request, body.stream)
     return await respond(request, found, run, events, background=body.background, stream=stream)

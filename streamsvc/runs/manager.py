@@ -33,7 +33,14 @@ from streamsvc.errors import (
     ServiceError,
 )
 from streamsvc.runs.redis import RedisRunStore
-from streamsvc.runs.store import RunKind, RunRecord, RunStatus, RunStore, StoredEvent
+from streamsvc.runs.store import (
+    FILES_EVENT,
+    RunKind,
+    RunRecord,
+    RunStatus,
+    RunStore,
+    StoredEvent,
+)
 from streamsvc.settings import RunSettings
 from streamsvc.web import observability, sse
 
@@ -238,6 +245,11 @@ class RunManager:
                 while event is not None:
                     if next_id >= MAX_LOG_EVENTS and event.name != "done":
                         raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
+                    if event.name == FILES_EVENT:
+                        for item in event.data:
+                            await self.store.put_file(run.id, item.name, item.data, item.media_type)
+                        event = await anext(source, None)
+                        continue
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)

@@ -313,6 +313,7 @@ async def _exited(run: Run) -> Exited:
             usage=end.usage,
             files=end.files,
             files_omitted=end.files_omitted,
+            downloads=end.downloads,
         )
     # Wait for the container to stop (the watchdog bounds that), then read its state.
     limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT

@@ -16,11 +16,12 @@ import msgspec
 
 from streamsvc.sandbox.runner.runner import (
     END_MARKER,
+    MAX_DOWNLOAD_BYTES,
     MAX_INLINE_BYTES,
     MAX_OUTPUT_FILES,
     READY_MARKER,
 )
-from streamsvc.sandbox.types import OutputFile, RunSpec, Usage
+from streamsvc.sandbox.types import Download, OutputFile, RunSpec, Usage
 
 RUNNER = resources.files("streamsvc.sandbox.runner").joinpath("runner.py").read_bytes()
 #: Docker's attach stream numbers.
@@ -80,6 +81,7 @@ class EndLine(msgspec.Struct):
     usage: Usage | None = None
     files: list[OutputFile] = []
     files_omitted: int = 0
+    downloads: list[Download] = []
 
 
 class EndLines:
@@ -91,9 +93,10 @@ class EndLines:
     next chunk says whether it is.
     """
 
-    #: An end line longer than this is not one of ours (stdout's carries the inline files).
+    #: An end line longer than this is not one of ours (stdout's carries the files' bytes:
+    #: inline and for download, in base64).
     LIMITS: ClassVar[dict[int, int]] = {
-        1: MAX_INLINE_BYTES * 4 // 3 + MAX_OUTPUT_FILES * 2048 + 4096,
+        1: (MAX_INLINE_BYTES + MAX_DOWNLOAD_BYTES) * 4 // 3 + MAX_OUTPUT_FILES * 4096 + 4096,
         2: 4096,
     }
 
@@ -102,6 +105,7 @@ class EndLines:
         self._held = {number: b"" for number in STREAMS}
         self._found = dict.fromkeys(STREAMS, False)
         self._lines: dict[int, bytes] = {}
+        self._line = {number: bytearray() for number in STREAMS}
 
     @property
     def complete(self) -> bool:
@@ -111,22 +115,24 @@ class EndLines:
         """The part of ``data`` that is the program's output."""
         if stream in self._lines:
             return b""
-        buffer = self._held[stream] + data
         output = b""
         if not self._found[stream]:
+            buffer = self._held[stream] + data
             at = buffer.find(self.marker)
             if at < 0:
                 keep = self._partial(buffer)
                 self._held[stream] = buffer[len(buffer) - keep :]
                 return buffer[: len(buffer) - keep]
-            output, buffer = buffer[:at], buffer[at:]
+            output, data = buffer[:at], buffer[at:]
             self._found[stream] = True
-        newline = buffer.find(b"\n")
-        if newline < 0 and len(buffer) <= self.LIMITS[stream]:
-            self._held[stream] = buffer
+            self._line[stream] = bytearray()
+        line = self._line[stream]
+        newline = data.find(b"\n")
+        line += data if newline < 0 else data[:newline]  # grown in place: no copy per chunk
+        if newline < 0 and len(line) <= self.LIMITS[stream]:
             return output
-        self._held[stream] = b""
-        self._lines[stream] = buffer[len(self.marker) : newline] if newline >= 0 else b""
+        self._lines[stream] = bytes(memoryview(line)[len(self.marker) :]) if newline >= 0 else b""
+        self._line[stream] = bytearray()
         return output
 
     def _partial(self, buffer: bytes) -> int:
