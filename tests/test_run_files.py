@@ -17,10 +17,11 @@ import httpx
 import msgspec
 import pytest
 
-from streamsvc.client import Client, ClientError, OutputFile, RunResult
+from streamsvc.client import AsyncClient, Client, ClientError, OutputFile, RunResult
 from streamsvc.commands import save_files
 from streamsvc.sandbox.runner.runner import MAX_DOWNLOAD_BYTES
 from tests.harness import ServerProcess, body
+from tests.test_client import connector_file, streamsvc
 
 ALICE, BOB = "key-alice-0123456789", "key-bob-0123456789"
 
@@ -109,6 +110,8 @@ async def test_large_files_are_downloaded_from_their_run_by_their_owner_only(
     saved = (tmp_path / "out" / "big.bin").read_bytes()
     assert hashlib.sha256(saved).hexdigest() == big["sha256"]
     assert any("not saved: huge.bin" in line for line in lines), lines
+    await AsyncClient(server.url, ALICE).download(result.files[0], tmp_path / "async.bin")
+    assert (tmp_path / "async.bin").read_bytes() == saved
     with pytest.raises(ClientError):  # another key: the server's 404
         await anyio.to_thread.run_sync(
             lambda: Client(server.url, BOB).download(result.files[0], tmp_path / "b.bin")
@@ -133,3 +136,25 @@ def test_the_client_refuses_names_and_urls_that_leave_their_place(tmp_path: Path
     assert "no download url of this server" in lines[2]
     assert "no download url of this server" in lines[3]
     assert not any(tmp_path.rglob("*.bin*"))
+
+
+CLI_PROGRAM = """
+import json, os
+out = os.environ["STREAMSVC_OUTPUT_DIR"]
+os.makedirs(os.path.join(out, "data"))
+with open(os.path.join(out, "data", "rows.csv"), "w") as handle:
+    handle.write("n\\n" + "".join(f"{i}\\n" for i in range(400_000)))
+print(json.dumps({"ok": True}))
+"""
+
+
+@pytest.mark.docker
+def test_run_save_downloads_the_large_files(server: ServerProcess, tmp_path: Path) -> None:
+    path = connector_file(tmp_path, CLI_PROGRAM)
+    done = streamsvc("run", str(path), "--save", "out", "--url", server.url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "out" / "data" / "rows.csv").read_text()
+    assert len(rows) > 1024 * 1024  # past the inline cap: it came by its url
+    assert rows.splitlines()[-1] == "399999"
+    assert "[streamsvc] saved out/data/rows.csv" in done.stderr
+    assert not list((tmp_path / "out").rglob("*.part"))

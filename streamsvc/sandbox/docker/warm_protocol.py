@@ -104,8 +104,10 @@ class EndLines:
         self.marker = END_MARKER + nonce.encode() + b" "
         self._held = {number: b"" for number in STREAMS}
         self._found = dict.fromkeys(STREAMS, False)
-        self._lines: dict[int, bytes] = {}
+        self._lines: dict[int, bytes | memoryview] = {}
         self._line = {number: bytearray() for number in STREAMS}
+        self._decided = False
+        self._verdict: EndLine | None = None
 
     @property
     def complete(self) -> bool:
@@ -131,8 +133,8 @@ class EndLines:
         line += data if newline < 0 else data[:newline]  # grown in place: no copy per chunk
         if newline < 0 and len(line) <= self.LIMITS[stream]:
             return output
-        self._lines[stream] = bytes(memoryview(line)[len(self.marker) :]) if newline >= 0 else b""
-        self._line[stream] = bytearray()
+        # A view of the buffer, not a copy (stdout's may carry 43 MiB of base64).
+        self._lines[stream] = memoryview(line)[len(self.marker) :] if newline >= 0 else b""
         return output
 
     def _partial(self, buffer: bytes) -> int:
@@ -154,11 +156,17 @@ class EndLines:
         exit; else ``None``."""
         if not self.complete:
             return None
+        if self._decided:
+            return self._verdict
+        self._decided = True
         try:
             full = msgspec.json.decode(self._lines[1], type=EndLine)
             short = msgspec.json.decode(self._lines[2], type=EndLine)
         except msgspec.DecodeError:
             return None
+        finally:  # decoded (or not ours): the line's buffer is not kept besides
+            self._lines[1], self._line[1] = b"", bytearray()
         if (full.exit_code, full.oom_killed) != (short.exit_code, short.oom_killed):
             return None
+        self._verdict = full
         return full
