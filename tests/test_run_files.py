@@ -8,6 +8,7 @@ owner keys, the read token, 404s, path tricks, ETag and DELETE; the client libra
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
+import redis
 
 from streamsvc.client import AsyncClient, Client, ClientError, OutputFile, RunResult
 from streamsvc.commands import save_files
@@ -158,3 +160,57 @@ def test_run_save_downloads_the_large_files(server: ServerProcess, tmp_path: Pat
     assert rows.splitlines()[-1] == "399999"
     assert "[streamsvc] saved out/data/rows.csv" in done.stderr
     assert not list((tmp_path / "out").rglob("*.part"))
+
+
+TWO_MIB = """
+import hashlib, json, os
+data = os.urandom(2 * 1024 * 1024)
+with open(os.path.join(os.environ["STREAMSVC_OUTPUT_DIR"], "two.bin"), "wb") as handle:
+    handle.write(data)
+print(json.dumps({"ok": True, "result": hashlib.sha256(data).hexdigest()}))
+"""
+
+
+async def _round_trip(
+    client: httpx.AsyncClient, runs_on: ServerProcess, read_on: ServerProcess
+) -> None:
+    """Run on one server, download and delete through another (or the same)."""
+    answer = await client.post(runs_on.url + "/execute-connector", json=body(TWO_MIB))
+    assert answer.status_code == 200, answer.text
+    listed = answer.json()["files"][0]
+    assert listed["url"] and listed["sha256"] == answer.json()["result"]
+    got = await client.get(read_on.url + listed["url"])
+    assert got.status_code == 200
+    assert hashlib.sha256(got.content).hexdigest() == listed["sha256"]
+    run_id = answer.json()["run_id"]
+    assert (await client.delete(f"{read_on.url}/runs/{run_id}")).status_code == 204
+    for server in (runs_on, read_on):
+        assert (await client.get(server.url + listed["url"])).status_code == 404
+
+
+@pytest.mark.docker
+async def test_files_kept_in_sqlite_are_downloaded_then_deleted(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    server = start_server(STREAMSVC_RUN_STORE=f"sqlite:///{tmp_path}/runs.db")
+    await _round_trip(client, server, server)
+
+
+@pytest.mark.docker
+@pytest.mark.redis
+async def test_files_kept_in_redis_are_served_by_another_node(
+    start_server: Callable[..., ServerProcess], client: httpx.AsyncClient, redis_url: str
+) -> None:
+    prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
+    store = f"{redis_url}?prefix={prefix}"
+    try:
+        first, second = (
+            start_server(STREAMSVC_RUN_STORE=store),
+            start_server(STREAMSVC_RUN_STORE=store),
+        )
+        await _round_trip(client, first, second)
+    finally:
+        with redis.Redis.from_url(redis_url) as r:
+            keys = list(r.scan_iter(match=f"{prefix}*", count=500))
+            if keys:
+                r.delete(*keys)
