@@ -243,13 +243,13 @@ class RunManager:
                     return
                 await self.store.mark_running(run.id)
                 while event is not None:
-                    if next_id >= MAX_LOG_EVENTS and event.name != "done":
-                        raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
-                    if event.name == FILES_EVENT:
+                    if event.name == FILES_EVENT:  # kept with the run, not logged
                         for item in event.data:
                             await self.store.put_file(run.id, item.name, item.data, item.media_type)
                         event = await anext(source, None)
                         continue
+                    if next_id >= MAX_LOG_EVENTS and event.name != "done":
+                        raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
                     data = event.data
                     if event.name == "done" and "run_id" in getattr(data, "__struct_fields__", ()):
                         data = msgspec.structs.replace(data, run_id=run.id)

@@ -38,8 +38,6 @@ BACKLOG = 10_000
 log = logging.getLogger("streamsvc.runs")
 #: Seconds a run's files key outlives its record; more seconds allowed for a file's call.
 FILES_TTL_MARGIN, FILE_CALL_EXTRA = 300, 10.0
-_packer = msgspec.msgpack.Encoder()
-_unpacker = msgspec.msgpack.Decoder(tuple[str, bytes])
 
 #: Event names that end a run's log (``follow`` stops after one).
 TERMINAL_EVENTS = frozenset({"done", "error"})
@@ -223,7 +221,7 @@ class RedisRunStore:
         return f"{self._prefix}events:{run_id}"
 
     def _files_key(self, run_id: str) -> str:
-        """A hash: file name to msgpack ``[media_type, data]``."""
+        """A hash: file name to its bytes, NUL + name to its media type (names have no NUL)."""
         return f"{self._prefix}files:{run_id}"
 
     def _index_key(self, owner: str | None, *, every: bool = False) -> str:
@@ -635,11 +633,11 @@ class RedisRunStore:
     async def put_file(self, run_id: str, name: str, data: bytes, media_type: str) -> None:
         """One hash field; the key outlives the record's TTL a little (the record, read
         first, decides whether the file is visible)."""
-        key, value = self._files_key(run_id), _packer.encode([media_type, data])
+        key = self._files_key(run_id)
 
         async def run() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(key, name, value)
+                pipe.hset(key, mapping={name: data, "\x00" + name: media_type})
                 if self._records_ttl:
                     pipe.expire(key, self._records_ttl + FILES_TTL_MARGIN)
                 await pipe.execute()
@@ -647,13 +645,13 @@ class RedisRunStore:
         await self.call(run, extra=FILE_CALL_EXTRA)
 
     async def get_file(self, run_id: str, name: str) -> RunFile | None:
-        raw = await self.call(
-            lambda: self._redis.hget(self._files_key(run_id), name), extra=FILE_CALL_EXTRA
+        key = self._files_key(run_id)
+        data, media_type = await self.call(
+            lambda: self._redis.hmget(key, [name, "\x00" + name]), extra=FILE_CALL_EXTRA
         )
-        if raw is None:
+        if data is None or media_type is None:
             return None
-        media_type, data = _unpacker.decode(raw)
-        return RunFile(name, media_type, data)
+        return RunFile(name, media_type.decode(), data)
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         members = await self.call(lambda: self._redis.smembers(self._unfinished_key))

@@ -151,6 +151,11 @@ class EndLines:
         held, self._held[stream] = self._held[stream], b""
         return held
 
+    @property
+    def size(self) -> int:
+        """Bytes of stdout's end line (decode a large one off the event loop)."""
+        return len(self._lines.get(1, b""))
+
     def verdict(self) -> EndLine | None:
         """The runner's report (stdout's line), once both lines are in and agree on the
         exit; else ``None``."""
