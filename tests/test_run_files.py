@@ -165,7 +165,9 @@ def test_run_save_downloads_the_large_files(server: ServerProcess, tmp_path: Pat
 TWO_MIB = """
 import hashlib, json, os
 data = os.urandom(2 * 1024 * 1024)
-with open(os.path.join(os.environ["STREAMSVC_OUTPUT_DIR"], "two.bin"), "wb") as handle:
+deep = os.path.join(os.environ["STREAMSVC_OUTPUT_DIR"], "deep")
+os.makedirs(deep)
+with open(os.path.join(deep, "my data ü%.bin"), "wb") as handle:
     handle.write(data)
 print(json.dumps({"ok": True, "result": hashlib.sha256(data).hexdigest()}))
 """
@@ -178,7 +180,9 @@ async def _round_trip(
     answer = await client.post(runs_on.url + "/execute-connector", json=body(TWO_MIB))
     assert answer.status_code == 200, answer.text
     listed = answer.json()["files"][0]
-    assert listed["url"] and listed["sha256"] == answer.json()["result"]
+    assert listed["name"] == "deep/my data ü%.bin"  # quoted in its url, found by its name
+    assert listed["url"].endswith("/files/deep/my%20data%20%C3%BC%25.bin"), listed["url"]
+    assert listed["sha256"] == answer.json()["result"]
     got = await client.get(read_on.url + listed["url"])
     assert got.status_code == 200
     assert hashlib.sha256(got.content).hexdigest() == listed["sha256"]
