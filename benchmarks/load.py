@@ -623,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         "STREAMSVC_HOST": "127.0.0.1",
         "STREAMSVC_MAX_CONCURRENT_RUNS": concurrency,
         "STREAMSVC_QUEUE_SIZE": concurrency,
+        # Every request is a run of one client (no keys): room for all of them at once.
+        "STREAMSVC_MAX_ACTIVE_RUNS": str(args.executions + args.chats + 10),
+        "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": str(args.executions + args.chats + 10),
         "STREAMSVC_WARM_POOL_SIZE": "0",
         "STREAMSVC_LOG_FORMAT": "json",
         "STREAMSVC_LOG_LEVEL": "info",

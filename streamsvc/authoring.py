@@ -20,6 +20,8 @@ REQUIREMENTS = "requirements.txt"
 SKIPPED_DIRS = frozenset({"__pycache__", "venv", "env", "node_modules", "site-packages"})
 #: More files than the server takes at most by default; a guard against reading a whole tree.
 MAX_FILES = 500
+#: Largest file read (far past the server's default cap): a guard against reading a disk image.
+MAX_FILE_BYTES = 32 * 1024 * 1024
 #: The ``runtime`` keys a TOML manifest may spell in snake case.
 _CAMEL = {"entry_point": "entryPoint", "memory_mb": "memoryMb", "timeout_ms": "timeoutMs"}
 
@@ -87,7 +89,7 @@ def _wanted(relative: Path) -> bool:
 def _files(folder: Path, include: list[str], max_file_bytes: int | None) -> dict[str, str]:
     paths = {p for p in folder.rglob("*.py") if _wanted(p.relative_to(folder))}
     for pattern in include:
-        if pattern.startswith("/") or ".." in Path(pattern).parts:
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
             raise AuthoringError(f"{folder}: include pattern {pattern!r} leaves the folder")
         matched = [p for p in folder.glob(pattern) if p.is_file()]
         if not matched:
@@ -96,12 +98,16 @@ def _files(folder: Path, include: list[str], max_file_bytes: int | None) -> dict
     if len(paths) > MAX_FILES:
         raise AuthoringError(f"{folder}: more than {MAX_FILES} files; is it the right folder?")
     files = {}
+    root = folder.resolve()
     for path in sorted(paths):
         name = path.relative_to(folder).as_posix()
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        if not path.resolve().is_relative_to(root):  # the file or a folder on its way a link
             raise AuthoringError(f"{path}: a link out of the folder")
-        if max_file_bytes is not None and path.stat().st_size > max_file_bytes:
-            raise AuthoringError(f"{path}: larger than {max_file_bytes} bytes")
+        if not path.is_file():  # a FIFO named x.py would block the read forever
+            raise AuthoringError(f"{path}: not a regular file")
+        limit = MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes
+        if path.stat().st_size > limit:
+            raise AuthoringError(f"{path}: larger than {limit} bytes")
         try:
             files[name] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -111,7 +117,8 @@ def _files(folder: Path, include: list[str], max_file_bytes: int | None) -> dict
 
 def load_folder(folder: Path, max_file_bytes: int | None = None) -> dict[str, Any]:
     """The request body of a connector folder (``network_mode`` from ``runtime.network``);
-    ``max_file_bytes`` refuses larger files (the server's example menu reads with a cap)."""
+    ``max_file_bytes`` refuses larger files (default ``MAX_FILE_BYTES``; the server's example
+    menu reads with a smaller cap)."""
     manifest = _manifest(folder)
     runtime = {_CAMEL.get(k, k): v for k, v in dict(manifest.pop("runtime", None) or {}).items()}
     include = manifest.pop("include", [])

@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, BinaryIO, Literal, TypeAlias
 
 import anyio
 import httpx
@@ -54,6 +55,11 @@ READ_TIMEOUT = 120.0
 #: each try; together well inside the server's grace for a run without a reader.
 RESUME_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0)
 TERMINAL = frozenset({"done", "error"})
+#: Most bytes one event (a line, or the lines of one event) may take; a server sending more is
+#: cut off with ``StreamFailed`` (a final object with its inline files is far smaller).
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+#: Most bytes of a refusal's body kept (the rest is not read).
+MAX_ERROR_BYTES = 1024 * 1024
 
 
 # ---------------------------------------------------------------- types
@@ -276,6 +282,25 @@ def _error_info(text: str) -> ErrorInfo | None:
         return None
 
 
+def _error_text(response: httpx.Response) -> str:
+    """A refusal's body, its first ``MAX_ERROR_BYTES`` at most."""
+    body = b""
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            break
+    return body[:MAX_ERROR_BYTES].decode(errors="replace")
+
+
+async def _aerror_text(response: httpx.Response) -> str:
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BYTES:
+            break
+    return body[:MAX_ERROR_BYTES].decode(errors="replace")
+
+
 def refusal(status: int, text: str) -> ClientError:
     """The error for an answer with a status other than 200."""
     kind = RequestRefused if 400 <= status < 500 else StreamFailed
@@ -315,11 +340,44 @@ def parse_sse(lines: Iterable[str]) -> Iterator[Frame]:
     # connection cut mid-event must not pass half of one on.
 
 
+def _parse(response: httpx.Response) -> Iterator[Frame]:
+    lines = _Lines()
+    return parse_sse(line for chunk in response.iter_bytes() for line in lines.feed(chunk))
+
+
 async def _aparse(response: httpx.Response) -> AsyncIterator[Frame]:
-    parser = _SseParser()
-    async for line in response.aiter_lines():
-        if (frame := parser.feed(line)) is not None:
-            yield frame
+    parser, lines = _SseParser(), _Lines()
+    async for chunk in response.aiter_bytes():
+        for line in lines.feed(chunk):
+            if (frame := parser.feed(line)) is not None:
+                yield frame
+
+
+class _Lines:
+    """Bytes to lines (``\\r\\n``, ``\\n`` or ``\\r``), a line at most ``MAX_EVENT_BYTES``:
+    httpx's own line reader holds a line of any length."""
+
+    def __init__(self) -> None:
+        self.rest = bytearray()
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self.rest += chunk
+            _bounded(len(self.rest))
+            return []
+        held = bytes(self.rest) + chunk
+        tail = b""
+        if held.endswith(b"\r"):  # maybe the first half of a \r\n
+            held, tail = held[:-1], b"\r"
+        *lines, rest = held.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self.rest = bytearray(rest + tail)
+        _bounded(len(self.rest))
+        return [line.decode(errors="replace") for line in lines]
+
+
+def _bounded(size: int) -> None:
+    if size > MAX_EVENT_BYTES:
+        raise StreamFailed(f"the server sent an event over {MAX_EVENT_BYTES} bytes; cut off")
 
 
 class _SseParser:
@@ -328,6 +386,7 @@ class _SseParser:
     def __init__(self) -> None:
         self.fields: dict[str, str] = {}
         self.data: list[str] = []
+        self.size = 0
 
     def feed(self, line: str) -> Frame | None:
         if not line:
@@ -335,9 +394,11 @@ class _SseParser:
             if self.data:
                 event = self.fields.get("event", "message")
                 frame = Frame(event, "\n".join(self.data), self.fields.get("id"))
-            self.fields, self.data = {}, []
+            self.fields, self.data, self.size = {}, [], 0
             return frame
         if not line.startswith(":"):
+            self.size += len(line)
+            _bounded(self.size)
             name, _, value = line.partition(":")
             value = value.removeprefix(" ")
             if name == "data":
@@ -348,7 +409,9 @@ class _SseParser:
 
 
 def _event_id(frame: Frame) -> int | None:
-    return int(frame.id) if frame.id and frame.id.isdigit() else None
+    """The frame's id when it is one (ASCII digits, a few: ``"²".isdigit()`` holds too)."""
+    wire = frame.id
+    return int(wire) if wire and wire.isascii() and wire.isdigit() and len(wire) <= 18 else None
 
 
 def run_event(frame: Frame) -> RunEvent | None:
@@ -457,15 +520,6 @@ def _result(events: Iterable[RunEvent], on_event: Callable[[RunEvent], object] |
 # ---------------------------------------------------------------- the clients
 
 
-def plain_name(name: str) -> tuple[str, ...] | None:
-    """``name``'s parts when it is a plain relative path (no ``..``, not absolute), else None."""
-    path = Path(name)
-    parts = path.parts
-    if not parts or path.is_absolute() or ".." in parts or "\\" in name or "\x00" in name:
-        return None
-    return parts
-
-
 def _download_path(file: OutputFile) -> str:
     """The file's url, checked to be a path of this server (never another host)."""
     url = file.url or ""
@@ -476,6 +530,12 @@ def _download_path(file: OutputFile) -> str:
 
 def _part(target: Path) -> Path:
     return target.with_name(target.name + ".part")
+
+
+def _open_part(part: Path) -> BinaryIO:
+    """``part`` for writing, never through a link of that name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    return os.fdopen(os.open(part, flags, 0o644), "wb")
 
 
 def _check_digest(file: OutputFile, digest: str, part: Path, target: Path) -> None:
@@ -572,17 +632,17 @@ class Client(_Base):
     ) -> Iterator[Frame]:
         with http.stream("POST", self.url + path, json=body, headers=self.headers) as response:
             if response.status_code != 200:
-                raise refusal(response.status_code, response.read().decode(errors="replace"))
+                raise refusal(response.status_code, _error_text(response))
             self._opened(response, path, at)
-            yield from parse_sse(response.iter_lines())
+            yield from _parse(response)
 
     def _get_events(self, http: httpx.Client, at: Attachment) -> Iterator[Frame]:
         url, headers = self._events_request(at)
         with http.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
-                raise refusal(response.status_code, response.read().decode(errors="replace"))
+                raise refusal(response.status_code, _error_text(response))
             self._opened(response, url, at)
-            yield from parse_sse(response.iter_lines())
+            yield from _parse(response)
 
     def _follow(
         self, http: httpx.Client, source: Iterator[Frame], at: Attachment
@@ -610,27 +670,32 @@ class Client(_Base):
             attempt += 1
             source = self._get_events(http, at)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """The answer's body (at most ``MAX_EVENT_BYTES``), or its refusal raised."""
         try:
-            response = httpx.request(
+            with httpx.stream(
                 method, self.url + path, headers=self.headers, timeout=self.timeout, **kwargs
-            )
+            ) as response:
+                if response.status_code >= 400:
+                    raise refusal(response.status_code, _error_text(response))
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    _bounded(len(body))
+                return bytes(body)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise refusal(response.status_code, response.text)
-        return response
 
     def start(self, connector: Connector, **options: Any) -> Accepted:
         """Start a background run (``"background": true``) and return at once with its id."""
         body = self._run_request(run_body(connector, **options))
         return msgspec.json.decode(
-            self._call("POST", "/execute-connector", json=body).content, type=Accepted
+            self._call("POST", "/execute-connector", json=body), type=Accepted
         )
 
     def get_run(self, run_id: str) -> RunInfo:
         """A run's record, with its final object once it has ended."""
-        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}").content, type=RunInfo)
+        return msgspec.json.decode(self._call("GET", f"/runs/{run_id}"), type=RunInfo)
 
     def list_runs(
         self,
@@ -642,13 +707,11 @@ class Client(_Base):
     ) -> RunPage:
         """Runs newest first (``before``: the id the previous page ended with)."""
         params = self._list_params(kind, status, limit, before)
-        return msgspec.json.decode(self._call("GET", "/runs", params=params).content, type=RunPage)
+        return msgspec.json.decode(self._call("GET", "/runs", params=params), type=RunPage)
 
     def cancel(self, run_id: str) -> RunInfo:
         """Stop a run now (idempotent); its record afterwards."""
-        return msgspec.json.decode(
-            self._call("POST", f"/runs/{run_id}/cancel").content, type=RunInfo
-        )
+        return msgspec.json.decode(self._call("POST", f"/runs/{run_id}/cancel"), type=RunInfo)
 
     def delete_run(self, run_id: str) -> None:
         """Remove a finished run and its events."""
@@ -663,7 +726,7 @@ class Client(_Base):
                 httpx.stream(
                     "GET", self.url + path, headers=self.headers, timeout=self.timeout
                 ) as response,
-                part.open("wb") as sink,
+                _open_part(part) as sink,
             ):
                 if response.status_code >= 400:
                     response.read()
@@ -752,8 +815,7 @@ class AsyncClient(_Base):
             "POST", self.url + path, json=body, headers=self.headers
         ) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise refusal(response.status_code, text)
+                raise refusal(response.status_code, await _aerror_text(response))
             self._opened(response, path, at)
             async for frame in _aparse(response):
                 yield frame
@@ -762,8 +824,7 @@ class AsyncClient(_Base):
         url, headers = self._events_request(at)
         async with http.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise refusal(response.status_code, text)
+                raise refusal(response.status_code, await _aerror_text(response))
             self._opened(response, url, at)
             async for frame in _aparse(response):
                 yield frame
@@ -794,23 +855,28 @@ class AsyncClient(_Base):
             attempt += 1
             source = self._get_events(http, at)
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """The answer's body (at most ``MAX_EVENT_BYTES``), or its refusal raised."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as http:
-                response = await http.request(
-                    method, self.url + path, headers=self.headers, **kwargs
-                )
+            async with (
+                httpx.AsyncClient(timeout=self.timeout) as http,
+                http.stream(method, self.url + path, headers=self.headers, **kwargs) as response,
+            ):
+                if response.status_code >= 400:
+                    raise refusal(response.status_code, await _aerror_text(response))
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    _bounded(len(body))
+                return bytes(body)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        if response.status_code >= 400:
-            raise refusal(response.status_code, response.text)
-        return response
 
     async def start(self, connector: Connector, **options: Any) -> Accepted:
         """Start a background run and return at once with its id."""
         body = self._run_request(run_body(connector, **options))
         response = await self._call("POST", "/execute-connector", json=body)
-        return msgspec.json.decode(response.content, type=Accepted)
+        return msgspec.json.decode(response, type=Accepted)
 
     async def download(self, file: OutputFile, target: Path) -> None:
         """As ``Client.download`` (the file written in a worker thread)."""
@@ -823,7 +889,7 @@ class AsyncClient(_Base):
                 if response.status_code >= 400:
                     await response.aread()
                     raise refusal(response.status_code, response.text)
-                sink = await anyio.open_file(part, "wb")
+                sink = anyio.wrap_file(await anyio.to_thread.run_sync(_open_part, part))
                 async with sink:
                     async for chunk in response.aiter_bytes():
                         digest.update(chunk)
@@ -838,7 +904,7 @@ class AsyncClient(_Base):
 
     async def get_run(self, run_id: str) -> RunInfo:
         response = await self._call("GET", f"/runs/{run_id}")
-        return msgspec.json.decode(response.content, type=RunInfo)
+        return msgspec.json.decode(response, type=RunInfo)
 
     async def list_runs(
         self,
@@ -850,11 +916,11 @@ class AsyncClient(_Base):
     ) -> RunPage:
         params = self._list_params(kind, status, limit, before)
         response = await self._call("GET", "/runs", params=params)
-        return msgspec.json.decode(response.content, type=RunPage)
+        return msgspec.json.decode(response, type=RunPage)
 
     async def cancel(self, run_id: str) -> RunInfo:
         response = await self._call("POST", f"/runs/{run_id}/cancel")
-        return msgspec.json.decode(response.content, type=RunInfo)
+        return msgspec.json.decode(response, type=RunInfo)
 
     async def delete_run(self, run_id: str) -> None:
         await self._call("DELETE", f"/runs/{run_id}")

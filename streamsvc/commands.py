@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import msgspec
@@ -25,6 +26,7 @@ from streamsvc.client import (
     Delta,
     Frame,
     Output,
+    OutputFile,
     RequestRefused,
     RunDone,
     RunInfo,
@@ -32,7 +34,6 @@ from streamsvc.client import (
     Status,
     chat_body,
     chat_event,
-    plain_name,
     run_body,
     run_event,
 )
@@ -343,33 +344,78 @@ def run_connector(
     return _stream(client, "/execute-connector", body, printer, err)
 
 
+def _shown(text: str) -> str:
+    """``text`` for a terminal: as it is when printable, else quoted with its escapes."""
+    return text if text.isprintable() else repr(text)
+
+
+def _plain_parts(name: str) -> tuple[str, ...] | None:
+    """The parts of a plain relative file name (no control character, ``..`` or root)."""
+    path = PurePosixPath(name)
+    if not name.isprintable() or path.is_absolute() or ".." in path.parts or not path.parts:
+        return None
+    return path.parts
+
+
 def save_files(result: RunResult, folder: Path, client: Client | None = None) -> list[str]:
     """Write the files under ``folder``: inline ones as they came, larger ones downloaded
-    through ``client`` (their ``url``); a line for each one."""
+    through ``client`` (their ``url``); a line for each one. The names come from the
+    server: none is written outside ``folder``, through a link, or over a folder."""
     lines = []
     for file in result.files:
-        parts = plain_name(file.name)
-        content = file.content()
+        parts = _plain_parts(file.name)
+        try:
+            content = file.content()
+        except ValueError:
+            content = None
         if parts is None:
             lines.append(f"[streamsvc] not saved: {file.name!r} is not a plain relative name")
-            continue
-        target = folder.joinpath(*parts)
-        if content is None and (file.url is None or client is None):
-            why = file.error.message if file.error else "its content did not come inline"
-            lines.append(f"[streamsvc] not saved: {file.name}: {why}")
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if content is not None:
-            target.write_bytes(content)
+        elif content is not None:
+            lines.append(_save_one(folder, parts, content))
+        elif file.url is not None and client is not None:
+            lines.append(_download_one(client, folder, parts, file))
         else:
-            assert client is not None
-            try:
-                client.download(file, target)
-            except ClientError as exc:
-                lines.append(f"[streamsvc] not saved: {file.name}: {exc}")
-                continue
-        lines.append(f"[streamsvc] saved {target}")
+            why = file.error.message if file.error else "its content did not come inline"
+            lines.append(f"[streamsvc] not saved: {_shown(file.name)}: {_shown(why)}")
     return lines
+
+
+def _linked_parent(folder: Path, parts: tuple[str, ...]) -> str | None:
+    for depth in range(1, len(parts)):
+        if folder.joinpath(*parts[:depth]).is_symlink():
+            return "/".join(parts[:depth])
+    return None
+
+
+def _download_one(client: Client, folder: Path, parts: tuple[str, ...], file: OutputFile) -> str:
+    """A file past the inline cap, through the client (its ``url``, sha256 checked)."""
+    name = "/".join(parts)
+    if (link := _linked_parent(folder, parts)) is not None:
+        return f"[streamsvc] not saved: {name}: {link} is a link"
+    target = folder.joinpath(*parts)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download(file, target)
+    except ClientError as exc:
+        return f"[streamsvc] not saved: {name}: {_shown(str(exc))}"
+    except OSError as exc:
+        return f"[streamsvc] not saved: {name}: {exc.strerror or exc}"
+    return f"[streamsvc] saved {target}"
+
+
+def _save_one(folder: Path, parts: tuple[str, ...], content: bytes) -> str:
+    name = "/".join(parts)
+    if (link := _linked_parent(folder, parts)) is not None:
+        return f"[streamsvc] not saved: {name}: {link} is a link"
+    target = folder.joinpath(*parts)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(target, flags, 0o644), "wb") as written:
+            written.write(content)
+    except OSError as exc:  # a link (ELOOP), a folder of that name, no room, ...
+        return f"[streamsvc] not saved: {name}: {exc.strerror or exc}"
+    return f"[streamsvc] saved {target}"
 
 
 def detach(client: Client, body: dict[str, Any], as_json: bool, out: TextIO, err: TextIO) -> int:
@@ -398,7 +444,7 @@ def _summary(result: RunResult) -> list[str]:
         lines = [f"[streamsvc] failed in {took}: {what}"]
     for file in result.files:
         size = f"{file.size} bytes" if file.size is not None else "size unknown"
-        lines.append(f"[streamsvc] file {file.name} ({size})")
+        lines.append(f"[streamsvc] file {_shown(file.name)} ({size})")
     return lines
 
 

@@ -26,7 +26,8 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── UnsupportedMediaType          415  unsupported_media_type: a POST that is not JSON
     ├── MisdirectedRequest            421  host_not_allowed: a Host header not allowed
     ├── Busy                          429  busy (with retry_after)
-    │   └── BodiesBusy                429  busy: request bodies in flight at their budget
+    │   ├── BodiesBusy                429  busy: request bodies in flight at their budget
+    │   └── TooManyRuns               429  too_many_runs: unfinished runs at their cap
     ├── KeyRateLimited                429  rate_limited: an API key over its per-minute limit
     ├── UpstreamError                 502  upstream_error: the chat upstream failed
     │   ├── UpstreamAuth              502  upstream_auth
@@ -224,6 +225,12 @@ class Busy(ServiceError):
 
 class BodiesBusy(Busy):
     """The body would take the bytes in flight past their budget; it is left unread."""
+
+
+class TooManyRuns(Busy):
+    """This process (or this key) holds as many unfinished runs as it may; none is created."""
+
+    code = "too_many_runs"
 
 
 class KeyRateLimited(ServiceError):

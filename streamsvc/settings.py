@@ -183,6 +183,10 @@ class RunSettings(msgspec.Struct, frozen=True):
     chat_grace_seconds: Seconds = 10.0
     retention_seconds: Annotated[float, msgspec.Meta(gt=0, le=366 * 86_400)] = 86_400.0
     token_secret: str | None = None
+    #: Unfinished runs (background, streamed, or left in their grace) this process holds at
+    #: once, in all and per API key; past either a new one is refused (429 too_many_runs).
+    max_active_runs: Positive = 2000
+    max_active_runs_per_key: Positive = 500
 
 
 class Settings(msgspec.Struct, frozen=True):
@@ -264,6 +268,8 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_RUN_GRACE_CHAT_SECONDS": ("runs", "chat_grace_seconds"),
     "STREAMSVC_RUN_RETENTION_SECONDS": ("runs", "retention_seconds"),
     "STREAMSVC_RUN_TOKEN_SECRET": ("runs", "token_secret"),
+    "STREAMSVC_MAX_ACTIVE_RUNS": ("runs", "max_active_runs"),
+    "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": ("runs", "max_active_runs_per_key"),
 }
 _VARIABLES = {place: name for name, place in ENV_NAMES.items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -26,7 +27,7 @@ from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
 from streamsvc.runs.memory import MemoryStore
 from streamsvc.runs.redis import INTERRUPTED, RedisRunStore, redact
 from streamsvc.runs.sqlite import SqliteStore
-from streamsvc.runs.store import RunRecord, RunStore, StoredEvent
+from streamsvc.runs.store import RunRecord, RunStore, StoredEvent, executor_name
 from streamsvc.settings import SettingsError
 from tests.harness import REDIS_URL, free_port, wait_until
 
@@ -91,13 +92,25 @@ BACKENDS: dict[str, tuple[Factory, list[pytest.MarkDecorator]]] = {
 PERSISTENT = {"sqlite", "redis"}
 
 
+async def _opened(name: str, tmp_path: Path) -> AsyncIterator[Factory]:
+    factory, _ = BACKENDS[name]
+    yield lambda _: factory(tmp_path)
+    if name.startswith("redis"):
+        await _wipe(f"streamsvc-test:{uuid.uuid5(uuid.NAMESPACE_URL, str(tmp_path)).hex}:")
+
+
 @pytest.fixture(params=[pytest.param(n, marks=m) for n, (_, m) in BACKENDS.items()])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     """Opens the backend's store on this test's place: a second one there is a restart."""
-    factory, _ = BACKENDS[request.param]
-    yield lambda _: factory(tmp_path)
-    if request.param.startswith("redis"):
-        await _wipe(f"streamsvc-test:{uuid.uuid5(uuid.NAMESPACE_URL, str(tmp_path)).hex}:")
+    async for factory in _opened(request.param, tmp_path):
+        yield factory
+
+
+@pytest.fixture(params=[pytest.param(n, marks=BACKENDS[n][1]) for n in sorted(PERSISTENT)])
+async def persistent(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
+    """``backend``, for the backends several processes share."""
+    async for factory in _opened(request.param, tmp_path):
+        yield factory
 
 
 @pytest.fixture
@@ -274,11 +287,10 @@ async def test_delete_removes_the_record_and_its_events(store: RunStore) -> None
 
 
 async def test_unfinished_runs_of_dead_executors_are_interrupted(
-    backend: Factory, tmp_path: Path, request: pytest.FixtureRequest
+    persistent: Factory, tmp_path: Path
 ) -> None:
     """Runs a stopped process left: seen by the next process on the same store."""
-    if request.node.callspec.params["backend"] not in PERSISTENT:
-        pytest.skip("memory:// keeps no run across a restart")
+    backend = persistent
     dead, live, orphan, finished = (
         record(status="running", executor="host:1"),
         record(status="running", executor="host:2"),
@@ -292,6 +304,39 @@ async def test_unfinished_runs_of_dead_executors_are_interrupted(
         await before.finish(finished.id, "completed")
     async with backend(tmp_path) as store:
         await check_interrupted(store, dead, live, orphan, finished)
+
+
+def _ended_pid() -> int:
+    """The pid of a process that has just ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def test_a_cancel_asked_through_one_process_reaches_the_one_running_it(
+    persistent: Factory, tmp_path: Path
+) -> None:
+    me = executor_name()
+    async with persistent(tmp_path) as running, persistent(tmp_path) as other:
+        heard: list[str] = []
+        got = anyio.Event()
+
+        async def listen() -> None:
+            async for run_id in running.cancels(me):
+                heard.append(run_id)
+                got.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listen)
+            await anyio.sleep(0.5)  # subscribed (Redis Pub/Sub keeps no message for later)
+            assert await other.request_cancel("run-1", me) == 1
+            with anyio.fail_after(5):
+                await got.wait()
+            tasks.cancel_scope.cancel()
+        assert heard == ["run-1"]
+        gone = await anyio.to_thread.run_sync(_ended_pid)
+        # A process that is gone hears nothing: 0, and the endpoint answers run_elsewhere.
+        assert await other.request_cancel("run-2", f"{socket.gethostname()}:{gone}") == 0
 
 
 async def check_interrupted(

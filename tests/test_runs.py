@@ -271,6 +271,38 @@ async def test_cancel_removes_the_container_at_once_and_is_idempotent(
 
 
 @pytest.mark.docker
+async def test_cancel_reaches_a_run_of_another_worker_process(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    # Two workers on one SQLite store. Each request comes on a new connection, so the
+    # kernel spreads them over both workers: the cancels of six runs all land on the
+    # worker not running the run with odds of 63 in 64 (then the store carries them).
+    own = start_server(STREAMSVC_WORKERS="2")
+    for _ in range(6):
+        async with httpx.AsyncClient(timeout=60) as fresh:
+            payload = body(SLEEPER) | {"background": True}
+            url = (
+                own.url
+                + (await fresh.post(own.url + "/execute-connector", json=payload)).json()["url"]
+            )
+        async with httpx.AsyncClient(timeout=60) as fresh:
+
+            async def printed(fresh: httpx.AsyncClient = fresh, url: str = url) -> bool:
+                return int((await fresh.get(url)).json()["last_event_id"]) >= 3
+
+            await poll(printed, 30)
+        async with httpx.AsyncClient(timeout=60) as fresh:
+            started = time.monotonic()
+            cancelled = await fresh.post(url + "/cancel")
+            took = time.monotonic() - started
+        assert cancelled.status_code == 200, cancelled.text
+        record = cancelled.json()
+        assert record["status"] == "cancelled", record
+        assert took < 5
+    await eventually(lambda: not sandboxes(own), 10)
+
+
+@pytest.mark.docker
 async def test_an_abandoned_stream_is_cancelled_after_the_grace(
     start_server: Callable[..., ServerProcess], client: httpx.AsyncClient
 ) -> None:

@@ -8,6 +8,7 @@ the loop's CPU.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -26,7 +27,6 @@ from streamsvc.errors import (
     ValidationFailed,
 )
 from streamsvc.runs.manager import STOP_TIMEOUT, RunManager, encode_frame
-from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.respond import manager_of
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
 from streamsvc.web import sse
@@ -37,6 +37,9 @@ from streamsvc.web.services import Services, services
 MAX_LIMIT = 200
 #: A file name longer than this is not one the runner listed.
 MAX_FILE_NAME = 4096
+#: The largest event id a cursor may name (``Last-Event-ID``, ``?after=``): far past any log.
+MAX_EVENT_ID = 10**15
+_EVENT_ID = re.compile(r"[0-9]{1,16}")
 
 
 class RunView(msgspec.Struct):
@@ -84,7 +87,7 @@ class _Query(msgspec.Struct, forbid_unknown_fields=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] = 50
     before: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     token: str | None = None
-    after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    after: Annotated[int, msgspec.Meta(ge=0, le=MAX_EVENT_ID)] | None = None
 
 
 def _query(request: Request) -> _Query:
@@ -133,6 +136,10 @@ async def list_runs(request: Request) -> Response:
     owner = _caller(request, found)
     query = _query(request)
     manager = manager_of(found)
+    if query.before is not None:
+        cursor = await manager.store.get(query.before)
+        if cursor is None or cursor.owner != owner:  # another key's run is no cursor either
+            return json_response(RunList([], None))
     records = await manager.store.find(
         owner=owner, kind=query.kind, status=query.status, limit=query.limit, before=query.before
     )
@@ -176,9 +183,11 @@ async def run_events(request: Request) -> Response:
     after = query.after or 0
     header = request.headers.get("last-event-id")
     if header is not None:
-        if not header.strip().isdigit():
+        # ASCII digits only (str.isdigit takes "²", which int() refuses), a bounded count.
+        match = _EVENT_ID.fullmatch(header.strip())
+        if match is None or int(match.group()) > MAX_EVENT_ID:
             raise ValidationFailed("Last-Event-ID must be an event id", path="$.headers")
-        after = int(header)
+        after = int(match.group())
     server = found.settings.server
     return sse.event_response(
         None,
@@ -245,9 +254,9 @@ async def cancel_run(request: Request) -> Response:
 
 
 async def _cancel_elsewhere(manager: RunManager, record: RunRecord) -> bool:
-    """With the Redis store: ask the process running it, then wait (bounded) for its end."""
+    """Ask the process running it (through the store), then wait (bounded) for its end."""
     store = manager.store
-    if not isinstance(store, RedisRunStore) or record.executor is None:
+    if record.executor is None:
         return False
     if not await store.request_cancel(record.id, record.executor):
         return False

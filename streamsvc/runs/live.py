@@ -2,6 +2,7 @@
 
 ``LiveLog.follow`` serves a reader from the log it holds, then waits for the next event, so a
 reader in the same process never sees a gap or a duplicate. Both embedded backends build on it.
+``Held`` counts the unfinished runs against their caps.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from typing import Any
 import anyio
 import msgspec
 
-from streamsvc.errors import RunNotFound
+from streamsvc.errors import RunNotFound, TooManyRuns
 from streamsvc.runs.store import FINISHED, RunRecord, RunStatus, StoredEvent
+
+#: Events a reader takes from the log at once.
+FOLLOW_BATCH = 64
 
 
 class LiveLog:
@@ -43,7 +47,9 @@ class LiveLog:
         index = max(0, after)
         while True:
             if index < len(self.events):
-                batch = self.events[index:]
+                # A few at a time: a copy of the rest per reader was up to MAX_LOG_EVENTS
+                # references for each slow reader of a long log.
+                batch = self.events[index : index + FOLLOW_BATCH]
                 index += len(batch)
                 for event in batch:
                     yield event
@@ -98,3 +104,31 @@ class Active:
         log = self.logs.pop(run_id, None)
         if log is not None:
             log.finish()  # a reader of a deleted run ends
+
+
+class Held:
+    """Unfinished runs in all and by owner (None: no keys), against their caps."""
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.total, self.per_key = total, per_key
+        self.count = 0
+        self.owned: dict[str | None, int] = {}
+
+    def admit(self, owner: str | None) -> None:
+        """Raise ``TooManyRuns`` when one more run would pass a cap."""
+        if self.count >= self.total:
+            raise TooManyRuns(f"this server holds {self.total} unfinished runs")
+        if self.owned.get(owner, 0) >= self.per_key:
+            raise TooManyRuns(
+                f"{self.per_key} runs of this key are unfinished; wait for one or cancel one"
+            )
+
+    def hold(self, owner: str | None) -> None:
+        self.count += 1
+        self.owned[owner] = self.owned.get(owner, 0) + 1
+
+    def release(self, owner: str | None) -> None:
+        self.count -= 1
+        left = self.owned.pop(owner, 0) - 1
+        if left > 0:
+            self.owned[owner] = left

@@ -11,9 +11,7 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import secrets
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from streamsvc.errors import (
     SandboxFailed,
     ServiceError,
 )
-from streamsvc.runs.redis import RedisRunStore
+from streamsvc.runs.live import Held
 from streamsvc.runs.store import (
     FILES_EVENT,
     RunKind,
@@ -40,6 +38,8 @@ from streamsvc.runs.store import (
     RunStatus,
     RunStore,
     StoredEvent,
+    executor_alive,
+    executor_name,
 )
 from streamsvc.settings import RunSettings
 from streamsvc.web import observability, sse
@@ -74,24 +74,6 @@ def encode_frame(event: sse.Event) -> bytes:
     return sse.frame(event.data, event.name)
 
 
-def executor_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def executor_alive(executor: str) -> bool:
-    """False only for a process of this host that no longer exists."""
-    host, _, pid = executor.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass(eq=False)
 class Run:
     """A run this process executes."""
@@ -100,6 +82,7 @@ class Run:
     kind: RunKind
     background: bool
     grace: float
+    owner: str | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set once the first event is stored, or the run failed before it.
     first: anyio.Event = field(default_factory=anyio.Event)
@@ -125,6 +108,7 @@ class RunManager:
         self.executor = executor_name()
         self._secret = secret
         self._runs: dict[str, Run] = {}
+        self._held = Held(settings.max_active_runs, settings.max_active_runs_per_key)
         self._tasks: TaskGroup | None = None
         self._pruning = anyio.CancelScope()
 
@@ -135,12 +119,12 @@ class RunManager:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._prune_loop)
-        if isinstance(self.store, RedisRunStore):  # cancels asked through another node
-            self._tasks.start_soon(self._listen_cancels, self.store)
+        # Cancels asked through another process (a worker, or an API node on Redis).
+        self._tasks.start_soon(self._listen_cancels)
         return self
 
-    async def _listen_cancels(self, store: RedisRunStore) -> None:
-        async for run_id in store.cancels(self.executor):
+    async def _listen_cancels(self) -> None:
+        async for run_id in self.store.cancels(self.executor):
             run = self._runs.get(run_id)
             if run is not None:
                 run.stop("cancelled")
@@ -176,6 +160,7 @@ class RunManager:
     async def create(
         self, kind: RunKind, *, owner: str | None, background: bool, request: Any
     ) -> Run:
+        self._held.admit(owner)  # else background or dropped runs could pile up without end
         run_id = secrets.token_urlsafe(16)
         grace = (
             self.settings.connector_grace_seconds
@@ -186,10 +171,19 @@ class RunManager:
             id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
             background=background, request=request, executor=self.executor,
         )  # fmt: skip
-        await self.store.create(record)
-        run = Run(run_id, kind, background, grace)
+        run = Run(run_id, kind, background, grace, owner)
         self._runs[run_id] = run
+        self._held.hold(owner)
+        try:
+            await self.store.create(record)
+        except BaseException:
+            self._release(run)
+            raise
         return run
+
+    def _release(self, run: Run) -> None:
+        if self._runs.pop(run.id, None) is not None:
+            self._held.release(run.owner)
 
     def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
         """Pump ``source`` into the store in the manager's task group (the caller's context
@@ -291,7 +285,7 @@ class RunManager:
                         log.exception("run %s: its end could not be recorded", run.id)
                 run.first.set()
                 run.done.set()
-                self._runs.pop(run.id, None)
+                self._release(run)
                 if run.timer is not None:
                     run.timer.cancel()
 
@@ -335,10 +329,7 @@ class RunManager:
                     await anyio.sleep(run.grace)
                     if run.readers:
                         return  # a reader came back: its leaving starts a new timer
-                    store = self.store
-                    if not (
-                        isinstance(store, RedisRunStore) and await store.read_elsewhere(run.id)
-                    ):
+                    if not await self.store.read_elsewhere(run.id):
                         break  # else read through another node: not abandoned
                 log.info("run %s: no reader for %g s; cancelled as abandoned", run.id, run.grace)
                 run.stop("abandoned")

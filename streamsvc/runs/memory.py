@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import anyio
 import msgspec
 
 from streamsvc.errors import EventsExpired, RunNotFound
@@ -74,6 +75,16 @@ class MemoryStore:
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         return []  # nothing survives a restart
+
+    async def read_elsewhere(self, run_id: str) -> bool:
+        return False  # one process: every reader is this process's
+
+    async def request_cancel(self, run_id: str, executor: str) -> int:
+        return 0  # one process: its own runs are cancelled directly
+
+    async def cancels(self, executor: str) -> AsyncIterator[str]:
+        await anyio.sleep_forever()
+        yield ""  # pragma: no cover (an async generator that never yields)
 
     async def prune(self, events_before: float, records_before: float) -> int:
         touched = 0

@@ -24,7 +24,15 @@ import msgspec
 from streamsvc.errors import EventsExpired, RunNotFound
 from streamsvc.runs.live import Active
 from streamsvc.runs.memory import page
-from streamsvc.runs.store import FINISHED, RunFile, RunKind, RunRecord, RunStatus, StoredEvent
+from streamsvc.runs.store import (
+    FINISHED,
+    RunFile,
+    RunKind,
+    RunRecord,
+    RunStatus,
+    StoredEvent,
+    executor_alive,
+)
 
 log = logging.getLogger("streamsvc.runs")
 
@@ -40,6 +48,8 @@ POLL_SECONDS = 0.2
 #: Chunks (each the events of one commit) read per query when replaying; the first query
 #: reads fewer, so a resume's first event comes back quickly.
 PAGE = 64
+#: Seconds between two looks for cancels another worker process asked of this one.
+CANCEL_POLL = 0.25
 FIRST_PAGE = 2
 
 SCHEMA = """
@@ -51,6 +61,10 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_newest ON runs (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_at);
+CREATE TABLE IF NOT EXISTS cancels (
+    run_id TEXT NOT NULL, executor TEXT NOT NULL, asked_at REAL NOT NULL,
+    PRIMARY KEY (run_id, executor)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, last_id INTEGER NOT NULL, events BLOB NOT NULL,
     PRIMARY KEY (run_id, last_id)
@@ -422,6 +436,31 @@ class SqliteStore:
             await self._write(interrupt)
         return dead
 
+    async def read_elsewhere(self, run_id: str) -> bool:
+        return False  # a reader in another worker process is not seen (docs/architecture.md)
+
+    async def request_cancel(self, run_id: str, executor: str) -> int:
+        """A row the process ``executor`` polls for (``cancels``); 0 when it is gone."""
+        if not executor_alive(executor):
+            return 0
+        asked = (run_id, executor, time.time())
+        await self._write(
+            lambda c: c.execute("INSERT OR REPLACE INTO cancels VALUES (?, ?, ?)", asked)
+        )
+        return 1
+
+    async def cancels(self, executor: str) -> AsyncIterator[str]:
+        """Polls the cancels asked of ``executor`` every ``CANCEL_POLL`` seconds."""
+        query = "SELECT run_id FROM cancels WHERE executor = ?"
+        while True:
+            await anyio.sleep(CANCEL_POLL)
+            rows = await self._read(lambda c: c.execute(query, (executor,)).fetchall())
+            if not rows:
+                continue
+            await self._write(functools.partial(_forget_cancels, asked=rows, executor=executor))
+            for (run_id,) in rows:
+                yield run_id
+
     async def prune(self, events_before: float, records_before: float) -> int:
         touched: list[int] = [0]
 
@@ -460,6 +499,11 @@ class SqliteStore:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+
+
+def _forget_cancels(conn: sqlite3.Connection, asked: list[Any], executor: str) -> None:
+    delete = "DELETE FROM cancels WHERE run_id = ? AND executor = ?"
+    conn.executemany(delete, [(run_id, executor) for (run_id,) in asked])
 
 
 def _get(conn: sqlite3.Connection, run_id: str) -> RunRecord | None:
@@ -518,3 +562,4 @@ def _delete(conn: sqlite3.Connection, run_ids: list[str]) -> None:
         conn.execute("DELETE FROM chunks WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        conn.execute("DELETE FROM cancels WHERE run_id = ?", (run_id,))

@@ -6,6 +6,8 @@ The rule: event ids are per-run integers 1..n, appended once each, in order; sec
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -18,6 +20,24 @@ FINISHED: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled", 
 #: A run's source yields this event (data: ``list[RunFile]``) to keep files before ``done``;
 #: the manager stores them and never logs it.
 FILES_EVENT = "_files"
+
+
+def executor_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def executor_alive(executor: str) -> bool:
+    """False only for a process of this host that no longer exists."""
+    host, _, pid = executor.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +128,20 @@ class RunStore(Protocol):
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         """At start-up: unfinished runs whose ``executor`` is None or not ``alive(executor)``
         (a dead process's, not a live peer worker's) become ``interrupted``; their ids."""
+        ...
+
+    async def read_elsewhere(self, run_id: str) -> bool:
+        """Whether another process follows the run now (then it is not abandoned)."""
+        ...
+
+    async def request_cancel(self, run_id: str, executor: str) -> int:
+        """Ask the process ``executor`` (a record's) to cancel ``run_id``; how many heard
+        (0: nobody listens, e.g. the process is gone or the store is not shared)."""
+        ...
+
+    def cancels(self, executor: str) -> AsyncIterator[str]:
+        """The run ids whose cancel was asked of ``executor``, as they come (runs until
+        cancelled)."""
         ...
 
     async def prune(self, events_before: float, records_before: float) -> int:

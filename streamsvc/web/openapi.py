@@ -131,7 +131,8 @@ ERRORS = {
     "415": "The body is not `application/json` (`unsupported_media_type`).",
     "421": "A Host header this server does not answer for (`host_not_allowed`).",
     "422": "JSON of the wrong shape (`validation_error`); `path` points at it.",
-    "429": "Too many requests (`busy`, `upstream_rate_limited`, `rate_limited`); see Retry-After.",
+    "429": "Too many requests (`busy`, `upstream_rate_limited`, `rate_limited`,"
+    " `too_many_runs`); see Retry-After.",
     "500": "An unexpected failure (`internal_error`, `sandbox_failed`).",
     "502": "The chat upstream failed (`upstream_error`, `upstream_auth`).",
     "503": "Not configured or not available (`chat_not_configured`, `sandbox_unavailable`).",
