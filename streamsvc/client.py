@@ -8,11 +8,13 @@ Over 400 lines: the two clients side by side stay alike. Usage: README ("Python 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, BinaryIO, Literal, TypeAlias
 
 import anyio
 import httpx
@@ -88,8 +90,10 @@ class OutputFile(msgspec.Struct):
     sha256: str | None = None
     media_type: str | None = None
     content_base64: str | None = None
-    #: Why the content is not inline (too large, ...), when it is not.
+    #: Why the content is neither inline nor downloadable (too large, ...).
     error: ErrorInfo | None = None
+    #: Past the inline cap: where the run keeps it (``Client.download``).
+    url: str | None = None
 
     def content(self) -> bytes | None:
         """The file's bytes when they came inline, else None."""
@@ -516,6 +520,31 @@ def _result(events: Iterable[RunEvent], on_event: Callable[[RunEvent], object] |
 # ---------------------------------------------------------------- the clients
 
 
+def _download_path(file: OutputFile) -> str:
+    """The file's url, checked to be a path of this server (never another host)."""
+    url = file.url or ""
+    if not url.startswith("/runs/") or "//" in url or "\\" in url:
+        raise ClientError(f"{file.name!r} has no download url of this server")
+    return url
+
+
+def _part(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
+def _open_part(part: Path) -> BinaryIO:
+    """``part`` for writing, never through a link of that name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    return os.fdopen(os.open(part, flags, 0o644), "wb")
+
+
+def _check_digest(file: OutputFile, digest: str, part: Path, target: Path) -> None:
+    if file.sha256 is not None and digest != file.sha256:
+        part.unlink(missing_ok=True)
+        raise ClientError(f"{file.name!r}: the download's sha256 does not match the listing")
+    part.replace(target)
+
+
 class _Base:
     def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
         if url is None or api_key is None:
@@ -688,6 +717,31 @@ class Client(_Base):
         """Remove a finished run and its events."""
         self._call("DELETE", f"/runs/{run_id}")
 
+    def download(self, file: OutputFile, target: Path) -> None:
+        """Stream a file past the inline cap (its ``url``) to ``target``, checking its sha256
+        (written to ``target.part`` first, renamed once complete)."""
+        path, part, digest = _download_path(file), _part(target), hashlib.sha256()
+        try:
+            with (
+                httpx.stream(
+                    "GET", self.url + path, headers=self.headers, timeout=self.timeout
+                ) as response,
+                _open_part(part) as sink,
+            ):
+                if response.status_code >= 400:
+                    response.read()
+                    raise refusal(response.status_code, response.text)
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    sink.write(chunk)
+        except httpx.HTTPError as exc:
+            part.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        _check_digest(file, digest.hexdigest(), part, target)
+
     def stream(self, connector: Connector, **options: Any) -> Iterator[RunEvent]:
         """Run a connector and yield its events, ending with ``RunDone`` (options: ``run_body``).
 
@@ -823,6 +877,30 @@ class AsyncClient(_Base):
         body = self._run_request(run_body(connector, **options))
         response = await self._call("POST", "/execute-connector", json=body)
         return msgspec.json.decode(response, type=Accepted)
+
+    async def download(self, file: OutputFile, target: Path) -> None:
+        """As ``Client.download`` (the file written in a worker thread)."""
+        path, part, digest = _download_path(file), _part(target), hashlib.sha256()
+        try:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout) as http,
+                http.stream("GET", self.url + path, headers=self.headers) as response,
+            ):
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise refusal(response.status_code, response.text)
+                sink = anyio.wrap_file(await anyio.to_thread.run_sync(_open_part, part))
+                async with sink:
+                    async for chunk in response.aiter_bytes():
+                        digest.update(chunk)
+                        await sink.write(chunk)
+        except httpx.HTTPError as exc:
+            part.unlink(missing_ok=True)
+            raise self._unreachable(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        _check_digest(file, digest.hexdigest(), part, target)
 
     async def get_run(self, run_id: str) -> RunInfo:
         response = await self._call("GET", f"/runs/{run_id}")

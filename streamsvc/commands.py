@@ -26,6 +26,7 @@ from streamsvc.client import (
     Delta,
     Frame,
     Output,
+    OutputFile,
     RequestRefused,
     RunDone,
     RunInfo,
@@ -258,9 +259,15 @@ class _Printer:
     """Prints a run's frames as they come: output live, progress and the summary on stderr."""
 
     def __init__(
-        self, kind: str, as_json: bool, out: TextIO, err: TextIO, save: Path | None = None
+        self,
+        kind: str,
+        as_json: bool,
+        out: TextIO,
+        err: TextIO,
+        save: Path | None = None,
+        client: Client | None = None,
     ) -> None:
-        self.kind, self.as_json, self.save = kind, as_json, save
+        self.kind, self.as_json, self.save, self.client = kind, as_json, save, client
         self.stdout, self.stderr = _Writer(out), _Writer(err)
 
     def resumed(self, at: Attachment, reason: str) -> None:
@@ -283,7 +290,7 @@ class _Printer:
                 for line in _summary(event.result):
                     self.stderr.line(line)
             if self.save is not None:
-                for line in save_files(event.result, self.save):
+                for line in save_files(event.result, self.save, self.client):
                     self.stderr.line(line)
             return _exit_status(event.result)
         if self.as_json:
@@ -333,7 +340,7 @@ def run_connector(
     err: TextIO,
     save: Path | None = None,
 ) -> int:
-    printer = _Printer("connector", as_json, out, err, save)
+    printer = _Printer("connector", as_json, out, err, save, client)
     return _stream(client, "/execute-connector", body, printer, err)
 
 
@@ -350,9 +357,10 @@ def _plain_parts(name: str) -> tuple[str, ...] | None:
     return path.parts
 
 
-def save_files(result: RunResult, folder: Path) -> list[str]:
-    """Write the files that came inline under ``folder``; a line for each one. The names come
-    from the server: none is written outside ``folder``, through a link, or over a folder."""
+def save_files(result: RunResult, folder: Path, client: Client | None = None) -> list[str]:
+    """Write the files under ``folder``: inline ones as they came, larger ones downloaded
+    through ``client`` (their ``url``); a line for each one. The names come from the
+    server: none is written outside ``folder``, through a link, or over a folder."""
     lines = []
     for file in result.files:
         parts = _plain_parts(file.name)
@@ -362,19 +370,43 @@ def save_files(result: RunResult, folder: Path) -> list[str]:
             content = None
         if parts is None:
             lines.append(f"[streamsvc] not saved: {file.name!r} is not a plain relative name")
-        elif content is None:
+        elif content is not None:
+            lines.append(_save_one(folder, parts, content))
+        elif file.url is not None and client is not None:
+            lines.append(_download_one(client, folder, parts, file))
+        else:
             why = file.error.message if file.error else "its content did not come inline"
             lines.append(f"[streamsvc] not saved: {_shown(file.name)}: {_shown(why)}")
-        else:
-            lines.append(_save_one(folder, parts, content))
     return lines
+
+
+def _linked_parent(folder: Path, parts: tuple[str, ...]) -> str | None:
+    for depth in range(1, len(parts)):
+        if folder.joinpath(*parts[:depth]).is_symlink():
+            return "/".join(parts[:depth])
+    return None
+
+
+def _download_one(client: Client, folder: Path, parts: tuple[str, ...], file: OutputFile) -> str:
+    """A file past the inline cap, through the client (its ``url``, sha256 checked)."""
+    name = "/".join(parts)
+    if (link := _linked_parent(folder, parts)) is not None:
+        return f"[streamsvc] not saved: {name}: {link} is a link"
+    target = folder.joinpath(*parts)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        client.download(file, target)
+    except ClientError as exc:
+        return f"[streamsvc] not saved: {name}: {_shown(str(exc))}"
+    except OSError as exc:
+        return f"[streamsvc] not saved: {name}: {exc.strerror or exc}"
+    return f"[streamsvc] saved {target}"
 
 
 def _save_one(folder: Path, parts: tuple[str, ...], content: bytes) -> str:
     name = "/".join(parts)
-    for depth in range(1, len(parts)):
-        if folder.joinpath(*parts[:depth]).is_symlink():
-            return f"[streamsvc] not saved: {name}: {'/'.join(parts[:depth])} is a link"
+    if (link := _linked_parent(folder, parts)) is not None:
+        return f"[streamsvc] not saved: {name}: {link} is a link"
     target = folder.joinpath(*parts)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
     try:

@@ -16,6 +16,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── Forbidden                     403  origin_not_allowed: a browser page of another origin
     ├── ModelNotFound                 404  model_not_found: not a configured deployment
     ├── RunNotFound                   404  not_found: no such run (or not this key's)
+    ├── RunFileNotFound               404  file_not_found: the run kept no file of that name
     ├── RunNotFinished                409  run_not_finished: a running run cannot be deleted
     ├── RunCancelled                  409  cancelled: cancelled, or abandoned by its readers
     ├── RunElsewhere                  409  run_elsewhere: executed by another server process
@@ -158,6 +159,11 @@ class ModelNotFound(ServiceError):
 class RunNotFound(ServiceError):
     status = 404
     code = "not_found"
+
+
+class RunFileNotFound(ServiceError):
+    status = 404
+    code = "file_not_found"
 
 
 class RunNotFinished(ServiceError):

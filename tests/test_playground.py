@@ -454,6 +454,30 @@ FILES_SHOWN = """[...document.querySelectorAll('#run-files li[data-name]')].map(
     text: li.textContent}))"""
 
 
+#: The href of each link the result pane shows, by file name.
+FILE_LINKS = """Object.fromEntries([...document.querySelectorAll('#run-files li[data-name]')]
+  .map((li) => [li.dataset.name, li.querySelector('a')?.getAttribute('href') ?? null]))"""
+
+
+@pytest.mark.docker
+def test_a_file_past_the_inline_cap_is_linked_for_download(
+    page: Browser, server: ServerProcess
+) -> None:
+    source = (
+        "import os\nout = os.environ['STREAMSVC_OUTPUT_DIR']\n"
+        "open(os.path.join(out, 'big.txt'), 'w').write('x' * (1536 * 1024))\n"
+        "print('{\"ok\": true}')\n"
+    )
+    _set_connector(page, _python_connector(source))
+    page.call("click", selector="#run-start")
+    assert page.wait_state("run-panel", ("done", "failed", "error"), timeout=120) == "done"
+    href = page.call("eval", expression=FILE_LINKS)["big.txt"]
+    assert href.startswith("/runs/") and "/files/big.txt?token=" in href, href
+    got = httpx.get(server.url + href, timeout=30)  # the link alone opens it: no key sent
+    assert got.status_code == 200 and got.content == b"x" * (1536 * 1024)
+    assert got.headers["content-disposition"].startswith("attachment")
+
+
 @pytest.mark.docker
 def test_secret_toggle_declares_the_name(page: Browser, server: ServerProcess) -> None:
     source = 'import os\nprint("note is " + os.environ["NOTE"])\nprint(\'{"ok": true}\')\n'

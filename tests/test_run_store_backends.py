@@ -380,6 +380,49 @@ async def test_prune_drops_events_then_records(store: RunStore) -> None:
     assert await collect(store, running.id, 2) == [3]
 
 
+async def test_files_are_kept_with_their_run_and_go_with_it(store: RunStore) -> None:
+    run, gone, other = record(status="running"), record(status="running"), record()
+    for each in (run, gone, other):
+        await store.create(each)
+    big = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    await store.put_file(run.id, "sub/big.bin", big, "application/octet-stream")
+    await store.put_file(run.id, "notes.txt", b"v1", "text/plain")
+    await store.put_file(run.id, "notes.txt", b"v2", "text/plain")  # replaced, not doubled
+    await store.put_file(gone.id, "x.csv", b"a,b\n", "text/csv")
+    await store.append(run.id, events(1, 1, terminal=True))
+    await store.finish(run.id, "completed")
+    kept = await store.get_file(run.id, "sub/big.bin")
+    assert kept is not None and (kept.name, kept.media_type) == (
+        "sub/big.bin",
+        "application/octet-stream",
+    )
+    assert kept.data == big
+    notes = await store.get_file(run.id, "notes.txt")
+    assert notes is not None and notes.data == b"v2"
+    assert await store.get_file(run.id, "big.bin") is None
+    assert await store.get_file(other.id, "notes.txt") is None  # files are per run
+    assert await store.get_file("no-such-run", "notes.txt") is None
+    await store.append(gone.id, events(1, 1, terminal=True))
+    await store.finish(gone.id, "completed")
+    assert await store.delete(gone.id)
+    assert await store.get_file(gone.id, "x.csv") is None
+    # Retention drops them with the record.
+    assert await store.prune(events_before=time.time() + 1, records_before=time.time() + 1) >= 1
+    assert await store.get_file(run.id, "notes.txt") is None
+
+
+@pytest.mark.redis
+async def test_redis_files_expire_after_their_record() -> None:
+    async with redis_store(events_ttl=60, records_ttl=120) as store:
+        run = record(status="running")
+        await store.create(run)
+        await store.put_file(run.id, "a.bin", b"\x00" * 10, "application/octet-stream")
+        await store.append(run.id, events(1, 1, terminal=True))
+        await store.finish(run.id, "completed")
+        record_ttl = await store._redis.ttl(store._record_key(run.id))
+        assert record_ttl <= await store._redis.ttl(store._files_key(run.id)) <= 120 + 300
+
+
 # -- Redis only
 
 

@@ -64,7 +64,7 @@ async def execute_endpoint(request: Request) -> Response:
     run = await manager.create(
         "connector", owner=owner, background=body.background, request=stored_request(body)
     )
-    events = connector_events(sandbox.run(spec), transcript)
+    events = connector_events(sandbox.run(spec), transcript, run.id)
     return await respond(request, found, run, events, background=body.background, stream=stream)
 
 

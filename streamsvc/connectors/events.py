@@ -8,6 +8,7 @@ chunks and large secret sets are handled in a worker thread (the loop never bloc
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import anyio
 
@@ -15,7 +16,8 @@ from streamsvc.connectors.redact import secret_values
 from streamsvc.connectors.request import ExecuteRequest
 from streamsvc.connectors.transcript import Transcript
 from streamsvc.errors import SandboxFailed
-from streamsvc.sandbox.types import Exited, Output, SandboxEvent, Status
+from streamsvc.runs.store import FILES_EVENT, RunFile
+from streamsvc.sandbox.types import Exited, Output, OutputFile, SandboxEvent, Status
 from streamsvc.web import observability, sse
 
 #: Output chunks (and secrets) larger than this are redacted in a worker thread.
@@ -30,11 +32,19 @@ async def transcript_for(body: ExecuteRequest, output_cap: int) -> Transcript:
     return Transcript(secrets, output_cap)
 
 
+def _stored(item: OutputFile, data: bytes, run_id: str) -> RunFile:
+    """The file for the run's store; its listing gets the url and no content."""
+    item.url = f"/runs/{run_id}/files/{quote(item.name, safe='/')}"
+    item.content_base64 = None
+    return RunFile(item.name, item.media_type or "application/octet-stream", data)
+
+
 async def connector_events(
-    runs: AsyncIterator[SandboxEvent], transcript: Transcript
+    runs: AsyncIterator[SandboxEvent], transcript: Transcript, run_id: str
 ) -> AsyncIterator[sse.Event]:
     """Sandbox events as SSE events, ending with ``done``. The sandbox's first event is
-    pulled before anything is yielded, so an engine that is down is a real status."""
+    pulled before anything is yielded, so an engine that is down is a real status. Files
+    past the inline cap go to the run's store first (``FILES_EVENT``, never in the log)."""
     try:
         pending = await anext(runs, None)
         if pending is None:
@@ -57,7 +67,14 @@ async def connector_events(
             elif isinstance(event, Exited):
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
-                result = transcript.result(event)
+                listed = {item.name: item for item in event.files}
+                kept = [(listed[d.name], d.data) for d in event.downloads if d.name in listed]
+                event.downloads = []
+                result = transcript.result(event)  # may mask a secret in a name, in place
+                if kept:
+                    yield sse.Event(
+                        FILES_EVENT, [_stored(item, data, run_id) for item, data in kept]
+                    )
                 error = result.error.code if result.error is not None else None
                 observability.current().execution(result.exit_code, result.ok, error)
                 yield sse.Event("done", result)

@@ -1,7 +1,8 @@
-"""The /runs routes: list, show, follow (resumable SSE), cancel and delete runs.
+"""The /runs routes: list, show, follow (resumable SSE), download files, cancel and delete runs.
 
 With API keys a run is visible only to the key that created it (others get 404); a run's
-``events_url`` token opens that run's events and nothing else. Reads never touch the loop's CPU.
+``events_url`` token opens that run's events and files and nothing else. Reads never touch
+the loop's CPU.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import anyio
 import msgspec
@@ -18,6 +20,7 @@ from starlette.responses import Response
 from streamsvc.errors import (
     EventsExpired,
     RunElsewhere,
+    RunFileNotFound,
     RunNotFinished,
     RunNotFound,
     Unauthorized,
@@ -32,6 +35,8 @@ from streamsvc.web.rendering import json_response
 from streamsvc.web.services import Services, services
 
 MAX_LIMIT = 200
+#: A file name longer than this is not one the runner listed.
+MAX_FILE_NAME = 4096
 #: The largest event id a cursor may name (``Last-Event-ID``, ``?after=``): far past any log.
 MAX_EVENT_ID = 10**15
 _EVENT_ID = re.compile(r"[0-9]{1,16}")
@@ -159,20 +164,25 @@ async def show_run(request: Request) -> Response:
     return json_response(_view(manager, record))
 
 
+async def _opened(request: Request, found: Services, manager: RunManager) -> RunRecord:
+    """The run by its read token (``?token=``), else by the caller's key."""
+    run_id: str = request.path_params["run_id"]
+    token = _query(request).token
+    if token is None:
+        return await _visible(manager, run_id, _caller(request, found))
+    record = await manager.store.get(run_id) if manager.token_valid(run_id, token) else None
+    if record is None:
+        raise RunNotFound(f"no run {run_id}")
+    return record
+
+
 async def run_events(request: Request) -> Response:
     """SSE: the events after ``Last-Event-ID`` (or ``?after=N``), then live, to the end."""
     found = services(request)
     manager = manager_of(found)
     run_id: str = request.path_params["run_id"]
     query = _query(request)
-    if query.token is not None:
-        if not manager.token_valid(run_id, query.token):
-            raise RunNotFound(f"no run {run_id}")
-        record = await manager.store.get(run_id)
-        if record is None:
-            raise RunNotFound(f"no run {run_id}")
-    else:
-        record = await _visible(manager, run_id, _caller(request, found))
+    record = await _opened(request, found, manager)
     if record.events_expired:
         raise EventsExpired(f"the events of run {run_id} were pruned by retention")
     after = query.after or 0
@@ -193,6 +203,44 @@ async def run_events(request: Request) -> Response:
         send_timeout=server.send_timeout_seconds,
         encode=encode_frame,
     )
+
+
+def _plain_name(name: str) -> bool:
+    """A name as the runner lists them: relative, no ``.``/``..``/empty part, no NUL."""
+    parts = name.split("/")
+    return (
+        0 < len(name) <= MAX_FILE_NAME
+        and "\x00" not in name
+        and "\\" not in name
+        and all(part not in ("", ".", "..") for part in parts)
+    )
+
+
+async def run_file(request: Request) -> Response:
+    """``GET /runs/{id}/files/{name}``: an output file past the inline cap, as an attachment.
+
+    Visible as the run is (owner key, or the run's read token); names are looked up as keys
+    of the run's store, never as paths. ETag: the sha256 (``If-None-Match`` answers 304).
+    """
+    found = services(request)
+    manager = manager_of(found)
+    record = await _opened(request, found, manager)
+    name: str = request.path_params["name"]
+    stored = await manager.store.get_file(record.id, name) if _plain_name(name) else None
+    if stored is None:
+        raise RunFileNotFound(f"run {record.id} kept no file {name[:MAX_FILE_NAME]!r}")
+    digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(stored.data).hexdigest())
+    etag = f'"{digest}"'
+    base = name.rpartition("/")[2]
+    headers = {
+        "ETag": etag,
+        "Content-Disposition": f"attachment; filename*=UTF-8''{quote(base, safe='')}",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "private, no-cache",
+    }
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return Response(stored.data, media_type=stored.media_type, headers=headers)
 
 
 async def cancel_run(request: Request) -> Response:

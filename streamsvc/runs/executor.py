@@ -136,11 +136,13 @@ class Executor:
             return
         run = self.manager.adopt(record)
         self.running[taken.entry] = run
-        self.manager.start(run, self._source(taken.payload, taken.env))
+        self.manager.start(run, self._source(run.id, taken.payload, taken.env))
         self.manager.unattended(run)  # a foreground run nobody follows (anywhere) is abandoned
         tasks.start_soon(self._finish, taken.entry, run)
 
-    async def _source(self, payload: bytes, env: bytes | None) -> AsyncIterator[sse.Event]:
+    async def _source(
+        self, run_id: str, payload: bytes, env: bytes | None
+    ) -> AsyncIterator[sse.Event]:
         """The run's events: its request rebuilt with the env values, planned, then run."""
         body = msgspec.json.decode(payload)
         names = body.get("env") or {}
@@ -153,7 +155,7 @@ class Executor:
         config = self.settings
         spec = await plan_off_loop(request, raw, config.sandbox, config.server.max_body_bytes)
         transcript = await transcript_for(request, config.sandbox.output_cap_bytes)
-        async for event in connector_events(self.sandbox.run(spec), transcript):
+        async for event in connector_events(self.sandbox.run(spec), transcript, run_id):
             yield event
 
     async def _finish(self, entry: str, run: Run) -> None:

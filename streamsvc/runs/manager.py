@@ -33,6 +33,7 @@ from streamsvc.errors import (
 from streamsvc.runs.live import Held
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import (
+    FILES_EVENT,
     RunKind,
     RunRecord,
     RunStatus,
@@ -261,6 +262,11 @@ class RunManager:
                     return
                 await self.store.mark_running(run.id)
                 while event is not None:
+                    if event.name == FILES_EVENT:  # kept with the run, not logged
+                        for item in event.data:
+                            await self.store.put_file(run.id, item.name, item.data, item.media_type)
+                        event = await anext(source, None)
+                        continue
                     if next_id >= MAX_LOG_EVENTS and event.name != "done":
                         raise RunLogFull(f"the run's log reached {MAX_LOG_EVENTS} events")
                     data = event.data

@@ -14,7 +14,7 @@ import msgspec
 
 from streamsvc.errors import EventsExpired, RunNotFound
 from streamsvc.runs.live import Active
-from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
+from streamsvc.runs.store import FINISHED, RunFile, RunKind, RunRecord, RunStatus, StoredEvent
 
 
 class MemoryStore:
@@ -22,6 +22,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._active = Active()
+        self._files: dict[str, dict[str, RunFile]] = {}
 
     async def create(self, record: RunRecord) -> None:
         self._active.create(record)
@@ -62,7 +63,15 @@ class MemoryStore:
     async def delete(self, run_id: str) -> bool:
         found = run_id in self._active.records
         self._active.forget(run_id)
+        self._files.pop(run_id, None)
         return found
+
+    async def put_file(self, run_id: str, name: str, data: bytes, media_type: str) -> None:
+        if run_id in self._active.records:
+            self._files.setdefault(run_id, {})[name] = RunFile(name, media_type, data)
+
+    async def get_file(self, run_id: str, name: str) -> RunFile | None:
+        return self._files.get(run_id, {}).get(name)
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         return []  # nothing survives a restart
@@ -85,6 +94,7 @@ class MemoryStore:
                 continue
             if finished < records_before:
                 self._active.forget(record.id)
+                self._files.pop(record.id, None)
                 touched += 1
             elif finished < events_before and not record.events_expired:
                 self._active.records[record.id] = msgspec.structs.replace(

@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
 from streamsvc.runs.live import Active
-from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus, StoredEvent
+from streamsvc.runs.store import FINISHED, RunFile, RunKind, RunRecord, RunStatus, StoredEvent
 from streamsvc.settings import SettingsError
 
 SETTING = "STREAMSVC_RUN_STORE"
@@ -36,6 +36,8 @@ MAX_CONNECTIONS = 512
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
 BACKLOG = 10_000
 log = logging.getLogger("streamsvc.runs")
+#: Seconds a run's files key outlives its record; more seconds allowed for a file's call.
+FILES_TTL_MARGIN, FILE_CALL_EXTRA = 300, 10.0
 
 #: Event names that end a run's log (``follow`` stops after one).
 TERMINAL_EVENTS = frozenset({"done", "error"})
@@ -219,6 +221,10 @@ class RedisRunStore:
 
     def _events_key(self, run_id: str) -> str:
         return f"{self._prefix}events:{run_id}"
+
+    def _files_key(self, run_id: str) -> str:
+        """A hash: file name to its bytes, NUL + name to its media type (names have no NUL)."""
+        return f"{self._prefix}files:{run_id}"
 
     def _index_key(self, owner: str | None, *, every: bool = False) -> str:
         """Run ids by ``created_at``: of one owner (None: runs without one), or ``every`` run."""
@@ -629,13 +635,38 @@ class RedisRunStore:
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._record_key(run_id), self._events_key(run_id))
+                pipe.delete(
+                    self._record_key(run_id), self._events_key(run_id), self._files_key(run_id)
+                )
                 pipe.zrem(self._index_key(record.owner), run_id)
                 pipe.zrem(self._index_key(None, every=True), run_id)
                 pipe.srem(self._unfinished_key, run_id)
                 return await pipe.execute()
 
         return bool((await self.call(run))[0])
+
+    async def put_file(self, run_id: str, name: str, data: bytes, media_type: str) -> None:
+        """One hash field; the key outlives the record's TTL a little (the record, read
+        first, decides whether the file is visible)."""
+        key = self._files_key(run_id)
+
+        async def run() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={name: data, "\x00" + name: media_type})
+                if self._records_ttl:
+                    pipe.expire(key, self._records_ttl + FILES_TTL_MARGIN)
+                await pipe.execute()
+
+        await self.call(run, extra=FILE_CALL_EXTRA)
+
+    async def get_file(self, run_id: str, name: str) -> RunFile | None:
+        key = self._files_key(run_id)
+        data, media_type = await self.call(
+            lambda: self._redis.hmget(key, [name, "\x00" + name]), extra=FILE_CALL_EXTRA
+        )
+        if data is None or media_type is None:
+            return None
+        return RunFile(name, media_type.decode(), data)
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         members = await self.call(lambda: self._redis.smembers(self._unfinished_key))

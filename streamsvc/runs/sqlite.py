@@ -26,6 +26,7 @@ from streamsvc.runs.live import Active
 from streamsvc.runs.memory import page
 from streamsvc.runs.store import (
     FINISHED,
+    RunFile,
     RunKind,
     RunRecord,
     RunStatus,
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, last_id INTEGER NOT NULL, events BLOB NOT NULL,
     PRIMARY KEY (run_id, last_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    run_id TEXT NOT NULL, name TEXT NOT NULL, media_type TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
 """
 _COLUMNS = (
     "id, kind, status, created_at, started_at, finished_at, last_event_id, owner, background,"
@@ -383,6 +388,25 @@ class SqliteStore:
         await self._write(lambda c: _delete(c, [run_id]))
         return found
 
+    async def put_file(self, run_id: str, name: str, data: bytes, media_type: str) -> None:
+        """Written by the writer thread (after the run's row: same queue), waited for."""
+        row = (run_id, name, media_type, data)
+        await self._write(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO files (run_id, name, media_type, data) VALUES (?,?,?,?)",
+                row,
+            )
+        )
+
+    async def get_file(self, run_id: str, name: str) -> RunFile | None:
+        def query(conn: sqlite3.Connection) -> RunFile | None:
+            row = conn.execute(
+                "SELECT media_type, data FROM files WHERE run_id = ? AND name = ?", (run_id, name)
+            ).fetchone()
+            return None if row is None else RunFile(name, row[0], bytes(row[1]))
+
+        return await self._read(query)
+
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         rows = await self._read(
             lambda c: c.execute(
@@ -536,5 +560,6 @@ def _find(
 def _delete(conn: sqlite3.Connection, run_ids: list[str]) -> None:
     for run_id in run_ids:
         conn.execute("DELETE FROM chunks WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         conn.execute("DELETE FROM cancels WHERE run_id = ?", (run_id,))

@@ -17,6 +17,9 @@ RunKind = Literal["connector", "chat"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
 #: Statuses a run never leaves.
 FINISHED: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+#: A run's source yields this event (data: ``list[RunFile]``) to keep files before ``done``;
+#: the manager stores them and never logs it.
+FILES_EVENT = "_files"
 
 
 def executor_name() -> str:
@@ -68,6 +71,15 @@ class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
     data: bytes
 
 
+class RunFile(msgspec.Struct, frozen=True):
+    """An output file kept with its run (``GET /runs/{id}/files/{name}``); lives as long
+    as the run's record (deleted and pruned with it)."""
+
+    name: str
+    media_type: str
+    data: bytes
+
+
 class RunStore(Protocol):
     """A run store. Every method is bounded; ``follow`` ends after the terminal event."""
 
@@ -102,7 +114,16 @@ class RunStore(Protocol):
         """Newest first, without ``result``; ``before`` is a run id (the page cursor)."""
         ...
 
-    async def delete(self, run_id: str) -> bool: ...
+    async def delete(self, run_id: str) -> bool:
+        """Drop the run whole: record, events and files."""
+        ...
+
+    async def put_file(self, run_id: str, name: str, data: bytes, media_type: str) -> None:
+        """Keep an output file with the run (before its terminal event is appended)."""
+
+    async def get_file(self, run_id: str, name: str) -> RunFile | None:
+        """The run's file of that name, or None."""
+        ...
 
     async def interrupt_unfinished(self, alive: Callable[[str], bool]) -> list[str]:
         """At start-up: unfinished runs whose ``executor`` is None or not ``alive(executor)``

@@ -74,7 +74,8 @@ class FileError(msgspec.Struct):
 
 class OutputFile(msgspec.Struct):
     """A file the program wrote under ``$STREAMSVC_OUTPUT_DIR``: its content inline
-    (base64) while within the inline cap, else ``error`` says why not."""
+    (base64) while within the inline cap, else its ``url`` within the download cap,
+    else ``error`` says why not."""
 
     name: str
     size: int
@@ -82,6 +83,15 @@ class OutputFile(msgspec.Struct):
     media_type: str | None
     content_base64: str | None = None
     error: FileError | None = None
+    #: Past the inline cap but within the download cap: ``/runs/{id}/files/{name}``.
+    url: str | None = None
+
+
+class Download(msgspec.Struct, frozen=True):
+    """The bytes of an output file past the inline cap, kept with the run for download."""
+
+    name: str
+    data: bytes
 
 
 class Exited(msgspec.Struct):
@@ -97,6 +107,8 @@ class Exited(msgspec.Struct):
     files: list[OutputFile] = []
     #: Output files past the count cap (or too deep), not listed.
     files_omitted: int = 0
+    #: The contents of the listed files past the inline cap, by their listed name.
+    downloads: list[Download] = []
 
 
 SandboxEvent = Status | Output | Exited

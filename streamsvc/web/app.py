@@ -169,6 +169,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
             Route("/runs/{run_id}", runs_endpoint.delete_run, methods=["DELETE"]),
             Route("/runs/{run_id}/events", runs_endpoint.run_events, methods=["GET"]),
             Route("/runs/{run_id}/cancel", runs_endpoint.cancel_run, methods=["POST"]),
+            Route("/runs/{run_id}/files/{name:path}", runs_endpoint.run_file, methods=["GET"]),
             Route("/", playground, methods=["GET"]),
             Route("/docs", docs, methods=["GET"]),
             Route("/playground/examples", examples_endpoint, methods=["GET"]),

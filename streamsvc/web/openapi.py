@@ -350,6 +350,42 @@ def _run_operation(summary: str, description: str, responses: dict[str, Any]) ->
     }
 
 
+def _file_operation() -> dict[str, Any]:
+    """``GET /runs/{id}/files/{name}``: an output file past the inline cap (issue 15)."""
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "The file's name as listed in the run's `files` (may contain `/`).",
+        "schema": {"type": "string"},
+    }
+    token = {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
+    operation = _run_operation(
+        "Download an output file kept with a run",
+        "A file the program wrote past the inline cap (its `files` entry has this `url`), "
+        "kept as long as the run (deleted and pruned with it). Visible as the run is: the "
+        "key that created it, or `?token=` from `events_url` (the playground links it). "
+        "`ETag` is the file's sha256; `If-None-Match` with it answers 304.",
+        {
+            "200": {
+                "description": "The bytes, with the stored media type, as an attachment.",
+                "headers": {
+                    "ETag": {"schema": {"type": "string"}},
+                    "Content-Disposition": {"schema": {"type": "string"}},
+                    "Content-Length": {"schema": {"type": "integer"}},
+                },
+                "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+            },
+            "304": {"description": "Not modified (`If-None-Match` matched the ETag)."},
+        },
+    )
+    operation["parameters"] = [_RUN_ID, name, token]
+    operation["responses"]["404"] = _json(
+        _ref("ErrorEnvelope"), RUN_NOT_FOUND + " Or no such file: `file_not_found`."
+    )
+    return operation
+
+
 def _runs() -> dict[str, Any]:
     """The /runs routes (issue 13): records, resumable event streams, cancel, delete."""
     show = _json(_ref("RunView"), "The run's record.")
@@ -426,6 +462,7 @@ def _runs() -> dict[str, Any]:
             ),
         },
         "/runs/{run_id}/events": {"get": events},
+        "/runs/{run_id}/files/{name}": {"get": _file_operation()},
         "/runs/{run_id}/cancel": {
             "post": _run_operation(
                 "Stop a run now (idempotent)",

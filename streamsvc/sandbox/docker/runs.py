@@ -41,6 +41,8 @@ from streamsvc.settings import SandboxSettings
 
 #: Output frames handled between two returns to the event loop.
 YIELD_EVERY_FRAMES = 32
+#: An end line longer than this is decoded in a worker thread (it carries files' bytes).
+DECODE_INLINE_BYTES = 256 * 1024
 
 
 class Start(Protocol):
@@ -297,7 +299,10 @@ async def _pump(run: Run) -> AsyncIterator[Output]:
 
 async def _exited(run: Run) -> Exited:
     """The run's end: from the runner's end lines (warm), else from Docker."""
-    end = run.ends.verdict() if run.ends is not None else None
+    end = None
+    if run.ends is not None:  # a line carrying files' bytes is decoded in a worker thread
+        large = run.ends.size > DECODE_INLINE_BYTES
+        end = await anyio.to_thread.run_sync(run.ends.verdict) if large else run.ends.verdict()
     if end is not None and run.ended_at is not None and not (run.timed_out or run.capped):
         run.watchdog.cancel()
         oom = end.oom_killed
@@ -313,6 +318,7 @@ async def _exited(run: Run) -> Exited:
             usage=end.usage,
             files=end.files,
             files_omitted=end.files_omitted,
+            downloads=end.downloads,
         )
     # Wait for the container to stop (the watchdog bounds that), then read its state.
     limit = max(run.deadline - anyio.current_time(), 0) + CLEANUP_TIMEOUT

@@ -16,11 +16,12 @@ import msgspec
 
 from streamsvc.sandbox.runner.runner import (
     END_MARKER,
+    MAX_DOWNLOAD_BYTES,
     MAX_INLINE_BYTES,
     MAX_OUTPUT_FILES,
     READY_MARKER,
 )
-from streamsvc.sandbox.types import OutputFile, RunSpec, Usage
+from streamsvc.sandbox.types import Download, OutputFile, RunSpec, Usage
 
 RUNNER = resources.files("streamsvc.sandbox.runner").joinpath("runner.py").read_bytes()
 #: Docker's attach stream numbers.
@@ -80,6 +81,7 @@ class EndLine(msgspec.Struct):
     usage: Usage | None = None
     files: list[OutputFile] = []
     files_omitted: int = 0
+    downloads: list[Download] = []
 
 
 class EndLines:
@@ -91,9 +93,10 @@ class EndLines:
     next chunk says whether it is.
     """
 
-    #: An end line longer than this is not one of ours (stdout's carries the inline files).
+    #: An end line longer than this is not one of ours (stdout's carries the files' bytes:
+    #: inline and for download, in base64).
     LIMITS: ClassVar[dict[int, int]] = {
-        1: MAX_INLINE_BYTES * 4 // 3 + MAX_OUTPUT_FILES * 2048 + 4096,
+        1: (MAX_INLINE_BYTES + MAX_DOWNLOAD_BYTES) * 4 // 3 + MAX_OUTPUT_FILES * 4096 + 4096,
         2: 4096,
     }
 
@@ -101,7 +104,10 @@ class EndLines:
         self.marker = END_MARKER + nonce.encode() + b" "
         self._held = {number: b"" for number in STREAMS}
         self._found = dict.fromkeys(STREAMS, False)
-        self._lines: dict[int, bytes] = {}
+        self._lines: dict[int, bytes | memoryview] = {}
+        self._line = {number: bytearray() for number in STREAMS}
+        self._decided = False
+        self._verdict: EndLine | None = None
 
     @property
     def complete(self) -> bool:
@@ -111,22 +117,24 @@ class EndLines:
         """The part of ``data`` that is the program's output."""
         if stream in self._lines:
             return b""
-        buffer = self._held[stream] + data
         output = b""
         if not self._found[stream]:
+            buffer = self._held[stream] + data
             at = buffer.find(self.marker)
             if at < 0:
                 keep = self._partial(buffer)
                 self._held[stream] = buffer[len(buffer) - keep :]
                 return buffer[: len(buffer) - keep]
-            output, buffer = buffer[:at], buffer[at:]
+            output, data = buffer[:at], buffer[at:]
             self._found[stream] = True
-        newline = buffer.find(b"\n")
-        if newline < 0 and len(buffer) <= self.LIMITS[stream]:
-            self._held[stream] = buffer
+            self._line[stream] = bytearray()
+        line = self._line[stream]
+        newline = data.find(b"\n")
+        line += data if newline < 0 else data[:newline]  # grown in place: no copy per chunk
+        if newline < 0 and len(line) <= self.LIMITS[stream]:
             return output
-        self._held[stream] = b""
-        self._lines[stream] = buffer[len(self.marker) : newline] if newline >= 0 else b""
+        # A view of the buffer, not a copy (stdout's may carry 43 MiB of base64).
+        self._lines[stream] = memoryview(line)[len(self.marker) :] if newline >= 0 else b""
         return output
 
     def _partial(self, buffer: bytes) -> int:
@@ -143,16 +151,27 @@ class EndLines:
         held, self._held[stream] = self._held[stream], b""
         return held
 
+    @property
+    def size(self) -> int:
+        """Bytes of stdout's end line (decode a large one off the event loop)."""
+        return len(self._lines.get(1, b""))
+
     def verdict(self) -> EndLine | None:
         """The runner's report (stdout's line), once both lines are in and agree on the
         exit; else ``None``."""
         if not self.complete:
             return None
+        if self._decided:
+            return self._verdict
+        self._decided = True
         try:
             full = msgspec.json.decode(self._lines[1], type=EndLine)
             short = msgspec.json.decode(self._lines[2], type=EndLine)
         except msgspec.DecodeError:
             return None
+        finally:  # decoded (or not ours): the line's buffer is not kept besides
+            self._lines[1], self._line[1] = b"", bytearray()
         if (full.exit_code, full.oom_killed) != (short.exit_code, short.oom_killed):
             return None
+        self._verdict = full
         return full

@@ -41,11 +41,14 @@ _POLL_SECONDS = 0.05
 #: Where the program writes the files it returns (``$STREAMSVC_OUTPUT_DIR``).
 OUTPUT_DIR = WORK + "/out"
 #: Output files listed at most (the rest are only counted), directory levels walked,
-#: bytes read and hashed in all, bytes returned inline (base64) in all.
+#: bytes read and hashed in all, bytes returned inline (base64) in all, and then bytes
+#: sent for download in all.
 MAX_OUTPUT_FILES = 32
 MAX_OUTPUT_DEPTH = 8
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 MAX_INLINE_BYTES = 1024 * 1024
+#: Bytes of the files past the inline cap sent out for download (``GET /runs/{id}/files/...``).
+MAX_DOWNLOAD_BYTES = 32 * 1024 * 1024
 #: Entries looked at, at most, while walking the output directory.
 _MAX_OUTPUT_ENTRIES = 10_000
 _CPU_USAGE = (
@@ -84,14 +87,40 @@ def main() -> int:
         end: dict[str, object] = {"exit_code": code, "oom_killed": _oom_killed()}
         _write_line(2, nonce, end)
         end["usage"] = _usage(cpu_before, started)
-        end["files"], end["files_omitted"] = _output_files()
-        _write_line(1, nonce, end)
+        found = _output_files()
+        end["files"], end["files_omitted"] = found.files, found.omitted
+        _write_line(1, nonce, end, found.downloads)
     return code
 
 
-def _write_line(fd: int, nonce: str, end: dict[str, object]) -> None:
-    """One end line on ``fd``, written whole (it may be larger than a pipe's buffer)."""
-    line = memoryview(END_MARKER + nonce.encode() + b" " + json.dumps(end).encode() + b"\n")
+def _write_line(
+    fd: int,
+    nonce: str,
+    end: dict[str, object],
+    downloads: list[tuple[str, bytearray]] | None = None,
+) -> None:
+    """One end line on ``fd``, written whole (it may be larger than a pipe's buffer); the
+    ``downloads`` (``[{name, data}]``, data in base64) are encoded a slice at a time."""
+    head = json.dumps(end).encode()
+    if downloads:
+        head = head[:-1] + b', "downloads": ['
+    _write_all(fd, END_MARKER + nonce.encode() + b" " + head)
+    if not downloads:
+        _write_all(fd, b"\n")
+        return
+    (base64,) = _stdlib("base64")
+    for number, (name, data) in enumerate(downloads):
+        comma = b", " if number else b""
+        _write_all(fd, comma + b'{"name": ' + json.dumps(name).encode() + b', "data": "')
+        view, step = memoryview(data), 3 << 18  # a multiple of 3: no padding inside
+        for at in range(0, len(view), step):
+            _write_all(fd, base64.b64encode(view[at : at + step]))
+        _write_all(fd, b'"}')
+    _write_all(fd, b"]}\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    line = memoryview(data)
     while line:
         line = line[os.write(fd, line) :]
 
@@ -148,9 +177,12 @@ class _Collected:
         self.seen = 0
         self.read = 0
         self.inline = 0
+        self.download = 0
+        #: The files past the inline room kept for download: (name, bytes).
+        self.downloads: list[tuple[str, bytearray]] = []
 
 
-def _output_files() -> tuple[list[dict[str, object]], int]:
+def _output_files() -> _Collected:
     """The files under ``OUTPUT_DIR``, without following a link, and how many were left out.
 
     Each is ``{name, size, sha256, media_type, content_base64, error}``; anything
@@ -162,12 +194,12 @@ def _output_files() -> tuple[list[dict[str, object]], int]:
     try:
         top = os.open(OUTPUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
-        return [], 0
+        return found
     try:
         _walk(top, "", 0, found)
     finally:
         os.close(top)
-    return found.files, found.omitted
+    return found
 
 
 def _walk(directory: int, prefix: str, depth: int, found: _Collected) -> None:
@@ -229,8 +261,8 @@ def _output_file(
     except OSError as exc:
         entry["error"] = {"code": "unreadable", "message": f"cannot open it: {exc.strerror}"}
         return entry
-    digest, size, parts = hashlib.sha256(), 0, []
-    room = MAX_INLINE_BYTES - found.inline
+    digest, size, kept = hashlib.sha256(), 0, bytearray()
+    room = max(MAX_INLINE_BYTES - found.inline, MAX_DOWNLOAD_BYTES - found.download)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the listing
             entry["error"] = {"code": "not_a_regular_file", "message": "refused: it changed"}
@@ -239,19 +271,24 @@ def _output_file(
             digest.update(chunk)
             size += len(chunk)
             if size <= room:
-                parts.append(chunk)
+                kept += chunk
+            elif kept:
+                kept = bytearray()  # past both caps: only hashed from here
     finally:
         os.close(fd)
     found.read += size
     entry["size"], entry["sha256"] = size, digest.hexdigest()
-    if size <= room:
-        entry["content_base64"] = base64.b64encode(b"".join(parts)).decode("ascii")
+    if size <= MAX_INLINE_BYTES - found.inline:
+        entry["content_base64"] = base64.b64encode(kept).decode("ascii")
         found.inline += size
+    elif size <= MAX_DOWNLOAD_BYTES - found.download:
+        found.downloads.append((name, kept))
+        found.download += size
     else:
         entry["error"] = {
-            "code": "too_large_to_inline",
-            "message": f"past the {MAX_INLINE_BYTES} bytes returned inline for all files"
-            " (no download yet)",
+            "code": "too_large_to_download",
+            "message": f"past the {MAX_INLINE_BYTES} bytes returned inline and the"
+            f" {MAX_DOWNLOAD_BYTES} bytes kept for download for all files",
         }
     return entry
 

@@ -474,11 +474,20 @@ function fileLink(file) {
   return h("a", { href: url, download: file.name.split("/").pop() }, file.name);
 }
 
+// A file past the inline cap: its url on the run, opened with the run's read token (a
+// link cannot send the API key); only a path of this server is linked.
+function downloadLink(file) {
+  const token = run.current && new URL(run.current.events_url, location.href).searchParams.get("token");
+  const href = `${file.url}${token ? `?token=${encodeURIComponent(token)}` : ""}`;
+  return h("a", { href, download: file.name.split("/").pop(), class: "download" }, file.name);
+}
+
 function showFiles(files, omitted) {
   const list = $("run-files");
   list.replaceChildren();
   for (const file of files || []) {
-    const name = file.content_base64 ? fileLink(file) : h("span", { class: "name" }, file.name);
+    const remote = typeof file.url === "string" && file.url.startsWith("/runs/") && !file.url.startsWith("//");
+    const name = file.content_base64 ? fileLink(file) : remote ? downloadLink(file) : h("span", { class: "name" }, file.name);
     const facts = [formatBytes(file.size || 0), file.media_type, file.sha256 && `sha256 ${file.sha256.slice(0, 12)}…`].filter(Boolean);
     const item = h("li", { "data-name": file.name }, name, h("span", { class: "facts" }, ` ${facts.join(" · ")}`));
     if (file.error) item.append(h("span", { class: "file-error" }, ` ${file.error.code || ""}: ${file.error.message || ""}`));
