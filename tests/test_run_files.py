@@ -22,7 +22,7 @@ import redis
 from streamsvc.client import AsyncClient, Client, ClientError, OutputFile, RunResult
 from streamsvc.commands import save_files
 from streamsvc.sandbox.runner.runner import MAX_DOWNLOAD_BYTES
-from tests.harness import ServerProcess, body
+from tests.harness import ExecutorProcess, ServerProcess, body
 from tests.test_client import connector_file, streamsvc
 
 ALICE, BOB = "key-alice-0123456789", "key-bob-0123456789"
@@ -207,6 +207,9 @@ async def test_files_kept_in_redis_are_served_by_another_node(
 ) -> None:
     prefix = f"streamsvc-test:{uuid.uuid4().hex[:12]}:"
     store = f"{redis_url}?prefix={prefix}"
+    # Two API nodes and the executor that runs the connector (issue 16): the file goes from
+    # the executor into Redis, and either node serves it.
+    executor = ExecutorProcess({"STREAMSVC_RUN_STORE": store})
     try:
         first, second = (
             start_server(STREAMSVC_RUN_STORE=store),
@@ -214,6 +217,7 @@ async def test_files_kept_in_redis_are_served_by_another_node(
         )
         await _round_trip(client, first, second)
     finally:
+        executor.close()
         with redis.Redis.from_url(redis_url) as r:
             keys = list(r.scan_iter(match=f"{prefix}*", count=500))
             if keys:

@@ -1,8 +1,8 @@
 """The run lifecycle: each run's events are pumped into the store by a task the manager owns.
 
-HTTP responses are only readers (``reader``); a run outlives them by a grace period, then is
-cancelled as abandoned. Cancel, graceful stop (``interrupted``), start-up recovery and retention
-live here. See docs/architecture.md, "Runs".
+Responses only read (``reader``); a run outlives them by a grace, then is cancelled as abandoned.
+Cancel, graceful stop, start-up recovery and retention live here. Over 400 lines: one run's
+whole life, for the embedded path and the executor alike (docs/architecture.md, "Runs").
 """
 
 from __future__ import annotations
