@@ -432,3 +432,36 @@ def test_a_stderr_end_line_past_its_limit_is_not_one() -> None:
     ends.feed(1, _end_line(nonce, exit_code=0))
     ends.feed(2, END_MARKER + nonce.encode() + b" " + b"x" * 5000)
     assert ends.verdict() is None
+
+
+SECRET_FILES = """
+    import json, os
+    out, token = os.environ["STREAMSVC_OUTPUT_DIR"], os.environ["API_TOKEN"]
+    with open(os.path.join(out, "small.txt"), "w") as f:
+        f.write("token=" + token + "\\n")
+    with open(os.path.join(out, "big.txt"), "w") as f:
+        f.write(("x" * 1023 + "\\n") * 1200 + token)
+    with open(os.path.join(out, "mode.txt"), "w") as f:
+        f.write(os.environ["MODE"])
+    print(json.dumps({"ok": True}))
+"""
+
+
+@pytest.mark.docker
+async def test_secrets_in_output_files_are_masked_inline_and_for_download(
+    server: ServerProcess, client: httpx.AsyncClient
+) -> None:
+    token = "tok-" + secrets.token_hex(8)
+    payload = body(SECRET_FILES) | {"env": {"API_TOKEN": token, "MODE": "production"}}
+    answer = await execute(client, server, payload)
+    assert answer["ok"] is True and answer["redacted"] is True, answer
+    files = {item["name"]: item for item in answer["files"]}
+    small = base64.b64decode(files["small.txt"]["content_base64"])
+    assert small == b"token=[REDACTED]\n"
+    assert files["small.txt"]["size"] == len(small)
+    assert files["small.txt"]["sha256"] == hashlib.sha256(small).hexdigest()
+    assert base64.b64decode(files["mode.txt"]["content_base64"]) == b"production"
+    big = await client.get(server.url + files["big.txt"]["url"])
+    assert big.status_code == 200
+    assert big.content.endswith(b"[REDACTED]") and token.encode() not in big.content
+    assert files["big.txt"]["sha256"] == hashlib.sha256(big.content).hexdigest()

@@ -109,6 +109,7 @@ def test_the_seed_shape_gives_ok_and_result() -> None:
         "output_limit_exceeded": False,
         "pids_limited": False,
         "run_id": None,  # set by the run manager, not the transcript
+        "executor": None,  # likewise
         "redacted": False,
         "usage": None,
         "files": [],

@@ -67,6 +67,8 @@ async def connector_events(
             elif isinstance(event, Exited):
                 for tail in transcript.flush():
                     yield sse.Event(tail.stream, {"text": tail.text})
+                if event.files:  # secrets in the files' contents: CPU-bound
+                    await anyio.to_thread.run_sync(transcript.redact_files, event)
                 listed = {item.name: item for item in event.files}
                 kept = [(listed[d.name], d.data) for d in event.downloads if d.name in listed]
                 event.downloads = []

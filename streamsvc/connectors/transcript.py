@@ -7,13 +7,15 @@ rule and its error codes: docs/architecture.md ("Module notes").
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 import msgspec
 
 from streamsvc.connectors.analysis import json_depth
-from streamsvc.connectors.redact import Redactor
-from streamsvc.sandbox.types import Exited, Output, OutputFile, Usage
+from streamsvc.connectors.redact import MASK, Redactor
+from streamsvc.sandbox.types import Download, Exited, Output, OutputFile, Usage
 
 _json = msgspec.json.Decoder()
 
@@ -110,6 +112,39 @@ class Transcript:
         redactor = Redactor(secrets)
         self._redactors = {"stdout": redactor, "stderr": redactor.sibling()}
         self._names_masked = False
+        #: Longest first, so a secret that contains another is masked whole.
+        self._secret_bytes = sorted({v.encode() for v in secrets if v}, key=len, reverse=True)
+        self._contents_masked = False
+
+    def redact_files(self, exited: Exited) -> None:
+        """Mask the secrets in the output files' contents (inline and for download), their
+        size and sha256 then those of what is returned. CPU-bound: call it in a thread."""
+        if not self._secret_bytes:
+            return
+        listed = {item.name: item for item in exited.files}
+        for item in exited.files:
+            if item.content_base64 is not None:
+                data = self._masked(base64.b64decode(item.content_base64))
+                if data is not None:
+                    item.content_base64 = base64.b64encode(data).decode()
+                    _describe(item, data)
+        kept: list[Download] = []
+        for download in exited.downloads:
+            data = self._masked(download.data)
+            if data is not None and download.name in listed:
+                _describe(listed[download.name], data)
+            kept.append(download if data is None else Download(download.name, data))
+        exited.downloads = kept
+
+    def _masked(self, data: bytes) -> bytes | None:
+        """``data`` with every secret masked, or None when it holds none."""
+        found = False
+        for secret in self._secret_bytes:
+            if secret in data:
+                data = data.replace(secret, MASK.encode())
+                found = True
+        self._contents_masked = self._contents_masked or found
+        return data if found else None
 
     def output(self, event: Output) -> Output | None:
         """Record one chunk; the redacted chunk to forward, if any text is left."""
@@ -149,20 +184,26 @@ class Transcript:
             output_limit_exceeded=exited.output_capped,
             pids_limited=exited.pids_limited,
             redacted=any(redactor.masked for redactor in self._redactors.values())
-            or self._names_masked,
+            or self._names_masked
+            or self._contents_masked,
             usage=exited.usage,
             files=files,
             files_omitted=exited.files_omitted,
         )
 
     def _redacted_name(self, item: OutputFile) -> OutputFile:
-        """The file with any secret in its name masked (contents are returned as written)."""
+        """The file with any secret in its name masked (contents: ``redact_files``)."""
         redactor = self._redactors["stdout"].sibling()
         name = redactor(item.name) + redactor.flush()
         if redactor.masked:
             self._names_masked = True
             item.name = name
         return item
+
+
+def _describe(item: OutputFile, data: bytes) -> None:
+    item.size = len(data)
+    item.sha256 = hashlib.sha256(data).hexdigest()
 
 
 def _outcome(found: Any, exited: Exited) -> tuple[bool, Any, ExecutionError | None]:
