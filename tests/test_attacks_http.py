@@ -37,6 +37,10 @@ def guarded(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
         STREAMSVC_CORS_ORIGINS="https://app.example.com",
         # Room for test_slow_bodies_do_not_stay_in_memory's 20 bodies of 4 MiB at once.
         STREAMSVC_MAX_BODY_BYTES_IN_FLIGHT=str(24 * 4 * MiB),
+        # glibc's dynamic mmap threshold keeps freed body buffers in the heap, so RSS stays
+        # up without a leak; a fixed threshold returns them at once and RSS tracks the bodies.
+        MALLOC_MMAP_THRESHOLD_=str(64 * 1024),
+        MALLOC_TRIM_THRESHOLD_=str(128 * 1024),
     )
     process = ServerProcess(env)
     yield process
@@ -115,10 +119,10 @@ def test_slow_bodies_do_not_stay_in_memory(guarded: ServerProcess) -> None:
     """Each round's 76 MiB is let go after its deadline: later rounds reuse it.
 
     A leak keeps a round's bodies: two more rounds would add about 150 MiB. The
-    allocator may keep some of a freed round around (fragmentation), so the test
-    allows half a round of growth, not a fixed few MiB.
+    allocator keeps some of a freed round (fragmentation) until it levels off, so the
+    baseline is taken after two rounds, and half a round of growth is allowed.
     """
-    first = slow_bodies(guarded, 20)
+    first = slow_bodies(guarded, 20) + slow_bodies(guarded, 20)
     after_first = guarded.rss()
     later = slow_bodies(guarded, 20) + slow_bodies(guarded, 20)
     assert all(error_of(raw)[0] == 408 for raw in first + later)
