@@ -6,12 +6,12 @@ The rule: event ids are per-run integers 1..n, appended once each, in order; sec
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
+
+from streamsvc.identity import process_alive, process_name
 
 RunKind = Literal["connector", "chat"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
@@ -22,22 +22,9 @@ FINISHED: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled", 
 FILES_EVENT = "_files"
 
 
-def executor_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def executor_alive(executor: str) -> bool:
-    """False only for a process of this host that no longer exists."""
-    host, _, pid = executor.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+#: Which process executes a run (``RunRecord.executor``), and whether it still lives.
+executor_name = process_name
+executor_alive = process_alive
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,8 +8,6 @@ carry the owner (``host:pid``) so leftovers of dead processes can be told apart.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -19,6 +17,7 @@ import anyio
 from aiodocker.containers import DockerContainer
 
 from streamsvc.errors import EngineRefused, EngineUnreachable, SandboxError
+from streamsvc.identity import process_alive, process_name
 
 T = TypeVar("T")
 
@@ -51,22 +50,9 @@ def connect(docker_host: str | None) -> aiodocker.Docker:
     return aiodocker.Docker(url=docker_host or DEFAULT_DOCKER_HOST)
 
 
-def owner_label() -> str:
-    """Identifies this process, so start-up can tell its leftovers from a live peer's."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # not ours to judge
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+#: Identifies this process, so start-up can tell its leftovers from a live peer's.
+owner_label = process_name
+owner_alive = process_alive
 
 
 def labels(owner: str, role: str) -> dict[str, str]:
