@@ -42,8 +42,7 @@ async def store() -> AsyncIterator[RedisRunStore]:
 
 async def queued(store: RedisRunStore, queue: RunQueue) -> str:
     run = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=time.time())
-    await store.create(run)
-    await queue.enqueue(run.id, json.dumps({"run": run.id}).encode())
+    await queue.enqueue(run, json.dumps({"run": run.id}).encode())  # and creates the record
     return run.id
 
 
@@ -72,9 +71,11 @@ async def test_capacity_is_global_and_frees_on_ack(store: RedisRunStore) -> None
     await queue.open()
     await queued(store, queue)
     await queued(store, queue)
+    refused = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=1.0)
     with pytest.raises(Busy) as full:
-        await queued(store, queue)
+        await queue.enqueue(refused, b"{}")
     assert full.value.status == 429 and full.value.retry_after == 1
+    assert await store.get(refused.id) is None  # created with the entry, gone with it
     taken = await queue.take("exec-a", 0.1)
     assert taken is not None
     with pytest.raises(Busy):  # running runs count too

@@ -455,6 +455,26 @@ async def test_redis_write_behind_keeps_the_contract(monkeypatch: pytest.MonkeyP
         await other.open()
         assert await collect(other, run.id, 0) == list(range(1, 301))
         await other.aclose()
+    async with redis_behind() as store:  # the running mark is written with the first events
+        other = RedisRunStore.from_url(REDIS_URL, prefix=store.key(""), poll_seconds=0.1)
+        await other.open()
+        run = record(status="queued", executor="this-process:1")
+        await store.create(run)
+        await store.mark_running(run.id)
+        await store.append(run.id, events(1, 2))
+        for _ in range(500):  # another process's view: poll it
+            seen = await other.get(run.id)
+            if seen is not None and seen.last_event_id == 2:
+                break
+            await anyio.sleep(0.01)
+        assert seen is not None and seen.status == "running" and seen.started_at, seen
+        quick = record(status="queued", executor="this-process:1")
+        await store.create(quick)
+        await store.mark_running(quick.id)
+        await store.finish(quick.id, "completed")  # before the writer's pass: with the end
+        ended = await other.get(quick.id)
+        assert ended is not None and ended.status == "completed" and ended.started_at, ended
+        await other.aclose()
 
 
 @pytest.mark.redis

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from streamsvc.connectors.events import connector_events, transcript_for
 from streamsvc.connectors.request import ExecuteRequest, decode_request, plan_off_loop
-from streamsvc.errors import Busy, SandboxUnavailable
+from streamsvc.errors import SandboxUnavailable
 from streamsvc.runs.queue import RunQueue
 from streamsvc.runs.respond import manager_of, respond, respond_queued
 from streamsvc.web import observability
@@ -79,13 +79,11 @@ async def _enqueue(
     """Create the run and queue it for an executor (429 ``busy`` past the queue's capacity)."""
     found = services(request)
     manager = manager_of(found)
-    run_id = await manager.create_queued(
+    record = manager.queued_record(
         "connector", owner=owner, background=body.background, request=stored_request(body)
     )
     payload, env = queue_payload(raw)
-    try:
-        await queue.enqueue(run_id, payload, env)
-    except Busy:
-        await manager.store.delete(run_id)
-        raise
-    return await respond_queued(request, found, run_id, background=body.background, stream=stream)
+    await queue.enqueue(record, payload, env, followed=not body.background)
+    return await respond_queued(
+        request, found, record.id, background=body.background, stream=stream
+    )

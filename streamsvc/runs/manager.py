@@ -188,17 +188,16 @@ class RunManager:
         if self._runs.pop(run.id, None) is not None:
             self._held.release(run.owner)
 
-    async def create_queued(
-        self, kind: RunKind, *, owner: str | None, background: bool, request: Any
-    ) -> str:
-        """A run's record for an executor to take (no executor named yet); its id."""
-        run_id = secrets.token_urlsafe(16)
-        record = RunRecord(
-            id=run_id, kind=kind, status="queued", created_at=time.time(), owner=owner,
-            background=background, request=request, executor=None,
+    @staticmethod
+    def queued_record(
+        kind: RunKind, *, owner: str | None, background: bool, request: Any
+    ) -> RunRecord:
+        """A new run's record for an executor to take (no executor named yet; the queue
+        stores it with the run's entry)."""
+        return RunRecord(
+            id=secrets.token_urlsafe(16), kind=kind, status="queued", created_at=time.time(),
+            owner=owner, background=background, request=request, executor=None,
         )  # fmt: skip
-        await self.store.create(record)
-        return run_id
 
     def adopt(self, record: RunRecord) -> Run:
         """A queued run created by another node, executed here (``runs.executor``)."""

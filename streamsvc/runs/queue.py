@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from streamsvc.errors import Busy, RunStoreUnavailable
@@ -103,13 +104,23 @@ class RunQueue:
     def _env_key(self, run_id: str) -> str:
         return self._store.key(f"env:{run_id}")
 
-    async def enqueue(self, run_id: str, payload: bytes, env: bytes = b"") -> str:
-        """Queue a run; ``Busy`` (429, ``retry_after``) past the capacity. ``env``: the
-        run's env values (JSON), kept apart from the payload until an executor takes them."""
+    async def enqueue(
+        self, record: RunRecord, payload: bytes, env: bytes = b"", *, followed: bool = False
+    ) -> str:
+        """Create the run's record and queue it, in one round trip; ``Busy`` (429,
+        ``retry_after``) past the capacity (the record is gone again). ``env``: the run's env
+        values (JSON), kept apart from the payload until an executor takes them.
+        ``followed``: a reader here follows it at once (``RedisRunStore.create_with``)."""
+        run_id = record.id
         keys = [self._queue, self._env_key(run_id)]
         args: list[int | str | bytes] = [self.capacity, run_id, payload, env, ENV_TTL_SECONDS]
-        entry = await self._store.call(lambda: self._enqueue(keys=keys, args=args))
+
+        async def enqueue(pipe: Pipeline) -> None:
+            await self._enqueue(keys=keys, args=args, client=pipe)
+
+        entry = await self._store.create_with(record, enqueue, followed=followed)
         if entry is None:
+            await self._store.delete(run_id)
             raise Busy("the run queue is full; try again shortly", retry_after=1)
         return str(entry.decode())
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -35,6 +36,8 @@ FIRST_BATCH, BATCH = 16, 512
 MAX_CONNECTIONS = 512
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
 BACKLOG = 10_000
+#: Runs created for a reader here whose first look ``follow`` skips (the rest look).
+MAX_FRESH = 4096
 log = logging.getLogger("streamsvc.runs")
 #: Seconds a run's files key outlives its record; more seconds allowed for a file's call.
 FILES_TTL_MARGIN, FILE_CALL_EXTRA = 300, 10.0
@@ -150,6 +153,11 @@ class RedisRunStore:
         #: events Redis has not acknowledged yet, per run.
         self._active = Active()
         self._unsent: dict[str, list[StoredEvent]] = {}
+        #: Runs of this process marked running that Redis has not heard of yet (their
+        #: ``started_at``): the writer sends the mark before their first events.
+        self._starting: dict[str, float] = {}
+        #: Runs created here for a reader here (``create_with(followed=True)``), oldest first.
+        self._fresh: dict[str, None] = {}
         #: Inside ``writer()``: appends return at once and one task writes them in batches.
         self._behind = False
         self._dirty = anyio.Event()
@@ -266,10 +274,22 @@ class RedisRunStore:
     # -- the RunStore protocol
 
     async def create(self, record: RunRecord) -> None:
+        await self.create_with(record)
+
+    async def create_with(
+        self,
+        record: RunRecord,
+        also: Callable[[Pipeline], Awaitable[None]] | None = None,
+        *,
+        followed: bool = False,
+    ) -> Any:
+        """``create``, and ``also``'s commands in the same transaction (their last answer is
+        returned: one round trip for a queued run). ``followed``: a reader here follows the
+        run at once, marked as one now, and its ``follow`` needs no first look at the record."""
         mapping = {f: _json(getattr(record, f)) for f in FIELDS}
         key = self._record_key(record.id)
 
-        async def run() -> None:
+        async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
                 for index in (self._index_key(record.owner), self._index_key(None, every=True)):
@@ -279,11 +299,21 @@ class RedisRunStore:
                         pipe.expire(key, self._records_ttl)
                 else:
                     pipe.sadd(self._unfinished_key, record.id)
-                await pipe.execute()
+                if followed:
+                    pipe.set(self.key(f"reader:{record.id}"), b"1", px=3 * self._poll_ms)
+                if also is not None:
+                    await also(pipe)
+                answers: list[Any] = await pipe.execute()
+                return answers
 
-        await self.call(run)
+        answers = await self.call(run)
         if record.executor is not None and record.status not in FINISHED:
             self._active.create(record)  # executed here (a queued run names none yet)
+        if followed:
+            self._fresh[record.id] = None
+            while len(self._fresh) > MAX_FRESH:
+                del self._fresh[next(iter(self._fresh))]
+        return answers[-1] if also is not None else None
 
     def adopt(self, record: RunRecord) -> None:
         """A run created elsewhere (queued) that this process now executes."""
@@ -342,40 +372,51 @@ class RedisRunStore:
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
+            starting, self._starting = self._starting, {}
             batch = {run_id: self._sendable(run_id) for run_id in list(self._unsent)}
             batch = {run_id: events for run_id, events in batch.items() if events}
             self._inflight = batch
             try:
-                failed = await self._write_batch(batch)
+                await self._write_batch(starting, batch)
             except RunStoreUnavailable as exc:
-                failed = set(batch)
-                log.warning("Redis away (%s): %d run(s)' events held", exc, len(failed))
+                log.warning("Redis away (%s): %d run(s)' events held", exc, len(batch))
+                # Back in front of what came meanwhile, for the runs still running here.
+                for run_id, at in starting.items():
+                    if run_id in self._active.records:
+                        self._starting.setdefault(run_id, at)
+                for run_id, events in batch.items():
+                    if run_id in self._active.records:
+                        self._unsent[run_id] = events + self._unsent.get(run_id, [])
+                self._dirty.set()
                 await anyio.sleep(0.2)
             finally:
                 self._inflight = {}
-            for run_id in failed:  # back in front of what came meanwhile, if still running
-                if run_id in self._active.records:
-                    self._unsent[run_id] = batch[run_id] + self._unsent.get(run_id, [])
-                    self._dirty.set()
 
-    async def _write_batch(self, batch: dict[str, list[StoredEvent]]) -> set[str]:
-        """One pipeline of appends. A run whose script refused (deleted, or a gap: a bug) is
-        logged and not tried again; Redis away raises (the caller keeps the batch)."""
-        if not batch:
-            return set()
+    async def _write_batch(
+        self, starting: dict[str, float], batch: dict[str, list[StoredEvent]]
+    ) -> None:
+        """One pipeline: the running marks, then the appends. A run whose script refused
+        (deleted, or a gap: a bug) is logged and not tried again; Redis away raises."""
+        if not starting and not batch:
+            return
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=False) as pipe:
+                for run_id, at in starting.items():
+                    await self._queue_running(pipe, run_id, at)
                 for run_id, events in batch.items():
                     keys = [self._events_key(run_id), self._record_key(run_id)]
                     await self._append(keys=keys, args=_flat(events), client=pipe)
                 return await pipe.execute(raise_on_error=False)
 
         answers = await self.call(run)
-        for run_id, answer in zip(batch, answers, strict=True):
+        for run_id, answer in zip([*starting, *batch], answers, strict=True):
             if isinstance(answer, Exception):
-                log.error("run %s: events not stored: %s", run_id, answer)
-        return set()
+                log.error("run %s: not stored: %s", run_id, answer)
+
+    async def _queue_running(self, pipe: Pipeline, run_id: str, at: float) -> None:
+        """Add the running mark of ``run_id`` (started at ``at``) to ``pipe``."""
+        await self._running(keys=[self._record_key(run_id)], args=[_json(at)], client=pipe)
 
     async def _write(self, run_id: str, events: Sequence[StoredEvent]) -> None:
         args = _flat(events)
@@ -394,13 +435,14 @@ class RedisRunStore:
         try:
             # What the writer holds too: a script skips ids Redis has, so both may write them.
             unsent = self._inflight.get(run_id, []) + self._unsent.pop(run_id, [])
+            started = self._starting.pop(run_id, None)
             fields = {
                 "status": status,
                 "finished_at": time.time(),
                 "result": result,
                 "error": error,
             }
-            await self._finish_fields(run_id, fields, events=unsent)
+            await self._finish_fields(run_id, fields, events=unsent, started=started)
         finally:
             self._active.forget(run_id)  # stored (or hopeless): Redis answers from now on
 
@@ -420,8 +462,10 @@ class RedisRunStore:
         fields: dict[str, Any],
         terminal: tuple[str, bytes] = ("", b""),
         events: Sequence[StoredEvent] = (),
+        started: float | None = None,
     ) -> bool:
-        """The end (after ``events``, in the same transaction); False if it had ended."""
+        """The end (after the running mark at ``started`` and ``events``, in the same
+        transaction); False if it had ended."""
         keys = [self._record_key(run_id), self._events_key(run_id), self._unfinished_key]
         args: list[str | int | bytes] = [run_id, self._records_ttl, self._events_ttl, *terminal]
         for name, value in fields.items():
@@ -429,6 +473,8 @@ class RedisRunStore:
 
         async def run() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
+                if started is not None:
+                    await self._queue_running(pipe, run_id, started)
                 if events:
                     appended = [self._events_key(run_id), self._record_key(run_id)]
                     await self._append(keys=appended, args=_flat(events), client=pipe)
@@ -443,6 +489,10 @@ class RedisRunStore:
 
     async def mark_running(self, run_id: str) -> None:
         self._active.mark_running(run_id)
+        if self._behind and run_id in self._active.records:  # with its first events
+            self._starting[run_id] = time.time()
+            self._dirty.set()
+            return
         keys = [self._record_key(run_id)]
         await self.call(lambda: self._running(keys=keys, args=[_json(time.time())]))
 
@@ -474,11 +524,14 @@ class RedisRunStore:
             async for event in live.follow(after):
                 yield event
             return
-        record = await self._state(run_id, mark=True)  # and "a reader is here", one trip
-        if record is None:
-            raise RunNotFound(f"no run {run_id}")
-        if record.events_expired:
-            raise EventsExpired(f"the events of run {run_id} were pruned")
+        fresh = run_id in self._fresh
+        self._fresh.pop(run_id, None)
+        if not fresh:  # not created here just now for this reader: look first
+            record = await self._state(run_id, mark=True)  # and "a reader is here", one trip
+            if record is None:
+                raise RunNotFound(f"no run {run_id}")
+            if record.events_expired:
+                raise EventsExpired(f"the events of run {run_id} were pruned")
         key = self._events_key(run_id)
         cursor = max(after, 0)
         block = self._poll_ms / 1000
