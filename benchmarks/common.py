@@ -1,7 +1,7 @@
 """What the benchmarks share: percentiles, the machine's facts and the markdown they write.
 
 Pure helpers (``percentile``, ``markdown_table``, ``replace_section``) are unit-tested in
-tests/test_benchmarks.py; the rest reads the machine or the docs file and nothing else.
+tests/test_benchmarks.py; the rest reads the machine (facts, CPU seconds) or the docs file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Raw figures and the benchmarks' own tools (LiteLLM's virtualenv) live here.
@@ -115,3 +117,37 @@ def write_docs_section(title: str, body: str, path: Path = DOCS) -> Path:
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     path.write_text(replace_section(doc, title, body))
     return path
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (all CPUs), from /proc/stat."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+def process_cpu_seconds(pids: Iterable[int]) -> float:
+    """User plus system CPU seconds of ``pids`` and their living descendants (with what
+    they waited for): a snapshot to subtract from a later one."""
+    total = 0.0
+    seen: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                if process.pid in seen:
+                    continue
+                seen.add(process.pid)
+                with contextlib.suppress(psutil.Error):
+                    t = process.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def pids_named(*names: str) -> list[int]:
+    """Processes whose name starts with one of ``names`` (e.g. ``dockerd``, ``containerd``)."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        name = process.info["name"] or ""
+        if name.startswith(names):
+            found.append(process.pid)
+    return found

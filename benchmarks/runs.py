@@ -52,6 +52,16 @@ def post(conn: http.client.HTTPConnection, payload: Any) -> tuple[int, bytes, st
     return response.status, response.read(), response.getheader("x-run-id") or ""
 
 
+def timed_trivial(conn: http.client.HTTPConnection, pause: float = 0.3) -> float:
+    """Seconds for one warm trivial run, unstreamed, after ``pause`` (the pool refills)."""
+    time.sleep(pause)
+    started = time.perf_counter()
+    status, answer, _ = post(conn, body(TRIVIAL) | {"stream": False})
+    took = time.perf_counter() - started
+    assert status == 200 and json.loads(answer)["ok"] is True, answer[:300]
+    return took
+
+
 def streamed(conn: http.client.HTTPConnection, payload: Any) -> tuple[float, str]:
     started = time.perf_counter()
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -126,15 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(3):
                 assert post(conns[name], body(TRIVIAL) | {"stream": False})[0] == 200
 
-        def trivial(name: str) -> float:
-            time.sleep(0.3)
-            started = time.perf_counter()
-            status, answer, _ = post(conns[name], body(TRIVIAL) | {"stream": False})
-            took = time.perf_counter() - started
-            assert status == 200 and json.loads(answer)["ok"] is True, answer[:300]
-            return took
-
-        warm = alternate(servers, args.runs, trivial)
+        warm = alternate(servers, args.runs, lambda name: timed_trivial(conns[name]))
         big_ids: dict[str, str] = {}
 
         def big(name: str) -> float:
