@@ -35,6 +35,9 @@ FIRST_BATCH, BATCH = 16, 512
 MAX_CONNECTIONS = 512
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
 BACKLOG = 10_000
+#: Seconds ``finish`` keeps trying to store a run's end (and its held events) while Redis
+#: is away; past it the end is lost here and the run's lease lapses (``executor_lost``).
+END_PATIENCE = 30.0
 log = logging.getLogger("streamsvc.runs")
 #: Seconds a run's files key outlives its record; more seconds allowed for a file's call.
 FILES_TTL_MARGIN, FILE_CALL_EXTRA = 300, 10.0
@@ -150,6 +153,8 @@ class RedisRunStore:
         #: events Redis has not acknowledged yet, per run.
         self._active = Active()
         self._unsent: dict[str, list[StoredEvent]] = {}
+        #: Runs of this process that started while Redis was away: when.
+        self._unmarked: dict[str, float] = {}
         #: Inside ``writer()``: appends return at once and one task writes them in batches.
         self._behind = False
         self._dirty = anyio.Event()
@@ -392,16 +397,26 @@ class RedisRunStore:
     ) -> None:
         self._active.finish(run_id, status, result, error)  # readers here end now
         try:
-            # What the writer holds too: a script skips ids Redis has, so both may write them.
-            unsent = self._inflight.get(run_id, []) + self._unsent.pop(run_id, [])
-            fields = {
-                "status": status,
-                "finished_at": time.time(),
-                "result": result,
-                "error": error,
-            }
-            await self._finish_fields(run_id, fields, events=unsent)
+            fields = {"status": status, "finished_at": time.time(), "result": result}
+            fields |= {"error": error}
+            started = self._unmarked.pop(run_id, None)
+            if started is not None:  # Redis was away when it started
+                fields["started_at"] = started
+            # Redis away: tried again (both scripts are idempotent) for END_PATIENCE.
+            with anyio.move_on_after(END_PATIENCE) as patience:
+                while True:
+                    # What the writer holds too: a script skips ids Redis has.
+                    unsent = self._inflight.get(run_id, []) + self._unsent.get(run_id, [])
+                    try:
+                        await self._finish_fields(run_id, fields, events=unsent)
+                        break
+                    except RunStoreUnavailable as exc:
+                        log.warning("run %s: its end waits for Redis (%s)", run_id, exc)
+                        await anyio.sleep(0.5)
+            if patience.cancelled_caught:
+                raise RunStoreUnavailable(f"run {run_id}: Redis did not take its end in time")
         finally:
+            self._unsent.pop(run_id, None)
             self._active.forget(run_id)  # stored (or hopeless): Redis answers from now on
 
     async def end(self, run_id: str, status: RunStatus, error: dict[str, Any]) -> bool:
@@ -442,9 +457,16 @@ class RedisRunStore:
         return bool(answers[-1] == 1)
 
     async def mark_running(self, run_id: str) -> None:
+        """Redis away: the run goes on; its ``started_at`` is stored with its end."""
         self._active.mark_running(run_id)
-        keys = [self._record_key(run_id)]
-        await self.call(lambda: self._running(keys=keys, args=[_json(time.time())]))
+        keys, started = [self._record_key(run_id)], time.time()
+        try:
+            await self.call(lambda: self._running(keys=keys, args=[_json(started)]))
+        except RunStoreUnavailable:
+            if run_id not in self._active.records:
+                raise
+            self._unmarked[run_id] = started
+            log.warning("run %s: Redis away as it started; its start is stored later", run_id)
 
     async def get(self, run_id: str) -> RunRecord | None:
         active = self._active.records.get(run_id)
@@ -629,6 +651,7 @@ class RedisRunStore:
     async def delete(self, run_id: str) -> bool:
         self._active.forget(run_id)
         self._unsent.pop(run_id, None)
+        self._unmarked.pop(run_id, None)
         record = await self.get(run_id)
         if record is None:
             return False
