@@ -14,6 +14,8 @@
 #                         redis-server and starts a private instance when none does)
 #   ensure_second_engine  a second dockerd on $STREAMSVC_TEST_DOCKER_HOST_2 with the
 #                         sandbox image (scripts/test only: the multi-host tests)
+#   stop_started          stop the private Redis and the second engine if this shell's
+#                         ensure_redis / ensure_second_engine started them (else nothing)
 #
 # Environment:
 #   PYTHON                    interpreter for a new .venv (default python3, >= 3.11)
@@ -464,9 +466,9 @@ ensure_clients() {
 # ---------------------------------------------------------------- redis
 
 # The tests' private Redis: loopback only, its own directory, config, pidfile and log.
-# Left running (like the engine) so the next scripts/test finds it; `redis-cli -p 6390
-# shutdown nosave` stops it. Persistence: appendonly, fsync every write (the tests
-# restart Redis and check that nothing acknowledged is lost).
+# scripts/test stops it at the end when it started it (stop_started), else leaves it.
+# Persistence: appendonly, fsync every write (the tests restart Redis and check that
+# nothing acknowledged is lost).
 REDIS_TEST_PORT=6390
 REDIS_TEST_DIR=/tmp/streamsvc-redis
 STREAMSVC_TEST_REDIS_URL=${STREAMSVC_TEST_REDIS_URL:-redis://127.0.0.1:$REDIS_TEST_PORT/0}
@@ -528,6 +530,7 @@ CONF
             sleep 0.2
         done
         what+="started, "
+        _STREAMSVC_STARTED_REDIS=1
     fi
     _unlock
     _redis_answers "$STREAMSVC_TEST_REDIS_URL" ||
@@ -545,7 +548,8 @@ _redact_url() { sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#' <<<"$1"; }
 # Its own data root, exec root (so its own managed containerd), pidfile, socket,
 # cgroup parent, address pools and bridge interface; no iptables, forwarding or
 # masquerading. Never `--bridge none`: a dockerd started with it deletes docker0,
-# which belongs to the first engine. Left running; it never touches the first one.
+# which belongs to the first engine. It never touches the first one; scripts/test stops
+# it at the end when it started it (stop_started).
 ENGINE2_NAME=streamsvc-docker2
 STREAMSVC_TEST_DOCKER_HOST_2=${STREAMSVC_TEST_DOCKER_HOST_2:-unix:///run/$ENGINE2_NAME.sock}
 ENGINE2_BRIDGE=ssvc2br0
@@ -609,6 +613,7 @@ ensure_second_engine() {
         if ! _engine2_answers; then
             _start_engine2
             what="started, "
+            _STREAMSVC_STARTED_ENGINE2=1
         fi
         _unlock
     fi
@@ -630,6 +635,52 @@ ensure_second_engine() {
     what=${what%, }
     _step engine2 "$t0" "$(_engine2 version -f '{{.Server.Version}}') on\
  $STREAMSVC_TEST_DOCKER_HOST_2 with $SANDBOX_IMAGE${what:+ ($what)}"
+}
+
+# ---------------------------------------------------------------- stopping
+
+# What this shell's ensure_redis / ensure_second_engine started (a Redis or engine that
+# already ran is left alone: other checkouts' runs may be using it).
+_STREAMSVC_STARTED_REDIS=${_STREAMSVC_STARTED_REDIS:-}
+_STREAMSVC_STARTED_ENGINE2=${_STREAMSVC_STARTED_ENGINE2:-}
+
+# _stop_pid PIDFILE NAME SECONDS: SIGTERM the process named in PIDFILE if its command
+# line mentions NAME (a pid file may outlive its process), and wait for it to go.
+_stop_pid() {
+    local pid i
+    [[ -s $1 ]] || return 0
+    pid=$(<"$1")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 0
+    grep -qF -- "$2" "/proc/$pid/cmdline" 2>/dev/null || {
+        _log "pid $pid of $1 is not $2: left alone"
+        return 0
+    }
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < $3 * 5; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    _log "$2 (pid $pid) still runs $3 s after SIGTERM"
+}
+
+stop_redis() {
+    [[ -n $_STREAMSVC_STARTED_REDIS ]] || return 0
+    _STREAMSVC_STARTED_REDIS=
+    _stop_pid "$REDIS_TEST_DIR/redis.pid" redis-server 10
+    echo "redis: stopped (started by this run)"
+}
+
+stop_second_engine() {
+    [[ -n $_STREAMSVC_STARTED_ENGINE2 ]] || return 0
+    _STREAMSVC_STARTED_ENGINE2=
+    _stop_pid "/run/$ENGINE2_NAME.pid" "/run/$ENGINE2_NAME.pid" 30
+    echo "engine2: stopped (started by this run)"
+}
+
+# For an EXIT trap: never fails, so the script's own exit code stays.
+stop_started() {
+    stop_second_engine || true
+    stop_redis || true
 }
 
 # ---------------------------------------------------------------- all

@@ -26,6 +26,7 @@ import anyio
 import httpx
 import jsonschema
 import psutil
+import redis
 
 from streamsvc.settings import load_settings
 from streamsvc.web.app import create_app
@@ -571,3 +572,35 @@ class ExecutorProcess:
         self._log.close()
         self._workdir.cleanup()
         return self.process.returncode
+
+
+class PrivateRedis:
+    """A redis-server of one test's own in ``directory`` (AOF, fsync on every write, a free
+    loopback port), to SIGKILL and start again on the same data and port."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        wait_until(self._answers, 10)
+
+    def _answers(self) -> bool:
+        try:
+            with redis.Redis.from_url(self.url, socket_timeout=1) as r:
+                return bool(r.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

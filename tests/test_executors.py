@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +22,14 @@ import httpx
 import pytest
 import redis
 
-from tests.harness import ExecutorProcess, ServerProcess, SSEEvent, read_sse
+from tests.harness import (
+    ExecutorProcess,
+    PrivateRedis,
+    ServerProcess,
+    SSEEvent,
+    SSEResponse,
+    read_sse,
+)
 from tests.test_runs_redis import run_events
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
@@ -395,3 +403,127 @@ async def test_a_client_gone_before_the_first_event_withdraws_its_queued_run(
     assert runs[0]["error"]["code"] == "cancelled", runs
     health = (await client.get(node.url + "/health")).json()["components"]["queue"]
     assert health["waiting"] == 0, health
+
+
+async def test_redis_restarted_mid_load_loses_no_acknowledged_run(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """SIGKILL a private Redis (AOF, fsync always) under a stream of background and streamed
+    runs, start it again on the same data: every acknowledged run ends, its log whole; the
+    outage's requests are 503s; node and executor carry on without a restart."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    cluster = Cluster(f"{server.url}?prefix=restart:")
+    try:
+        node, executor = cluster.node(), cluster.executor()
+        acknowledged: list[str] = []
+        refused: list[httpx.Response] = []
+        streams: list[SSEResponse] = []
+        killed = anyio.Event()
+        refused_stream = SSEResponse(0, httpx.Headers())
+
+        async def post_background() -> None:
+            try:
+                answer = await client.post(
+                    node.url + "/execute-connector", json=program(LINES, background=True)
+                )
+            except httpx.HTTPError as exc:  # the server hung up: not acknowledged
+                raise AssertionError(f"no answer during the outage: {exc!r}") from None
+            if answer.status_code == 202:
+                acknowledged.append(answer.headers["x-run-id"])
+            else:
+                refused.append(answer)
+
+        async def post_stream() -> None:
+            body = program(SLOW.format(n=12), stream=True)
+            streams.append(await read_sse(client, node.url + "/execute-connector", body))
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(3):
+                tasks.start_soon(post_stream)
+            for i in range(24):
+                tasks.start_soon(post_background)
+                await anyio.sleep(0.1)
+                if i == 11:  # runs queued, running and ending: Redis goes
+                    server.kill()
+                    killed.set()
+                    down = await client.post(
+                        node.url + "/execute-connector", json=program(LINES, background=True)
+                    )
+                    refused.append(down)
+                    body = program(LINES, stream=True)
+                    refused_stream = await read_sse(client, node.url + "/execute-connector", body)
+                    await anyio.sleep(0.5)
+                    await anyio.to_thread.run_sync(server.start)
+        assert killed.is_set()
+        assert refused_stream.status == 503, refused_stream.events
+        assert refused_stream.body["error"]["code"] == "run_store_unavailable"
+
+        # (b) refused during the outage: a JSON 503 with a stable code
+        assert refused, "no request met the outage"
+        for answer in refused:
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "run_store_unavailable", answer.text
+        # streams whose headers came are acknowledged runs too
+        for cut in streams:
+            if cut.status == 200:
+                acknowledged.append(cut.headers["x-run-id"])
+            else:
+                assert cut.status == 503, cut.body
+                assert cut.body["error"]["code"] == "run_store_unavailable", cut.body
+        assert len(acknowledged) >= 12, (acknowledged, refused)
+
+        # (a) every acknowledged run ends, its log 1..n once each with one terminal event
+        unended: list[Any] = []
+
+        async def ended() -> Any:
+            records = [(await client.get(f"{node.url}/runs/{i}")).json() for i in acknowledged]
+            unended[:] = [r for r in records if r.get("status") in {None, "queued", "running"}]
+            return None if unended else records
+
+        try:
+            records = await wait_for(ended, 25, "every acknowledged run ends")
+        except AssertionError:
+            raise AssertionError((unended, executor.log()[-6000:])) from None
+        for record in records:
+            events = stored_events(server.url, cluster.store, record["id"])
+            names = [name for _, name in events]
+            assert [i for i, _ in events] == list(range(1, len(events) + 1)), events
+            assert names[-1] in {"done", "error"}, events
+            assert names.count("done") + names.count("error") == 1, events
+            # Completed, or (a run taken as Redis went, its claim unanswered) executor_lost.
+            if record["status"] != "completed":
+                assert record["status"] == "interrupted", record
+                assert record["error"]["code"] == "executor_lost", record
+            else:
+                assert names.count("stdout") >= 1 and names[-1] == "done", events
+
+        # a stream cut by the outage resumes after its last event: no gap, no duplicate
+        for cut in streams:
+            if cut.status != 200:
+                continue
+            stored = [e for e in cut.events if e.id is not None]
+            if cut.last.id is None:  # the node lost Redis: an error frame, not the run's end
+                assert cut.last.event == "error", cut.events
+                assert cut.last.data["error"]["code"] == "run_store_unavailable", cut.last
+            run_id, last = cut.headers["x-run-id"], stored[-1].id
+            rest = await run_events(client, f"{node.url}/runs/{run_id}/events", last)
+            ids = [int(e.id or 0) for e in stored + rest]
+            assert ids == list(range(1, len(ids) + 1)), ids
+            assert (stored + rest)[-1].event in {"done", "error"}, rest
+
+        # (c) the same node and executor serve new runs; /health is ready again
+        async def ready() -> Any:
+            health = (await client.get(node.url + "/health")).json()["components"]
+            runs, queue = health["runs"], health["queue"]
+            listed = [e["name"] for e in queue.get("executors", [])]
+            return runs["state"] == "ready" and queue["state"] == "ready" and listed
+
+        assert await wait_for(ready, 10, "/health is ready") == [executor.name]
+        answer = await client.post(node.url + "/execute-connector", json=program(LINES))
+        assert answer.status_code == 200 and answer.json()["ok"], answer.text
+        assert answer.json()["executor"] == executor.name
+        assert node.process.poll() is None and executor.process.poll() is None
+    finally:
+        cluster.close()
+        server.kill()

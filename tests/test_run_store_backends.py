@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
@@ -29,7 +28,7 @@ from streamsvc.runs.redis import INTERRUPTED, RedisRunStore, redact
 from streamsvc.runs.sqlite import SqliteStore
 from streamsvc.runs.store import RunRecord, RunStore, StoredEvent, executor_name
 from streamsvc.settings import SettingsError
-from tests.harness import REDIS_URL, free_port, wait_until
+from tests.harness import REDIS_URL, PrivateRedis
 
 Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[RunStore]]
 
@@ -569,37 +568,6 @@ async def test_redis_bad_urls_name_the_setting() -> None:
         finally:
             await admin.acl_deluser(user)
     assert redact("rediss://:s3cret@h:6380/1") == "rediss://:***@h:6380/1"
-
-
-class PrivateRedis:
-    """A redis-server of this test's own (AOF, fsync on every write), to kill and restart."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-            "--appendfsync", "always", "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        wait_until(self._answers, 10)
-
-    def _answers(self) -> bool:
-        try:
-            with redis.Redis.from_url(self.url, socket_timeout=1) as r:
-                return bool(r.ping())
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.mark.redis

@@ -164,7 +164,13 @@ class Executor:
         finally:
             with anyio.CancelScope(shield=True):
                 try:
-                    await self.queue.ack(entry)
+                    # Its end not stored (Redis away too long): left to lapse, so that a
+                    # reaper ends it executor_lost rather than it staying running.
+                    record = await self.manager.store.get(run.id)
+                    if record is None or record.status in FINISHED:
+                        await self.queue.ack(entry)
+                    else:
+                        log.warning("run %s: its end was not stored; its lease lapses", run.id)
                 except RunStoreUnavailable:
                     log.warning("run %s: not acknowledged (Redis away); its lease lapses", run.id)
                 self.running.pop(entry, None)

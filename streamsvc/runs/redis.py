@@ -38,6 +38,9 @@ MAX_CONNECTIONS = 512
 BACKLOG = 10_000
 #: Runs created for a reader here whose first look ``follow`` skips (the rest look).
 MAX_FRESH = 4096
+#: Seconds ``finish`` keeps trying to store a run's end (and its held events) while Redis
+#: is away; past it the end is lost here and the run's lease lapses (``executor_lost``).
+END_PATIENCE = 30.0
 log = logging.getLogger("streamsvc.runs")
 #: Seconds a run's files key outlives its record; more seconds allowed for a file's call.
 FILES_TTL_MARGIN, FILE_CALL_EXTRA = 300, 10.0
@@ -154,7 +157,8 @@ class RedisRunStore:
         self._active = Active()
         self._unsent: dict[str, list[StoredEvent]] = {}
         #: Runs of this process marked running that Redis has not heard of yet (their
-        #: ``started_at``): the writer sends the mark before their first events.
+        #: ``started_at``): the writer sends the mark before their first events, or their
+        #: end carries it (Redis away meanwhile).
         self._starting: dict[str, float] = {}
         #: Runs created here for a reader here (``create_with(followed=True)``), oldest first.
         self._fresh: dict[str, None] = {}
@@ -433,17 +437,25 @@ class RedisRunStore:
     ) -> None:
         self._active.finish(run_id, status, result, error)  # readers here end now
         try:
-            # What the writer holds too: a script skips ids Redis has, so both may write them.
-            unsent = self._inflight.get(run_id, []) + self._unsent.pop(run_id, [])
-            started = self._starting.pop(run_id, None)
-            fields = {
-                "status": status,
-                "finished_at": time.time(),
-                "result": result,
-                "error": error,
-            }
-            await self._finish_fields(run_id, fields, events=unsent, started=started)
+            fields = {"status": status, "finished_at": time.time(), "result": result}
+            fields |= {"error": error}
+            started: float | None = None
+            # Redis away: tried again (both scripts are idempotent) for END_PATIENCE.
+            with anyio.move_on_after(END_PATIENCE) as patience:
+                while True:
+                    # What the writer holds too: a script skips ids Redis has.
+                    unsent = self._inflight.get(run_id, []) + self._unsent.get(run_id, [])
+                    started = self._starting.pop(run_id, None) or started
+                    try:
+                        await self._finish_fields(run_id, fields, events=unsent, started=started)
+                        break
+                    except RunStoreUnavailable as exc:
+                        log.warning("run %s: its end waits for Redis (%s)", run_id, exc)
+                        await anyio.sleep(0.5)
+            if patience.cancelled_caught:
+                raise RunStoreUnavailable(f"run {run_id}: Redis did not take its end in time")
         finally:
+            self._unsent.pop(run_id, None)
             self._active.forget(run_id)  # stored (or hopeless): Redis answers from now on
 
     async def end(self, run_id: str, status: RunStatus, error: dict[str, Any]) -> bool:
@@ -488,13 +500,21 @@ class RedisRunStore:
         return bool(answers[-1] == 1)
 
     async def mark_running(self, run_id: str) -> None:
+        """Redis away: the run goes on; its ``started_at`` is stored with its end."""
         self._active.mark_running(run_id)
+        started = time.time()
         if self._behind and run_id in self._active.records:  # with its first events
-            self._starting[run_id] = time.time()
+            self._starting[run_id] = started
             self._dirty.set()
             return
         keys = [self._record_key(run_id)]
-        await self.call(lambda: self._running(keys=keys, args=[_json(time.time())]))
+        try:
+            await self.call(lambda: self._running(keys=keys, args=[_json(started)]))
+        except RunStoreUnavailable:
+            if run_id not in self._active.records:
+                raise
+            self._starting[run_id] = started  # written with its end
+            log.warning("run %s: Redis away as it started; its start is stored later", run_id)
 
     async def get(self, run_id: str) -> RunRecord | None:
         active = self._active.records.get(run_id)
@@ -682,6 +702,7 @@ class RedisRunStore:
     async def delete(self, run_id: str) -> bool:
         self._active.forget(run_id)
         self._unsent.pop(run_id, None)
+        self._starting.pop(run_id, None)
         record = await self.get(run_id)
         if record is None:
             return False
