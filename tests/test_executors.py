@@ -395,3 +395,25 @@ async def test_a_client_gone_before_the_first_event_withdraws_its_queued_run(
     assert runs[0]["error"]["code"] == "cancelled", runs
     health = (await client.get(node.url + "/health")).json()["components"]["queue"]
     assert health["waiting"] == 0, health
+
+
+async def test_with_no_executor_health_is_degraded_but_the_node_stays_ready(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    health = (await client.get(node.url + "/health")).json()
+    queue = health["components"]["queue"]
+    assert (queue["state"], queue["reason"], queue["executors"]) == (
+        "degraded", "no executor seen", []
+    ), queue  # fmt: skip
+    assert health["status"] == "degraded", health
+    ready = await client.get(node.url + "/health/ready")  # chat and /runs still served here
+    assert ready.status_code == 200, ready.text
+    executor = cluster.executor()
+
+    async def seen() -> Any:
+        found = (await client.get(node.url + "/health")).json()["components"]["queue"]
+        return found if found["state"] == "ready" else None
+
+    queue = await wait_for(seen, 30, "the executor is seen")
+    assert [e["name"] for e in queue["executors"]] == [executor.name] and "reason" not in queue

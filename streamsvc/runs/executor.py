@@ -42,7 +42,12 @@ async def open_queue(settings: Settings) -> tuple[RedisRunStore, RunQueue]:
     await store.open()
     store.queued_kinds = frozenset({"connector"})
     runs = settings.runs
-    queue = RunQueue(store, capacity=runs.queue_capacity, lease_seconds=runs.lease_seconds)
+    queue = RunQueue(
+        store,
+        capacity=runs.queue_capacity,
+        lease_seconds=runs.lease_seconds,
+        wait_seconds=runs.queue_wait_seconds,
+    )
     await queue.open()
     return store, queue
 

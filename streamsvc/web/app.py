@@ -232,7 +232,12 @@ async def _open_queue(
     if not isinstance(store, RedisRunStore):
         return None
     store.queued_kinds = frozenset({"connector"})
-    queue = RunQueue(store, capacity=settings.queue_capacity, lease_seconds=settings.lease_seconds)
+    queue = RunQueue(
+        store,
+        capacity=settings.queue_capacity,
+        lease_seconds=settings.lease_seconds,
+        wait_seconds=settings.queue_wait_seconds,
+    )
     await queue.open()
     await stack.enter_async_context(queue.reaper(executor_name(), settings.heartbeat_seconds))
     return queue
