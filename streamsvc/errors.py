@@ -41,6 +41,7 @@ one boundary each (``streamsvc.chat.provider``, ``streamsvc.sandbox.docker.api``
     ├── RunLogFull                    500  run_log_full: a run's log reached its event cap
     ├── ShuttingDown                  503  shutting_down
     ├── RunInterrupted                503  interrupted: the server stopped during the run
+    ├── QueueTimeout                  503  queue_timeout: no executor took the queued run in time
     ├── RunStoreUnavailable           503  run_store_unavailable: Redis did not answer
     └── SandboxError                       (raised only as one of these)
         ├── SandboxUnavailable        503  sandbox_unavailable: not ready now, try again
@@ -189,6 +190,13 @@ class RunLogFull(ServiceError):
 class RunInterrupted(ServiceError):
     status = 503
     code = "interrupted"
+
+
+class QueueTimeout(ServiceError):
+    """A queued run waited ``STREAMSVC_QUEUE_WAIT_SECONDS`` and no executor took it."""
+
+    status = 503
+    code = "queue_timeout"
 
 
 class EventsExpired(ServiceError):

@@ -189,9 +189,11 @@ class RunSettings(msgspec.Struct, frozen=True):
     max_active_runs_per_key: Positive = 500
     #: With a Redis store (issue 16): queued plus running connector runs across the cluster
     #: (past it: 429 ``busy``); how long an executor may go without a heartbeat before its
-    #: runs end ``executor_lost``; how often executors heartbeat (and nodes reap).
+    #: runs end ``executor_lost``; how often executors heartbeat (and nodes reap); how long
+    #: a queued run may wait for an executor before the reapers fail it (``queue_timeout``).
     queue_capacity: Positive = 64
     lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    queue_wait_seconds: Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)] = 600.0
     heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
 
 
@@ -278,6 +280,7 @@ ENV_NAMES: dict[str, tuple[str, str]] = {
     "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": ("runs", "max_active_runs_per_key"),
     "STREAMSVC_QUEUE_CAPACITY": ("runs", "queue_capacity"),
     "STREAMSVC_LEASE_SECONDS": ("runs", "lease_seconds"),
+    "STREAMSVC_QUEUE_WAIT_SECONDS": ("runs", "queue_wait_seconds"),
     "STREAMSVC_HEARTBEAT_SECONDS": ("runs", "heartbeat_seconds"),
 }
 _VARIABLES = {place: name for name, place in ENV_NAMES.items()}

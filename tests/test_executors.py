@@ -527,3 +527,49 @@ async def test_redis_restarted_mid_load_loses_no_acknowledged_run(
     finally:
         cluster.close()
         server.kill()
+
+
+async def test_with_no_executor_health_is_degraded_but_the_node_stays_ready(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()
+    health = (await client.get(node.url + "/health")).json()
+    queue = health["components"]["queue"]
+    assert (queue["state"], queue["reason"], queue["executors"]) == (
+        "degraded", "no executor seen", []
+    ), queue  # fmt: skip
+    assert health["status"] == "degraded", health
+    ready = await client.get(node.url + "/health/ready")  # chat and /runs still served here
+    assert ready.status_code == 200, ready.text
+    executor = cluster.executor()
+
+    async def seen() -> Any:
+        found = (await client.get(node.url + "/health")).json()["components"]["queue"]
+        return found if found["state"] == "ready" else None
+
+    queue = await wait_for(seen, 30, "the executor is seen")
+    assert [e["name"] for e in queue["executors"]] == [executor.name] and "reason" not in queue
+
+
+async def test_a_read_token_from_node_a_opens_the_events_on_node_b(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.env |= {"STREAMSVC_QUEUE_WAIT_SECONDS": "1"}  # no executor: it fails queue_timeout
+    first, second = cluster.node(), cluster.node()
+    accepted = await client.post(
+        first.url + "/execute-connector", json=program(LINES, background=True)
+    )
+    assert accepted.status_code == 202, accepted.text
+    events_url = accepted.json()["events_url"]
+    assert "token=" in events_url
+    started = time.monotonic()
+    with anyio.fail_after(15):
+        answer = await client.get(second.url + events_url, timeout=15)
+    assert answer.status_code == 200, answer.text
+    assert "event: error" in answer.text and "queue_timeout" in answer.text, answer.text
+    assert time.monotonic() - started >= 0.5
+    run_id = accepted.json()["id"]
+    wrong = await client.get(f"{second.url}/runs/{run_id}/events?token=x{events_url[-8:]}")
+    assert wrong.status_code == 404, wrong.text  # a token is still checked
+    record = (await client.get(f"{second.url}/runs/{run_id}")).json()
+    assert record["status"] == "failed" and record["error"]["code"] == "queue_timeout", record

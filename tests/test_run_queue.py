@@ -8,6 +8,7 @@ slot, heartbeat, ack; one that stops heartbeating loses its run to ``reap``
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamsvc.errors import Busy
-from streamsvc.runs.queue import RunQueue
+from streamsvc.runs.queue import RunQueue, Taken
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import RunRecord, StoredEvent
 from tests.harness import REDIS_URL
@@ -82,6 +83,16 @@ async def test_capacity_is_global_and_frees_on_ack(store: RedisRunStore) -> None
         await queued(store, queue)
     await queue.ack(taken.entry)
     await queued(store, queue)
+
+
+async def test_a_retried_enqueue_queues_the_run_once(store: RedisRunStore) -> None:
+    """Redis may apply a transaction whose answer is lost: the retry must not queue twice."""
+    queue = RunQueue(store, capacity=1, lease_seconds=LEASE)
+    await queue.open()
+    run = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=1.0)
+    entry = await queue.enqueue(run, b"{}")
+    assert await queue.enqueue(run, b"{}") == entry  # not Busy either: the same entry
+    assert await queue.depth() == (1, 0)
 
 
 async def test_a_lapsed_lease_ends_the_run_executor_lost_once(store: RedisRunStore) -> None:
@@ -157,3 +168,88 @@ async def test_cancel_reaches_the_executor_running_the_run_within_a_second(
         with anyio.fail_after(5):
             await arrived.wait()
     assert heard[0][0] == run_id and heard[0][1] - sent < 1.0
+
+
+async def take(queue: RunQueue, into: list[Taken | None]) -> None:
+    into.append(await queue.take("exec-a", 0.2))
+
+
+async def withdraw(queue: RunQueue, run_id: str, into: list[bool]) -> None:
+    await anyio.sleep(random.random() * 0.003)  # vary the interleaving
+    into.append(await queue.withdraw(run_id, {"code": "cancelled", "message": "cancelled"}))
+
+
+async def test_of_take_and_withdraw_racing_exactly_one_wins(store: RedisRunStore) -> None:
+    api = RedisRunStore.from_url(REDIS_URL, prefix=store.key(""), poll_seconds=0.1)
+    await api.open()  # the API node withdrawing: its own connections, as another process
+    try:
+        executor, node = RunQueue(store, capacity=10), RunQueue(api, capacity=10)
+        await executor.open()
+        outcomes = {"ran": 0, "withdrawn": 0}
+        for _ in range(150):
+            run_id = await queued(store, node)
+            taken: list[Taken | None] = []
+            withdrawn: list[bool] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take, executor, taken)
+                tg.start_soon(withdraw, node, run_id, withdrawn)
+            got = taken[0]
+            ran = got is not None and got.record is not None
+            assert ran != withdrawn[0], (run_id, got, withdrawn)  # exactly one winner
+            if got is not None:
+                if ran:  # run it to its end, as the executor does
+                    await store.mark_running(run_id)
+                    await store.end(run_id, "completed", {"code": "none", "message": ""})
+                await executor.ack(got.entry)
+            record = await api.get(run_id)
+            assert record is not None
+            if ran:
+                outcomes["ran"] += 1
+                assert (record.status, record.executor) == ("completed", "exec-a"), record
+            else:
+                outcomes["withdrawn"] += 1
+                assert (record.status, record.executor) == ("cancelled", None), record
+        assert await executor.depth() == (0, 0)
+        assert outcomes["ran"] and outcomes["withdrawn"], outcomes  # both sides won rounds
+    finally:
+        await api.aclose()
+
+
+async def test_a_deleted_record_is_not_recreated_by_a_take(store: RedisRunStore) -> None:
+    queue = RunQueue(store, lease_seconds=LEASE)
+    await queue.open()
+    run_id = await queued(store, queue)
+    assert await store.delete(run_id)
+    taken = await queue.take("exec-a", 0.1)
+    assert taken is not None and taken.run_id == run_id and taken.record is None
+    assert not await store.client.exists(store.key(f"run:{run_id}"))
+
+
+async def test_a_run_nobody_takes_fails_queue_timeout_past_the_wait(store: RedisRunStore) -> None:
+    wait = 0.5
+    queue = RunQueue(store, capacity=10, lease_seconds=30, wait_seconds=wait)
+    await queue.open()
+    taken_id = await queued(store, queue)
+    taken = await queue.take("exec-a", 0.1)  # taken: running, not waiting
+    assert taken is not None and taken.run_id == taken_id
+    run = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=time.time())
+    started = time.monotonic()
+    await queue.enqueue(run, b"{}", env=b'{"TOKEN": "x"}')
+    env_key = store.key(f"env:{run.id}")
+    assert 0 < await store.client.ttl(env_key) <= int(wait) + 60  # follows the wait bound
+
+    ended: list[str] = []
+    with anyio.fail_after(5):
+        while not ended:
+            ended = await queue.reap("api-1")
+            await anyio.sleep(0.05)
+    assert time.monotonic() - started >= wait * 0.9
+    assert ended == [run.id]
+    record = await store.get(run.id)
+    assert record is not None and record.status == "failed", record
+    assert record.error is not None and json.loads(bytes(record.error))["code"] == "queue_timeout"
+    assert not await store.client.exists(env_key)
+    assert await queue.depth() == (0, 1)  # the running one stays
+    still = await store.get(taken_id)
+    assert still is not None and still.status == "queued" and still.executor == "exec-a"
+    assert await queue.reap("api-2") == []  # once

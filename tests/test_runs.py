@@ -626,3 +626,55 @@ async def test_secrets_are_never_stored(
     stored = stored_bytes(tmp_path)
     assert run_id.encode() in stored and b"API_TOKEN" in stored  # the env's name is kept
     assert secret.encode() not in stored
+
+
+@pytest.mark.docker
+async def test_a_reader_in_another_worker_keeps_the_run_past_the_grace(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    grace = 1.5
+    server = start_server(
+        STREAMSVC_WORKERS="2",
+        STREAMSVC_RUN_STORE=f"sqlite:///{tmp_path}/runs.db",
+        STREAMSVC_RUN_GRACE_CONNECTOR_SECONDS=str(grace),
+    )
+    async with httpx.AsyncClient(timeout=60) as first:
+        response, got = await read(
+            first,
+            "POST",
+            server.url + "/execute-connector",
+            json=body(SLEEPER) | {"stream": True},
+            stop=lambda got: "started" in text_of(got),
+        )
+    run_id, last = response.headers["x-run-id"], got[-1].id or ""
+    # One connection (keep-alive: one worker) whose worker runs no sandbox: the other one.
+    for _ in range(40):
+        other = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=1))
+        health = (await other.get(server.url + "/health")).json()
+        if health["components"]["sandbox"]["running"] == 0:
+            break
+        await other.aclose()
+    else:
+        raise AssertionError("no connection reached the worker not running the run")
+    following: list[Frame] = []
+
+    def keep(got: list[Frame]) -> bool:
+        following[:] = got
+        return False  # read on until cut
+
+    try:
+        with anyio.move_on_after(grace * 2 + 1):  # past the grace, then once more
+            await read(
+                other,
+                "GET",
+                f"{server.url}/runs/{run_id}/events",
+                headers={"Last-Event-ID": last},
+                stop=keep,
+            )
+        assert not [f for f in following if f.name == "error"], [f.data for f in following]
+        record = (await other.get(f"{server.url}/runs/{run_id}")).json()
+        assert record["status"] == "running", record
+        cancelled = await other.post(f"{server.url}/runs/{run_id}/cancel")
+        assert cancelled.json()["status"] == "cancelled", cancelled.text
+    finally:
+        await other.aclose()

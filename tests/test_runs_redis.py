@@ -85,7 +85,9 @@ async def test_a_stream_started_on_one_node_resumes_on_another(
 
     health = (await client.get(f"{node_b.url}/health")).json()
     assert health["components"]["runs"]["state"] == "ready", health
-    assert health["components"]["runs"]["store"] == "redis" and health["status"] == "ok"
+    assert health["components"]["runs"]["store"] == "redis"
+    # Chat needs no executor; connector runs would wait for one: only the queue says so.
+    assert health["components"]["queue"]["reason"] == "no executor seen", health
     record = (await client.get(f"{node_b.url}/runs/{run_id}")).json()
     assert record["status"] == "completed" and record["last_event_id"] == len(ids), record
     assert record["result"]["content"] == "".join(words)

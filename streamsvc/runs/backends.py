@@ -1,7 +1,7 @@
 """Which run store a URL names, and the key of the runs' read tokens.
 
 ``STREAMSVC_RUN_STORE`` is ``memory://``, ``sqlite:////abs/path.db`` or ``redis://``; the token
-key is a setting, a key file beside the SQLite store, or one per process.
+key is a setting, one key kept in Redis, a key file beside the SQLite store, or one per process.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 from streamsvc.runs.memory import MemoryStore
 from streamsvc.runs.redis import RedisRunStore
@@ -29,14 +32,35 @@ def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | Re
     raise ValueError(f"unsupported run store {url!r}")
 
 
-def load_secret(settings: RunSettings) -> bytes:
-    """The read tokens' HMAC key: the setting, else a key file beside the SQLite store (made
-    once, mode 0600, so tokens survive a restart as runs do), else one per process."""
+async def load_secret(settings: RunSettings, store: object = None) -> bytes:
+    """The read tokens' HMAC key: the setting, else with the Redis ``store`` one key kept in
+    Redis (made once, shared by every node and executor), else a key file beside the SQLite
+    store (made once, mode 0600, so tokens survive a restart as runs do), else one per process."""
     if settings.token_secret:
         return settings.token_secret.encode()
+    if isinstance(store, RedisRunStore):
+        return await _shared_secret(store)
     if not settings.store.startswith("sqlite:///"):
         return secrets.token_bytes(32)
-    path = Path(settings.store.removeprefix("sqlite:///")).parent / "token.key"
+    return await anyio.to_thread.run_sync(_key_file, settings.store)
+
+
+async def _shared_secret(store: RedisRunStore) -> bytes:
+    """``SET NX`` of a random key under the store's prefix, then whichever key won."""
+    redis, key = store.client, store.key("token-key")
+
+    async def run() -> Any:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, secrets.token_bytes(32), nx=True)
+            pipe.get(key)
+            return await pipe.execute()
+
+    _, value = await store.call(run)
+    return bytes(value)
+
+
+def _key_file(url: str) -> bytes:
+    path = Path(url.removeprefix("sqlite:///")).parent / "token.key"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -42,7 +42,12 @@ async def open_queue(settings: Settings) -> tuple[RedisRunStore, RunQueue]:
     await store.open()
     store.queued_kinds = frozenset({"connector"})
     runs = settings.runs
-    queue = RunQueue(store, capacity=runs.queue_capacity, lease_seconds=runs.lease_seconds)
+    queue = RunQueue(
+        store,
+        capacity=runs.queue_capacity,
+        lease_seconds=runs.lease_seconds,
+        wait_seconds=runs.queue_wait_seconds,
+    )
     await queue.open()
     return store, queue
 
@@ -62,7 +67,7 @@ async def serve_executor(settings: Settings) -> None:
             raise SettingsError(f"{name}: the Docker engine does not answer ({exc})") from None
         await stack.enter_async_context(store.writer())
         sandbox = await stack.enter_async_context(DockerSandbox(docker, settings.sandbox))
-        secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
+        secret = await load_secret(settings.runs, store)
         manager = await stack.enter_async_context(RunManager(store, settings.runs, secret))
         await Executor(settings, queue, manager, sandbox).serve()
 

@@ -19,22 +19,47 @@ import msgspec
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from streamsvc.errors import Busy, RunStoreUnavailable
+from streamsvc.errors import Busy, QueueTimeout, RunStoreUnavailable
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import RunRecord
 
 GROUP = "executors"
 log = logging.getLogger("streamsvc.runs")
 
-# KEYS: queue, env key. ARGV: capacity, run id, payload, env values (JSON, '' for none),
-# their ttl. Nil when full (entries live until acked); the env values only when queued.
+# KEYS: queue, env key, record hash. ARGV: capacity, run id, payload, env values (JSON, ''
+# for none), their ttl. Nil when full (entries live until acked); the env values only when
+# queued. The entry id is kept in the record, so a retry after a lost answer queues once.
 _ENQUEUE = """
+local queued = redis.call('HGET', KEYS[3], 'entry')
+if queued then return string.sub(queued, 2, -2) end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
-return redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
+local entry = redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
+redis.call('HSET', KEYS[3], 'entry', '"' .. entry .. '"')
+return entry
 """
-#: Longest a queued run's env values wait in Redis for an executor (then the run fails).
-ENV_TTL_SECONDS = 3600
+#: Seconds a queued run's env values outlive its wait bound (the reaper withdraws it first).
+ENV_TTL_MARGIN = 60
+# KEYS: record hash, env key. ARGV: executor (JSON). The hand-off to an executor: it wins
+# the record's ``claim`` field (HSETNX; ``withdraw`` sets it too) only while the run is queued
+# and named no executor; a deleted record is not re-created. {1, record, env} or {0}.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= '"queued"' or redis.call('HGET', KEYS[1], 'executor') ~= 'null'
+   or redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  return {0}
+end
+redis.call('HSET', KEYS[1], 'executor', ARGV[1])
+return {1, redis.call('HGETALL', KEYS[1]), redis.call('GETDEL', KEYS[2])}
+"""
+# KEYS: record hash. ARGV: the claim's value (false: no executor's). ``take``'s rival: 1 if
+# the run is withdrawn.
+_WITHDRAW = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"queued"'
+   or redis.call('HGET', KEYS[1], 'executor') ~= 'null' then return 0 end
+return redis.call('HSETNX', KEYS[1], 'claim', ARGV[1])
+"""
 # KEYS: queue. ARGV: group, executor, entry ids. Renews the entries this executor still
 # owns (their idle time restarts) and returns the ids it lost to a reaper.
 _HEARTBEAT = """
@@ -76,20 +101,30 @@ class RunQueue:
 
     ``capacity`` bounds queued plus running runs across the cluster (past it: ``Busy``, 429);
     ``lease_seconds`` is how long an executor may go without a heartbeat before its runs are
-    ended ``executor_lost`` by whoever calls ``reap``.
+    ended ``executor_lost`` by whoever calls ``reap``; ``wait_seconds`` how long a run may
+    wait untaken before ``reap`` withdraws it (``failed``, ``queue_timeout``).
     """
 
     def __init__(
-        self, store: RedisRunStore, *, capacity: int = 64, lease_seconds: float = 15.0
+        self,
+        store: RedisRunStore,
+        *,
+        capacity: int = 64,
+        lease_seconds: float = 15.0,
+        wait_seconds: float = 600.0,
     ) -> None:
         self._store = store
         self._redis = store.client
         self.capacity = capacity
         self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.wait_ms = max(1, int(wait_seconds * 1000))
+        self.env_ttl = int(wait_seconds) + ENV_TTL_MARGIN
         self._queue = store.key("queue")
         self._executors = store.key("executors")
         self._enqueue = self._redis.register_script(_ENQUEUE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._withdraw = self._redis.register_script(_WITHDRAW)
 
     async def open(self) -> None:
         """Create the consumer group (and the stream) unless they exist."""
@@ -112,8 +147,8 @@ class RunQueue:
         values (JSON), kept apart from the payload until an executor takes them.
         ``followed``: a reader here follows it at once (``RedisRunStore.create_with``)."""
         run_id = record.id
-        keys = [self._queue, self._env_key(run_id)]
-        args: list[int | str | bytes] = [self.capacity, run_id, payload, env, ENV_TTL_SECONDS]
+        keys = [self._queue, self._env_key(run_id), self._store.key(f"run:{run_id}")]
+        args: list[int | str | bytes] = [self.capacity, run_id, payload, env, self.env_ttl]
 
         async def enqueue(pipe: Pipeline) -> None:
             await self._enqueue(keys=keys, args=args, client=pipe)
@@ -126,7 +161,8 @@ class RunQueue:
 
     async def take(self, executor: str, block_seconds: float = 1.0) -> Taken | None:
         """The next queued run for ``executor`` (call only with a free slot), or None after
-        ``block_seconds``. The run's record names the executor from here on."""
+        ``block_seconds``. The run's record names the executor from here on; a run withdrawn
+        (or deleted, or ended) first comes with ``record`` None: ack it and skip it."""
         block = max(1, int(block_seconds * 1000))
         try:
             read = await self._store.call(
@@ -144,24 +180,24 @@ class RunQueue:
             return None
         entry_id, fields = read[0][1][0]
         run_id = fields[b"run"].decode()
-        record_key = self._store.key(f"run:{run_id}")
-
-        async def claim() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hset(record_key, "executor", msgspec.json.encode(executor))
-                pipe.hgetall(record_key)
-                pipe.getdel(self._env_key(run_id))
-                return await pipe.execute()
-
-        _, raw, env = await self._store.call(claim)
+        keys = [self._store.key(f"run:{run_id}"), self._env_key(run_id)]
+        args = [msgspec.json.encode(executor)]
+        won = await self._store.call(lambda: self._claim(keys=keys, args=args))
+        if won[0] != 1:
+            return Taken(entry_id.decode(), run_id, fields[b"payload"])
+        raw = dict(zip(won[1][::2], won[1][1::2], strict=True))
+        env = won[2] if len(won) > 2 else None
         record = RedisRunStore.decode_record(raw)
         return Taken(entry_id.decode(), run_id, fields[b"payload"], record, env)
 
     async def withdraw(self, run_id: str, error: dict[str, Any]) -> bool:
         """End a run no executor took yet (cancelled, or waited too long): its entry and env
-        values leave the queue. False if it had ended, or an executor has it now."""
-        record = await self._store.get(run_id)
-        if record is None or record.status != "queued" or record.executor is not None:
+        values leave the queue. False if it had ended, or an executor has it now (of this and
+        ``take``, exactly one wins: the record's ``claim`` field; the loser's caller asks that
+        executor to cancel it instead)."""
+        keys = [self._store.key(f"run:{run_id}")]
+        won = await self._store.call(lambda: self._withdraw(keys=keys, args=[b"false"]))
+        if won != 1:
             return False
         # The stream holds at most ``capacity`` entries: one bounded read finds the run's.
         entries = await self._store.call(
@@ -216,8 +252,40 @@ class RunQueue:
         await self._store.call(run)
 
     async def reap(self, reaper: str) -> list[str]:
-        """End the runs whose executor's lease lapsed (``interrupted``, ``executor_lost``);
-        each is claimed first, so of several noticers one ends it. Returns their run ids."""
+        """End the runs whose executor's lease lapsed (``interrupted``, ``executor_lost``;
+        each is claimed first, so of several noticers one ends it), then withdraw those that
+        waited untaken past ``wait_seconds``. Returns their run ids."""
+        ended = await self._reap_lapsed(reaper)
+        return ended + await self._withdraw_waiting()
+
+    async def _withdraw_waiting(self) -> list[str]:
+        """Withdraw (``failed``, ``queue_timeout``) the runs queued longer than the wait bound:
+        entries no executor was given yet (after the group's last delivered id), whose ids
+        begin with the time they were queued."""
+        groups = await self._store.call(lambda: self._redis.xinfo_groups(self._queue))
+        delivered = next(
+            (g["last-delivered-id"] for g in groups if g["name"] == GROUP.encode()), b"0-0"
+        )
+        cutoff = int(time.time() * 1000) - self.wait_ms
+        if cutoff <= int(delivered.split(b"-")[0]):
+            return []
+        start = b"(" + delivered
+        entries = await self._store.call(
+            lambda: self._redis.xrange(self._queue, start, cutoff, count=self.capacity)
+        )
+        error = {
+            "code": QueueTimeout.code,
+            "message": f"no executor took the run within {self.wait_ms / 1000:g} s "
+            "(STREAMSVC_QUEUE_WAIT_SECONDS)",
+        }
+        withdrawn = []
+        for _, fields in entries:
+            run_id = fields[b"run"].decode()
+            if await self.withdraw(run_id, error):
+                withdrawn.append(run_id)
+        return withdrawn
+
+    async def _reap_lapsed(self, reaper: str) -> list[str]:
         stale = await self._store.call(
             lambda: self._redis.xpending_range(
                 self._queue, GROUP, "-", "+", 100, idle=self.lease_ms
@@ -250,7 +318,7 @@ class RunQueue:
                 try:
                     ended = await self.reap(name)
                     if ended:
-                        log.warning("%d run(s) ended executor_lost", len(ended))
+                        log.warning("%d run(s) ended: lease lapsed or waited too long", len(ended))
                 except RunStoreUnavailable as exc:
                     log.warning("reaping lapsed leases failed (%s)", exc)
                 await anyio.sleep(every)
@@ -264,20 +332,23 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running); an empty list: no run will start."""
+        leases (last heartbeat, slots, running); none: ``degraded``, no run will start."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
                 seen = await self.executors(2 * self.lease_ms / 1000)
         except (RunStoreUnavailable, TimeoutError) as exc:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
-        return {
-            "state": "ready",
+        report = {
+            "state": "ready" if seen else "degraded",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
             "executors": msgspec.to_builtins(seen),
         }
+        if not seen:
+            report["reason"] = "no executor seen"
+        return report
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
         """Executors that heartbeat within the last ``within`` seconds."""

@@ -50,6 +50,9 @@ POLL_SECONDS = 0.2
 PAGE = 64
 #: Seconds between two looks for cancels another worker process asked of this one.
 CANCEL_POLL = 0.25
+#: Seconds between two marks of a reader following a run another process executes; a mark
+#: counts for three (``read_elsewhere``: the running process does not abandon the run).
+READER_MARK = 1.0
 FIRST_PAGE = 2
 
 SCHEMA = """
@@ -64,6 +67,9 @@ CREATE INDEX IF NOT EXISTS runs_finished ON runs (finished_at);
 CREATE TABLE IF NOT EXISTS cancels (
     run_id TEXT NOT NULL, executor TEXT NOT NULL, asked_at REAL NOT NULL,
     PRIMARY KEY (run_id, executor)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readers (
+    run_id TEXT PRIMARY KEY, seen REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, last_id INTEGER NOT NULL, events BLOB NOT NULL,
@@ -342,6 +348,7 @@ class SqliteStore:
                 yield event
             return
         limit = FIRST_PAGE  # a small first page: the first event comes back quickly
+        marked = -READER_MARK
         while True:
             read = functools.partial(_events, run_id=run_id, after=after, limit=limit)
             record, rows = await self._read(read)
@@ -357,6 +364,9 @@ class SqliteStore:
             if len(rows) < limit:
                 if record.status in FINISHED:
                     return
+                if time.monotonic() - marked >= READER_MARK:  # "a reader is here" (not waited)
+                    marked = time.monotonic()
+                    self._submit(functools.partial(_mark_reader, run_id=run_id, at=time.time()))
                 await anyio.sleep(POLL_SECONDS)  # run by another process: poll the file
             limit = PAGE
 
@@ -437,7 +447,11 @@ class SqliteStore:
         return dead
 
     async def read_elsewhere(self, run_id: str) -> bool:
-        return False  # a reader in another worker process is not seen (docs/architecture.md)
+        """Whether a reader in another worker process followed the run lately (its mark)."""
+        since = time.time() - 3 * READER_MARK
+        query = "SELECT 1 FROM readers WHERE run_id = ? AND seen >= ?"
+        found = await self._read(lambda c: c.execute(query, (run_id, since)).fetchone())
+        return found is not None
 
     async def request_cancel(self, run_id: str, executor: str) -> int:
         """A row the process ``executor`` polls for (``cancels``); 0 when it is gone."""
@@ -557,9 +571,14 @@ def _find(
     return [_record(row) for row in rows]
 
 
+def _mark_reader(conn: sqlite3.Connection, run_id: str, at: float) -> None:
+    conn.execute("INSERT OR REPLACE INTO readers VALUES (?, ?)", (run_id, at))
+
+
 def _delete(conn: sqlite3.Connection, run_ids: list[str]) -> None:
     for run_id in run_ids:
         conn.execute("DELETE FROM chunks WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM files WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         conn.execute("DELETE FROM cancels WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM readers WHERE run_id = ?", (run_id,))

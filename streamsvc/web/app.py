@@ -139,7 +139,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
                 await stack.enter_async_context(store.writer())
             queue = await _open_queue(store, settings.runs, stack)
             sandbox = None if queue else await _start_sandbox(settings.sandbox, stack, metrics)
-            secret = await anyio.to_thread.run_sync(load_secret, settings.runs)
+            secret = await load_secret(settings.runs, store)
             # Entered last, so it ends first: running runs are interrupted (their containers
             # removed, upstream calls closed) while the sandbox and the store are still open.
             runs = await stack.enter_async_context(RunManager(store, settings.runs, secret))
@@ -232,7 +232,12 @@ async def _open_queue(
     if not isinstance(store, RedisRunStore):
         return None
     store.queued_kinds = frozenset({"connector"})
-    queue = RunQueue(store, capacity=settings.queue_capacity, lease_seconds=settings.lease_seconds)
+    queue = RunQueue(
+        store,
+        capacity=settings.queue_capacity,
+        lease_seconds=settings.lease_seconds,
+        wait_seconds=settings.queue_wait_seconds,
+    )
     await queue.open()
     await stack.enter_async_context(queue.reaper(executor_name(), settings.heartbeat_seconds))
     return queue

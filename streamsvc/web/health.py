@@ -63,7 +63,7 @@ async def not_ready(found: Services) -> list[str]:
     if found.settings.chat.configured and found.chat is None:
         reasons.append("chat: configured, but its upstream client is not open")
     if found.queue is not None:
-        pass  # connector runs go to executors; /health lists them
+        pass  # connector runs go to executors; none seen is /health's "degraded", not this
     elif found.sandbox is None:
         reasons.append("sandbox: not started")
     else:
