@@ -252,15 +252,30 @@ def report(
     cpu_rows = [[p, *(f"{cpu[ph][p] * ms:.1f}" for ph in phases)] for p in parts]
     cpu_rows.append(["all (machine busy)", *(f"{sum(cpu[ph].values()) * ms:.1f}" for ph in phases)])
     rate_rows = [[ph, f"{rates[ph]:.1f}", f"{busy[ph]:.0%}"] for ph in phases]
-    # The model: an execution host pays the executor, its engine and the sandboxes; the API
-    # nodes and Redis pay the rest and scale apart (Redis: one core).
-    last = cpu[phases[-1]]
+    # The model: an execution host (one executor, one engine: the first phase) pays the
+    # executor, its engine and the sandboxes; API nodes and Redis scale apart (Redis: a core).
+    last = cpu[phases[0]]
     host = last["executors"] + last["Docker engines"] + last["the rest (sandboxes, kernel)"]
     cores = os.cpu_count() or 1
     per_host = cores / host
     api_cap = cores / last["API node"] if last["API node"] else float("inf")
     redis_cap = 1 / last["Redis"] if last["Redis"] > 0 else float("inf")
     model_rows = [[str(n), f"{n * per_host:.0f}"] for n in HOSTS]
+    first, second = phases[0], phases[-1]
+    sandbox = last["the rest (sandboxes, kernel)"] / sum(last.values())
+    limit = (
+        f"With {first} the machine was {busy[first]:.0%} busy, so what limits runs/s here is"
+        f" CPU, not the engine, Redis or the slots: {sandbox:.0%} of a run's CPU goes to the"
+        " sandboxes' own processes and the kernel (a new warm container per run: runc, the"
+        " runner's start and preload) and most of the rest to the Docker engines. A second"
+        " executor on the same CPUs brings a second engine but no CPU"
+        f" ({sum(cpu[first].values()) * ms:.0f} against {sum(cpu[second].values()) * ms:.0f}"
+        f" CPU ms per run, {rates[first]:.1f} against {rates[second]:.1f} runs/s): on one"
+        " machine, one executor is enough; executors pay off with hosts."
+        if busy[first] >= 0.9
+        else f"With {first} the machine was only {busy[first]:.0%} busy: the limit here is"
+        " the executor's slots or its engine, not CPU; a second executor adds both."
+    )
     facts = machine_facts()
     lines = [
         "`python -m benchmarks.executors` (issue 16).",
@@ -282,6 +297,8 @@ def report(
         *markdown_table(["executors", "runs/s", "machine busy"], "lrr", rate_rows),
         "",
         *markdown_table(["CPU ms per run", *phases], "l" + "r" * len(phases), cpu_rows),
+        "",
+        limit,
         "",
         f"Model for N execution hosts like this one ({cores} CPUs each, API nodes and Redis"
         f" elsewhere): a host's runs cost {host * ms:.0f} CPU ms each (executor, engine,"
