@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from tests.harness import (
+    EngineProxy,
     ExecutorProcess,
     PrivateRedis,
     ServerProcess,
@@ -301,6 +302,50 @@ def bad_executor(env: dict[str, str]) -> tuple[int, str]:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     return done.returncode, done.stderr
+
+
+async def test_an_executor_whose_engine_goes_away_takes_nothing_and_health_says_so(
+    cluster: Cluster, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The engine behind a socket the test can cut: while it is away the executor keeps
+    heartbeating, takes no run (it would fail) and /health names it; back, it takes again."""
+    proxy = EngineProxy(tmp_path / "docker.sock")
+    proxy.start()
+    try:
+        node = cluster.node()
+        executor = cluster.executor(proxy.url)
+        first = await client.post(node.url + "/execute-connector", json=program(LINES), timeout=60)
+        assert first.status_code == 200 and first.json()["ok"], first.text
+        proxy.stop()
+
+        async def engine_down() -> Any:
+            queue = (await client.get(node.url + "/health")).json()["components"]["queue"]
+            return queue if queue["state"] == "degraded" else None
+
+        queue = await wait_for(engine_down, 20, "/health shows the engine away")
+        assert executor.name in queue["reason"] and "engine" in queue["reason"], queue
+        assert [e["engine"] for e in queue["executors"]] == ["unavailable"], queue
+        await anyio.sleep(1.0)  # past the take already waiting (its block: 0.5 s)
+        accepted = await client.post(
+            node.url + "/execute-connector", json=program(LINES, background=True)
+        )
+        assert accepted.status_code == 202, accepted.text
+        run_url = f"{node.url}/runs/{accepted.json()['id']}"
+        await anyio.sleep(2 * float(SETTINGS["STREAMSVC_HEARTBEAT_SECONDS"]) + 1)
+        waiting = (await client.get(run_url)).json()
+        assert (waiting["status"], waiting["executor"]) == ("queued", None), waiting
+        proxy.start()
+
+        async def completed() -> Any:
+            record = (await client.get(run_url)).json()
+            return record if record["status"] not in ("queued", "running") else None
+
+        record = await wait_for(completed, 40, "the run taken once the engine is back")
+        assert record["status"] == "completed" and record["executor"] == executor.name, record
+        health = (await client.get(node.url + "/health")).json()
+        assert health["components"]["queue"]["executors"][0]["engine"] == "ready", health
+    finally:
+        proxy.stop()
 
 
 def test_bad_settings_stop_an_executor_with_one_line_naming_the_setting(

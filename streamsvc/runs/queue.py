@@ -94,6 +94,8 @@ class ExecutorSeen(msgspec.Struct, frozen=True):
     last_heartbeat: float
     slots: int
     running: int
+    #: Its Docker engine as it last looked: ``ready``, or ``unavailable`` (it takes nothing).
+    engine: str = "ready"
 
 
 class RunQueue:
@@ -222,11 +224,17 @@ class RunQueue:
         await self._store.call(lambda: self._redis.delete(key))
 
     async def heartbeat(
-        self, executor: str, entries: Sequence[str], *, slots: int, running: int
+        self,
+        executor: str,
+        entries: Sequence[str],
+        *,
+        slots: int,
+        running: int,
+        engine: str = "ready",
     ) -> list[str]:
-        """Renew the leases of ``entries`` and say the executor is alive; returns the
-        entries it lost (reaped as ``executor_lost``: kill their containers)."""
-        seen = ExecutorSeen(executor, time.time(), slots, running)
+        """Renew the leases of ``entries`` and say the executor is alive (and how its engine
+        is); returns the entries it lost (reaped as ``executor_lost``: kill their containers)."""
+        seen = ExecutorSeen(executor, time.time(), slots, running, engine)
         await self._store.call(
             lambda: self._redis.hset(self._executors, executor, msgspec.json.encode(seen))
         )
@@ -332,15 +340,17 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running); none: ``degraded``, no run will start."""
+        leases (last heartbeat, slots, running, engine); none, or one whose engine does not
+        answer: ``degraded`` (with none, no run will start)."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
                 seen = await self.executors(2 * self.lease_ms / 1000)
         except (RunStoreUnavailable, TimeoutError) as exc:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
+        down = [s.name for s in seen if s.engine != "ready"]
         report = {
-            "state": "ready" if seen else "degraded",
+            "state": "degraded" if down or not seen else "ready",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
@@ -348,6 +358,8 @@ class RunQueue:
         }
         if not seen:
             report["reason"] = "no executor seen"
+        elif down:  # the others still take runs
+            report["reason"] = f"Docker engine unavailable on executor(s): {', '.join(down)}"
         return report
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
