@@ -18,9 +18,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamsvc.errors import Busy
+from streamsvc.runs.manager import RunManager
 from streamsvc.runs.queue import RunQueue, Taken
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import RunRecord, StoredEvent
+from streamsvc.settings import RunSettings
+from streamsvc.web.sse import Event
 from tests.harness import REDIS_URL
 
 pytestmark = pytest.mark.redis
@@ -253,3 +256,32 @@ async def test_a_run_nobody_takes_fails_queue_timeout_past_the_wait(store: Redis
     still = await store.get(taken_id)
     assert still is not None and still.status == "queued" and still.executor == "exec-a"
     assert await queue.reap("api-2") == []  # once
+
+
+async def test_a_cancel_heard_before_the_run_is_adopted_still_stops_it(
+    store: RedisRunStore,
+) -> None:
+    """The API node publishes a cancel as soon as the record names the executor, which may
+    be before that executor's manager adopted the run: the cancel must not be dropped."""
+    run = RunRecord(id=uuid.uuid4().hex, kind="connector", status="queued", created_at=1.0)
+    await store.create(run)
+    settings = RunSettings(connector_grace_seconds=5)
+    store.queued_kinds = frozenset({"connector"})  # as an executor's: queued runs are not ours
+    async with RunManager(store, settings, b"k", name="exec-early") as manager:
+        for _ in range(100):  # until the manager's subscription is up
+            if await store.request_cancel(run.id, "exec-early"):
+                break
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.2)  # heard, with no such run here yet
+        adopted = manager.adopt(run)
+        never = anyio.Event()
+
+        async def source() -> AsyncIterator[Event]:
+            await never.wait()
+            yield Event("done", {})
+
+        manager.start(adopted, source())
+        with anyio.fail_after(5):
+            await adopted.done.wait()
+    ended = await store.get(run.id)
+    assert ended is not None and ended.status == "cancelled", ended

@@ -59,6 +59,8 @@ _ENDINGS: dict[Reason, tuple[RunStatus, type[ServiceError], str]] = {
 MAX_LOG_EVENTS = 100_000
 #: Longest wait, on shutdown, for the runs to record their end.
 STOP_TIMEOUT = 10.0
+#: How long a cancel heard for a run not here yet is kept for its ``adopt``.
+EARLY_CANCEL_SECONDS = 30.0
 
 
 class StoredFrame(sse.Event, frozen=True):
@@ -114,6 +116,8 @@ class RunManager:
         self._held = Held(settings.max_active_runs, settings.max_active_runs_per_key)
         self._tasks: TaskGroup | None = None
         self._pruning = anyio.CancelScope()
+        #: Cancels heard for runs not here (yet), oldest first: run id -> when.
+        self._early_cancels: dict[str, float] = {}
 
     async def __aenter__(self) -> RunManager:
         interrupted = await self.store.interrupt_unfinished(executor_alive)
@@ -131,6 +135,12 @@ class RunManager:
             run = self._runs.get(run_id)
             if run is not None:
                 run.stop("cancelled")
+            else:  # an executor may hear it between its take and its adopt: kept a while
+                now = time.monotonic()
+                self._early_cancels[run_id] = now
+                for seen, at in list(self._early_cancels.items()):
+                    if now - at > EARLY_CANCEL_SECONDS or len(self._early_cancels) > 1024:
+                        del self._early_cancels[seen]
 
     async def __aexit__(
         self,
@@ -207,6 +217,8 @@ class RunManager:
         run = Run(record.id, record.kind, record.background, grace, record.owner)
         self._held.hold(record.owner)  # released with the run (its slots bound how many)
         self._runs[record.id] = run
+        if self._early_cancels.pop(record.id, None) is not None:
+            run.stop("cancelled")  # heard before it was ours: it ends before it starts
         return run
 
     def start(self, run: Run, source: AsyncIterator[sse.Event]) -> None:
