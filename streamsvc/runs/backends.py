@@ -1,4 +1,4 @@
-"""Which run store a URL names, and the key of the runs' read tokens.
+"""Which run store a URL names, the queue it brings (Redis), and the read tokens' key.
 
 ``STREAMSVC_RUN_STORE`` is ``memory://``, ``sqlite:////abs/path.db`` or ``redis://``; the token
 key is a setting, one key kept in Redis, a key file beside the SQLite store, or one per process.
@@ -14,12 +14,14 @@ from typing import Any
 import anyio
 
 from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.queue import RunQueue
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.sqlite import SqliteStore
+from streamsvc.runs.store import RunStore
 from streamsvc.settings import RunSettings
 
 
-def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | RedisRunStore:
+def open_store(url: str, retention: float = 0) -> RunStore:
     """``memory://``, ``sqlite:////absolute/path.db`` (SQLAlchemy's form) or ``redis://`` /
     ``rediss://`` (Redis expires a finished run's events after ``retention``, its record
     after twice that, as ``prune`` does)."""
@@ -32,7 +34,22 @@ def open_store(url: str, retention: float = 0) -> MemoryStore | SqliteStore | Re
     raise ValueError(f"unsupported run store {url!r}")
 
 
-async def load_secret(settings: RunSettings, store: object = None) -> bytes:
+def queue_for(store: RunStore, settings: RunSettings) -> RunQueue | None:
+    """With the Redis store, the queue that takes connector runs to executors (its unfinished
+    runs of that kind are then the queue's, not ``interrupt_unfinished``'s); with an
+    embedded store none: this process runs them."""
+    if not isinstance(store, RedisRunStore):
+        return None
+    store.queued_kinds = frozenset({"connector"})
+    return RunQueue(
+        store,
+        capacity=settings.queue_capacity,
+        lease_seconds=settings.lease_seconds,
+        wait_seconds=settings.queue_wait_seconds,
+    )
+
+
+async def load_secret(settings: RunSettings, store: RunStore | None = None) -> bytes:
     """The read tokens' HMAC key: the setting, else with the Redis ``store`` one key kept in
     Redis (made once, shared by every node and executor), else a key file beside the SQLite
     store (made once, mode 0600, so tokens survive a restart as runs do), else one per process."""

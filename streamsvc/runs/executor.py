@@ -19,7 +19,7 @@ from anyio.abc import TaskGroup
 from streamsvc.connectors.events import connector_events, transcript_for
 from streamsvc.connectors.request import decode_request, plan_off_loop
 from streamsvc.errors import RunStoreUnavailable, SandboxError, SandboxFailed
-from streamsvc.runs.backends import load_secret, open_store
+from streamsvc.runs.backends import load_secret, open_store, queue_for
 from streamsvc.runs.manager import STOP_TIMEOUT, Run, RunManager
 from streamsvc.runs.queue import RunQueue, Taken
 from streamsvc.runs.redis import SETTING, RedisRunStore
@@ -40,16 +40,9 @@ async def open_queue(settings: Settings) -> tuple[RedisRunStore, RunQueue]:
     if not url.startswith(("redis://", "rediss://")):
         raise SettingsError(f"{SETTING}={url}: an executor needs a redis:// or rediss:// store")
     store = open_store(url, settings.runs.retention_seconds)
-    assert isinstance(store, RedisRunStore)
     await store.open()
-    store.queued_kinds = frozenset({"connector"})
-    runs = settings.runs
-    queue = RunQueue(
-        store,
-        capacity=runs.queue_capacity,
-        lease_seconds=runs.lease_seconds,
-        wait_seconds=runs.queue_wait_seconds,
-    )
+    queue = queue_for(store, settings.runs)
+    assert isinstance(store, RedisRunStore) and queue is not None
     await queue.open()
     return store, queue
 

@@ -31,7 +31,6 @@ from streamsvc.errors import (
     ServiceError,
 )
 from streamsvc.runs.live import Held
-from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import (
     FILES_EVENT,
     RunKind,
@@ -211,8 +210,7 @@ class RunManager:
 
     def adopt(self, record: RunRecord) -> Run:
         """A queued run created by another node, executed here (``runs.executor``)."""
-        if isinstance(self.store, RedisRunStore):
-            self.store.adopt(msgspec.structs.replace(record, executor=self.executor))
+        self.store.adopt(msgspec.structs.replace(record, executor=self.executor))
         grace = self.settings.connector_grace_seconds
         run = Run(record.id, record.kind, record.background, grace, record.owner)
         self._held.hold(record.owner)  # released with the run (its slots bound how many)

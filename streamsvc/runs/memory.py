@@ -6,7 +6,9 @@ For tests, benchmarks and deployments that want no state on disk.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -103,6 +105,18 @@ class MemoryStore:
                 self._active.logs[record.id].events.clear()
                 touched += 1
         return touched
+
+    async def open(self) -> None:
+        pass
+
+    def writer(self) -> AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+    async def health(self) -> dict[str, Any] | None:
+        return None
+
+    def adopt(self, record: RunRecord) -> None:
+        raise NotImplementedError("runs are queued for executors on the Redis store only")
 
     async def aclose(self) -> None:
         pass

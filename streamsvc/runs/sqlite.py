@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -503,6 +504,15 @@ class SqliteStore:
 
         await self._write(prune)
         return touched[0]
+
+    def writer(self) -> AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # its writer thread batches already
+
+    async def health(self) -> dict[str, Any] | None:
+        return None
+
+    def adopt(self, record: RunRecord) -> None:
+        raise NotImplementedError("runs are queued for executors on the Redis store only")
 
     async def aclose(self) -> None:
         if self._writer.is_alive():

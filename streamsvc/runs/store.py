@@ -1,12 +1,13 @@
 """The run store protocol: a record and an append-only event log per run.
 
-Backends (memory, SQLite, later a shared one) implement ``RunStore``; endpoints see only this.
+Backends (memory, SQLite, Redis) implement ``RunStore``; endpoints see only this.
 The rule: event ids are per-run integers 1..n, appended once each, in order; secrets never stored.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -69,6 +70,21 @@ class RunFile(msgspec.Struct, frozen=True):
 
 class RunStore(Protocol):
     """A run store. Every method is bounded; ``follow`` ends after the terminal event."""
+
+    async def open(self) -> None:
+        """Check and prepare it (a ``SettingsError`` naming the setting when unusable)."""
+
+    def writer(self) -> AbstractAsyncContextManager[None]:
+        """While inside (the app's lifespan), writes of the runs executed here may be batched
+        behind their callers; everything held is written on leaving."""
+        ...
+
+    async def health(self) -> dict[str, Any] | None:
+        """``/health``'s ``runs`` component, or None when there is nothing to report."""
+        ...
+
+    def adopt(self, record: RunRecord) -> None:
+        """A run created by another process (queued) that this one now executes."""
 
     async def create(self, record: RunRecord) -> None: ...
 

@@ -33,12 +33,10 @@ from streamsvc.errors import (
     UnsupportedMediaType,
 )
 from streamsvc.runs import endpoint as runs_endpoint
-from streamsvc.runs.backends import load_secret, open_store
+from streamsvc.runs.backends import load_secret, open_store, queue_for
 from streamsvc.runs.manager import RunManager
 from streamsvc.runs.queue import RunQueue
-from streamsvc.runs.redis import RedisRunStore
-from streamsvc.runs.sqlite import SqliteStore
-from streamsvc.runs.store import executor_name
+from streamsvc.runs.store import RunStore, executor_name
 from streamsvc.sandbox.types import Sandbox
 from streamsvc.settings import RunSettings, SandboxSettings, Settings
 from streamsvc.web.auth import ApiKeyMiddleware
@@ -132,11 +130,9 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
                 provider = create_provider(settings.chat, observer=metrics)
                 stack.push_async_callback(provider.aclose)
             store = open_store(settings.runs.store, settings.runs.retention_seconds)
-            if isinstance(store, SqliteStore | RedisRunStore):
-                await store.open()
+            await store.open()
             stack.push_async_callback(store.aclose)
-            if isinstance(store, RedisRunStore):  # its write-behind task, flushed before aclose
-                await stack.enter_async_context(store.writer())
+            await stack.enter_async_context(store.writer())  # flushed before aclose
             queue = await _open_queue(store, settings.runs, stack)
             sandbox = None if queue else await _start_sandbox(settings.sandbox, stack, metrics)
             secret = await load_secret(settings.runs, store)
@@ -225,19 +221,13 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> Starlette:
 
 
 async def _open_queue(
-    store: object, settings: RunSettings, stack: contextlib.AsyncExitStack
+    store: RunStore, settings: RunSettings, stack: contextlib.AsyncExitStack
 ) -> RunQueue | None:
     """With the Redis store, connector runs go to executors through its queue (issue 16);
     this node reaps lapsed leases. None with the embedded stores (this process runs them)."""
-    if not isinstance(store, RedisRunStore):
+    queue = queue_for(store, settings)
+    if queue is None:
         return None
-    store.queued_kinds = frozenset({"connector"})
-    queue = RunQueue(
-        store,
-        capacity=settings.queue_capacity,
-        lease_seconds=settings.lease_seconds,
-        wait_seconds=settings.queue_wait_seconds,
-    )
     await queue.open()
     await stack.enter_async_context(queue.reaper(executor_name(), settings.heartbeat_seconds))
     return queue

@@ -13,7 +13,6 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from streamsvc.runs.redis import RedisRunStore
 from streamsvc.web.rendering import json_response
 from streamsvc.web.services import Services, services
 
@@ -42,8 +41,8 @@ async def health(request: Request) -> Response:
     components: dict[str, Any] = {"chat": chat}
     if found.sandbox is not None:
         components["sandbox"] = await found.sandbox.health()
-    if found.runs is not None and isinstance(found.runs.store, RedisRunStore):
-        components["runs"] = await found.runs.store.health()
+    if found.runs is not None and (report := await found.runs.store.health()) is not None:
+        components["runs"] = report
     if found.queue is not None:
         components["queue"] = await found.queue.health()
     healthy = all(c["state"] in {"configured", "ready"} for c in components.values())
