@@ -349,6 +349,42 @@ async def test_past_the_capacity_or_with_no_executor_a_run_is_busy(
     assert record["status"] == "failed" and record["error"]["code"] == "busy", record
 
 
+ALICE = {"authorization": "Bearer key-alice-0123456789"}
+BOB = {"x-api-key": "key-bob-0123456789"}
+
+
+async def test_one_key_cannot_fill_the_queue_through_two_nodes(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.env |= {
+        "STREAMSVC_API_KEYS": "key-alice-0123456789,key-bob-0123456789",
+        "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": "2",
+    }
+    nodes = [cluster.node(), cluster.node()]  # no executor: every run stays queued
+    url = "/execute-connector"
+    answers = [
+        await client.post(
+            nodes[i % 2].url + url, json=program(LINES, background=True), headers=ALICE
+        )
+        for i in range(3)
+    ]
+    assert [a.status_code for a in answers] == [202, 202, 429], [a.text for a in answers]
+    assert answers[2].json()["error"]["code"] == "too_many_runs"
+    assert answers[2].headers["retry-after"] == "1"
+    listed = (await client.get(nodes[0].url + "/runs", headers=ALICE)).json()["runs"]
+    assert len(listed) == 2, listed  # the refused run left no record
+    bob = await client.post(nodes[1].url + url, json=program(LINES, background=True), headers=BOB)
+    assert bob.status_code == 202, bob.text
+    cancelled = await client.post(
+        f"{nodes[1].url}/runs/{answers[0].json()['id']}/cancel", headers=ALICE
+    )
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+    again = await client.post(
+        nodes[0].url + url, json=program(LINES, background=True), headers=ALICE
+    )
+    assert again.status_code == 202, again.text  # an ended run frees its place
+
+
 SECRET = "env-value-7f3a9c"
 
 

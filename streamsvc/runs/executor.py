@@ -45,6 +45,7 @@ async def open_queue(settings: Settings) -> tuple[RedisRunStore, RunQueue]:
     queue = RunQueue(
         store,
         capacity=runs.queue_capacity,
+        per_key=runs.max_active_runs_per_key,
         lease_seconds=runs.lease_seconds,
         wait_seconds=runs.queue_wait_seconds,
     )

@@ -235,6 +235,7 @@ async def _open_queue(
     queue = RunQueue(
         store,
         capacity=settings.queue_capacity,
+        per_key=settings.max_active_runs_per_key,
         lease_seconds=settings.lease_seconds,
         wait_seconds=settings.queue_wait_seconds,
     )
