@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from streamsvc.runs.redis import MAX_READERS
 from tests.harness import (
     ExecutorProcess,
     PrivateRedis,
@@ -383,6 +384,47 @@ async def test_one_key_cannot_fill_the_queue_through_two_nodes(
         nodes[0].url + url, json=program(LINES, background=True), headers=ALICE
     )
     assert again.status_code == 202, again.text  # an ended run frees its place
+
+
+async def test_six_hundred_readers_of_one_run_leave_the_node_answering(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()  # no executor: the run stays queued, its readers block on Redis
+    run = (
+        await client.post(node.url + "/execute-connector", json=program(LINES, background=True))
+    ).json()
+    request = (
+        f"GET {run['events_url']} HTTP/1.1\r\nHost: 127.0.0.1:{node.url.rpartition(':')[2]}\r\n\r\n"
+    )
+    streams: list[tuple[anyio.abc.SocketStream, bytearray]] = []
+
+    async def reader() -> None:
+        stream = await anyio.connect_tcp("127.0.0.1", int(node.url.rpartition(":")[2]))
+        answer = bytearray()
+        streams.append((stream, answer))
+        await stream.send(request.encode())
+        answer += await stream.receive()
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                for _ in range(600):
+                    tasks.start_soon(reader)
+        await anyio.sleep(1.5)  # every admitted reader is in its blocking read
+        began = time.monotonic()
+        shown = await client.get(f"{node.url}/runs/{run['id']}")
+        health = (await client.get(node.url + "/health")).json()["components"]
+        took = time.monotonic() - began
+        for stream, answer in streams:  # a reader past the cap: 429, or a busy event
+            with anyio.move_on_after(0.01):
+                answer += await stream.receive()
+    finally:
+        for stream, _ in streams:
+            await stream.aclose()
+    assert shown.status_code == 200 and took < 1.0, (shown.text, took)
+    assert health["runs"]["state"] == "ready" and health["queue"]["state"] != "unavailable"
+    refused = [a for _, a in streams if a[9:12] == b"429" or b'"code":"busy"' in a]
+    assert len(streams) - len(refused) == MAX_READERS, (len(refused), streams[0][1][:300])
 
 
 SECRET = "env-value-7f3a9c"

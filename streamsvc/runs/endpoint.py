@@ -27,6 +27,7 @@ from streamsvc.errors import (
     ValidationFailed,
 )
 from streamsvc.runs.manager import STOP_TIMEOUT, RunManager, encode_frame
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.respond import manager_of
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
 from streamsvc.web import sse
@@ -193,6 +194,8 @@ async def run_events(request: Request) -> Response:
         if match is None or int(match.group()) > MAX_EVENT_ID:
             raise ValidationFailed("Last-Event-ID must be an event id", path="$.headers")
         after = int(match.group())
+    if isinstance(manager.store, RedisRunStore) and manager.running(run_id) is None:
+        manager.store.admit_reader()  # each holds a Redis connection while it waits
     server = found.settings.server
     return sse.event_response(
         None,
