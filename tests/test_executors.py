@@ -427,6 +427,26 @@ async def test_six_hundred_readers_of_one_run_leave_the_node_answering(
     assert len(streams) - len(refused) == MAX_READERS, (len(refused), streams[0][1][:300])
 
 
+async def test_concurrent_cancels_of_a_queued_run_all_answer_cancelled(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    nodes = [cluster.node(), cluster.node()]  # no executor: the run stays queued
+    answers: list[str] = []
+    for _ in range(3):
+        queued = await client.post(
+            nodes[0].url + "/execute-connector", json=program(LINES, background=True)
+        )
+
+        async def cancel(node: ServerProcess, run_id: str = queued.json()["id"]) -> None:
+            answer = await client.post(f"{node.url}/runs/{run_id}/cancel")
+            answers.append(answer.json()["status"])
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(10):
+                tasks.start_soon(cancel, nodes[i % 2])
+    assert answers == ["cancelled"] * 30, answers
+
+
 SECRET = "env-value-7f3a9c"
 
 
