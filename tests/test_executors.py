@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from streamsvc.runs.redis import MAX_READERS
 from tests.harness import (
     EngineProxy,
     ExecutorProcess,
@@ -392,6 +393,103 @@ async def test_past_the_capacity_or_with_no_executor_a_run_is_busy(
     assert time.monotonic() - waited < 5
     record = (await client.get(f"{node.url}/runs/{alone.headers['x-run-id']}")).json()
     assert record["status"] == "failed" and record["error"]["code"] == "busy", record
+
+
+ALICE = {"authorization": "Bearer key-alice-0123456789"}
+BOB = {"x-api-key": "key-bob-0123456789"}
+
+
+async def test_one_key_cannot_fill_the_queue_through_two_nodes(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    cluster.env |= {
+        "STREAMSVC_API_KEYS": "key-alice-0123456789,key-bob-0123456789",
+        "STREAMSVC_MAX_ACTIVE_RUNS_PER_KEY": "2",
+    }
+    nodes = [cluster.node(), cluster.node()]  # no executor: every run stays queued
+    url = "/execute-connector"
+    answers = [
+        await client.post(
+            nodes[i % 2].url + url, json=program(LINES, background=True), headers=ALICE
+        )
+        for i in range(3)
+    ]
+    assert [a.status_code for a in answers] == [202, 202, 429], [a.text for a in answers]
+    assert answers[2].json()["error"]["code"] == "too_many_runs"
+    assert answers[2].headers["retry-after"] == "1"
+    listed = (await client.get(nodes[0].url + "/runs", headers=ALICE)).json()["runs"]
+    assert len(listed) == 2, listed  # the refused run left no record
+    bob = await client.post(nodes[1].url + url, json=program(LINES, background=True), headers=BOB)
+    assert bob.status_code == 202, bob.text
+    cancelled = await client.post(
+        f"{nodes[1].url}/runs/{answers[0].json()['id']}/cancel", headers=ALICE
+    )
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+    again = await client.post(
+        nodes[0].url + url, json=program(LINES, background=True), headers=ALICE
+    )
+    assert again.status_code == 202, again.text  # an ended run frees its place
+
+
+async def test_six_hundred_readers_of_one_run_leave_the_node_answering(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    node = cluster.node()  # no executor: the run stays queued, its readers block on Redis
+    run = (
+        await client.post(node.url + "/execute-connector", json=program(LINES, background=True))
+    ).json()
+    request = (
+        f"GET {run['events_url']} HTTP/1.1\r\nHost: 127.0.0.1:{node.url.rpartition(':')[2]}\r\n\r\n"
+    )
+    streams: list[tuple[anyio.abc.SocketStream, bytearray]] = []
+
+    async def reader() -> None:
+        stream = await anyio.connect_tcp("127.0.0.1", int(node.url.rpartition(":")[2]))
+        answer = bytearray()
+        streams.append((stream, answer))
+        await stream.send(request.encode())
+        answer += await stream.receive()
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                for _ in range(600):
+                    tasks.start_soon(reader)
+        await anyio.sleep(1.5)  # every admitted reader is in its blocking read
+        began = time.monotonic()
+        shown = await client.get(f"{node.url}/runs/{run['id']}")
+        health = (await client.get(node.url + "/health")).json()["components"]
+        took = time.monotonic() - began
+        for stream, answer in streams:  # a reader past the cap: 429, or a busy event
+            with anyio.move_on_after(0.01):
+                answer += await stream.receive()
+    finally:
+        for stream, _ in streams:
+            await stream.aclose()
+    assert shown.status_code == 200 and took < 1.0, (shown.text, took)
+    assert health["runs"]["state"] == "ready" and health["queue"]["state"] != "unavailable"
+    refused = [a for _, a in streams if a[9:12] == b"429" or b'"code":"busy"' in a]
+    assert len(streams) - len(refused) == MAX_READERS, (len(refused), streams[0][1][:300])
+
+
+async def test_concurrent_cancels_of_a_queued_run_all_answer_cancelled(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
+    nodes = [cluster.node(), cluster.node()]  # no executor: the run stays queued
+    answers: list[str] = []
+    for _ in range(3):
+        queued = await client.post(
+            nodes[0].url + "/execute-connector", json=program(LINES, background=True)
+        )
+
+        async def cancel(node: ServerProcess, run_id: str = queued.json()["id"]) -> None:
+            answer = await client.post(f"{node.url}/runs/{run_id}/cancel")
+            answers.append(answer.json()["status"])
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(10):
+                tasks.start_soon(cancel, nodes[i % 2])
+    assert answers == ["cancelled"] * 30, answers
 
 
 SECRET = "env-value-7f3a9c"

@@ -44,6 +44,7 @@ def queue_for(store: RunStore, settings: RunSettings) -> RunQueue | None:
     return RunQueue(
         store,
         capacity=settings.queue_capacity,
+        per_key=settings.max_active_runs_per_key,
         lease_seconds=settings.lease_seconds,
         wait_seconds=settings.queue_wait_seconds,
     )

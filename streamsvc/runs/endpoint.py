@@ -27,6 +27,7 @@ from streamsvc.errors import (
     ValidationFailed,
 )
 from streamsvc.runs.manager import STOP_TIMEOUT, RunManager, encode_frame
+from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.respond import manager_of
 from streamsvc.runs.store import FINISHED, RunKind, RunRecord, RunStatus
 from streamsvc.web import sse
@@ -193,6 +194,8 @@ async def run_events(request: Request) -> Response:
         if match is None or int(match.group()) > MAX_EVENT_ID:
             raise ValidationFailed("Last-Event-ID must be an event id", path="$.headers")
         after = int(match.group())
+    if isinstance(manager.store, RedisRunStore) and manager.running(run_id) is None:
+        manager.store.admit_reader()  # each holds a Redis connection while it waits
     server = found.settings.server
     return sse.event_response(
         None,
@@ -253,8 +256,10 @@ async def cancel_run(request: Request) -> Response:
         if manager.running(run_id) is not None:
             await manager.cancel(run_id)
         elif record.executor is None and found.queue is not None:
-            if not await found.queue.withdraw(run_id, QUEUED_CANCEL):  # taken meanwhile
-                await _cancel_elsewhere(manager, await _visible(manager, run_id, record.owner))
+            if not await found.queue.withdraw(run_id, QUEUED_CANCEL):  # taken meanwhile,
+                latest = await _visible(manager, run_id, record.owner)  # or being withdrawn
+                if not await _cancel_elsewhere(manager, latest):
+                    await _ended(manager, run_id)
         elif not await _cancel_elsewhere(manager, record):
             raise RunElsewhere(f"run {run_id} is executed by another server process")
         record = await _visible(manager, run_id, record.owner)
@@ -268,13 +273,18 @@ async def _cancel_elsewhere(manager: RunManager, record: RunRecord) -> bool:
         return False
     if not await store.request_cancel(record.id, record.executor):
         return False
+    await _ended(manager, record.id)
+    return True
+
+
+async def _ended(manager: RunManager, run_id: str) -> None:
+    """Wait (bounded) until the run's end is stored, by whoever ends it."""
     with anyio.move_on_after(STOP_TIMEOUT):
         for _ in range(int(STOP_TIMEOUT / 0.05)):
-            ended = await store.get(record.id)
+            ended = await manager.store.get(run_id)
             if ended is None or ended.status in FINISHED:
                 break
             await anyio.sleep(0.05)
-    return True
 
 
 async def delete_run(request: Request) -> Response:

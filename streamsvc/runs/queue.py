@@ -1,8 +1,8 @@
 """The shared queue of connector runs on Redis (issue 16): a stream read by a consumer group.
 
-An executor takes a run when it has a free slot, heartbeats while it runs it (the entry's
-idle time in the group is its lease) and acknowledges at the end; whoever notices a lapsed
-lease ends that run ``interrupted``/``executor_lost``. Capacity is global. docs/architecture.md.
+An executor takes a run when it has a free slot and heartbeats its lease; whoever notices a
+lapsed one ends that run ``executor_lost``. Capacity, and each key's share, is global. Over
+400 lines: the scripts stay with the queue that runs them (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -19,20 +19,34 @@ import msgspec
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from streamsvc.errors import Busy, QueueTimeout, RunStoreUnavailable
+from streamsvc.errors import Busy, QueueTimeout, RunStoreUnavailable, TooManyRuns
 from streamsvc.runs.redis import RedisRunStore
 from streamsvc.runs.store import RunRecord
 
 GROUP = "executors"
 log = logging.getLogger("streamsvc.runs")
 
-# KEYS: queue, env key, record hash. ARGV: capacity, run id, payload, env values (JSON, ''
-# for none), their ttl. Nil when full (entries live until acked); the env values only when
-# queued. The entry id is kept in the record, so a retry after a lost answer queues once.
+# KEYS: queue, env key, record hash, the owner's active set. ARGV: capacity, run id,
+# payload, env values (JSON, '' for none), their ttl, the per-key cap, the record key's
+# prefix. Nil when full (entries live until acked), 0 when the owner has ``per_key``
+# unfinished runs (the set drops ended or deleted ones as it is counted: at most ``per_key``
+# lookups); the env values only when queued. The entry id is kept in the record, so a retry
+# after a lost answer queues once.
 _ENQUEUE = """
 local queued = redis.call('HGET', KEYS[3], 'entry')
 if queued then return string.sub(queued, 2, -2) end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local mine = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local status = redis.call('HGET', ARGV[7] .. id, 'status')
+  if status == '"queued"' or status == '"running"' then
+    mine = mine + 1
+  else
+    redis.call('SREM', KEYS[4], id)
+  end
+end
+if mine >= tonumber(ARGV[6]) then return 0 end
+redis.call('SADD', KEYS[4], ARGV[2])
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 local entry = redis.call('XADD', KEYS[1], '*', 'run', ARGV[2], 'payload', ARGV[3])
 redis.call('HSET', KEYS[3], 'entry', '"' .. entry .. '"')
@@ -101,7 +115,8 @@ class ExecutorSeen(msgspec.Struct, frozen=True):
 class RunQueue:
     """Connector runs waiting for an executor, on the store's Redis and key prefix.
 
-    ``capacity`` bounds queued plus running runs across the cluster (past it: ``Busy``, 429);
+    ``capacity`` bounds queued plus running runs across the cluster (past it: ``Busy``, 429),
+    ``per_key`` those of one owner (past it: ``TooManyRuns``, 429: one key starves no other);
     ``lease_seconds`` is how long an executor may go without a heartbeat before its runs are
     ended ``executor_lost`` by whoever calls ``reap``; ``wait_seconds`` how long a run may
     wait untaken before ``reap`` withdraws it (``failed``, ``queue_timeout``).
@@ -112,12 +127,14 @@ class RunQueue:
         store: RedisRunStore,
         *,
         capacity: int = 64,
+        per_key: int = 500,
         lease_seconds: float = 15.0,
         wait_seconds: float = 600.0,
     ) -> None:
         self._store = store
         self._redis = store.client
         self.capacity = capacity
+        self.per_key = per_key
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.wait_ms = max(1, int(wait_seconds * 1000))
         self.env_ttl = int(wait_seconds) + ENV_TTL_MARGIN
@@ -145,12 +162,21 @@ class RunQueue:
         self, record: RunRecord, payload: bytes, env: bytes = b"", *, followed: bool = False
     ) -> str:
         """Create the run's record and queue it, in one round trip; ``Busy`` (429,
-        ``retry_after``) past the capacity (the record is gone again). ``env``: the run's env
+        ``retry_after``) past the capacity, ``TooManyRuns`` past the owner's ``per_key``
+        unfinished runs (the record is gone again either way). ``env``: the run's env
         values (JSON), kept apart from the payload until an executor takes them.
         ``followed``: a reader here follows it at once (``RedisRunStore.create_with``)."""
         run_id = record.id
-        keys = [self._queue, self._env_key(run_id), self._store.key(f"run:{run_id}")]
-        args: list[int | str | bytes] = [self.capacity, run_id, payload, env, self.env_ttl]
+        owner = "-" if record.owner is None else "k" + record.owner
+        keys = [
+            self._queue,
+            self._env_key(run_id),
+            self._store.key(f"run:{run_id}"),
+            self._store.key(f"active:{owner}"),
+        ]
+        args: list[int | str | bytes] = [
+            self.capacity, run_id, payload, env, self.env_ttl, self.per_key, self._store.key("run:")
+        ]  # fmt: skip
 
         async def enqueue(pipe: Pipeline) -> None:
             await self._enqueue(keys=keys, args=args, client=pipe)
@@ -159,6 +185,13 @@ class RunQueue:
         if entry is None:
             await self._store.delete(run_id)
             raise Busy("the run queue is full; try again shortly", retry_after=1)
+        if entry == 0:
+            await self._store.delete(run_id)
+            raise TooManyRuns(
+                f"{self.per_key} runs of this key are unfinished across the cluster; "
+                "wait for one or cancel one",
+                retry_after=1,
+            )
         return str(entry.decode())
 
     async def take(self, executor: str, block_seconds: float = 1.0) -> Taken | None:

@@ -24,7 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from streamsvc.errors import EventsExpired, RunNotFound, RunStoreUnavailable
+from streamsvc.errors import Busy, EventsExpired, RunNotFound, RunStoreUnavailable
 from streamsvc.runs.live import Active
 from streamsvc.runs.store import FINISHED, RunFile, RunKind, RunRecord, RunStatus, StoredEvent
 from streamsvc.settings import SettingsError
@@ -32,8 +32,11 @@ from streamsvc.settings import SettingsError
 SETTING = "STREAMSVC_RUN_STORE"
 #: Events per read of ``follow``: the first read, then the next ones.
 FIRST_BATCH, BATCH = 16, 512
-#: Connections to Redis per process (a reader on another node's run holds one per block).
+#: Connections to Redis per process for everything but ``follow``'s blocking reads.
 MAX_CONNECTIONS = 512
+#: Readers one process follows from Redis at once (each blocking read holds a connection
+#: of their own pool, so readers never starve the other calls); past it: ``Busy``, 429.
+MAX_READERS = 448
 #: Most events of one run held while Redis is away before ``append`` gives up (503).
 BACKLOG = 10_000
 #: Runs created for a reader here whose first look ``follow`` skips (the rest look).
@@ -135,6 +138,7 @@ class RedisRunStore:
         self,
         client: aioredis.Redis,
         *,
+        reads: aioredis.Redis | None = None,
         prefix: str = "streamsvc:",
         events_ttl: float = 0,
         records_ttl: float = 0,
@@ -142,6 +146,10 @@ class RedisRunStore:
         poll_seconds: float = 1.0,
     ) -> None:
         self._redis = client
+        #: The blocking reads of ``follow`` (their own pool; ``client`` when not given).
+        self._reads = client if reads is None else reads
+        #: Readers following a run from Redis now (``admit_reader``).
+        self.reading = 0
         self._url = "redis"
         self._prefix = prefix
         self._unfinished_key = f"{prefix}unfinished"
@@ -183,21 +191,25 @@ class RedisRunStore:
                 kw["prefix"] = value
         url = urlunsplit(parts._replace(query=urlencode([q for q in query if q[0] != "prefix"])))
         try:
-            # Blocking: past MAX_CONNECTIONS a call waits (bounded) for one to come back.
-            pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=MAX_CONNECTIONS,
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-                retry_on_error=[ConnectionError, RedisTimeout],
-                health_check_interval=30,
+            # Blocking: past its size a call waits (bounded) for a connection to come back.
+            client, reads = (
+                aioredis.Redis(
+                    connection_pool=BlockingConnectionPool.from_url(
+                        url,
+                        max_connections=size,
+                        timeout=timeout,
+                        socket_timeout=timeout,
+                        socket_connect_timeout=timeout,
+                        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+                        retry_on_error=[ConnectionError, RedisTimeout],
+                        health_check_interval=30,
+                    )
+                )
+                for size in (MAX_CONNECTIONS, MAX_READERS)
             )
-            client = aioredis.Redis(connection_pool=pool)
         except ValueError as exc:
             raise SettingsError(f"invalid setting {SETTING}={redact(url)}: {exc}") from None
-        store = cls(client, **kw)
+        store = cls(client, reads=reads, **kw)
         store._url = redact(url)
         return store
 
@@ -552,6 +564,23 @@ class RedisRunStore:
                 raise RunNotFound(f"no run {run_id}")
             if record.events_expired:
                 raise EventsExpired(f"the events of run {run_id} were pruned")
+        self.admit_reader()  # the endpoint asked first (429); a burst past it ends here
+        self.reading += 1
+        try:
+            async for event in self._read(run_id, after):
+                yield event
+        finally:
+            self.reading -= 1
+
+    def admit_reader(self) -> None:
+        """Raise ``Busy`` (429) when this process follows ``MAX_READERS`` runs from Redis."""
+        if self.reading >= MAX_READERS:
+            raise Busy(
+                f"this server follows {MAX_READERS} runs' events already; try again shortly",
+                retry_after=1,
+            )
+
+    async def _read(self, run_id: str, after: int) -> AsyncIterator[StoredEvent]:
         key = self._events_key(run_id)
         cursor = max(after, 0)
         block = self._poll_ms / 1000
@@ -562,7 +591,7 @@ class RedisRunStore:
                 marked = time.monotonic()
                 await self.call(partial(self._mark_reader, run_id))
             read = await self.call(
-                partial(self._redis.xread, {key: f"{cursor}-0"}, count=count, block=self._poll_ms),
+                partial(self._reads.xread, {key: f"{cursor}-0"}, count=count, block=self._poll_ms),
                 extra=block,
             )
             count = BATCH
@@ -810,5 +839,6 @@ class RedisRunStore:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-            await self._redis.aclose()
-            await self._redis.connection_pool.disconnect()
+            for client in {id(c): c for c in (self._redis, self._reads)}.values():
+                await client.aclose()
+                await client.connection_pool.disconnect()
