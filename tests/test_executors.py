@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from streamsvc.client import AsyncClient, Attachment, Frame, RunDone, run_event
 from tests.harness import (
     ExecutorProcess,
     PrivateRedis,
@@ -524,6 +525,40 @@ async def test_redis_restarted_mid_load_loses_no_acknowledged_run(
         assert answer.status_code == 200 and answer.json()["ok"], answer.text
         assert answer.json()["executor"] == executor.name
         assert node.process.poll() is None and executor.process.poll() is None
+    finally:
+        cluster.close()
+        server.kill()
+
+
+async def test_the_python_client_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    """A node whose Redis goes ends its stream with an id-less ``run_store_unavailable`` error
+    (the run goes on) and refuses re-attachments with 503 until Redis is back: the client
+    re-attaches through both, and gets every event once and the run's end."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    cluster = Cluster(f"{server.url}?prefix=ride:")
+    cluster.env |= {"STREAMSVC_LEASE_SECONDS": "15"}  # the outage does not outlast the lease
+    try:
+        node, executor = cluster.node(), cluster.executor()
+        reasons: list[str] = []
+        at = Attachment(lambda _, why: reasons.append(why))
+        frames: list[Frame] = []
+        body = program(SLOW.format(n=20), stream=True)
+        async for frame in AsyncClient(node.url).frames("/execute-connector", body, at):
+            frames.append(frame)
+            if frame.event == "stdout" and len(frames) == 4:
+                server.kill()
+                await anyio.sleep(2.0)  # longer than the node's own retries
+                await anyio.to_thread.run_sync(server.start)
+        assert any("run_store_unavailable" in why for why in reasons), reasons
+        assert [f.id for f in frames] == [str(i) for i in range(1, len(frames) + 1)], frames
+        assert frames[-1].event == "done", frames[-1]
+        assert sum(f.data.count("tick") for f in frames if f.event == "stdout") == 20
+        done = run_event(frames[-1])
+        assert isinstance(done, RunDone) and done.result.ok, frames[-1]
+        assert done.result.executor == executor.name  # and the record names it
+        assert at.run_id is not None
+        assert (await AsyncClient(node.url).get_run(at.run_id)).executor == executor.name
     finally:
         cluster.close()
         server.kill()
