@@ -186,8 +186,9 @@ class Executor:
         while True:
             try:
                 entries = list(self.running)
+                engine = (await self.sandbox.health())["state"]
                 lost = await self.queue.heartbeat(
-                    self.name, entries, slots=self.slots, running=len(entries)
+                    self.name, entries, slots=self.slots, running=len(entries), engine=engine
                 )
                 for entry in lost:
                     run = self.running.get(entry)

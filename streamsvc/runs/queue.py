@@ -94,6 +94,9 @@ class ExecutorSeen(msgspec.Struct, frozen=True):
     last_heartbeat: float
     slots: int
     running: int
+    #: Its Docker engine as it last looked (``ready`` or ``unavailable``): runs it takes
+    #: meanwhile fail ``sandbox_unavailable``.
+    engine: str = "ready"
 
 
 class RunQueue:
@@ -119,6 +122,7 @@ class RunQueue:
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.wait_ms = max(1, int(wait_seconds * 1000))
         self.env_ttl = int(wait_seconds) + ENV_TTL_MARGIN
+        self.prefix = store.prefix
         self._queue = store.key("queue")
         self._executors = store.key("executors")
         self._enqueue = self._redis.register_script(_ENQUEUE)
@@ -222,11 +226,17 @@ class RunQueue:
         await self._store.call(lambda: self._redis.delete(key))
 
     async def heartbeat(
-        self, executor: str, entries: Sequence[str], *, slots: int, running: int
+        self,
+        executor: str,
+        entries: Sequence[str],
+        *,
+        slots: int,
+        running: int,
+        engine: str = "ready",
     ) -> list[str]:
-        """Renew the leases of ``entries`` and say the executor is alive; returns the
-        entries it lost (reaped as ``executor_lost``: kill their containers)."""
-        seen = ExecutorSeen(executor, time.time(), slots, running)
+        """Renew the leases of ``entries``, say the executor (and its engine) is alive; returns
+        the entries it lost (reaped as ``executor_lost``: kill their containers)."""
+        seen = ExecutorSeen(executor, time.time(), slots, running, engine)
         await self._store.call(
             lambda: self._redis.hset(self._executors, executor, msgspec.json.encode(seen))
         )
@@ -332,22 +342,30 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running); none: ``degraded``, no run will start."""
+        leases (last heartbeat, slots, running, engine); none, or none whose engine answers:
+        ``degraded``, no run will start (the reason names the key prefix looked under)."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
                 seen = await self.executors(2 * self.lease_ms / 1000)
         except (RunStoreUnavailable, TimeoutError) as exc:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
+        engines = [s for s in seen if s.engine == "ready"]
         report = {
-            "state": "ready" if seen else "degraded",
+            "state": "ready" if engines else "degraded",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
             "executors": msgspec.to_builtins(seen),
         }
         if not seen:
-            report["reason"] = "no executor seen"
+            window = f"{2 * self.lease_ms / 1000:g}"
+            report["reason"] = (
+                f"no executor seen (none heartbeat within {window} s under the key prefix "
+                f"{self.prefix!r}: same STREAMSVC_RUN_STORE on the executors?)"
+            )
+        elif not engines:
+            report["reason"] = "no executor's Docker engine answers (their DOCKER_HOST)"
         return report
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
