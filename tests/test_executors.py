@@ -7,6 +7,7 @@ test's>``, real ``streamsvc executor`` processes on the first engine and the sec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import anyio
 import httpx
 import pytest
 import redis
+from anyio.abc import ByteStream, Listener
 
 from streamsvc.client import AsyncClient, Attachment, Frame, RunDone, run_event
 from tests.harness import (
@@ -36,6 +38,7 @@ from tests.test_runs_redis import run_events
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
 
 LEASE = 2.0
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 SETTINGS = {"STREAMSVC_LEASE_SECONDS": str(LEASE), "STREAMSVC_HEARTBEAT_SECONDS": "0.3"}
 
 
@@ -565,6 +568,66 @@ async def test_the_python_client_rides_out_a_redis_restart(tmp_path: Path) -> No
     finally:
         cluster.close()
         server.kill()
+
+
+async def test_an_executor_whose_engine_went_takes_no_run_and_health_says_so(
+    cluster: Cluster, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """One executor reaches the engine through a socket this test forwards, then cuts: it
+    shows ``engine: unavailable`` in ``/health`` and leaves every run to the other one
+    (before: failing fast, it took most runs and failed them ``sandbox_unavailable``)."""
+    socket_path = tmp_path / "engine.sock"
+    cut = anyio.CancelScope()
+
+    async def forward(source: ByteStream, sink: ByteStream) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send(chunk)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await sink.send_eof()
+
+    async def handle(downstream: ByteStream) -> None:
+        upstream = await anyio.connect_unix(DEFAULT_DOCKER_SOCKET)
+        async with downstream, upstream, anyio.create_task_group() as pipes:
+            pipes.start_soon(forward, downstream, upstream)
+            pipes.start_soon(forward, upstream, downstream)
+
+    async def proxy(listener: Listener[Any]) -> None:
+        with cut:
+            async with listener:
+                await listener.serve(handle)
+
+    node = cluster.node()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(proxy, await anyio.create_unix_listener(socket_path))
+        # Started in a thread: it waits for "ready", which needs the proxy on this loop.
+        lost = await anyio.to_thread.run_sync(cluster.executor, f"unix://{socket_path}")
+        good = await anyio.to_thread.run_sync(cluster.executor)
+
+        async def engines() -> Any:
+            queue = (await client.get(node.url + "/health")).json()["components"]["queue"]
+            return {e["name"]: e["engine"] for e in queue.get("executors", [])}
+
+        both = await wait_for(lambda: _when(engines, lambda e: len(e) == 2), 30, "both seen")
+        assert set(both.values()) == {"ready"}, both
+        cut.cancel()
+        found = await wait_for(
+            lambda: _when(engines, lambda e: e.get(lost.name) == "unavailable"),
+            15, "the cut engine shows unavailable",
+        )  # fmt: skip
+        assert found == {lost.name: "unavailable", good.name: "ready"}, found
+        health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+        assert health["state"] == "degraded" and lost.name in health["reason"], health
+        for _ in range(6):
+            answer = await client.post(node.url + "/execute-connector", json=program(LINES))
+            assert answer.status_code == 200 and answer.json()["ok"], answer.text
+            assert answer.json()["executor"] == good.name, answer.text
+        assert "taking no run until it does" in lost.log()
+
+
+async def _when(check: Callable[[], Any], condition: Callable[[Any], bool]) -> Any:
+    found = await check()
+    return found if condition(found) else None
 
 
 async def test_with_no_executor_health_is_degraded_but_the_node_stays_ready(

@@ -122,10 +122,23 @@ class Executor:
         self._freed = anyio.Event()
 
     async def _take_loop(self, tasks: TaskGroup) -> None:
+        engine_ok = True
         while not self.stopping.is_set():
             if len(self.running) >= self.slots:
                 await self._wait_freed()
                 continue
+            # An engine that does not answer would fail every run taken (and, failing fast,
+            # this executor would take most of the cluster's): leave them to the others.
+            if (await self.sandbox.health())["state"] != "ready":
+                if engine_ok:
+                    log.warning("the Docker engine does not answer: taking no run until it does")
+                engine_ok = False
+                with anyio.move_on_after(1.0):
+                    await self.stopping.wait()
+                continue
+            if not engine_ok:
+                log.info("the Docker engine answers again: taking runs")
+            engine_ok = True
             try:
                 taken = await self.queue.take(self.name, block_seconds=0.5)
                 if taken is not None:

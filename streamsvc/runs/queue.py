@@ -342,17 +342,17 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running, engine); none, or none whose engine answers:
-        ``degraded``, no run will start (the reason names the key prefix looked under)."""
+        leases (last heartbeat, slots, running, engine); ``degraded`` with none (the reason
+        names the key prefix looked under) or with any whose engine does not answer."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
                 seen = await self.executors(2 * self.lease_ms / 1000)
         except (RunStoreUnavailable, TimeoutError) as exc:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
-        engines = [s for s in seen if s.engine == "ready"]
+        down = [s.name for s in seen if s.engine != "ready"]
         report = {
-            "state": "ready" if engines else "degraded",
+            "state": "ready" if seen and not down else "degraded",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
@@ -364,8 +364,8 @@ class RunQueue:
                 f"no executor seen (none heartbeat within {window} s under the key prefix "
                 f"{self.prefix!r}: same STREAMSVC_RUN_STORE on the executors?)"
             )
-        elif not engines:
-            report["reason"] = "no executor's Docker engine answers (their DOCKER_HOST)"
+        elif down:
+            report["reason"] = f"Docker engine unavailable (DOCKER_HOST) on {', '.join(down)}"
         return report
 
     async def executors(self, within: float) -> list[ExecutorSeen]:
