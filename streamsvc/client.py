@@ -55,6 +55,9 @@ READ_TIMEOUT = 120.0
 #: each try; together well inside the server's grace for a run without a reader.
 RESUME_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 4.0, 4.0)
 TERMINAL = frozenset({"done", "error"})
+#: Codes of a stream's ``error`` event without an id (not the run's end) or of a re-attachment's
+#: 503 after which the run goes on (the server's Redis went away): re-attached as a drop.
+PASSING = frozenset({"run_store_unavailable"})
 #: Most bytes one event (a line, or the lines of one event) may take; a server sending more is
 #: cut off with ``StreamFailed`` (a final object with its inline files is far smaller).
 MAX_EVENT_BYTES = 64 * 1024 * 1024
@@ -119,6 +122,8 @@ class RunResult(msgspec.Struct):
     output_limit_exceeded: bool = False
     pids_limited: bool = False
     run_id: str | None = None
+    #: The process that ran it (``host:pid``; with Redis, an executor).
+    executor: str | None = None
     redacted: bool | None = None
     files: list[OutputFile] = []
     #: Files left out of ``files`` by the count cap.
@@ -191,7 +196,7 @@ class Accepted(msgspec.Struct):
 
 
 class RunInfo(msgspec.Struct):
-    """A run's record (``GET /runs/{id}``; in a listing without ``result``)."""
+    """A run's record (``GET /runs/{id}``; in a listing without ``result`` and ``executor``)."""
 
     id: str
     kind: str = "connector"
@@ -204,6 +209,8 @@ class RunInfo(msgspec.Struct):
     error: Any = None
     url: str | None = None
     events_url: str | None = None
+    #: The process running (or that ran) it, ``host:pid``; None while queued.
+    executor: str | None = None
 
 
 class RunPage(msgspec.Struct):
@@ -318,6 +325,26 @@ def refusal(status: int, text: str) -> ClientError:
     elif error.path:
         message += f" (at {error.path})"
     return kind(message, http_status=status, error=error, body=text)
+
+
+class _Passing(Exception):
+    """A stream cut by a passing failure of the server (``PASSING``): re-attach."""
+
+
+def _passing(frame: Frame) -> str | None:
+    """Why the stream was cut when ``frame`` is a passing failure's event (not the run's end)."""
+    if frame.event != "error" or _event_id(frame) is not None:
+        return None
+    error = _error_info(frame.data)
+    return f"{error.code}: {error.message}" if error and error.code in PASSING else None
+
+
+def _refused_events(status: int, text: str) -> Exception:
+    """A re-attachment's refusal; a passing one (503 ``PASSING``) is tried again."""
+    exc = refusal(status, text)
+    if status == 503 and exc.error is not None and exc.error.code in PASSING:
+        return _Passing(str(exc))
+    return exc
 
 
 def _stream_error(frame: Frame) -> StreamFailed:
@@ -640,7 +667,7 @@ class Client(_Base):
         url, headers = self._events_request(at)
         with http.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
-                raise refusal(response.status_code, _error_text(response))
+                raise _refused_events(response.status_code, _error_text(response))
             self._opened(response, url, at)
             yield from _parse(response)
 
@@ -649,9 +676,11 @@ class Client(_Base):
     ) -> Iterator[Frame]:
         attempt = 0
         while True:
-            failure: httpx.HTTPError | None = None
+            reason = self._reason(None)
             try:
                 for frame in source:
+                    if at.run_id is not None and (cut := _passing(frame)) is not None:
+                        raise _Passing(cut)  # the run goes on: re-attach
                     if at.seen(frame):
                         continue
                     attempt = 0
@@ -661,12 +690,14 @@ class Client(_Base):
             except httpx.HTTPError as exc:
                 if at.run_id is None:
                     raise self._unreachable(exc) from None
-                failure = exc
+                reason = self._reason(exc)
+            except _Passing as exc:
+                reason = str(exc)
             finally:
                 close = getattr(source, "close", None)
                 if close is not None:
                     close()
-            time.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            time.sleep(self._resume_delay(at, attempt, reason))
             attempt += 1
             source = self._get_events(http, at)
 
@@ -824,7 +855,7 @@ class AsyncClient(_Base):
         url, headers = self._events_request(at)
         async with http.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
-                raise refusal(response.status_code, await _aerror_text(response))
+                raise _refused_events(response.status_code, await _aerror_text(response))
             self._opened(response, url, at)
             async for frame in _aparse(response):
                 yield frame
@@ -834,9 +865,11 @@ class AsyncClient(_Base):
     ) -> AsyncIterator[Frame]:
         attempt = 0
         while True:
-            failure: httpx.HTTPError | None = None
+            reason = self._reason(None)
             try:
                 async for frame in source:
+                    if at.run_id is not None and (cut := _passing(frame)) is not None:
+                        raise _Passing(cut)  # the run goes on: re-attach
                     if at.seen(frame):
                         continue
                     attempt = 0
@@ -846,12 +879,14 @@ class AsyncClient(_Base):
             except httpx.HTTPError as exc:
                 if at.run_id is None:
                     raise self._unreachable(exc) from None
-                failure = exc
+                reason = self._reason(exc)
+            except _Passing as exc:
+                reason = str(exc)
             finally:
                 close = getattr(source, "aclose", None)
                 if close is not None:
                     await close()
-            await anyio.sleep(self._resume_delay(at, attempt, self._reason(failure)))
+            await anyio.sleep(self._resume_delay(at, attempt, reason))
             attempt += 1
             source = self._get_events(http, at)
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from streamsvc.client import AsyncClient, Attachment, Frame, RunDone, run_event
 from streamsvc.runs.redis import MAX_READERS
 from tests.harness import (
     EngineProxy,
@@ -390,6 +391,9 @@ async def test_past_the_capacity_or_with_no_executor_a_run_is_busy(
     waited = time.monotonic()
     alone = await client.post(node.url + "/execute-connector", json=program(LINES))
     assert alone.status_code == 429 and alone.json()["error"]["code"] == "busy", alone.text
+    prefix = cluster.store.partition("?prefix=")[2]
+    assert f"none heartbeats under the key prefix {prefix!r}" in alone.text, alone.text
+    assert "STREAMSVC_QUEUE_TIMEOUT_SECONDS" in alone.text, alone.text
     assert time.monotonic() - waited < 5
     record = (await client.get(f"{node.url}/runs/{alone.headers['x-run-id']}")).json()
     assert record["status"] == "failed" and record["error"]["code"] == "busy", record
@@ -672,15 +676,90 @@ async def test_redis_restarted_mid_load_loses_no_acknowledged_run(
         server.kill()
 
 
+async def test_the_python_client_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    """A node whose Redis goes ends its stream with an id-less ``run_store_unavailable`` error
+    (the run goes on) and refuses re-attachments with 503 until Redis is back: the client
+    re-attaches through both, and gets every event once and the run's end."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    cluster = Cluster(f"{server.url}?prefix=ride:")
+    cluster.env |= {"STREAMSVC_LEASE_SECONDS": "15"}  # the outage does not outlast the lease
+    try:
+        node, executor = cluster.node(), cluster.executor()
+        reasons: list[str] = []
+        at = Attachment(lambda _, why: reasons.append(why))
+        frames: list[Frame] = []
+        body = program(SLOW.format(n=20), stream=True)
+        async for frame in AsyncClient(node.url).frames("/execute-connector", body, at):
+            frames.append(frame)
+            if frame.event == "stdout" and len(frames) == 4:
+                server.kill()
+                await anyio.sleep(2.0)  # longer than the node's own retries
+                await anyio.to_thread.run_sync(server.start)
+        assert any("run_store_unavailable" in why for why in reasons), reasons
+        assert [f.id for f in frames] == [str(i) for i in range(1, len(frames) + 1)], frames
+        assert frames[-1].event == "done", frames[-1]
+        assert sum(f.data.count("tick") for f in frames if f.event == "stdout") == 20
+        done = run_event(frames[-1])
+        assert isinstance(done, RunDone) and done.result.ok, frames[-1]
+        assert done.result.executor == executor.name  # and the record names it
+        assert at.run_id is not None
+        assert (await AsyncClient(node.url).get_run(at.run_id)).executor == executor.name
+    finally:
+        cluster.close()
+        server.kill()
+
+
+async def test_an_executor_whose_engine_went_takes_no_run_and_health_says_so(
+    cluster: Cluster, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    """One executor reaches the engine through a socket this test forwards, then cuts: it
+    shows ``engine: unavailable`` in ``/health`` and leaves every run to the other one
+    (before: failing fast, it took most runs and failed them ``sandbox_unavailable``)."""
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proxy.start()
+    try:
+        node = cluster.node()
+        lost, good = cluster.executor(proxy.url), cluster.executor()
+
+        async def engines() -> Any:
+            queue = (await client.get(node.url + "/health")).json()["components"]["queue"]
+            return {e["name"]: e["engine"] for e in queue.get("executors", [])}
+
+        both = await wait_for(lambda: _when(engines, lambda e: len(e) == 2), 30, "both seen")
+        assert set(both.values()) == {"ready"}, both
+        proxy.stop()
+        found = await wait_for(
+            lambda: _when(engines, lambda e: e.get(lost.name) == "unavailable"),
+            15, "the cut engine shows unavailable",
+        )  # fmt: skip
+        assert found == {lost.name: "unavailable", good.name: "ready"}, found
+        health = (await client.get(node.url + "/health")).json()["components"]["queue"]
+        assert health["state"] == "degraded" and lost.name in health["reason"], health
+        await anyio.sleep(1.0)  # past a take already waiting when the engine went (0.5 s)
+        for _ in range(6):
+            answer = await client.post(node.url + "/execute-connector", json=program(LINES))
+            assert answer.status_code == 200 and answer.json()["ok"], answer.text
+            assert answer.json()["executor"] == good.name, answer.text
+        assert "taking no run until it does" in lost.log()
+    finally:
+        proxy.stop()
+
+
+async def _when(check: Callable[[], Any], condition: Callable[[Any], bool]) -> Any:
+    found = await check()
+    return found if condition(found) else None
+
+
 async def test_with_no_executor_health_is_degraded_but_the_node_stays_ready(
     cluster: Cluster, client: httpx.AsyncClient
 ) -> None:
     node = cluster.node()
     health = (await client.get(node.url + "/health")).json()
     queue = health["components"]["queue"]
-    assert (queue["state"], queue["reason"], queue["executors"]) == (
-        "degraded", "no executor seen", []
-    ), queue  # fmt: skip
+    assert (queue["state"], queue["executors"]) == ("degraded", []), queue
+    assert queue["reason"].startswith("no executor seen"), queue
+    assert repr(health["components"]["runs"]["prefix"]) in queue["reason"], queue
     assert health["status"] == "degraded", health
     ready = await client.get(node.url + "/health/ready")  # chat and /runs still served here
     assert ready.status_code == 200, ready.text
@@ -692,6 +771,7 @@ async def test_with_no_executor_health_is_degraded_but_the_node_stays_ready(
 
     queue = await wait_for(seen, 30, "the executor is seen")
     assert [e["name"] for e in queue["executors"]] == [executor.name] and "reason" not in queue
+    assert queue["executors"][0]["engine"] == "ready", queue  # its sandbox's look at DOCKER_HOST
 
 
 async def test_a_read_token_from_node_a_opens_the_events_on_node_b(

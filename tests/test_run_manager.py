@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from streamsvc.runs import manager as manager_module
-from streamsvc.runs.manager import RunManager
+from streamsvc.runs.manager import RunManager, new_run_id
 from streamsvc.runs.memory import MemoryStore
 from streamsvc.settings import RunSettings
 from streamsvc.web.sse import Event
@@ -109,3 +109,11 @@ async def test_cancel_and_graceful_stop() -> None:
     assert second is not None and second.status == "interrupted"
     events = [e async for e in store.follow(stopped.id, 0)]
     assert events[-1].name == "error" and b'"interrupted"' in events[-1].data
+
+
+def test_no_run_id_begins_with_a_dash() -> None:
+    # One token_urlsafe id in 64 began with "-": `streamsvc runs show -6Vh...` then failed
+    # with "the following arguments are required: ID" (argparse took it for an option).
+    ids = {new_run_id() for _ in range(5000)}
+    assert len(ids) == 5000 and not [i for i in ids if i.startswith("-")]
+    assert {len(i) for i in ids} == {22}

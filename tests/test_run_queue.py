@@ -144,6 +144,26 @@ async def test_executors_are_listed_by_their_heartbeats(store: RedisRunStore) ->
     assert [s.name for s in await queue.executors(within=0.2)] == ["exec-a"]
 
 
+async def test_health_names_the_prefix_and_an_executor_whose_engine_is_down(
+    store: RedisRunStore,
+) -> None:
+    queue = RunQueue(store, lease_seconds=LEASE)
+    await queue.open()
+    health = await queue.health()
+    assert health["state"] == "degraded", health
+    assert health["reason"].startswith("no executor seen"), health
+    assert repr(store.prefix) in health["reason"], health  # an executor on another prefix
+    await queue.heartbeat("exec-a", [], slots=2, running=0, engine="unavailable")
+    await queue.heartbeat("exec-b", [], slots=2, running=0)
+    health = await queue.health()
+    assert health["state"] == "degraded", health
+    assert health["reason"] == "Docker engine unavailable (DOCKER_HOST) on exec-a", health
+    assert [e["engine"] for e in health["executors"]] == ["unavailable", "ready"], health
+    await queue.heartbeat("exec-a", [], slots=2, running=0)  # its engine is back
+    health = await queue.health()
+    assert health["state"] == "ready" and "reason" not in health, health
+
+
 async def test_cancel_reaches_the_executor_running_the_run_within_a_second(
     store: RedisRunStore,
 ) -> None:

@@ -87,7 +87,7 @@ async def test_a_stream_started_on_one_node_resumes_on_another(
     assert health["components"]["runs"]["state"] == "ready", health
     assert health["components"]["runs"]["store"] == "redis"
     # Chat needs no executor; connector runs would wait for one: only the queue says so.
-    assert health["components"]["queue"]["reason"] == "no executor seen", health
+    assert health["components"]["queue"]["reason"].startswith("no executor seen"), health
     record = (await client.get(f"{node_b.url}/runs/{run_id}")).json()
     assert record["status"] == "completed" and record["last_event_id"] == len(ids), record
     assert record["result"]["content"] == "".join(words)

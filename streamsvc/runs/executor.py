@@ -30,8 +30,6 @@ from streamsvc.settings import Settings, SettingsError
 from streamsvc.web import sse
 
 log = logging.getLogger("streamsvc.executor")
-#: Longest pause of the take loop while the engine does not answer (heartbeats look at it).
-ENGINE_WAIT = 1.0
 
 
 async def open_queue(settings: Settings) -> tuple[RedisRunStore, RunQueue]:
@@ -83,8 +81,6 @@ class Executor:
         self.running: dict[str, Run] = {}
         self.stopping = anyio.Event()
         self._freed = anyio.Event()
-        #: As the last heartbeat saw the engine (the sandbox's cached look).
-        self.engine_ready = True
 
     async def serve(self) -> None:
         reaped = await self.queue.reap(self.name)
@@ -119,14 +115,23 @@ class Executor:
         self._freed = anyio.Event()
 
     async def _take_loop(self, tasks: TaskGroup) -> None:
+        engine_ok = True
         while not self.stopping.is_set():
             if len(self.running) >= self.slots:
                 await self._wait_freed()
                 continue
-            if not self.engine_ready:  # a run taken now would fail: leave it to the others
-                with anyio.move_on_after(ENGINE_WAIT):
-                    await self._wait_freed()
+            # An engine that does not answer would fail every run taken (and, failing fast,
+            # this executor would take most of the cluster's): leave them to the others.
+            if (await self.sandbox.health())["state"] != "ready":
+                if engine_ok:
+                    log.warning("the Docker engine does not answer: taking no run until it does")
+                engine_ok = False
+                with anyio.move_on_after(1.0):
+                    await self.stopping.wait()
                 continue
+            if not engine_ok:
+                log.info("the Docker engine answers again: taking runs")
+            engine_ok = True
             try:
                 taken = await self.queue.take(self.name, block_seconds=0.5)
                 if taken is not None:
@@ -186,14 +191,8 @@ class Executor:
         every = self.settings.runs.heartbeat_seconds
         while True:
             try:
-                engine = str((await self.sandbox.health())["state"])
-                if engine == "ready" and not self.engine_ready:
-                    log.info("the Docker engine answers again: taking runs")
-                    self._freed.set()
-                elif engine != "ready" and self.engine_ready:
-                    log.warning("the Docker engine does not answer: no new runs meanwhile")
-                self.engine_ready = engine == "ready"
                 entries = list(self.running)
+                engine = (await self.sandbox.health())["state"]
                 lost = await self.queue.heartbeat(
                     self.name, entries, slots=self.slots, running=len(entries), engine=engine
                 )

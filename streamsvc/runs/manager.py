@@ -62,6 +62,14 @@ STOP_TIMEOUT = 10.0
 EARLY_CANCEL_SECONDS = 30.0
 
 
+def new_run_id() -> str:
+    """A random run id (128 bits, URL-safe) that does not begin with ``-``, so that
+    ``streamsvc runs show ID`` does not take it for an option."""
+    while (run_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return run_id
+
+
 class StoredFrame(sse.Event, frozen=True):
     """An event read back from the store: ``data`` is its encoded JSON, ``id`` its stored id."""
 
@@ -173,7 +181,7 @@ class RunManager:
         self, kind: RunKind, *, owner: str | None, background: bool, request: Any
     ) -> Run:
         self._held.admit(owner)  # else background or dropped runs could pile up without end
-        run_id = secrets.token_urlsafe(16)
+        run_id = new_run_id()
         grace = (
             self.settings.connector_grace_seconds
             if kind == "connector"
@@ -204,7 +212,7 @@ class RunManager:
         """A new run's record for an executor to take (no executor named yet; the queue
         stores it with the run's entry)."""
         return RunRecord(
-            id=secrets.token_urlsafe(16), kind=kind, status="queued", created_at=time.time(),
+            id=new_run_id(), kind=kind, status="queued", created_at=time.time(),
             owner=owner, background=background, request=request, executor=None,
         )  # fmt: skip
 

@@ -108,7 +108,8 @@ class ExecutorSeen(msgspec.Struct, frozen=True):
     last_heartbeat: float
     slots: int
     running: int
-    #: Its Docker engine as it last looked: ``ready``, or ``unavailable`` (it takes nothing).
+    #: Its Docker engine as it last looked (``ready`` or ``unavailable``): runs it takes
+    #: meanwhile fail ``sandbox_unavailable``.
     engine: str = "ready"
 
 
@@ -138,6 +139,7 @@ class RunQueue:
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.wait_ms = max(1, int(wait_seconds * 1000))
         self.env_ttl = int(wait_seconds) + ENV_TTL_MARGIN
+        self.prefix = store.prefix
         self._queue = store.key("queue")
         self._executors = store.key("executors")
         self._enqueue = self._redis.register_script(_ENQUEUE)
@@ -265,8 +267,8 @@ class RunQueue:
         running: int,
         engine: str = "ready",
     ) -> list[str]:
-        """Renew the leases of ``entries`` and say the executor is alive (and how its engine
-        is); returns the entries it lost (reaped as ``executor_lost``: kill their containers)."""
+        """Renew the leases of ``entries``, say the executor (and its engine) is alive; returns
+        the entries it lost (reaped as ``executor_lost``: kill their containers)."""
         seen = ExecutorSeen(executor, time.time(), slots, running, engine)
         await self._store.call(
             lambda: self._redis.hset(self._executors, executor, msgspec.json.encode(seen))
@@ -373,8 +375,8 @@ class RunQueue:
 
     async def health(self) -> dict[str, Any]:
         """``/health``'s ``queue`` component: its depth and the executors seen within two
-        leases (last heartbeat, slots, running, engine); none, or one whose engine does not
-        answer: ``degraded`` (with none, no run will start)."""
+        leases (last heartbeat, slots, running, engine); ``degraded`` with none (the reason
+        names the key prefix looked under) or with any whose engine does not answer."""
         try:
             with anyio.fail_after(1.0):
                 waiting, running = await self.depth()
@@ -383,16 +385,20 @@ class RunQueue:
             return {"state": "unavailable", "reason": str(exc) or type(exc).__name__}
         down = [s.name for s in seen if s.engine != "ready"]
         report = {
-            "state": "degraded" if down or not seen else "ready",
+            "state": "ready" if seen and not down else "degraded",
             "waiting": waiting,
             "running": running,
             "capacity": self.capacity,
             "executors": msgspec.to_builtins(seen),
         }
         if not seen:
-            report["reason"] = "no executor seen"
-        elif down:  # the others still take runs
-            report["reason"] = f"Docker engine unavailable on executor(s): {', '.join(down)}"
+            window = f"{2 * self.lease_ms / 1000:g}"
+            report["reason"] = (
+                f"no executor seen (none heartbeat within {window} s under the key prefix "
+                f"{self.prefix!r}: same STREAMSVC_RUN_STORE on the executors?)"
+            )
+        elif down:
+            report["reason"] = f"Docker engine unavailable (DOCKER_HOST) on {', '.join(down)}"
         return report
 
     async def executors(self, within: float) -> list[ExecutorSeen]:

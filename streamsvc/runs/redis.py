@@ -236,6 +236,11 @@ class RedisRunStore:
         """The connection pool (``runs/queue.py`` shares it)."""
         return self._redis
 
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key (``?prefix=`` in the URL; nodes and executors must agree)."""
+        return self._prefix
+
     def key(self, name: str) -> str:
         """A key of this store's namespace."""
         return f"{self._prefix}{name}"
@@ -830,6 +835,7 @@ class RedisRunStore:
             "state": "ready" if self._verdict is None else "unavailable",
             "store": "redis",
             "url": self._url,
+            "prefix": self._prefix,
             "running_here": len(self._active.records),
             "held_events": held,
         }

@@ -15,16 +15,22 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from streamsvc.errors import Busy, NotConfigured, SandboxFailed, ServiceError, ShuttingDown
+from streamsvc.errors import (
+    Busy,
+    NotConfigured,
+    RunStoreUnavailable,
+    SandboxFailed,
+    ServiceError,
+    ShuttingDown,
+)
 from streamsvc.runs.manager import Run, RunManager, encode_frame
+from streamsvc.runs.queue import RunQueue
 from streamsvc.runs.store import RunStatus
 from streamsvc.web import sse
 from streamsvc.web.rendering import error_response
 from streamsvc.web.services import Services
 
 _encoder = msgspec.json.Encoder()
-BUSY = "no executor took the run within the queue's timeout; try again shortly"
-NOT_TAKEN = {"code": "busy", "message": BUSY}
 GONE = "the client left before the run's first event"
 
 
@@ -89,6 +95,19 @@ async def _stop_queued(found: Services, run_id: str) -> None:
         await request_cancel(run_id, record.executor)
 
 
+async def untaken(queue: RunQueue, waited: float) -> str:
+    """Why a foreground run waited ``waited`` s untaken (its ``busy`` message): no executor
+    heartbeats on this prefix (a misconfiguration), or they were all busy."""
+    head = f"no executor took the run within {waited:g} s (STREAMSVC_QUEUE_TIMEOUT_SECONDS)"
+    try:
+        seen = await queue.executors(2 * queue.lease_ms / 1000)
+    except RunStoreUnavailable:
+        return f"{head}; try again shortly"
+    if not seen:
+        return f"{head}: none heartbeats under the key prefix {queue.prefix!r} (/health: queue)"
+    return f"{head}: {len(seen)} executor(s) seen, all busy; try again shortly"
+
+
 async def respond_queued(
     request: Request, found: Services, run_id: str, *, background: bool, stream: bool
 ) -> Response:
@@ -113,8 +132,10 @@ async def respond_queued(
                 if first.name == "error":
                     raise stored_error(first.data)
                 return first, events
-            if found.queue is not None and await found.queue.withdraw(run_id, NOT_TAKEN):
-                raise Busy(BUSY, retry_after=1)
+            if found.queue is not None:
+                message = await untaken(found.queue, wait)
+                if await found.queue.withdraw(run_id, {"code": Busy.code, "message": message}):
+                    raise Busy(message, retry_after=1)
             # taken meanwhile: it runs, bounded by its own timeout
 
     try:
