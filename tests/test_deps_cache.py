@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aiodocker
@@ -46,9 +45,11 @@ from tests.harness import (
     body,
     docker,
     execute,
+    image_id,
     owner,
     result_line,
     sandboxes,
+    volume_labels,
 )
 
 pytestmark = pytest.mark.docker
@@ -156,19 +157,9 @@ async def test_a_set_that_cannot_install_is_an_error_and_leaves_nothing(
 # -- issue 5: the cache's key, one install, the size cap, listing and clearing --------------
 
 
-def image_id(image: str = IMAGE) -> str:
-    found: str = json.loads(docker("image", "inspect", image))[0]["Id"]
-    return found
-
-
 def python_version(image: str = IMAGE) -> str:
     probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
     return docker("run", "--rm", "--network", "none", image, "python3", "-c", probe).strip()
-
-
-def volume_labels(name: str) -> dict[str, str]:
-    found: dict[str, str] = json.loads(docker("volume", "inspect", name))[0]["Labels"] or {}
-    return found
 
 
 async def test_the_key_is_the_image_the_python_version_and_the_set(
@@ -268,30 +259,6 @@ async def test_two_server_processes_install_a_new_set_once(
             docker("volume", "rm", volume, check=False)
     assert_no_sandboxes(first)
     assert_no_sandboxes(second)
-
-
-@pytest.fixture
-def own_image() -> Iterator[str]:
-    """A copy of the sandbox image with its own id, so its cache is this test's alone."""
-    tag = f"streamsvc-sandbox-test:{uuid.uuid4().hex[:12]}"
-    dockerfile = f"FROM {IMAGE}\nLABEL streamsvc.test={tag}\n"
-    subprocess.run(
-        ["docker", "build", "-q", "-t", tag, "-"],
-        input=dockerfile,
-        text=True,
-        capture_output=True,
-        check=True,
-        timeout=120,
-        env={**os.environ, "DOCKER_BUILDKIT": "0"},
-    )
-    built = image_id(tag)
-    try:
-        yield tag
-    finally:
-        for name in docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split():
-            if volume_labels(name).get("streamsvc.deps.image") == built:
-                docker("volume", "rm", name, check=False)
-        docker("rmi", tag, check=False)
 
 
 def deps_cli(image: str, *args: str) -> str:

@@ -112,6 +112,17 @@ def test_sdk_imports_stay_at_their_boundary() -> None:
     assert offenders == []
 
 
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in the kit (tests/harness.py), shared fixtures in conftest.py."""
+    offenders = [
+        f"{path.name} imports {name}"
+        for path in sorted((ROOT / "tests").glob("test_*.py"))
+        for name in sorted(imported(path))
+        if name.startswith("tests.test_")
+    ]
+    assert offenders == []
+
+
 def readme_layout() -> dict[str, set[str]]:
     """The README's Layout block: each folder of streamsvc/ and the entries listed for it."""
     readme = (ROOT / "README.md").read_text()
