@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import io
 import re
+import subprocess
 import tokenize
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,36 @@ def test_no_benchmark_figures_in_comments_or_docstrings() -> None:
         if (found := DURATION.search(text))
     ]
     assert offenders == [], "figures belong in docs/benchmarks.md"
+
+
+def test_scripts_check_lints_and_type_checks_every_python_file() -> None:
+    """Every tracked Python file is under a folder scripts/check gives ruff and mypy."""
+    check = (ROOT / "scripts" / "check").read_text()
+
+    def folders(command: str) -> set[str]:
+        line = next(line for line in check.splitlines() if command in line)
+        return set(line.split(command, 1)[1].split("||")[0].split())
+
+    mypy = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"])
+    if "for example in examples/*/" in check:
+        mypy.add("examples")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=30
+    ).stdout.decode()
+    python = [
+        name
+        for name in listed.split("\0")
+        if name.endswith(".py")
+        or (
+            name.startswith("scripts/")
+            and "python" in (ROOT / name).read_text()[:100].split("\n")[0]
+        )
+    ]
+    assert python, "git ls-files found no Python file"
+    for tool, covered in [
+        ("ruff check", folders("ruff check")),
+        ("ruff format", folders("ruff format --check")),
+        ("mypy", mypy),
+    ]:
+        left_out = [name for name in python if name.split("/")[0] not in covered]
+        assert left_out == [], f"{tool} does not see these"
