@@ -173,6 +173,20 @@ def test_readme_layout_matches_the_package_tree() -> None:
         assert listed[folder] | children == entries, folder
 
 
+def test_readme_lists_every_benchmark_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    lines = readme[readme.index("## Layout") :].split("```", 2)[1].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("benchmarks/"))
+    row = [lines[first][15:]]
+    for line in lines[first + 1 :]:
+        if line[:15].strip():
+            break
+        row.append(line[15:])
+    listed = set(re.findall(r"\b(\w+\.py)\b", " ".join(row)))
+    actual = {p.name for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__.py"}
+    assert listed == actual
+
+
 #: A duration figure: "50 ms", "~0.3 s", "about 20 s". The figures live in docs/benchmarks.md.
 DURATION = re.compile(
     r"\b\d+(\.\d+)?\s*(ms|µs|us)\b"  # 50 ms, 1.5 µs
