@@ -33,13 +33,15 @@ import httpx
 import pytest
 
 from streamsvc.connectors.dependencies import Dependency
-from streamsvc.errors import SandboxError
+from streamsvc.errors import SandboxError, SandboxUnavailable
+from streamsvc.sandbox.docker.api import connect
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
-from streamsvc.sandbox.docker.deps_inventory import disk_usage
+from streamsvc.sandbox.docker.deps_inventory import disk_usage, entries
 from streamsvc.sandbox.docker.host_lock import host_lock
 from streamsvc.settings import load_settings
 from tests.harness import (
     IMAGE,
+    NO_DOCKER,
     ServerProcess,
     assert_no_sandboxes,
     body,
@@ -281,6 +283,27 @@ def imports(module: str) -> str:
         import json, {module}
         print(json.dumps({{"ok": True, "result": {module}.__name__}}))
     """
+
+
+async def test_a_listing_for_an_image_the_engine_lacks_marks_no_set_current() -> None:
+    env = {"STREAMSVC_SANDBOX_IMAGE": f"streamsvc-no-such-image:{uuid.uuid4().hex[:8]}"}
+    settings = load_settings(env, None).sandbox
+    docker = connect(settings.docker_host)
+    try:
+        found = await entries(docker, settings)
+    finally:
+        await docker.close()
+    assert [entry.volume for entry in found if entry.current] == []
+
+
+async def test_a_listing_without_an_engine_is_sandbox_unavailable() -> None:
+    settings = load_settings({"DOCKER_HOST": NO_DOCKER}, None).sandbox
+    docker = connect(settings.docker_host)
+    try:
+        with anyio.fail_after(10), pytest.raises(SandboxUnavailable, match="inspect the sandbox"):
+            await entries(docker, settings)
+    finally:
+        await docker.close()
 
 
 async def test_the_cache_is_size_capped_lru_and_listed_and_cleared(
