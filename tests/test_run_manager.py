@@ -9,9 +9,11 @@ import anyio
 import msgspec
 import pytest
 
+from streamsvc import errors
 from streamsvc.runs import manager as manager_module
 from streamsvc.runs.manager import RunManager
 from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.respond import stored_error
 from streamsvc.settings import RunSettings
 from streamsvc.web.sse import Event
 
@@ -109,3 +111,23 @@ async def test_cancel_and_graceful_stop() -> None:
     assert second is not None and second.status == "interrupted"
     events = [e async for e in store.follow(stopped.id, 0)]
     assert events[-1].name == "error" and b'"interrupted"' in events[-1].data
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "status"),
+    [
+        ("dependency_install_failed", errors.DependencyInstallFailed, 400),
+        ("sandbox_unavailable", errors.SandboxUnavailable, 503),
+        ("too_many_runs", errors.TooManyRuns, 429),
+        ("no_such_code", errors.ServiceError, 500),
+    ],
+)
+def test_a_stored_error_comes_back_as_its_class(
+    code: str, kind: type[errors.ServiceError], status: int
+) -> None:
+    """A run that failed before its start on another node answers as it would have here."""
+    event = {"error": {"code": code, "message": "m", "path": "$.x", "details": {"a": 1}}}
+    error = stored_error(msgspec.json.encode(event))
+    assert type(error) is kind
+    assert (error.code, error.status, error.message, error.path) == (code, status, "m", "$.x")
+    assert error.details == {"a": 1}
