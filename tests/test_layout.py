@@ -43,6 +43,41 @@ BOUNDARIES = {
     "redis": ("streamsvc.runs.redis", "streamsvc.runs.queue"),
 }
 
+#: docs/architecture.md's layers, bottom up: a module imports only from its own layer or below.
+#: A key ending in "." covers a folder; the longest key that matches a module places it.
+LAYERS = {
+    "streamsvc.settings": 1,
+    "streamsvc.errors": 1,
+    "streamsvc.identity": 1,
+    "streamsvc.chat.types": 2,
+    "streamsvc.chat.openai_chunks": 2,
+    "streamsvc.chat.provider": 2,
+    "streamsvc.connectors.": 2,
+    "streamsvc.sandbox.": 2,
+    "streamsvc.runs.": 2,
+    "streamsvc.web.": 3,
+    "streamsvc.chat.openai_errors": 3,
+    "streamsvc.runs.manager": 3,
+    "streamsvc.runs.respond": 3,
+    "streamsvc.connectors.events": 3,
+    **dict.fromkeys(ENDPOINTS, 4),
+    "streamsvc.web.openapi": 4,
+    "streamsvc.web.app": 5,
+    "streamsvc.runs.executor": 5,
+    "streamsvc.serving.": 5,
+    "streamsvc.cli": 5,
+    "streamsvc.__main__": 5,
+    "streamsvc": 5,
+}
+#: The client side stands apart: it imports only the foundation and itself, never the server.
+CLIENT_SIDE = {"streamsvc.client", "streamsvc.commands", "streamsvc.authoring"}
+#: Imports upwards that docs/architecture.md names, each with its reason.
+UPWARDS = {
+    ("streamsvc.connectors.request", "streamsvc.web.bodies"): "reuses the one JsonDecoder",
+    ("streamsvc.web.examples", "streamsvc.authoring"): "one connector-folder reader",
+    ("streamsvc.cli", "streamsvc.commands"): "the command dispatches the client commands",
+}
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -102,6 +137,30 @@ def test_only_the_app_and_openapi_import_an_endpoint_module() -> None:
         if (reached := (imported(path) & ENDPOINTS) - ENDPOINT_IMPORTERS.get(name, set()))
     }
     assert offenders == {}
+
+
+def layer(name: str) -> int:
+    keys = [k for k in LAYERS if name == k or (k.endswith(".") and name.startswith(k))]
+    assert keys, f"{name}: give it a layer in LAYERS (and in docs/architecture.md)"
+    return LAYERS[max(keys, key=len)]
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    ours = {name: path for name, path in modules().items() if path.read_text()}
+    offenders = []
+    for name, path in ours.items():
+        if name not in CLIENT_SIDE:
+            layer(name)  # every module has its place
+        for target in sorted(imported(path) & set(ours)):
+            if (name, target) in UPWARDS:
+                continue
+            if name in CLIENT_SIDE:
+                allowed = target in CLIENT_SIDE or layer(target) == 1
+            else:
+                allowed = target not in CLIENT_SIDE and layer(target) <= layer(name)
+            if not allowed:
+                offenders.append(f"{name} imports {target}")
+    assert offenders == []
 
 
 def test_sdk_imports_stay_at_their_boundary() -> None:
