@@ -576,8 +576,8 @@ class _Base:
     def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
         if url is None or api_key is None:
             defaults = load_client_settings()
-            url = url or defaults.streamsvc_url
-            api_key = api_key if api_key is not None else defaults.streamsvc_api_key
+            url = url or defaults.url
+            api_key = api_key if api_key is not None else defaults.api_key
         self.url = url.rstrip("/")
         self.headers = {"Accept": "text/event-stream"}
         if api_key:

@@ -132,9 +132,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
         return _init(args.name, out, err)
     try:
         defaults = load_client_settings()
-        client = Client(
-            args.url or defaults.streamsvc_url, args.api_key or defaults.streamsvc_api_key or ""
-        )
+        client = Client(args.url or defaults.url, args.api_key or defaults.api_key or "")
         if args.command == "run":
             body = build_request(args.connector, _env_file(args.env_file), args.sets, args.network)
             if args.secrets:

@@ -297,11 +297,11 @@ _LIST_FIELDS = frozenset(
 )
 
 
-class ClientSettings(msgspec.Struct, frozen=True, rename="upper"):
+class ClientSettings(msgspec.Struct, frozen=True):
     """The command-line client's defaults (``streamsvc run`` and ``streamsvc chat``)."""
 
-    streamsvc_url: str = "http://127.0.0.1:8000"
-    streamsvc_api_key: str | None = None
+    url: str = msgspec.field(default="http://127.0.0.1:8000", name="STREAMSVC_URL")
+    api_key: str | None = msgspec.field(default=None, name="STREAMSVC_API_KEY")
 
 
 def dotenv_files(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -338,7 +338,7 @@ def load_client_settings(
     names = {f.encode_name for f in msgspec.structs.fields(ClientSettings)}
     raw = {key: value for key, value in merged.items() if key in names and value}
     settings = msgspec.convert(raw, ClientSettings)
-    if not settings.streamsvc_url.startswith(("http://", "https://")):
+    if not settings.url.startswith(("http://", "https://")):
         raise SettingsError("invalid setting STREAMSVC_URL: expected an http(s) URL")
     return settings
 

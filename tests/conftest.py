@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
@@ -11,7 +13,17 @@ import psutil
 import pytest
 
 from tests.fake_azure import FakeAzure
-from tests.harness import AZURE_KEY, ENGINE2, IMAGE, REDIS_URL, ServerProcess, server_env
+from tests.harness import (
+    AZURE_KEY,
+    ENGINE2,
+    IMAGE,
+    REDIS_URL,
+    ServerProcess,
+    docker,
+    image_id,
+    server_env,
+    volume_labels,
+)
 
 
 def _answers(command: list[str], env: dict[str, str] | None = None) -> bool:
@@ -149,3 +161,27 @@ def redis_url() -> str:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=60) as http:
         yield http
+
+
+@pytest.fixture
+def own_image() -> Iterator[str]:
+    """A copy of the sandbox image with its own id, so its cache is this test's alone."""
+    tag = f"streamsvc-sandbox-test:{uuid.uuid4().hex[:12]}"
+    dockerfile = f"FROM {IMAGE}\nLABEL streamsvc.test={tag}\n"
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        text=True,
+        capture_output=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    built = image_id(tag)
+    try:
+        yield tag
+    finally:
+        for name in docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split():
+            if volume_labels(name).get("streamsvc.deps.image") == built:
+                docker("volume", "rm", name, check=False)
+        docker("rmi", tag, check=False)

@@ -667,3 +667,85 @@ class EngineProxy:
                 sock.close()
             self._open = []
         self.path.unlink(missing_ok=True)
+
+
+# -- the command line, cache images, the warm pool and run events, for several modules
+
+_SCRIPT = Path(sys.executable).with_name("streamsvc")
+COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "streamsvc"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
+    return {**base, "PYTHONUNBUFFERED": "1", "STREAMSVC_ENV_FILE": "none", **extra}
+
+
+def streamsvc(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def connector_file(tmp_path: Path, source: str, **runtime: Any) -> Path:
+    connector = {
+        "runtime": {"language": "python", "entryPoint": "main.py", **runtime},
+        "files": {"main.py": source},
+    }
+    path = tmp_path / "connector.json"
+    path.write_text(json.dumps(connector))
+    return path
+
+
+def image_id(image: str = IMAGE) -> str:
+    found: str = json.loads(docker("image", "inspect", image))[0]["Id"]
+    return found
+
+
+def volume_labels(name: str) -> dict[str, str]:
+    found: dict[str, str] = json.loads(docker("volume", "inspect", name))[0]["Labels"] or {}
+    return found
+
+
+def pool(server: ServerProcess) -> dict[str, Any]:
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    found: dict[str, Any] = health["components"]["sandbox"]["warm"]
+    return found
+
+
+def pool_full(server: ServerProcess, timeout: float = 30.0) -> None:
+    """Wait until no fill is in flight and every key kept has all its sandboxes."""
+
+    def full() -> bool:
+        found = pool(server)
+        return bool(found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"])
+
+    wait_until(full, timeout)
+
+
+async def run_events(
+    client: httpx.AsyncClient, url: str, last_event_id: str | None
+) -> list[SSEEvent]:
+    headers = {"accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["last-event-id"] = last_event_id
+    events: list[SSEEvent] = []
+    async with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        block: list[str] = []
+        async for line in response.aiter_lines():
+            if line:
+                block.append(line)
+                continue
+            fields, _ = parse_sse_lines(block)
+            block = []
+            if "event" in fields:
+                data = json.loads(fields.get("data") or "null")
+                events.append(SSEEvent(fields["event"], data, fields.get("id"), time.monotonic()))
+    return events

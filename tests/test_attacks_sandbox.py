@@ -33,13 +33,13 @@ from tests.harness import (
     docker,
     eventually,
     execute,
+    image_id,
     inspect,
     owner,
     result_line,
     sse_events,
     wait_until,
 )
-from tests.test_deps_cache import image_id, own_image  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.docker
 
@@ -100,7 +100,7 @@ async def test_an_install_container_has_the_limits_of_a_run() -> None:
 
 
 async def test_requesters_that_leave_do_not_leave_installs_running(
-    own_image: str,  # noqa: F811 (the fixture imported above)
+    own_image: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Six requests for six new sets whose install never ends (a sleeping install

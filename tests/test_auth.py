@@ -14,7 +14,10 @@ from contextlib import AbstractAsyncContextManager
 
 import httpx
 import pytest
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
 
+from streamsvc.web.auth import ApiKeyMiddleware
 from tests.fake_azure import FakeAzure
 from tests.harness import ServerProcess, asgi_client, free_port, read_sse, server_env
 
@@ -117,11 +120,27 @@ async def test_health_stays_open(fake_azure: FakeAzure) -> None:
         assert response.json()["components"]["chat"]["state"] == "configured"
 
 
-async def test_without_keys_nothing_is_asked(
-    server: ServerProcess, azure: FakeAzure, client: httpx.AsyncClient
-) -> None:
-    response = await client.post(server.url + "/chat", json=CHAT)
+async def test_without_keys_nothing_is_asked(azure: FakeAzure) -> None:
+    async with asgi_client(server_env(azure)) as app:
+        response = await app.post("/chat", json=CHAT)
     assert response.status_code == 200
+
+
+async def test_the_middleware_guards_only_its_paths_around_a_tiny_app() -> None:
+    async def hello(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse(f"hello {scope['path']}")(scope, receive, send)
+
+    gate = ApiKeyMiddleware(hello, keys=KEYS, protected=("/chat",))
+    transport = httpx.ASGITransport(app=gate)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert_unauthorized(await client.get("/chat"))
+        assert_unauthorized(await client.get("/chat", headers={"x-api-key": KEYS[0][:-1]}))
+        bearer = await client.get("/chat", headers={"authorization": f"Bearer {KEYS[1]}"})
+        header = await client.get("/chat", headers={"x-api-key": KEYS[0]})
+        open_path = await client.get("/health")
+    assert (bearer.status_code, bearer.text) == (200, "hello /chat")
+    assert (header.status_code, header.text) == (200, "hello /chat")
+    assert (open_path.status_code, open_path.text) == (200, "hello /health")
 
 
 # -- exposure -------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from streamsvc.authoring import AuthoringError, init, load_folder, load_request
-from tests.harness import ServerProcess
-from tests.test_client import streamsvc
+from tests.harness import ServerProcess, streamsvc
 
 
 def write(folder: Path, files: dict[str, str]) -> Path:

@@ -20,8 +20,15 @@ import pytest
 
 from streamsvc.client import Attachment, Client, run_event
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ServerProcess, sandboxes, wait_until
-from tests.test_client import COMMAND, _env, connector_file, streamsvc
+from tests.harness import (
+    COMMAND,
+    ServerProcess,
+    cli_env,
+    connector_file,
+    sandboxes,
+    streamsvc,
+    wait_until,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -159,7 +166,7 @@ def test_ctrl_c_cancels_the_run(server: ServerProcess, tmp_path: Path) -> None:
     process = subprocess.Popen(
         [*COMMAND, "run", str(path), "--url", server.url],
         cwd=tmp_path,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -13,50 +13,25 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from streamsvc.client import Frame, parse_sse
 from streamsvc.commands import UsageError, build_request, parse_set
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ROOT, ServerProcess, free_port, server_env
-
-SEED = ROOT / "streamsvc" / "web" / "static" / "seed-example.json"
-_SCRIPT = Path(sys.executable).with_name("streamsvc")
-COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "streamsvc"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
-    return {**base, "PYTHONUNBUFFERED": "1", "STREAMSVC_ENV_FILE": "none", **extra}
-
-
-def streamsvc(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COMMAND, *args],
-        cwd=cwd,
-        env=env or _env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def connector_file(tmp_path: Path, source: str, **runtime: Any) -> Path:
-    connector = {
-        "runtime": {"language": "python", "entryPoint": "main.py", **runtime},
-        "files": {"main.py": source},
-    }
-    path = tmp_path / "connector.json"
-    path.write_text(json.dumps(connector))
-    return path
+from tests.harness import (
+    COMMAND,
+    SEED_EXAMPLE,
+    ServerProcess,
+    cli_env,
+    connector_file,
+    free_port,
+    server_env,
+    streamsvc,
+)
 
 
 def progress(stderr: str) -> list[str]:
@@ -87,7 +62,7 @@ def test_parse_set_reads_json_values_and_dotted_keys() -> None:
 
 
 def test_build_request_accepts_a_connector_or_a_whole_body() -> None:
-    seed = json.loads(SEED.read_text())
+    seed = json.loads(SEED_EXAMPLE.read_text())
     body = build_request(seed, {"EXTRA": "1"}, ["valueToInsert=Hi", "deep.x=1"], "none")
     assert body["connector"] == seed["connector"]
     assert body["env"] == {**seed["env"], "EXTRA": "1"}
@@ -104,7 +79,7 @@ def test_build_request_accepts_a_connector_or_a_whole_body() -> None:
 
 @pytest.mark.docker
 def test_run_the_seed_example(server: ServerProcess, tmp_path: Path) -> None:
-    done = streamsvc("run", str(SEED), "--url", server.url, cwd=tmp_path)
+    done = streamsvc("run", str(SEED_EXAMPLE), "--url", server.url, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == '{"ok": true, "result": {"hello": "world"}}\n'
     lines = progress(done.stderr)
@@ -138,7 +113,7 @@ def start_run(path: Path, server: ServerProcess, stderr: int) -> subprocess.Pope
         return subprocess.Popen(
             [*COMMAND, "run", str(path), "--url", server.url],
             cwd=path.parent,
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -181,7 +156,7 @@ def test_run_exits_with_the_programs_exit_code(server: ServerProcess, tmp_path: 
 
 @pytest.mark.docker
 def test_run_json_prints_the_final_object_only(server: ServerProcess, tmp_path: Path) -> None:
-    done = streamsvc("run", str(SEED), "--json", "--url", server.url, cwd=tmp_path)
+    done = streamsvc("run", str(SEED_EXAMPLE), "--json", "--url", server.url, cwd=tmp_path)
     assert done.returncode == 0
     assert done.stderr == ""
     assert done.stdout.count("\n") == 1
@@ -313,7 +288,7 @@ def test_chat_streams_the_reply(server: ServerProcess, azure: FakeAzure, tmp_pat
     process = subprocess.Popen(
         [*COMMAND, "chat", "Say three words", "--url", server.url],
         cwd=tmp_path,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -350,12 +325,12 @@ def test_url_and_key_come_from_options_or_the_environment(
 ) -> None:
     key = "client-key-0123456789"
     server = start_server(STREAMSVC_API_KEYS=key)
-    anonymous = streamsvc("chat", "hi", cwd=tmp_path, env=_env(STREAMSVC_URL=server.url))
+    anonymous = streamsvc("chat", "hi", cwd=tmp_path, env=cli_env(STREAMSVC_URL=server.url))
     assert anonymous.returncode == 2
     assert "401 unauthorized" in anonymous.stderr
 
     from_env = streamsvc(
-        "chat", "hi", cwd=tmp_path, env=_env(STREAMSVC_URL=server.url, STREAMSVC_API_KEY=key)
+        "chat", "hi", cwd=tmp_path, env=cli_env(STREAMSVC_URL=server.url, STREAMSVC_API_KEY=key)
     )
     assert from_env.returncode == 0, from_env.stderr
     assert from_env.stdout == "echo: hi\n"
@@ -364,7 +339,7 @@ def test_url_and_key_come_from_options_or_the_environment(
     assert from_options.returncode == 0, from_options.stderr
     assert azure.requests[-1].body["messages"][-1]["content"] == "hi"
 
-    bad = streamsvc("chat", "hi", cwd=tmp_path, env=_env(STREAMSVC_URL="localhost:1"))
+    bad = streamsvc("chat", "hi", cwd=tmp_path, env=cli_env(STREAMSVC_URL="localhost:1"))
     assert bad.returncode == 2
     assert "STREAMSVC_URL" in bad.stderr
 

@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aiodocker
@@ -34,21 +33,25 @@ import httpx
 import pytest
 
 from streamsvc.connectors.dependencies import Dependency
-from streamsvc.errors import SandboxError
+from streamsvc.errors import SandboxError, SandboxUnavailable
+from streamsvc.sandbox.docker.api import connect
 from streamsvc.sandbox.docker.deps_cache import DependencyCache
-from streamsvc.sandbox.docker.deps_inventory import disk_usage
+from streamsvc.sandbox.docker.deps_inventory import disk_usage, entries
 from streamsvc.sandbox.docker.host_lock import host_lock
 from streamsvc.settings import load_settings
 from tests.harness import (
     IMAGE,
+    NO_DOCKER,
     ServerProcess,
     assert_no_sandboxes,
     body,
     docker,
     execute,
+    image_id,
     owner,
     result_line,
     sandboxes,
+    volume_labels,
 )
 
 pytestmark = pytest.mark.docker
@@ -156,19 +159,9 @@ async def test_a_set_that_cannot_install_is_an_error_and_leaves_nothing(
 # -- issue 5: the cache's key, one install, the size cap, listing and clearing --------------
 
 
-def image_id(image: str = IMAGE) -> str:
-    found: str = json.loads(docker("image", "inspect", image))[0]["Id"]
-    return found
-
-
 def python_version(image: str = IMAGE) -> str:
     probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
     return docker("run", "--rm", "--network", "none", image, "python3", "-c", probe).strip()
-
-
-def volume_labels(name: str) -> dict[str, str]:
-    found: dict[str, str] = json.loads(docker("volume", "inspect", name))[0]["Labels"] or {}
-    return found
 
 
 async def test_the_key_is_the_image_the_python_version_and_the_set(
@@ -270,30 +263,6 @@ async def test_two_server_processes_install_a_new_set_once(
     assert_no_sandboxes(second)
 
 
-@pytest.fixture
-def own_image() -> Iterator[str]:
-    """A copy of the sandbox image with its own id, so its cache is this test's alone."""
-    tag = f"streamsvc-sandbox-test:{uuid.uuid4().hex[:12]}"
-    dockerfile = f"FROM {IMAGE}\nLABEL streamsvc.test={tag}\n"
-    subprocess.run(
-        ["docker", "build", "-q", "-t", tag, "-"],
-        input=dockerfile,
-        text=True,
-        capture_output=True,
-        check=True,
-        timeout=120,
-        env={**os.environ, "DOCKER_BUILDKIT": "0"},
-    )
-    built = image_id(tag)
-    try:
-        yield tag
-    finally:
-        for name in docker("volume", "ls", "-q", "--filter", "label=streamsvc.deps").split():
-            if volume_labels(name).get("streamsvc.deps.image") == built:
-                docker("volume", "rm", name, check=False)
-        docker("rmi", tag, check=False)
-
-
 def deps_cli(image: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC_")}
     result = subprocess.run(
@@ -314,6 +283,27 @@ def imports(module: str) -> str:
         import json, {module}
         print(json.dumps({{"ok": True, "result": {module}.__name__}}))
     """
+
+
+async def test_a_listing_for_an_image_the_engine_lacks_marks_no_set_current() -> None:
+    env = {"STREAMSVC_SANDBOX_IMAGE": f"streamsvc-no-such-image:{uuid.uuid4().hex[:8]}"}
+    settings = load_settings(env, None).sandbox
+    docker = connect(settings.docker_host)
+    try:
+        found = await entries(docker, settings)
+    finally:
+        await docker.close()
+    assert [entry.volume for entry in found if entry.current] == []
+
+
+async def test_a_listing_without_an_engine_is_sandbox_unavailable() -> None:
+    settings = load_settings({"DOCKER_HOST": NO_DOCKER}, None).sandbox
+    docker = connect(settings.docker_host)
+    try:
+        with anyio.fail_after(10), pytest.raises(SandboxUnavailable, match="inspect the sandbox"):
+            await entries(docker, settings)
+    finally:
+        await docker.close()
 
 
 async def test_the_cache_is_size_capped_lru_and_listed_and_cleared(

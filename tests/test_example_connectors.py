@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ROOT, ServerProcess
-from tests.test_client import streamsvc
+from tests.harness import ROOT, ServerProcess, streamsvc
 
 pytestmark = pytest.mark.docker
 

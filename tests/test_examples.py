@@ -18,9 +18,9 @@ import pytest
 from streamsvc.connectors.request import decode_request
 from streamsvc.web import examples
 from tests.fake_azure import FakeAzure
-from tests.harness import ROOT, asgi_client, check_answer, server_env
+from tests.harness import asgi_client, check_answer, seed_request, server_env
 
-SEED = json.loads((ROOT / "streamsvc" / "web" / "static" / "seed-example.json").read_text())
+SEED = seed_request()
 
 
 async def test_the_index_starts_with_the_seed(fake_azure: FakeAzure) -> None:

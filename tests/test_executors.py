@@ -32,8 +32,8 @@ from tests.harness import (
     SSEEvent,
     SSEResponse,
     read_sse,
+    run_events,
 )
-from tests.test_runs_redis import run_events
 
 pytestmark = [pytest.mark.redis, pytest.mark.docker]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import io
 import re
+import subprocess
 import tokenize
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,41 @@ BOUNDARIES = {
     "openai": ("streamsvc.chat.provider",),
     "aiodocker": ("streamsvc.sandbox.docker.",),
     "redis": ("streamsvc.runs.redis", "streamsvc.runs.queue"),
+}
+
+#: docs/architecture.md's layers, bottom up: a module imports only from its own layer or below.
+#: A key ending in "." covers a folder; the longest key that matches a module places it.
+LAYERS = {
+    "streamsvc.settings": 1,
+    "streamsvc.errors": 1,
+    "streamsvc.identity": 1,
+    "streamsvc.chat.types": 2,
+    "streamsvc.chat.openai_chunks": 2,
+    "streamsvc.chat.provider": 2,
+    "streamsvc.connectors.": 2,
+    "streamsvc.sandbox.": 2,
+    "streamsvc.runs.": 2,
+    "streamsvc.web.": 3,
+    "streamsvc.chat.openai_errors": 3,
+    "streamsvc.runs.manager": 3,
+    "streamsvc.runs.respond": 3,
+    "streamsvc.connectors.events": 3,
+    **dict.fromkeys(ENDPOINTS, 4),
+    "streamsvc.web.openapi": 4,
+    "streamsvc.web.app": 5,
+    "streamsvc.runs.executor": 5,
+    "streamsvc.serving.": 5,
+    "streamsvc.cli": 5,
+    "streamsvc.__main__": 5,
+    "streamsvc": 5,
+}
+#: The client side stands apart: it imports only the foundation and itself, never the server.
+CLIENT_SIDE = {"streamsvc.client", "streamsvc.commands", "streamsvc.authoring"}
+#: Imports upwards that docs/architecture.md names, each with its reason.
+UPWARDS = {
+    ("streamsvc.connectors.request", "streamsvc.web.bodies"): "reuses the one JsonDecoder",
+    ("streamsvc.web.examples", "streamsvc.authoring"): "one connector-folder reader",
+    ("streamsvc.cli", "streamsvc.commands"): "the command dispatches the client commands",
 }
 
 
@@ -102,6 +139,30 @@ def test_only_the_app_and_openapi_import_an_endpoint_module() -> None:
     assert offenders == {}
 
 
+def layer(name: str) -> int:
+    keys = [k for k in LAYERS if name == k or (k.endswith(".") and name.startswith(k))]
+    assert keys, f"{name}: give it a layer in LAYERS (and in docs/architecture.md)"
+    return LAYERS[max(keys, key=len)]
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    ours = {name: path for name, path in modules().items() if path.read_text()}
+    offenders = []
+    for name, path in ours.items():
+        if name not in CLIENT_SIDE:
+            layer(name)  # every module has its place
+        for target in sorted(imported(path) & set(ours)):
+            if (name, target) in UPWARDS:
+                continue
+            if name in CLIENT_SIDE:
+                allowed = target in CLIENT_SIDE or layer(target) == 1
+            else:
+                allowed = target not in CLIENT_SIDE and layer(target) <= layer(name)
+            if not allowed:
+                offenders.append(f"{name} imports {target}")
+    assert offenders == []
+
+
 def test_sdk_imports_stay_at_their_boundary() -> None:
     offenders = []
     for name, path in modules().items():
@@ -109,6 +170,17 @@ def test_sdk_imports_stay_at_their_boundary() -> None:
             uses = any(m == library or m.startswith(library + ".") for m in imported(path))
             if uses and not any(name == a or name.startswith(a) for a in allowed):
                 offenders.append(f"{name} imports {library}")
+    assert offenders == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in the kit (tests/harness.py), shared fixtures in conftest.py."""
+    offenders = [
+        f"{path.name} imports {name}"
+        for path in sorted((ROOT / "tests").glob("test_*.py"))
+        for name in sorted(imported(path))
+        if name.startswith("tests.test_")
+    ]
     assert offenders == []
 
 
@@ -160,6 +232,20 @@ def test_readme_layout_matches_the_package_tree() -> None:
         assert listed[folder] | children == entries, folder
 
 
+def test_readme_lists_every_benchmark_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    lines = readme[readme.index("## Layout") :].split("```", 2)[1].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("benchmarks/"))
+    row = [lines[first][15:]]
+    for line in lines[first + 1 :]:
+        if line[:15].strip():
+            break
+        row.append(line[15:])
+    listed = set(re.findall(r"\b(\w+\.py)\b", " ".join(row)))
+    actual = {p.name for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__.py"}
+    assert listed == actual
+
+
 #: A duration figure: "50 ms", "~0.3 s", "about 20 s". The figures live in docs/benchmarks.md.
 DURATION = re.compile(
     r"\b\d+(\.\d+)?\s*(ms|µs|us)\b"  # 50 ms, 1.5 µs
@@ -200,3 +286,36 @@ def test_no_benchmark_figures_in_comments_or_docstrings() -> None:
         if (found := DURATION.search(text))
     ]
     assert offenders == [], "figures belong in docs/benchmarks.md"
+
+
+def test_scripts_check_lints_and_type_checks_every_python_file() -> None:
+    """Every tracked Python file is under a folder scripts/check gives ruff and mypy."""
+    check = (ROOT / "scripts" / "check").read_text()
+
+    def folders(command: str) -> set[str]:
+        line = next(line for line in check.splitlines() if command in line)
+        return set(line.split(command, 1)[1].split("||")[0].split())
+
+    mypy = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"])
+    if "for example in examples/*/" in check:
+        mypy.add("examples")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=30
+    ).stdout.decode()
+    python = [
+        name
+        for name in listed.split("\0")
+        if name.endswith(".py")
+        or (
+            name.startswith("scripts/")
+            and "python" in (ROOT / name).read_text()[:100].split("\n")[0]
+        )
+    ]
+    assert python, "git ls-files found no Python file"
+    for tool, covered in [
+        ("ruff check", folders("ruff check")),
+        ("ruff format", folders("ruff format --check")),
+        ("mypy", mypy),
+    ]:
+        left_out = [name for name in python if name.split("/")[0] not in covered]
+        assert left_out == [], f"{tool} does not see these"

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.fake_azure import FakeAzure, Reply, unauthorized
-from tests.harness import ROOT, ServerProcess
+from tests.harness import ROOT, ServerProcess, seed_request
 
 pytestmark = pytest.mark.browser
 
@@ -298,7 +298,7 @@ SECRET_TOGGLES = """Object.fromEntries(
 @pytest.mark.docker
 def test_connector_panel_runs_the_seed_example(page: Browser) -> None:
     assert page.call("value", selector="#run-example") == "seed"
-    seed = json.loads((ROOT / "streamsvc" / "web" / "static" / "seed-example.json").read_text())
+    seed = seed_request()
     # One tab per file, in a code editor; the form sends back what the seed says.
     tabs = page.call("eval", expression=TABS)
     assert tabs == ["runner_entrypoint.py"]

@@ -22,8 +22,7 @@ import redis
 from streamsvc.client import AsyncClient, Client, ClientError, OutputFile, RunResult
 from streamsvc.commands import save_files
 from streamsvc.sandbox.runner.runner import MAX_DOWNLOAD_BYTES
-from tests.harness import ExecutorProcess, ServerProcess, body
-from tests.test_client import connector_file, streamsvc
+from tests.harness import ExecutorProcess, ServerProcess, body, connector_file, streamsvc
 
 ALICE, BOB = "key-alice-0123456789", "key-bob-0123456789"
 

@@ -9,9 +9,11 @@ import anyio
 import msgspec
 import pytest
 
+from streamsvc import errors
 from streamsvc.runs import manager as manager_module
 from streamsvc.runs.manager import RunManager, new_run_id
 from streamsvc.runs.memory import MemoryStore
+from streamsvc.runs.respond import stored_error
 from streamsvc.settings import RunSettings
 from streamsvc.web.sse import Event
 
@@ -117,3 +119,23 @@ def test_no_run_id_begins_with_a_dash() -> None:
     ids = {new_run_id() for _ in range(5000)}
     assert len(ids) == 5000 and not [i for i in ids if i.startswith("-")]
     assert {len(i) for i in ids} == {22}
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "status"),
+    [
+        ("dependency_install_failed", errors.DependencyInstallFailed, 400),
+        ("sandbox_unavailable", errors.SandboxUnavailable, 503),
+        ("too_many_runs", errors.TooManyRuns, 429),
+        ("no_such_code", errors.ServiceError, 500),
+    ],
+)
+def test_a_stored_error_comes_back_as_its_class(
+    code: str, kind: type[errors.ServiceError], status: int
+) -> None:
+    """A run that failed before its start on another node answers as it would have here."""
+    event = {"error": {"code": code, "message": "m", "path": "$.x", "details": {"a": 1}}}
+    error = stored_error(msgspec.json.encode(event))
+    assert type(error) is kind
+    assert (error.code, error.status, error.message, error.path) == (code, status, "m", "$.x")
+    assert error.details == {"a": 1}

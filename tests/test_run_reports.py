@@ -30,10 +30,11 @@ from tests.harness import (
     eventually,
     execute,
     owner,
+    pool,
+    pool_full,
     sse_events,
     stream,
 )
-from tests.test_warm_pool import pool, pool_full
 
 FILES_PROGRAM = """
 import hashlib, json, os

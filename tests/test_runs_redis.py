@@ -8,7 +8,6 @@ Redis stops start-up naming the setting.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from tests.fake_azure import FakeAzure, Reply
-from tests.harness import ServerProcess, SSEEvent, parse_sse_lines, read_sse, server_env
+from tests.harness import ServerProcess, read_sse, run_events, server_env
 
 pytestmark = pytest.mark.redis
 
@@ -35,28 +34,6 @@ def shared_store(redis_url: str) -> Iterator[str]:
         keys = list(r.scan_iter(match=f"{prefix}*", count=500))
         if keys:
             r.delete(*keys)
-
-
-async def run_events(
-    client: httpx.AsyncClient, url: str, last_event_id: str | None
-) -> list[SSEEvent]:
-    headers = {"accept": "text/event-stream"}
-    if last_event_id is not None:
-        headers["last-event-id"] = last_event_id
-    events: list[SSEEvent] = []
-    async with client.stream("GET", url, headers=headers) as response:
-        assert response.status_code == 200, await response.aread()
-        block: list[str] = []
-        async for line in response.aiter_lines():
-            if line:
-                block.append(line)
-                continue
-            fields, _ = parse_sse_lines(block)
-            block = []
-            if "event" in fields:
-                data = json.loads(fields.get("data") or "null")
-                events.append(SSEEvent(fields["event"], data, fields.get("id"), time.monotonic()))
-    return events
 
 
 async def test_a_stream_started_on_one_node_resumes_on_another(

@@ -12,10 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from streamsvc import settings as settings_module
-from streamsvc.settings import SettingsError, dotenv_files, load_settings
+from streamsvc.settings import SettingsError, dotenv_files, load_client_settings, load_settings
 from tests.harness import ROOT
 
 AZURE = {
@@ -57,6 +58,28 @@ def test_defaults_and_empty_values(tmp_path: Path) -> None:
     assert settings.sandbox.warm_pool_size == 2  # the pool is on unless 0 turns it off
     # A missing .env file is no error.
     assert load_settings({}, tmp_path / "absent.env") == load_settings({}, None)
+
+
+def test_field_names_drop_the_env_prefix_the_env_names_stay() -> None:
+    structs = [
+        value
+        for value in vars(settings_module).values()
+        if isinstance(value, type) and issubclass(value, msgspec.Struct)
+    ]
+    assert settings_module.ClientSettings in structs
+    prefixed = [
+        f"{struct.__name__}.{field.name}"
+        for struct in structs
+        for field in msgspec.structs.fields(struct)
+        if field.name.startswith(("streamsvc_", "STREAMSVC_"))
+    ]
+    assert prefixed == []
+    env = {"STREAMSVC_URL": "https://example.test", "STREAMSVC_API_KEY": "k-1"}
+    client = load_client_settings(env, None)
+    assert (client.url, client.api_key) == ("https://example.test", "k-1")
+    assert load_client_settings({}, None).url == "http://127.0.0.1:8000"
+    with pytest.raises(SettingsError, match="STREAMSVC_URL"):
+        load_client_settings({"STREAMSVC_URL": "localhost:1"}, None)
 
 
 def test_lists_and_chat_configuration() -> None:

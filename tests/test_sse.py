@@ -1,21 +1,77 @@
 """SSE plumbing: wire format and headers in-process; keep-alives and disconnects on a socket.
 
-The framing needs no socket (the app runs over ASGI); the timing of keep-alives
+The framing needs no socket (a tiny app, and the whole app, over ASGI); the timing of keep-alives
 and a client hanging up are checked against a real server process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from streamsvc.errors import UpstreamTimeout
+from streamsvc.web.sse import Event, StreamRegistry, event_response
 from tests.fake_azure import FakeAzure, Reply
 from tests.harness import ServerProcess, asgi_client, read_sse, server_env
 
 STREAM = {"messages": [{"role": "user", "content": "Hello"}], "stream": True}
+
+
+def tiny_app(events: list[Event], failure: Exception | None = None, end: bytes = b"") -> Starlette:
+    """One route streaming ``events`` through ``event_response``, then ``failure`` if given."""
+
+    async def source() -> AsyncIterator[Event]:
+        for event in events:
+            yield event
+        if failure is not None:
+            raise failure
+
+    async def stream(request: Request) -> Response:
+        registry = StreamRegistry()
+        return event_response(None, source(), registry, 15.0, send_timeout=5.0, end=end)
+
+    return Starlette(routes=[Route("/", stream)])
+
+
+async def get(app: Starlette) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get("/")
+
+
+async def test_a_stream_that_fails_ends_with_one_error_event_and_nothing_after() -> None:
+    app = tiny_app([Event("delta", {"content": "a"})], UpstreamTimeout("the upstream was late"))
+    response = await get(app)
+    assert response.status_code == 200  # the headers went out with the first frame
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert blocks == [
+        'id: 1\nevent: delta\ndata: {"content":"a"}',
+        'id: 2\nevent: error\ndata: {"error":{"code":"upstream_timeout",'
+        '"message":"the upstream was late"}}',
+    ]
+
+
+async def test_an_unexpected_failure_ends_the_stream_with_internal_error() -> None:
+    response = await get(tiny_app([], RuntimeError("a bug")))
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert blocks == [
+        'id: 1\nevent: error\ndata: {"error":{"code":"internal_error","message":"internal error"}}'
+    ]  # the bug's text is logged, not sent
+
+
+async def test_a_stream_that_ends_writes_its_end_once() -> None:
+    app = tiny_app([Event("delta", {"n": 1}), Event("delta", {"n": 2})], end=b"data: [DONE]\n\n")
+    response = await get(app)
+    blocks = [b for b in response.text.split("\n\n") if b]
+    assert [b.splitlines()[0] for b in blocks[:2]] == ["id: 1", "id: 2"]
+    assert blocks[2:] == ["data: [DONE]"]
 
 
 async def test_events_are_framed_with_increasing_ids_and_one_json_data_line(

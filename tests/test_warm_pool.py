@@ -41,6 +41,8 @@ from tests.harness import (
     docker,
     execute,
     inspect,
+    pool,
+    pool_full,
     result_line,
     sandboxes,
     server_env,
@@ -69,22 +71,6 @@ def warm(fake_azure: FakeAzure) -> Iterator[ServerProcess]:
 
 def test_the_pool_is_on_by_default(warm: ServerProcess) -> None:
     assert pool(warm)["size"] == 2
-
-
-def pool(server: ServerProcess) -> dict[str, Any]:
-    health = httpx.get(server.url + "/health", timeout=10).json()
-    found: dict[str, Any] = health["components"]["sandbox"]["warm"]
-    return found
-
-
-def pool_full(server: ServerProcess, timeout: float = 30.0) -> None:
-    """Wait until no fill is in flight and every key kept has all its sandboxes."""
-
-    def full() -> bool:
-        found = pool(server)
-        return bool(found["filling"] == 0 and found["ready"] >= found["size"] * found["keys"])
-
-    wait_until(full, timeout)
 
 
 def warm_ids(server: ServerProcess) -> set[str]:

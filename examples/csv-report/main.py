@@ -5,13 +5,14 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 #: Files written here come back with the run's result (``$STREAMSVC_OUTPUT_DIR``).
 OUTPUT_DIR = Path(os.environ.get("STREAMSVC_OUTPUT_DIR", "/work/out"))
 
 
-def run(context):
-    totals = defaultdict(float)
+def run(context: dict[str, Any]) -> dict[str, Any]:
+    totals: defaultdict[str, float] = defaultdict(float)
     for sale in context["connector"]["configuration"]["sales"]:
         totals[sale["region"]] += float(sale["amount"])
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)

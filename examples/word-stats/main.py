@@ -2,11 +2,12 @@
 
 import collections
 import sys
+from typing import Any
 
 import humanize
 
 
-def run(context):
+def run(context: dict[str, Any]) -> dict[str, Any]:
     text = context["connector"]["configuration"]["text"]
     words = text.split()
     counts = collections.Counter(words)

@@ -1,7 +1,7 @@
 """The shared run store on Redis (``STREAMSVC_RUN_STORE=redis://...``; issue 16).
 
 Records are hashes, each run's events a Redis Stream at ids ``<n>-0`` (n: the SSE id);
-append and finish are Lua scripts. The only module importing ``redis``. Over 400 lines:
+append and finish are Lua scripts. It and ``runs.queue`` alone import ``redis``. Over 400 lines:
 the keys, the scripts and the store that owns them stay together (docs/architecture.md)."""
 
 from __future__ import annotations

@@ -74,11 +74,12 @@ def stored_error(data: bytes) -> ServiceError:
     with its class's HTTP status (a run executed on another node failed before its start)."""
     body: dict[str, Any] = msgspec.json.decode(data).get("error") or {}
     code = str(body.get("code", "internal_error"))
-    status = next((c.status for c in _classes(ServiceError) if c.code == code), 500)
-    return ServiceError(
+    # The most specific class that defines the code (SandboxUnavailable, not SandboxError).
+    defining = [c for c in _classes(ServiceError) if c.__dict__.get("code") == code]
+    kind = defining[-1] if defining else ServiceError
+    return kind(
         str(body.get("message", "the run failed")),
         code=code,
-        status=status,
         path=body.get("path"),
         details=body.get("details"),
     )

@@ -77,7 +77,10 @@ class DependencyCache:
         settings: SandboxSettings,
         owner: str,
         bridge: BridgeIsolation | None = None,
+        on_install: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_install`` is told each install's duration in seconds, failed ones too
+        (the app's metrics)."""
         self._docker = docker
         self._settings = settings
         self._owner = owner
@@ -95,8 +98,7 @@ class DependencyCache:
         #: The sandbox image the sets are for (``use_image``), once it is known.
         self.image_id: str | None = None
         self.installs = 0
-        #: Told each install's duration in seconds (failed ones too): the app's metrics.
-        self.on_install: Callable[[float], None] | None = None
+        self._on_install = on_install
 
     # -- keys ------------------------------------------------------------------------
 
@@ -338,8 +340,8 @@ class DependencyCache:
             await self._evict(keep=newest.volume if newest else name)
 
         output, code = await self.installer.install(name, requirements, compiled)
-        if self.on_install is not None:
-            self.on_install(time.monotonic() - started)
+        if self._on_install is not None:
+            self._on_install(time.monotonic() - started)
         if code != 0:
             with contextlib.suppress(SandboxError):  # still mounted: eviction gets it later
                 await docker_call(

@@ -64,9 +64,11 @@ async def disk_usage(docker: aiodocker.Docker) -> list[dict[str, Any]]:
 async def entries(docker: aiodocker.Docker, settings: SandboxSettings) -> list[CacheEntry]:
     """Every cached set on the engine, newest first."""
     try:
-        image = await docker.images.inspect(settings.image)
+        image = await docker_call(
+            "inspect the sandbox image", docker.images.inspect(settings.image)
+        )
         current: str | None = image["Id"]
-    except aiodocker.DockerError:
+    except EngineRefused:  # no such image: no set is the current image's
         current = None
     found = []
     for volume in await disk_usage(docker):

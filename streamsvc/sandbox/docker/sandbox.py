@@ -69,9 +69,8 @@ class DockerSandbox:
             max_wait=settings.queue_timeout_seconds,
         )
         self.bridge = BridgeIsolation(docker, settings.network)
-        self.deps = DependencyCache(docker, settings, self._owner, self.bridge)
-        if timings is not None:
-            self.deps.on_install = lambda seconds: timings("install", seconds)
+        on_install = None if timings is None else lambda seconds: timings("install", seconds)
+        self.deps = DependencyCache(docker, settings, self._owner, self.bridge, on_install)
         self.containers = Containers(docker, self._owner, self.deps)
         self.warm = WarmMaker(
             docker, settings, self._owner, self.deps, self.containers, self.bridge
