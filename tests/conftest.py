@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -16,6 +18,7 @@ from tests.fake_azure import FakeAzure
 from tests.harness import (
     AZURE_KEY,
     ENGINE2,
+    HEALTH_WATCH,
     IMAGE,
     REDIS_URL,
     ServerProcess,
@@ -79,6 +82,61 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker(marker):
                 item.add_marker(skip)
+
+
+#: (test, wall-clock start, end) of each test run, for the health watch (scripts/attack).
+_RAN: list[tuple[str, float, float]] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    started = time.time()
+    try:
+        return (yield)
+    finally:
+        _RAN.append((item.nodeid, started, time.time()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under scripts/attack: fail the run when any server's /health took over 100 ms."""
+    if not HEALTH_WATCH:
+        return
+    from tests.health_watch import LIMIT
+
+    probes, slow = 0, []
+    for report in Path(HEALTH_WATCH).glob("*.txt"):
+        started = 0.0
+        for line in report.read_text().splitlines():
+            first, second = line.split()
+            if first == "probes":
+                probes += int(second)
+            elif first == "started":
+                started = float(second)
+            else:
+                at = float(first)
+                during = [name for name, start, end in _RAN if start <= at <= end]
+                where = f"{report.stem.split('-')[0]}, {at - started:.1f} s after it was up"
+                slow.append((float(second), during[0] if during else "between tests", where))
+    lines = [f"health watch: {probes} /health answers polled from outside, every 50 ms"]
+    lines += [
+        f"  {seconds * 1000:.0f} ms during {name} (server on port {where})"
+        for seconds, name, where in sorted(slow)
+    ]
+    lines.append(
+        f"health watch: {len(slow)} over {LIMIT * 1000:.0f} ms" if slow
+        else f"health watch: every answer under {LIMIT * 1000:.0f} ms"
+    )  # fmt: skip
+    session.config.stash[_WATCHED] = lines
+    if slow and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_WATCHED = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in terminalreporter.config.stash.get(_WATCHED, []):
+        terminalreporter.write_line(line)
 
 
 def _identity(process: psutil.Process) -> tuple[int, float]:

@@ -35,6 +35,8 @@ from streamsvc.web.openapi import openapi_document
 from tests.fake_azure import FakeAzure
 
 ROOT = Path(__file__).resolve().parent.parent
+#: A directory when scripts/attack runs: every server's /health is polled (tests/health_watch.py).
+HEALTH_WATCH = os.environ.get("STREAMSVC_TEST_HEALTH_WATCH", "")
 
 
 def free_port() -> int:
@@ -78,7 +80,13 @@ class ServerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        self._watch: subprocess.Popen[bytes] | None = None
         self._wait_ready()
+        if HEALTH_WATCH:  # scripts/attack: /health polled from outside while this server runs
+            out = Path(HEALTH_WATCH, f"{self.port}-{self.process.pid}.txt")
+            self._watch = subprocess.Popen(
+                [sys.executable, "-m", "tests.health_watch", self.url, str(out)], cwd=ROOT
+            )
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -107,6 +115,10 @@ class ServerProcess:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 20.0) -> int:
+        if self._watch is not None:  # before the shutdown, which /health may well feel
+            self._watch.terminate()
+            self._watch.wait(10)
+            self._watch = None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -268,6 +268,25 @@ async def test_a_huge_hex_index_is_a_400_not_a_500(
         assert response.json()["error"]["code"] == "entry_point_not_found"
 
 
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [("main.py", 'connector["configuration"]["rows"]["{}"]'), ("a.js", "connector.rows[{}]")],
+)
+async def test_a_huge_decimal_index_into_a_list_is_a_400_not_a_500(
+    server: ServerProcess, client: httpx.AsyncClient, name: str, reference: str
+) -> None:
+    # Low 8, a list in the connector: its index was int() of 5,000 digits (a 500).
+    digits = "9" * 5000
+    files = {name: reference.format(digits)}
+    payload = {"connector": connector("print(1)", files=files, configuration={"rows": [1]})}
+    payload["connector"]["rows"] = [1]
+    response = await post(client, server, payload)
+    assert response.status_code == 400, response.text
+    missing = response.json()["error"]["details"]["missing_connector_paths"]
+    assert [path.rsplit(".", 1)[1] for path in missing] == [digits]
+
+
 _ENCODED_SECRETS = {
     "QUOTE": 'se"cret-quote-1',
     "BACKSLASH": "se\\cret-back-2",

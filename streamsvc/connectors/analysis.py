@@ -93,6 +93,7 @@ _SCAN_CALL: Final = re.compile(r"\s*\(")
 _DECIMAL: Final = re.compile(r"[0-9]+")
 _ENV_KEY: Final = re.compile(_KEY)
 _MAX_INDEX: Final = 2**63 - 1
+_MAX_INDEX_DIGITS: Final = len(str(_MAX_INDEX))
 
 
 #: Python source (characters, all files of a request together) parsed with ``ast``. A file
@@ -297,12 +298,21 @@ def _resolves(value: Any, path: ConnectorPath) -> bool:
                 return False
             value = value[segment]
         elif isinstance(value, list | tuple):
-            if not _DECIMAL.fullmatch(segment) or int(segment) >= len(value):
+            index = _list_index(segment)
+            if index is None or index >= len(value):
                 return False
-            value = value[int(segment)]
+            value = value[index]
         else:
             return False
     return True
+
+
+def _list_index(segment: str) -> int | None:
+    """A segment as a list index: ASCII digits, at most as many as ``_MAX_INDEX`` has
+    (a longer one is never in range, and ``int`` refuses 4,300 digits and more)."""
+    if len(segment) > _MAX_INDEX_DIGITS or not _DECIMAL.fullmatch(segment):
+        return None
+    return int(segment)
 
 
 def _not_extended(paths: Iterable[ConnectorPath]) -> list[ConnectorPath]:
