@@ -32,6 +32,9 @@ from streamsvc.settings import SettingsError
 SETTING = "STREAMSVC_RUN_STORE"
 #: Events per read of ``follow``: the first read, then the next ones.
 FIRST_BATCH, BATCH = 16, 512
+#: Events a reader gives between two returns to the event loop (sends to a client that
+#: left do not suspend; its disconnect must get in to cancel the reader).
+CHECKPOINT_EVERY = 16
 #: Connections to Redis per process for everything but ``follow``'s blocking reads.
 MAX_CONNECTIONS = 512
 #: Readers one process follows from Redis at once (each blocking read holds a connection
@@ -601,7 +604,7 @@ class RedisRunStore:
             )
             count = BATCH
             entries = read[0][1] if read else []
-            for entry_id, fields in entries:
+            for given, (entry_id, fields) in enumerate(entries, 1):
                 event = StoredEvent(
                     int(entry_id.split(b"-")[0]), fields[b"e"].decode(), fields[b"d"]
                 )
@@ -609,6 +612,8 @@ class RedisRunStore:
                 yield event
                 if event.name in TERMINAL_EVENTS:
                     return
+                if given % CHECKPOINT_EVERY == 0:  # a client gone: its cancel gets in
+                    await anyio.lowlevel.checkpoint()
             if entries:
                 continue
             record = await self._state(run_id)

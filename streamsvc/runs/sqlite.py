@@ -55,6 +55,9 @@ CANCEL_POLL = 0.25
 #: counts for three (``read_elsewhere``: the running process does not abandon the run).
 READER_MARK = 1.0
 FIRST_PAGE = 2
+#: Events a reader gives between two returns to the event loop (a page holds many, and
+#: sends to a client that left do not suspend: its disconnect must get in to cancel it).
+CHECKPOINT_EVERY = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -349,6 +352,7 @@ class SqliteStore:
                 yield event
             return
         limit = FIRST_PAGE  # a small first page: the first event comes back quickly
+        given = 0
         marked = -READER_MARK
         while True:
             read = functools.partial(_events, run_id=run_id, after=after, limit=limit)
@@ -362,6 +366,9 @@ class SqliteStore:
                     if event.id > after:
                         yield event
                         after = event.id
+                        given += 1
+                        if given % CHECKPOINT_EVERY == 0:  # a client gone: its cancel gets in
+                            await anyio.lowlevel.checkpoint()
             if len(rows) < limit:
                 if record.status in FINISHED:
                     return
