@@ -15,7 +15,7 @@ import anyio
 import msgspec
 
 from streamsvc.errors import RunNotFound, TooManyRuns
-from streamsvc.runs.store import FINISHED, RunRecord, RunStatus, StoredEvent
+from streamsvc.runs.store import CHECKPOINT_EVERY, FINISHED, RunRecord, RunStatus, StoredEvent
 
 #: Events a reader takes from the log at once.
 FOLLOW_BATCH = 64
@@ -51,8 +51,10 @@ class LiveLog:
                 # references for each slow reader of a long log.
                 batch = self.events[index : index + FOLLOW_BATCH]
                 index += len(batch)
-                for event in batch:
+                for given, event in enumerate(batch, 1):
                     yield event
+                    if given % CHECKPOINT_EVERY == 0:  # a client gone: its cancel gets in
+                        await anyio.lowlevel.checkpoint()
                 continue
             if self.finished:
                 return

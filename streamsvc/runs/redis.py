@@ -26,15 +26,20 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from streamsvc.errors import Busy, EventsExpired, RunNotFound, RunStoreUnavailable
 from streamsvc.runs.live import Active
-from streamsvc.runs.store import FINISHED, RunFile, RunKind, RunRecord, RunStatus, StoredEvent
+from streamsvc.runs.store import (
+    CHECKPOINT_EVERY,
+    FINISHED,
+    RunFile,
+    RunKind,
+    RunRecord,
+    RunStatus,
+    StoredEvent,
+)
 from streamsvc.settings import SettingsError
 
 SETTING = "STREAMSVC_RUN_STORE"
 #: Events per read of ``follow``: the first read, then the next ones.
 FIRST_BATCH, BATCH = 16, 512
-#: Events a reader gives between two returns to the event loop (sends to a client that
-#: left do not suspend; its disconnect must get in to cancel the reader).
-CHECKPOINT_EVERY = 16
 #: Connections to Redis per process for everything but ``follow``'s blocking reads.
 MAX_CONNECTIONS = 512
 #: Readers one process follows from Redis at once (each blocking read holds a connection

@@ -26,6 +26,7 @@ from streamsvc.errors import EventsExpired, RunNotFound
 from streamsvc.runs.live import Active
 from streamsvc.runs.memory import page
 from streamsvc.runs.store import (
+    CHECKPOINT_EVERY,
     FINISHED,
     RunFile,
     RunKind,
@@ -55,9 +56,6 @@ CANCEL_POLL = 0.25
 #: counts for three (``read_elsewhere``: the running process does not abandon the run).
 READER_MARK = 1.0
 FIRST_PAGE = 2
-#: Events a reader gives between two returns to the event loop (a page holds many, and
-#: sends to a client that left do not suspend: its disconnect must get in to cancel it).
-CHECKPOINT_EVERY = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -18,6 +18,10 @@ RunKind = Literal["connector", "chat"]
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
 #: Statuses a run never leaves.
 FINISHED: frozenset[RunStatus] = frozenset({"completed", "failed", "cancelled", "interrupted"})
+#: Events a reader gives between two returns to the event loop: sends to a client that
+#: left do not suspend, and its disconnect must get in to cancel the reader (a replay of a
+#: long log would otherwise run to its end, holding the loop).
+CHECKPOINT_EVERY = 16
 #: A run's source yields this event (data: ``list[RunFile]``) to keep files before ``done``;
 #: the manager stores them and never logs it.
 FILES_EVENT = "_files"
