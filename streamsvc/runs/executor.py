@@ -122,7 +122,7 @@ class Executor:
                 continue
             # An engine that does not answer would fail every run taken (and, failing fast,
             # this executor would take most of the cluster's): leave them to the others.
-            if (await self.sandbox.health())["state"] != "ready":
+            if not await self.sandbox.engine_answers():
                 if engine_ok:
                     log.warning("the Docker engine does not answer: taking no run until it does")
                 engine_ok = False
@@ -192,7 +192,7 @@ class Executor:
         while True:
             try:
                 entries = list(self.running)
-                engine = (await self.sandbox.health())["state"]
+                engine = "ready" if await self.sandbox.engine_answers() else "unavailable"
                 lost = await self.queue.heartbeat(
                     self.name, entries, slots=self.slots, running=len(entries), engine=engine
                 )

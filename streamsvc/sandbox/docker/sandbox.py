@@ -129,9 +129,9 @@ class DockerSandbox:
         """Remove run containers of dead earlier processes, and ours that a lost engine kept."""
         return await self.containers.remove_leftovers()
 
-    async def health(self) -> dict[str, Any]:
-        """The last look at the engine and the bridge firewall, refreshed in the background
-        once stale: a probe never waits on an engine or iptables slow under load (only the
+    async def engine_answers(self) -> bool:
+        """The last look at the engine (and the bridge firewall), refreshed in the background
+        once stale: a caller never waits on an engine or iptables slow under load (only the
         very first look does)."""
         if self._engine_ok is None or self._tasks is None:
             await self._look()
@@ -140,7 +140,11 @@ class DockerSandbox:
         ):
             self._engine_looking = True
             self._tasks.start_soon(self._look)
-        if not self._engine_ok:
+        return bool(self._engine_ok)
+
+    async def health(self) -> dict[str, Any]:
+        """``/health``'s ``sandbox`` component, from the last look (``engine_answers``)."""
+        if not await self.engine_answers():
             return {"state": "unavailable", "image": self._settings.image}
         return {
             "state": "ready",
