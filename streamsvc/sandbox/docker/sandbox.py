@@ -111,7 +111,7 @@ class DockerSandbox:
         """Best-effort preparation; an engine that is down now may come back later."""
         try:
             await self._prepare()
-            await self.remove_leftovers()
+            await self.containers.remove_leftovers()
             if self._settings.allow_bridge and await self.bridge.current() != "protected":
                 log.warning("bridge runs refused: %s", self.bridge.reason)
         except SandboxError as exc:
@@ -125,19 +125,13 @@ class DockerSandbox:
         self.image_id = image["Id"]
         self.deps.use_image(image["Id"])
 
-    async def remove_leftovers(self) -> int:
-        """Remove run containers of dead earlier processes, and ours that a lost engine kept."""
-        return await self.containers.remove_leftovers()
-
     async def engine_answers(self) -> bool:
         """The last look at the engine (and the bridge firewall), refreshed in the background
-        once stale: a caller never waits on an engine or iptables slow under load (only the
-        very first look does)."""
+        once stale: a caller never waits on a slow engine (only the very first look does)."""
+        stale = anyio.current_time() - self._engine_seen_at > ENGINE_LOOK_SECONDS
         if self._engine_ok is None or self._tasks is None:
             await self._look()
-        elif anyio.current_time() - self._engine_seen_at > ENGINE_LOOK_SECONDS and not (
-            self._engine_looking
-        ):
+        elif stale and not self._engine_looking:
             self._engine_looking = True
             self._tasks.start_soon(self._look)
         return bool(self._engine_ok)
@@ -204,7 +198,7 @@ class DockerSandbox:
         if self.image_id is None:
             await self._prepare()
         if self.containers.unremoved:
-            await self.remove_leftovers()
+            await self.containers.remove_leftovers()
         if spec.network == "bridge":
             await self.bridge.ensure()  # refused (bridge_unprotected) unless firewalled
         entered = anyio.current_time()
