@@ -619,41 +619,47 @@ class PrivateRedis:
             self.process.wait()
 
 
-class EngineProxy:
-    """A unix socket forwarding byte for byte to the local Docker engine's: ``stop`` takes
-    the engine away from whoever uses this socket (connections cut), ``start`` brings it back."""
+class ForwardingProxy:
+    """Forwards each connection accepted on ``listener`` to a new one from ``connect``, byte
+    for byte (a thread per direction); ``drop`` cuts the open ones both ways at once (a proxy
+    that went away), ``close`` stops listening too."""
 
-    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
-        self.path = path
-        self.url = f"unix://{path}"
-        self.target = target
-        self._listener: socket.socket | None = None
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
+    url = ""
 
-    def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
+        self.listener = listener
+        self.connect = connect
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self, listener: socket.socket) -> None:
+    @classmethod
+    def tcp(cls, target_port: int) -> ForwardingProxy:
+        """A loopback TCP proxy in front of ``target_port`` (its ``url``: http://...)."""
+
+        def connect() -> socket.socket:
+            upstream = socket.create_connection(("127.0.0.1", target_port), timeout=30)
+            upstream.settimeout(None)
+            return upstream
+
+        proxy = cls(socket.create_server(("127.0.0.1", 0)), connect)
+        proxy.url = f"http://127.0.0.1:{proxy.listener.getsockname()[1]}"
+        return proxy
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self.listener.accept()
             except OSError:
-                return  # stopped
-            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                return  # closed
             try:
-                engine.connect(self.target)
+                upstream = self.connect()
             except OSError:
                 client.close()
                 continue
-            with self._lock:
-                self._open += [client, engine]
-            for source, sink in ((client, engine), (engine, client)):
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
     @staticmethod
@@ -663,21 +669,54 @@ class EngineProxy:
                 sink.sendall(data)
         except OSError:
             pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def drop(self) -> int:
+        """Close every open connection; how many were open."""
+        with self.lock:
+            cut, self.sockets = self.sockets, []
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pipes blocked on it, sends FIN
+            sock.close()
+        return len(cut) // 2
+
+    def close(self) -> None:
         with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.drop()
+
+
+class EngineProxy:
+    """The local Docker engine behind a unix socket of the test's: ``stop`` takes it away
+    from whoever uses that socket (its connections cut), ``start`` brings it back."""
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
+        self.path = path
+        self.url = f"unix://{path}"
+        self.target = target
+        self._proxy: ForwardingProxy | None = None
+
+    def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.path))
+        listener.listen(64)
+
+        def connect() -> socket.socket:
+            engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            engine.connect(self.target)
+            return engine
+
+        self._proxy = ForwardingProxy(listener, connect)
 
     def stop(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            self._open = []
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
         self.path.unlink(missing_ok=True)
 
 

@@ -14,7 +14,6 @@ container then disappears. Screenshots of each panel are kept in artifacts/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -31,7 +30,7 @@ import httpx
 import pytest
 
 from tests.fake_azure import FakeAzure, Reply, unauthorized
-from tests.harness import ROOT, ServerProcess, seed_request
+from tests.harness import ROOT, ForwardingProxy, ServerProcess, seed_request
 
 pytestmark = pytest.mark.browser
 
@@ -603,58 +602,6 @@ def test_stop_ends_a_long_run_and_removes_its_container(
 # ---------------------------------------------------------------- resumable runs (issue 13)
 
 
-class DroppingProxy:
-    """A TCP proxy in front of the server whose connections the test cuts at will."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
-            upstream.settimeout(None)
-            with self.lock:
-                self.sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
-
-    def drop(self) -> int:
-        """Close every open connection, both ways at once (a proxy that went away)."""
-        with self.lock:
-            cut, self.sockets = self.sockets, []
-        for sock in cut:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the pipes blocked on it, sends FIN
-            sock.close()
-        return len(cut) // 2
-
-    def close(self) -> None:
-        self.listener.close()
-        self.drop()
-
-
 NUMBERED = """import time
 for i in range(1, 41):
     print(f"line {i:02d}", flush=True)
@@ -684,7 +631,7 @@ def _assert_every_line_once(page: Browser) -> dict[str, Any]:
 def test_a_dropped_event_stream_reconnects_by_itself(
     browser: Browser, server: ServerProcess
 ) -> None:
-    proxy = DroppingProxy(server.port)
+    proxy = ForwardingProxy.tcp(server.port)
     try:
         browser.open(proxy.url + "/")
         _set_connector(browser, _python_connector(NUMBERED))
