@@ -171,6 +171,17 @@ def parse_sse_lines(lines: list[str]) -> tuple[dict[str, str], list[str]]:
     return fields, comments
 
 
+async def sse_blocks(response: httpx.Response) -> AsyncIterator[tuple[dict[str, str], list[str]]]:
+    """Each event block of an SSE answer as it arrives: its fields and its comments."""
+    block: list[str] = []
+    async for line in response.aiter_lines():
+        if line:
+            block.append(line)
+        elif block:
+            yield parse_sse_lines(block)
+            block = []
+
+
 async def read_sse(
     client: httpx.AsyncClient,
     url: str,
@@ -186,15 +197,7 @@ async def read_sse(
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             result.body = json.loads(await response.aread())
             return result
-        block: list[str] = []
-        async for line in response.aiter_lines():
-            if line:
-                block.append(line)
-                continue
-            if not block:
-                continue
-            fields, comments = parse_sse_lines(block)
-            block = []
+        async for fields, comments in sse_blocks(response):
             result.comments += comments
             if "data" in fields or "event" in fields:
                 data = fields.get("data", "")
@@ -412,13 +415,7 @@ async def sse_events(
     url = server.url + "/execute-connector"
     async with client.stream("POST", url, json=payload, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
-        block: list[str] = []
-        async for line in response.aiter_lines():
-            if line:
-                block.append(line)
-                continue
-            fields, _ = parse_sse_lines(block)
-            block = []
+        async for fields, _ in sse_blocks(response):
             if "event" in fields:
                 yield fields["event"], json.loads(fields.get("data") or "null")
 
@@ -789,13 +786,7 @@ async def run_events(
     events: list[SSEEvent] = []
     async with client.stream("GET", url, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
-        block: list[str] = []
-        async for line in response.aiter_lines():
-            if line:
-                block.append(line)
-                continue
-            fields, _ = parse_sse_lines(block)
-            block = []
+        async for fields, _ in sse_blocks(response):
             if "event" in fields:
                 data = json.loads(fields.get("data") or "null")
                 events.append(SSEEvent(fields["event"], data, fields.get("id"), time.monotonic()))

@@ -27,8 +27,8 @@ from tests.harness import (
     docker,
     eventually,
     owner,
-    parse_sse_lines,
     sandboxes,
+    sse_blocks,
 )
 
 LINES = 200
@@ -58,13 +58,7 @@ class Frame:
 
 
 async def frames(response: httpx.Response) -> AsyncIterator[Frame]:
-    block: list[str] = []
-    async for line in response.aiter_lines():
-        if line:
-            block.append(line)
-            continue
-        fields, _ = parse_sse_lines(block)
-        block = []
+    async for fields, _ in sse_blocks(response):
         if "data" in fields:
             yield Frame(
                 fields.get("id"), fields.get("event", "message"), json.loads(fields["data"])
