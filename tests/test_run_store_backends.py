@@ -643,3 +643,23 @@ async def test_redis_health_follows_redis(tmp_path: Path) -> None:
         await store.aclose()
     finally:
         server.kill()
+
+
+@pytest.mark.redis
+async def test_redis_takes_no_event_after_a_run_ended_elsewhere() -> None:
+    """A reaper ended the run (``executor_lost``) while its executor, not told yet, goes on:
+    what the executor appends then is dropped, so the log keeps one terminal event, last."""
+    async with redis_store() as store:
+        run = record(status="running", executor=None)
+        await store.create(run)
+        await store.append(run.id, events(1, 3))
+        lost = {"code": "executor_lost", "message": "its lease lapsed"}
+        assert await store.end(run.id, "interrupted", lost)
+        await store.append(run.id, events(4, 6, terminal=True))
+        raw = await store._redis.xrange(store._events_key(run.id)) or []
+        stored = [(entry_id, (fields or {}).get(b"e")) for entry_id, fields in raw]
+        assert stored == [
+            (b"1-0", b"stdout"), (b"2-0", b"stdout"), (b"3-0", b"stdout"), (b"4-0", b"error")
+        ], stored  # fmt: skip
+        ended = await store.get(run.id)
+        assert ended is not None and ended.status == "interrupted"

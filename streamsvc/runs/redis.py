@@ -67,8 +67,11 @@ INTERRUPTED = {"code": "interrupted", "message": "the server stopped during the 
 
 # KEYS: events stream, record hash. ARGV: id, name, data, id, name, data, ...
 # Ids at or below the stored last one were stored by an earlier try: skipped (stored once).
+# A run already ended (elsewhere: a lapsed lease, a cancel) takes no more: one terminal event.
 _APPEND = """
-if redis.call('HEXISTS', KEYS[2], 'id') == 0 then return redis.error_reply('NO_RUN') end
+local status = redis.call('HGET', KEYS[2], 'status')
+if not status then return redis.error_reply('NO_RUN') end
+if status ~= '"queued"' and status ~= '"running"' then return redis.error_reply('ENDED') end
 local last = tonumber(redis.call('HGET', KEYS[2], 'last_event_id') or '0')
 for i = 1, #ARGV, 3 do
   local id = tonumber(ARGV[i])
@@ -440,7 +443,9 @@ class RedisRunStore:
 
         answers = await self.call(run)
         for run_id, answer in zip([*starting, *batch], answers, strict=True):
-            if isinstance(answer, Exception):
+            if isinstance(answer, Exception) and "ENDED" in str(answer):
+                log.warning("run %s: ended elsewhere (its lease lapsed?); events dropped", run_id)
+            elif isinstance(answer, Exception):
                 log.error("run %s: not stored: %s", run_id, answer)
 
     async def _queue_running(self, pipe: Pipeline, run_id: str, at: float) -> None:
@@ -455,6 +460,9 @@ class RedisRunStore:
         except ResponseError as exc:
             if "NO_RUN" in str(exc):
                 raise RunNotFound(f"no run {run_id}") from None
+            if "ENDED" in str(exc):  # its end is stored: what comes after it is dropped
+                log.warning("run %s: ended elsewhere; events dropped", run_id)
+                return
             raise ValueError(f"run {run_id}: events out of order ({exc})") from None
 
     async def finish(
