@@ -7,12 +7,15 @@ tests/test_benchmarks.py; the rest reads the machine (facts, CPU seconds) or the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
 import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -151,3 +154,13 @@ def pids_named(*names: str) -> list[int]:
         if name.startswith(names):
             found.append(process.pid)
     return found
+
+
+def publish(title: str, text: str, raw: Mapping[str, Any], *, docs: bool) -> None:
+    """Keep ``raw`` in .bench/<title>-last-run.json, print ``text``, and (``docs``) set it as
+    the ``## title`` section of docs/benchmarks.md."""
+    BENCH.mkdir(exist_ok=True)
+    (BENCH / f"{title.lower()}-last-run.json").write_text(json.dumps(raw, indent=1))
+    if docs:
+        print(write_docs_section(title, text), file=sys.stderr)
+    print(text)

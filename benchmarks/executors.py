@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,14 +22,13 @@ import psutil
 import redis
 
 from benchmarks.common import (
-    BENCH,
     busy_cpu_seconds,
     machine_facts,
     markdown_table,
     percentile,
     pids_named,
     process_cpu_seconds,
-    write_docs_section,
+    publish,
 )
 from benchmarks.runs import BIG, first_replayed, last_event_id, streamed, timed_trivial
 from tests.harness import ENGINE2, REDIS_URL, ExecutorProcess, ServerProcess, body
@@ -210,17 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         admin.close()
         drop_keys(prefix)
     text = report(latency, bigs, resumes, rates, cpu, busy)
-    BENCH.mkdir(exist_ok=True)
     raw: dict[str, Any] = {
         "latency": latency, "big": bigs, "resume": resumes, "rates": rates, "cpu": cpu,
         "busy": busy,
     }  # fmt: skip
-    (BENCH / "executors-last-run.json").write_text(json.dumps(raw, indent=1))
-    if args.no_docs:
-        print(text)
-    else:
-        print(write_docs_section("Executors", text), file=sys.stderr)
-        print(text)
+    publish("Executors", text, raw, docs=not args.no_docs)
 
 
 def report(

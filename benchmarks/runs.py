@@ -11,13 +11,12 @@ import argparse
 import http.client
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import BENCH, machine_facts, markdown_table, percentile, write_docs_section
+from benchmarks.common import machine_facts, markdown_table, percentile, publish
 from tests.harness import ServerProcess, body
 
 METHOD = """\
@@ -187,14 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         f" {facts['load']} when it ended.",
     ]
     text = "\n".join(lines)
-    BENCH.mkdir(exist_ok=True)
     raw = {"warm": warm, "big": bigs, "resume": resumes, "facts": facts}
-    (BENCH / "runs-last-run.json").write_text(json.dumps(raw, indent=1))
-    if args.no_docs:
-        print(text)
-    else:
-        print(write_docs_section("Runs", text), file=sys.stderr)
-        print(text)
+    publish("Runs", text, raw, docs=not args.no_docs)
 
 
 if __name__ == "__main__":
